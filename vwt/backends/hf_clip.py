@@ -1,0 +1,77 @@
+"""Hugging Face CLIP: CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection.
+
+The patched module is the vision transformer (embeddings, pre_layrnorm, encoder, post_layernorm): in
+transformers 5 that is the CLIPVisionModel itself, in 4.x its ``vision_model`` attribute. Every entry
+point (``get_image_features``, the full image-text forward, the vision models) goes through it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..encoder import Block, Tower, zero_pads
+from ..patch import Patch, replace_forward
+from . import grid_of, run_tower, split_heads
+
+
+def _vision_transformer(model: nn.Module):
+    for m in (model, getattr(model, "vision_model", None), getattr(getattr(model, "vision_model", None), "vision_model", None)):
+        if m is not None and all(hasattr(m, a) for a in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")):
+            if type(m.embeddings).__name__ == "CLIPVisionEmbeddings":
+                return m
+    return None
+
+
+def matches(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers") and _vision_transformer(model) is not None
+
+
+def _block(layer) -> Block:
+    attn = layer.self_attn
+
+    def qkv(h):
+        return (split_heads(attn.q_proj(h), attn.num_heads), split_heads(attn.k_proj(h), attn.num_heads),
+                split_heads(attn.v_proj(h), attn.num_heads))
+
+    return Block(norm1=layer.layer_norm1, qkv=qkv, out_proj=lambda o: attn.out_proj(o),
+                 norm2=layer.layer_norm2, mlp=layer.mlp, scale=attn.scale)
+
+
+def tower(vt: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
+    emb = vt.embeddings
+
+    def embed(pixel_values: Tensor):
+        b, _, h, w = pixel_values.shape
+        if not interpolate_pos_encoding and (h != emb.image_size or w != emb.image_size):
+            raise ValueError(f"Input image size ({h}*{w}) doesn't match model ({emb.image_size}*{emb.image_size}).")
+        patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        x = torch.cat([emb.class_embedding.expand(b, 1, -1).to(patches.dtype), patches], dim=1)
+        if interpolate_pos_encoding:
+            x = x + emb.interpolate_pos_encoding(x, h, w)
+        else:
+            x = x + emb.position_embedding(emb.position_ids)
+        return x, patches, grid_of(pixel_values, emb.patch_size)
+
+    return Tower(embed=embed, pre_norm=vt.pre_layrnorm, blocks=[_block(l) for l in vt.encoder.layers],
+                 patch_size=emb.patch_size)
+
+
+def patch(model: nn.Module, info: Patch) -> None:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    vt = _vision_transformer(model)
+
+    def forward(pixel_values=None, interpolate_pos_encoding=False, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        if output_attentions or output_hidden_states:
+            raise ValueError("a vwt-patched CLIP vision tower does not return attentions or hidden states")
+        state = run_tower(info, tower(vt, interpolate_pos_encoding), pixel_values)
+        last = zero_pads(state, state.x)
+        pooled = vt.post_layernorm(last[:, 0, :])
+        if return_dict is False:
+            return last, pooled
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
+
+    replace_forward(vt, forward, info)

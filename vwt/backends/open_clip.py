@@ -1,0 +1,89 @@
+"""open_clip: CLIP (``encode_image``, ``forward``) and its VisionTransformer.
+
+The query/key/value projection of open_clip is a packed parameter (``nn.MultiheadAttention``'s
+``in_proj_weight``, or open_clip's own ``Attention``), not a Linear module; the output projection and
+the MLP are Linear modules and are called as such.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..encoder import Block, Tower, pooled_mean, zero_pads
+from ..patch import Patch, replace_forward
+from . import grid_of, run_tower, split_heads
+
+
+def _visual(model: nn.Module):
+    for m in (model, getattr(model, "visual", None)):
+        if m is not None and type(m).__name__ == "VisionTransformer" and type(m).__module__.startswith("open_clip"):
+            return m
+    return None
+
+
+def matches(model: nn.Module) -> bool:
+    return _visual(model) is not None
+
+
+def _block(blk) -> Block:
+    attn = blk.attn
+    if isinstance(attn, nn.MultiheadAttention):
+        heads, out_proj = attn.num_heads, (lambda o: attn.out_proj(o))
+        ln_q = ln_k = None
+    elif type(attn).__name__ == "Attention":
+        if attn.logit_scale is not None or attn.head_scale is not None:
+            raise ValueError("vwt.patch: open_clip attention with scaled cosine or head scaling is not supported")
+        heads, ln_q, ln_k = attn.num_heads, attn.ln_q, attn.ln_k
+        ln_attn = getattr(blk, "ln_attn", nn.Identity())
+        out_proj = lambda o: ln_attn(attn.out_proj(attn.ln_inner(o)))  # noqa: E731
+    else:
+        raise ValueError(f"vwt.patch: open_clip block {type(blk).__name__} is not supported")
+
+    def qkv(h):
+        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+        if ln_q is not None:
+            q, k = ln_q(q), ln_k(k)
+        return q, k, v
+
+    return Block(norm1=blk.ln_1, qkv=qkv, out_proj=out_proj, norm2=blk.ln_2, mlp=blk.mlp,
+                 ls1=blk.ls_1, ls2=blk.ls_2)
+
+
+def tower(visual: nn.Module) -> Tower:
+    patch_size = visual.conv1.kernel_size[0]
+
+    def embed(pixel_values: Tensor):
+        patches = visual.conv1(pixel_values.to(visual.conv1.weight.dtype))
+        patches = patches.reshape(patches.shape[0], patches.shape[1], -1).permute(0, 2, 1)
+        cls = visual.class_embedding.to(patches.dtype).view(1, 1, -1).expand(patches.shape[0], -1, -1)
+        x = torch.cat([cls, patches], dim=1) + visual.positional_embedding.to(patches.dtype)
+        return x, patches, grid_of(pixel_values, patch_size)
+
+    return Tower(embed=embed, pre_norm=visual.ln_pre, blocks=[_block(b) for b in visual.transformer.resblocks],
+                 patch_size=patch_size)
+
+
+def patch(model: nn.Module, info: Patch) -> None:
+    visual = _visual(model)
+    if visual.attn_pool is not None:
+        raise ValueError("vwt.patch: open_clip VisionTransformer with attentional pooling is not supported")
+    if visual.pool_type not in ("tok", "avg"):
+        raise ValueError(f"vwt.patch: open_clip pool_type {visual.pool_type!r} is not supported (tok, avg are)")
+
+    def forward(x: Tensor):
+        state = run_tower(info, tower(visual), x)
+        h = state.x
+        if not visual.final_ln_after_pool:
+            h = visual.ln_post(h)
+        pooled = h[:, 0] if visual.pool_type == "tok" else pooled_mean(state, h)
+        if visual.final_ln_after_pool:
+            pooled = visual.ln_post(pooled)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        if visual.output_tokens:
+            return pooled, zero_pads(state, h)[:, 1:]
+        return pooled
+
+    replace_forward(visual, forward, info)

@@ -1,0 +1,77 @@
+"""timm: VisionTransformer with class-token or average pooling (size-weighted over real tokens once
+tokens are merged or padded). ``forward`` and ``forward_features`` are patched."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..encoder import Block, Tower, pooled_mean, zero_pads
+from ..patch import Patch, replace_forward
+from . import run_tower, split_heads
+
+
+def matches(model: nn.Module) -> bool:
+    return type(model).__name__ == "VisionTransformer" and type(model).__module__.startswith("timm")
+
+
+def _block(blk) -> Block:
+    attn = getattr(blk, "attn", None)
+    if type(attn).__name__ != "Attention" or not hasattr(attn, "qkv") or getattr(attn, "gate", None) is not None:
+        raise ValueError(f"vwt.patch: timm block {type(blk).__name__} with {type(attn).__name__} is not supported")
+    norm = getattr(attn, "norm", nn.Identity())
+
+    def qkv(h):
+        b, n, _ = h.shape
+        q, k, v = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    return Block(norm1=blk.norm1, qkv=qkv, out_proj=lambda o: attn.proj(norm(o)), norm2=blk.norm2,
+                 mlp=blk.mlp, scale=attn.scale, ls1=blk.ls1, ls2=blk.ls2)
+
+
+def tower(model: nn.Module) -> Tower:
+    patch_size = model.patch_embed.patch_size[0]
+
+    def embed(pixel_values: Tensor):
+        patches = model.patch_embed(pixel_values)
+        grid = tuple(patches.shape[1:3]) if patches.dim() == 4 else (
+            pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size)
+        x = model.patch_drop(model._pos_embed(patches))
+        return x, patches.reshape(patches.shape[0], -1, patches.shape[-1]), grid
+
+    return Tower(embed=embed, pre_norm=model.norm_pre, blocks=[_block(b) for b in model.blocks],
+                 patch_size=patch_size, prefix=model.num_prefix_tokens)
+
+
+def patch(model: nn.Module, info: Patch) -> None:
+    if getattr(model, "attn_pool", None) is not None:
+        raise ValueError("vwt.patch: timm VisionTransformer with attention pooling ('map') is not supported")
+    if model.global_pool not in ("token", "avg", ""):
+        raise ValueError(f"vwt.patch: timm global_pool {model.global_pool!r} is not supported (token, avg are)")
+    if getattr(model, "pool_include_prefix", False):
+        raise ValueError("vwt.patch: timm pool_include_prefix=True is not supported")
+
+    def features(x: Tensor):
+        state = run_tower(info, tower(model), x)
+        return state, model.norm(state.x)
+
+    def forward_features(x: Tensor, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal:
+            raise ValueError("a vwt-patched timm model takes no attn_mask / is_causal")
+        state, h = features(x)
+        return zero_pads(state, h)
+
+    def forward(x: Tensor, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal:
+            raise ValueError("a vwt-patched timm model takes no attn_mask / is_causal")
+        state, h = features(x)
+        if model.global_pool == "token":
+            pooled = h[:, 0]
+        elif model.global_pool == "avg":
+            pooled = pooled_mean(state, h)
+        else:
+            return zero_pads(state, h)
+        pooled = model.head_drop(model.fc_norm(pooled))
+        return model.head(pooled)
+
+    replace_forward(model, forward, info)
+    replace_forward(model, forward_features, info, name="forward_features")

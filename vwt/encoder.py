@@ -1,0 +1,246 @@
+"""The one ViT block loop every method runs in.
+
+A backend turns a model family into a :class:`Tower` (embedding, pre-norm, blocks, finish); this module
+runs it. The loop carries a :class:`TokenState`: the tokens, how many input patches each stands for
+(``size``; 0 marks a pad), and which token holds each input patch (``labels``). Attention goes through
+``scaled_dot_product_attention`` with an additive bias derived from the state: none while every size is
+1 (so the fastest kernel runs), ``-inf`` on pad keys, and ``log(size)`` where a reducer asks for
+proportional attention. Reducers act at two points: on the embedded input (``reduce_input``) and after
+a block's attention residual (``after_attn``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+# --------------------------------------------------------------------------------------------------
+# Token state
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TokenState:
+    """Tokens flowing through the blocks.
+
+    x:      (B, N, C) tokens; the first ``prefix`` are class/register tokens that are never reduced.
+    size:   (B, N) float32 patch counts, or None while every token is one patch and nothing is padded.
+            Prefix tokens have size 1; pad tokens have size 0.
+    labels: (B, P) long, for each of the P input patches the index of the token now holding it, or -1
+            where the patch was dropped. Reducers keep it current so ``vwt.stats`` and the figures
+            can show what was merged.
+    grid:   (rows, cols) of the input patch grid.
+    prop_attn: add ``log(size)`` to the attention logits (proportional attention).
+    """
+
+    x: Tensor
+    size: Optional[Tensor]
+    labels: Tensor
+    grid: tuple[int, int]
+    prefix: int = 1
+    prop_attn: bool = False
+    tokens_per_layer: list = field(default_factory=list)
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[1]
+
+    def sizes(self) -> Tensor:
+        """(B, N) float32 sizes, materialised (ones) when implicit."""
+        if self.size is None:
+            return torch.ones(self.x.shape[:2], dtype=torch.float32, device=self.x.device)
+        return self.size
+
+    def real_mask(self) -> Optional[Tensor]:
+        """(B, N) bool, False on pad tokens; None when nothing is padded."""
+        if self.size is None:
+            return None
+        return self.size > 0
+
+    def real_counts(self) -> Tensor:
+        """(B,) number of real (non-pad) tokens per image, prefix tokens included."""
+        if self.size is None:
+            return torch.full((self.batch,), self.num_tokens, dtype=torch.long, device=self.x.device)
+        return (self.size > 0).sum(1)
+
+    def attn_bias(self, dtype: torch.dtype) -> Optional[Tensor]:
+        """Additive attention bias (B, 1, 1, N) from the state, or None when no bias is needed."""
+        if self.size is None:
+            return None
+        if self.prop_attn:
+            bias = self.size.log()  # log(0) = -inf masks pads by the same rule
+        else:
+            bias = torch.zeros_like(self.size).masked_fill_(self.size == 0, -math.inf)
+        return bias.to(dtype)[:, None, None, :]
+
+    def record(self) -> None:
+        self.tokens_per_layer.append(self.real_counts())
+
+
+def initial_state(x: Tensor, grid: tuple[int, int], prefix: int) -> TokenState:
+    """State for freshly embedded tokens: all size 1, patch p held by token prefix + p."""
+    num_patches = grid[0] * grid[1]
+    labels = torch.arange(prefix, prefix + num_patches, device=x.device).expand(x.shape[0], -1)
+    return TokenState(x=x, size=None, labels=labels, grid=grid, prefix=prefix)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reducers
+# --------------------------------------------------------------------------------------------------
+class Reducer:
+    """Base class of every method. Input reducers override ``reduce_input``; in-network reducers
+    override ``after_attn``. Both return the (possibly new) state. ``prop_attn`` turns on
+    proportional attention from the point the reducer first acts."""
+
+    kind: str = "block"  # "input" or "block"
+    prop_attn: bool = False
+
+    def reduce_input(self, state: TokenState, ctx: "InputContext") -> TokenState:
+        return state
+
+    def after_attn(self, state: TokenState, ctx: "BlockContext") -> TokenState:
+        return state
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+@dataclass
+class InputContext:
+    """What an input reducer may look at besides the state.
+
+    pixel_values: (B, 3, H, W) the normalised pixels the model received.
+    patch_size:   P, so patch (i, j) is pixel_values[:, :, iP:(i+1)P, jP:(j+1)P].
+    patch_embeds: (B, P_count, C) patch-projection outputs before position embeddings.
+    """
+
+    pixel_values: Tensor
+    patch_size: int
+    patch_embeds: Tensor
+
+
+class BlockContext:
+    """What an in-network reducer may look at after a block's attention: the queries and keys of that
+    attention (B, H, N, d), the bias it used, and the block index. The class-token attention row and
+    the head-averaged keys are computed on demand, never the full attention matrix."""
+
+    def __init__(self, index: int, depth: int, q: Tensor, k: Tensor, scale: float,
+                 bias: Optional[Tensor]):
+        self.index, self.depth = index, depth
+        self.q, self.k, self.scale, self.bias = q, k, scale, bias
+
+    @property
+    def metric(self) -> Tensor:
+        """(B, N, d) keys averaged over heads: ToMe's similarity metric."""
+        return self.k.mean(1)
+
+    def cls_attention(self) -> Tensor:
+        """(B, N) the class token's attention to every token, averaged over heads."""
+        logits = (self.q[:, :, :1] @ self.k.transpose(-2, -1)) * self.scale  # (B, H, 1, N)
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits.float().softmax(-1).mean(1)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The tower a backend exposes
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Block:
+    """One pre-norm block, as callables over the model's own modules.
+
+    qkv(h) returns q, k, v each (B, heads, N, head_dim); out_proj maps (B, N, C) back to the residual;
+    ls1/ls2 are layer scales (identity when the family has none).
+    """
+
+    norm1: Callable[[Tensor], Tensor]
+    qkv: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+    out_proj: Callable[[Tensor], Tensor]
+    norm2: Callable[[Tensor], Tensor]
+    mlp: Callable[[Tensor], Tensor]
+    scale: Optional[float] = None
+    ls1: Callable[[Tensor], Tensor] = nn.Identity()
+    ls2: Callable[[Tensor], Tensor] = nn.Identity()
+
+
+@dataclass
+class Tower:
+    """A backend's view of one vision tower.
+
+    embed(pixel_values) -> (tokens (B, N, C) with prefix tokens and position embeddings,
+                            patch projections (B, P, C) before position embeddings, grid)
+    pre_norm: applied after input reduction, before the first block.
+    """
+
+    embed: Callable[[Tensor], tuple[Tensor, Tensor, tuple[int, int]]]
+    pre_norm: Callable[[Tensor], Tensor]
+    blocks: Sequence[Block]
+    patch_size: int
+    prefix: int = 1
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: Optional[float]) -> Tensor:
+    """Multi-head attention through the fused kernel; returns (B, N, heads * head_dim)."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+def run(tower: Tower, pixel_values: Tensor, reducers: Sequence[Reducer] = ()) -> TokenState:
+    """Embed, reduce and run every block; returns the final state (tokens before the final norm)."""
+    x, patch_embeds, grid = tower.embed(pixel_values)
+    state = initial_state(x, grid, tower.prefix)
+
+    inputs = [r for r in reducers if r.kind == "input"]
+    in_network = [r for r in reducers if r.kind != "input"]
+    if inputs:
+        ctx = InputContext(pixel_values=pixel_values, patch_size=tower.patch_size, patch_embeds=patch_embeds)
+        for r in inputs:
+            state = r.reduce_input(state, ctx)
+            state.prop_attn = state.prop_attn or r.prop_attn
+    state.x = tower.pre_norm(state.x)
+    state.record()
+
+    depth = len(tower.blocks)
+    for i, blk in enumerate(tower.blocks):
+        x = state.x
+        q, k, v = blk.qkv(blk.norm1(x))
+        bias = state.attn_bias(q.dtype)
+        x = x + blk.ls1(blk.out_proj(attention(q, k, v, bias, blk.scale)))
+        state.x = x
+        if in_network:
+            ctx = BlockContext(i, depth, q, k, blk.scale if blk.scale is not None else q.shape[-1] ** -0.5, bias)
+            for r in in_network:
+                state = r.after_attn(state, ctx)
+                state.prop_attn = state.prop_attn or r.prop_attn
+        x = state.x
+        state.x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        state.record()
+    return state
+
+
+def zero_pads(state: TokenState, x: Tensor) -> Tensor:
+    """Set the pad tokens of ``x`` (B, N, C) to exactly zero so downstream consumers (and BLIP's
+    decoder hook) can tell them apart; a no-op when nothing is padded."""
+    mask = state.real_mask()
+    if mask is None or bool(mask.all()):
+        return x
+    return x * mask.unsqueeze(-1).to(x.dtype)
+
+
+def pooled_mean(state: TokenState, x: Tensor) -> Tensor:
+    """Size-weighted mean over the non-prefix tokens of ``x``: the average pool of the unreduced model
+    when tokens are merged, padded or dropped."""
+    tokens = x[:, state.prefix:]
+    if state.size is None:
+        return tokens.mean(1)
+    w = state.size[:, state.prefix:].to(x.dtype).unsqueeze(-1)
+    return (tokens * w).sum(1) / w.sum(1).clamp_min(1e-6)
