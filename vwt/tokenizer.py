@@ -1,16 +1,200 @@
-"""Visual Word Tokenizer (placeholder until the tokenizer issue lands)."""
-from .encoder import Reducer
+"""The Visual Word Tokenizer (VWT): input reducers that shorten the sequence before the first block.
+
+``IntraImage`` drops each image's most uniform pixel patches (lowest variance). ``InterImage`` matches
+every patch to its nearest visual word of a :class:`vwt.Vocabulary` (cosine distance) and merges the
+patches of an image that match the same word into one token. Both are vectorised over the batch (one
+matmul, a sort and a scatter; no per-image Python loop) and keep ``state.labels`` current.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .encoder import InputContext, Reducer, TokenState
+
+
+def pixel_patches(pixel_values: Tensor, patch_size: int) -> Tensor:
+    """(B, 3, H, W) -> (B, rows * cols, 3 * P * P): patch (i, j) is ``pixel_values[:, :, iP:(i+1)P,
+    jP:(j+1)P]`` flattened in (channel, row, column) order, patches row-major (the patch-projection
+    order, and the layout of the published vocabularies). Pixels beyond the last full patch are ignored,
+    as the patch projection ignores them."""
+    b, c, h, w = pixel_values.shape
+    p = patch_size
+    rows, cols = h // p, w // p
+    x = pixel_values[:, :, : rows * p, : cols * p].reshape(b, c, rows, p, cols, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c * p * p)
+
+
+def _relabel(labels: Tensor, prefix: int, patch_to_token: Tensor) -> Tensor:
+    """Compose the state's patch -> token labels with a map from the old patch tokens (index - prefix)
+    to new token indices (-1: dropped)."""
+    holder = labels - prefix
+    ok = holder >= 0
+    new = patch_to_token.gather(1, holder.clamp_min(0))
+    return torch.where(ok, new, labels)
+
+
+def _check_input_state(state: TokenState, num_patches: int, who: str) -> None:
+    if state.num_tokens != state.prefix + num_patches:
+        raise ValueError(f"{who} expects the freshly embedded {state.prefix} + {num_patches} tokens, got "
+                         f"{state.num_tokens}: use it as the only input reducer")
 
 
 class IntraImage(Reducer):
+    """VWT intra-image: keep the ``int(N * (1 - drop))`` patches of highest pixel variance, in their
+    original order, class token(s) first. ``random=True`` keeps a uniformly random subset of the same
+    size per image (the paper's ablation). Every image keeps the same length, so nothing is padded."""
+
     kind = "input"
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("vwt.IntraImage is not implemented yet")
+    def __init__(self, drop: float = 0.5, random: bool = False):
+        if not 0 <= drop < 1:
+            raise ValueError(f"IntraImage: drop is the fraction of patches to drop, in [0, 1); got {drop}")
+        self.drop = float(drop)
+        self.random = bool(random)
+
+    def scores(self, pixel_values: Tensor, patch_size: int) -> Tensor:
+        """(B, N) the variance of each pixel patch's 3·P·P values (what is ranked)."""
+        return pixel_patches(pixel_values, patch_size).float().var(-1)
+
+    def keep_indices(self, pixel_values: Tensor, patch_size: int) -> Tensor:
+        """(B, k) the indices of the kept patches, ascending."""
+        b = pixel_values.shape[0]
+        n = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
+        k = int(n * (1 - self.drop))
+        if self.random:
+            scores = torch.rand(b, n, device=pixel_values.device)
+        else:
+            scores = self.scores(pixel_values, patch_size)
+        # Stable sort: among equal scores the earlier patch wins, alone or in any batch.
+        order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        return order.sort(dim=1).values
+
+    def reduce_input(self, state: TokenState, ctx: InputContext) -> TokenState:
+        n = state.grid[0] * state.grid[1]
+        _check_input_state(state, n, "IntraImage")
+        keep = self.keep_indices(ctx.pixel_values, ctx.patch_size)
+        b, k = keep.shape
+        if k == n:
+            return state
+        pre = state.prefix
+        x = torch.cat([state.x[:, :pre], state.x[:, pre:].gather(1, keep[..., None].expand(-1, -1, state.x.shape[-1]))], 1)
+        size = None
+        if state.size is not None:
+            size = torch.cat([state.size[:, :pre], state.size[:, pre:].gather(1, keep)], 1)
+        to_token = torch.full((b, n), -1, dtype=torch.long, device=keep.device)
+        to_token.scatter_(1, keep, torch.arange(pre, pre + k, device=keep.device).expand(b, -1))
+        state.x, state.size = x, size
+        state.labels = _relabel(state.labels, pre, to_token)
+        return state
 
 
 class InterImage(Reducer):
+    """VWT inter-image: merge the patches of an image that match the same visual word.
+
+    A patch's nearest word (cosine distance ``1 - cos`` to the L2-normalised words) matches when the
+    distance is at most ``thresh``. All patches of an image matching one word become one token, the
+    mean of their embeddings (position embeddings included), size = their count; unmatched patches stay.
+    Token order: class token(s), matched words by word index, unmatched patches in patch order. Images
+    of a batch are padded to the longest with zero tokens of size 0 (masked in attention).
+
+    The vocabulary's ``space`` says what is matched: "pixel" patches (3·P·P values of the normalised
+    pixels) or "embed" (the patch-projection outputs, before position embeddings).
+    ``random=True`` is the paper's ablation: every distance to every word is replaced by a uniform draw
+    in [0, 2]; drawn here in closed form (the minimum of V uniform draws and a uniform word index),
+    which has the same distribution without materialising the (patches, V) draws.
+    ``prop_attn=True`` adds log(size) to the attention logits (not used in the paper).
+    """
+
     kind = "input"
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("vwt.InterImage is not implemented yet")
+    def __init__(self, vocab, thresh: float = 0.1, random: bool = False, prop_attn: bool = False):
+        from .vocab import Vocabulary
+
+        if isinstance(vocab, Tensor):
+            vocab = Vocabulary.from_tensor(vocab)
+        if not isinstance(vocab, Vocabulary):
+            raise TypeError(f"InterImage takes a vwt.Vocabulary (or a (V, D) tensor); got {type(vocab).__name__}")
+        self.vocab = vocab
+        self.thresh = float(thresh)
+        self.random = bool(random)
+        self.prop_attn = bool(prop_attn)
+
+    def __repr__(self) -> str:
+        return (f"InterImage(vocab={self.vocab!r}, thresh={self.thresh:g}, random={self.random}, "
+                f"prop_attn={self.prop_attn})")
+
+    def features(self, ctx: InputContext) -> Tensor:
+        """(B, N, D) what is matched against the words, checked against the vocabulary's shape."""
+        if self.vocab.space == "embed":
+            feats = ctx.patch_embeds
+        else:
+            feats = pixel_patches(ctx.pixel_values, ctx.patch_size)
+        self.vocab.check(feats.shape, ctx.patch_size)
+        return feats
+
+    def match(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """Nearest word and its cosine distance for every patch: (B, N) long, (B, N) float32."""
+        b, n, d = feats.shape
+        v = len(self.vocab)
+        if self.random:
+            word = torch.randint(v, (b, n), device=feats.device)
+            dist = 2 * (1 - torch.rand(b, n, device=feats.device).pow(1.0 / v))
+            return word, dist
+        f = feats.reshape(b * n, d)
+        if f.dtype != torch.float32:
+            f = f.float()
+        best, word = (f @ self.vocab.unit_t(f.device)).max(1)  # cos * |f|: one matmul, one reduction
+        cos = best / torch.linalg.vector_norm(f, dim=1).clamp_min(1e-12)
+        return word.view(b, n), (1 - cos).view(b, n)
+
+    def reduce_input(self, state: TokenState, ctx: InputContext) -> TokenState:
+        feats = self.features(ctx)
+        b, n, _ = feats.shape
+        _check_input_state(state, n, "InterImage")
+        word, dist = self.match(feats)
+        matched = dist <= self.thresh
+        if not bool(matched.any()):
+            return state
+        return merge_by_key(state, torch.where(matched, word, len(self.vocab) + torch.arange(n, device=word.device)))
+
+
+def merge_by_key(state: TokenState, key: Tensor) -> TokenState:
+    """Merge, per image, the patch tokens that share a key (B, N) into their mean, ordered by key;
+    pad to the longest image with zero tokens of size 0. Vectorised over the batch."""
+    b, n = key.shape
+    pre = state.prefix
+    dev = key.device
+    sorted_key, order = key.sort(dim=1, stable=True)
+    first = torch.ones_like(sorted_key, dtype=torch.bool)
+    first[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+    slot_sorted = first.cumsum(1) - 1
+    slot = torch.empty_like(slot_sorted).scatter_(1, order, slot_sorted)  # token slot of every patch
+    counts_per_image = slot_sorted[:, -1] + 1
+    m = int(counts_per_image.max())
+
+    x = state.x
+    c = x.shape[-1]
+    flat = (slot + torch.arange(b, device=dev)[:, None] * m).reshape(-1)
+    patches = x[:, pre:].reshape(b * n, c)
+    acc = patches if patches.dtype == torch.float32 else patches.float()
+    if state.size is None:
+        counts = torch.bincount(flat, minlength=b * m).float()
+    else:  # tokens that already stand for several patches: size-weighted mean
+        w = state.size[:, pre:].reshape(-1)
+        counts = torch.zeros(b * m, dtype=torch.float32, device=dev).index_add_(0, flat, w)
+        acc = acc * w[:, None]
+    sums = torch.zeros(b * m, c, dtype=torch.float32, device=dev).index_add_(0, flat, acc)
+    tokens = (sums / counts.clamp_min(1e-12)[:, None]).to(x.dtype).view(b, m, c)
+
+    state.x = torch.cat([x[:, :pre], tokens], 1)
+    merged_nothing = m == n and bool((counts_per_image == n).all()) and state.size is None
+    if merged_nothing:
+        state.size = None  # every token one patch, nothing padded: keep the fast unbiased attention
+    else:
+        prefix_size = torch.ones(b, pre, dtype=torch.float32, device=dev) if state.size is None else state.size[:, :pre]
+        state.size = torch.cat([prefix_size, counts.view(b, m)], 1)
+    state.labels = _relabel(state.labels, pre, slot + pre)
+    return state

@@ -1,6 +1,374 @@
-"""Visual-word vocabularies (placeholder until the tokenizer issue lands)."""
+"""Visual-word vocabularies: learn (mini-batch k-means over patches), save, load, normalise.
+
+On disk a vocabulary is ``vocab.pt`` (the raw centres, a float32 (V, D) tensor, as the paper's authors
+published theirs) plus a JSON sidecar ``vocab.json`` (patch size, image size, normalisation, space, data,
+patches seen, inertia). A bare ``vocab.pt`` without a sidecar loads as the published ones are: pixel
+space, patch size from D = 3·P·P (16 for D = 768), CLIP normalisation.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .encoder import Reducer
+from .tokenizer import pixel_patches
+
+SPACES = ("pixel", "embed")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _pixel_patch_size(dim: int) -> Optional[int]:
+    p = math.isqrt(dim // 3) if dim % 3 == 0 else 0
+    return p if p > 0 and 3 * p * p == dim else None
 
 
 class Vocabulary:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("vwt.Vocabulary is not implemented yet")
+    """A (V, D) set of visual words and what they were learned on.
+
+    space: "pixel" (3·P·P normalised pixel values per patch) or "embed" (patch-projection outputs).
+    patch_size: P for pixel space (None where unknown for embed space).
+    meta: image_size, mean, std, data, patches_seen, inertia, seed, model ... (free-form, saved as JSON).
+    """
+
+    def __init__(self, words: Tensor, space: str = "pixel", patch_size: Optional[int] = None, **meta):
+        if not isinstance(words, Tensor) or words.dim() != 2 or not words.is_floating_point() or words.shape[0] < 1:
+            shape = tuple(words.shape) if isinstance(words, Tensor) else type(words).__name__
+            raise ValueError(f"a vocabulary is a (V, D) float tensor of visual words; got {shape}")
+        if space not in SPACES:
+            raise ValueError(f"vocabulary space must be one of {SPACES}; got {space!r}")
+        words = words.detach().to("cpu", torch.float32).contiguous()
+        if not torch.isfinite(words).all():
+            raise ValueError("the vocabulary holds non-finite values")
+        if space == "pixel":
+            inferred = _pixel_patch_size(words.shape[1])
+            if patch_size is None:
+                patch_size = inferred
+            if patch_size is None or 3 * patch_size * patch_size != words.shape[1]:
+                raise ValueError(f"a pixel-space vocabulary has D = 3·P·P; got {tuple(words.shape)} "
+                                 f"with patch size {patch_size}")
+        self.words, self.space, self.patch_size = words, space, patch_size
+        self.meta = dict(meta)
+        self._unit: dict = {}
+
+    # ---------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.words.shape[1]
+
+    def __repr__(self) -> str:
+        p = f", patch_size={self.patch_size}" if self.patch_size else ""
+        data = f", data={self.meta['data']!r}" if self.meta.get("data") else ""
+        return f"Vocabulary({len(self)} words x {self.dim}, space={self.space!r}{p}{data})"
+
+    @classmethod
+    def from_tensor(cls, words: Tensor) -> "Vocabulary":
+        """A bare (V, D) tensor as the paper published them: pixel space, P from D, CLIP normalisation."""
+        if isinstance(words, Tensor) and words.dim() == 2 and _pixel_patch_size(words.shape[1]) is None:
+            raise ValueError(f"a bare vocabulary tensor must be pixel-space (V, 3·P·P); got {tuple(words.shape)}")
+        return cls(words, space="pixel", mean=CLIP_MEAN, std=CLIP_STD)
+
+    def unit(self, device=None) -> Tensor:
+        """(V, D) float32 L2-normalised words on ``device``, computed once per device."""
+        device = torch.device(device or "cpu")
+        key = str(device)
+        if key not in self._unit:
+            self._unit[key] = torch.nn.functional.normalize(self.words, dim=1).to(device).contiguous()
+        return self._unit[key]
+
+    def unit_t(self, device=None) -> Tensor:
+        """(D, V) view of :meth:`unit`, the right operand of the similarity matmul."""
+        return self.unit(device).T
+
+    def check(self, feature_shape, patch_size: Optional[int] = None) -> None:
+        """Refuse a model whose patch features (B, N, D) do not fit: the message says both shapes."""
+        d = feature_shape[-1]
+        fits = d == self.dim and (patch_size is None or self.patch_size is None or patch_size == self.patch_size)
+        if not fits:
+            what = "pixel patches" if self.space == "pixel" else "patch embeddings"
+            mine = f"patch {self.patch_size}, " if self.patch_size else ""
+            theirs = f" (patch {patch_size})" if patch_size is not None else ""
+            raise ValueError(f"vocabulary of shape {tuple(self.words.shape)} ({mine}{self.space} space) does not "
+                             f"fit the model: its {what} have shape {tuple(feature_shape)}{theirs}")
+
+    # ---------------------------------------------------------------------------------------------
+    def save(self, directory) -> Path:
+        """Write ``vocab.pt`` (raw centres) and ``vocab.json`` into ``directory``; returns the .pt path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "vocab.pt"
+        torch.save(self.words.clone(), path)
+        info = {"size": len(self), "dim": self.dim, "space": self.space, "patch_size": self.patch_size, **self.meta}
+        path.with_suffix(".json").write_text(json.dumps(info, indent=2, default=_jsonable))
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Vocabulary":
+        """Load ``vocab.pt`` (or a folder holding one) with its JSON sidecar when there is one."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "vocab.pt"
+        try:
+            words = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{path} is not a vocabulary file (torch.load failed: {str(e).splitlines()[0][:200]})") from None
+        if not isinstance(words, Tensor):
+            raise ValueError(f"{path} holds a {type(words).__name__}, not a (V, D) tensor of visual words")
+        sidecar = path.with_suffix(".json")
+        if not sidecar.exists():
+            return cls.from_tensor(words)
+        info = json.loads(sidecar.read_text())
+        if info.get("size", len(words)) != len(words) or info.get("dim", words.shape[-1]) != words.shape[-1]:
+            raise ValueError(f"{sidecar} describes ({info.get('size')}, {info.get('dim')}) words but {path} holds "
+                             f"{tuple(words.shape)}")
+        for k in ("size", "dim"):
+            info.pop(k, None)
+        space, patch_size = info.pop("space", "pixel"), info.pop("patch_size", None)
+        return cls(words, space=space, patch_size=patch_size, **info)
+
+    # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def learn(cls, batches: Iterable, size: int = 1000, space: str = "pixel", patch_size: Optional[int] = 16,
+              embed: Optional[Callable[[Tensor], Tensor]] = None, passes: int = 1, seed: int = 0,
+              device=None, init_size: Optional[int] = None, progress: Optional[Callable] = None,
+              **meta) -> "Vocabulary":
+        """Learn ``size`` words by mini-batch k-means over the patches of ``batches``.
+
+        batches: an iterable (re-iterable when passes > 1) of normalised pixels (B, 3, H, W), or of
+                 (pixels, anything) pairs as data loaders give. Each batch is one k-means update.
+        space:   "pixel" (patches of ``patch_size``) or "embed" (``embed(pixels) -> (B, N, C)``, e.g.
+                 :func:`patch_embedder` of a model whose patch size is ``patch_size``).
+        progress: wraps each pass's iterable (e.g. tqdm). ``meta`` is saved in the sidecar.
+        The recorded inertia is the sum of squared distances of the last pass's patches to their
+        centre, each measured as its batch was assigned (before that batch's update), as
+        scikit-learn's mini-batch k-means reports it.
+        """
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}; got {space!r}")
+        if space == "embed" and embed is None:
+            raise ValueError("space='embed' needs embed(pixels) -> (B, N, C), e.g. vwt.vocab.patch_embedder(model)")
+        km = MiniBatchKMeans(size, seed=seed, device=device, init_size=init_size)
+        last = (0.0, 0)
+        for p in range(passes):
+            km.start_pass()
+            for batch in (progress(batches) if progress else batches):
+                pixels = batch[0] if isinstance(batch, (tuple, list)) else batch
+                feats = embed(pixels) if space == "embed" else pixel_patches(pixels, patch_size)
+                km.partial_fit(feats.reshape(-1, feats.shape[-1]))
+            km.flush()
+            last = (km.pass_inertia, km.pass_patches)
+        info = dict(meta)
+        info.update(patches_seen=km.seen, passes=passes, seed=seed, inertia=last[0], inertia_patches=last[1])
+        return cls(km.centres.cpu(), space=space, patch_size=patch_size, **info)
+
+
+def _jsonable(o):
+    if isinstance(o, (Path, torch.device, torch.dtype)):
+        return str(o)
+    if isinstance(o, Tensor):
+        return o.tolist()
+    return repr(o)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mini-batch k-means (torch, CPU or CUDA)
+# --------------------------------------------------------------------------------------------------
+def _chunk_rows(k: int) -> int:
+    return max(256, (1 << 24) // max(k, 1))  # keep the (rows, k) distance block near 64 MB
+
+
+def assign(x: Tensor, centres: Tensor, centre_sq: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Nearest centre of each row of ``x`` and the squared distance to it, in chunks of rows."""
+    if centre_sq is None:
+        centre_sq = centres.pow(2).sum(1)
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    step = _chunk_rows(centres.shape[0])
+    for s in range(0, x.shape[0], step):
+        xs = x[s:s + step]
+        d = torch.addmm(centre_sq, xs, centres.T, beta=1, alpha=-2)  # |c|^2 - 2 x.c
+        best, labels[s:s + step] = d.min(1)
+        dist[s:s + step] = (best + xs.pow(2).sum(1)).clamp_min_(0)
+    return labels, dist
+
+
+def inertia(x: Tensor, centres: Tensor) -> float:
+    """Sum of squared distances of the rows of ``x`` to their nearest centre (float64 total)."""
+    return float(assign(x, centres)[1].double().sum())
+
+
+class MiniBatchKMeans:
+    """Mini-batch k-means with per-centre counts, as scikit-learn's ``MiniBatchKMeans.partial_fit``:
+    greedy k-means++ initialisation on the first ``init_size`` patches (default 3 * k, at least
+    3,072), refined by two Lloyd passes over that sample; then each batch moves every centre to the
+    running mean of the points it has been given; centres with very few points are re-seeded from the
+    batch every ``10 * k`` points (reassignment ratio 0.01). Distances are one matmul per chunk."""
+
+    def __init__(self, k: int, seed: int = 0, device=None, init_size: Optional[int] = None,
+                 reassignment_ratio: float = 0.01, init_lloyd: int = 2):
+        if k < 1:
+            raise ValueError(f"k-means needs at least one centre; got {k}")
+        self.k, self.seed = int(k), seed
+        self.device = torch.device(device) if device is not None else None
+        self.init_size = init_size or max(3 * self.k, 3072)
+        self.ratio, self.init_lloyd = reassignment_ratio, init_lloyd
+        self.centres: Optional[Tensor] = None
+        self.counts: Optional[Tensor] = None
+        self._buffer: list = []
+        self._buffered = 0
+        self.seen = 0
+        self._since_reassign = 0
+        self.pass_inertia, self.pass_patches = 0.0, 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    # -- public ------------------------------------------------------------------------------------
+    def start_pass(self) -> None:
+        self.pass_inertia, self.pass_patches = 0.0, 0
+
+    def partial_fit(self, x: Tensor) -> "MiniBatchKMeans":
+        """One mini-batch update with the rows of ``x`` (n, D)."""
+        x = x.detach()
+        if self.device is None:
+            self.device = x.device
+        x = x.to(self.device, torch.float32)
+        if self.centres is None:
+            self._buffer.append(x)
+            self._buffered += x.shape[0]
+            if self._buffered >= self.init_size:
+                self.flush()
+            return self
+        self._step(x)
+        return self
+
+    def flush(self) -> None:
+        """Initialise from what is buffered (when the data ran out before ``init_size``) and apply it."""
+        if self.centres is not None or not self._buffer:
+            return
+        batches, self._buffer = self._buffer, []
+        sample = torch.cat(batches)
+        if sample.shape[0] < self.k:
+            raise ValueError(f"k-means with {self.k} centres needs at least {self.k} patches; got {sample.shape[0]}")
+        idx = torch.randperm(sample.shape[0], generator=self.gen)[: self.init_size].to(sample.device)
+        self._init(sample[idx])
+        for b in batches:
+            self._step(b)
+
+    def fit(self, x: Tensor, batch: int = 6272, passes: int = 1) -> "MiniBatchKMeans":
+        """Mini-batch k-means over a tensor already in memory, in row order, ``passes`` times."""
+        for _ in range(passes):
+            self.start_pass()
+            for s in range(0, x.shape[0], batch):
+                self.partial_fit(x[s:s + batch])
+            self.flush()
+        return self
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _rand(self, n: int) -> Tensor:
+        return torch.rand(n, generator=self.gen).to(self.device)
+
+    def _init(self, x: Tensor) -> None:
+        """Greedy k-means++ (2 + log k candidates per centre, the one lowering the potential most)."""
+        n, k = x.shape[0], self.k
+        trials = 2 + int(math.log(k))
+        x_sq = x.pow(2).sum(1)
+        centres = torch.empty(k, x.shape[1], device=x.device)
+        first = int(torch.randint(n, (1,), generator=self.gen))
+        centres[0] = x[first]
+        closest = (x_sq - 2 * x @ x[first] + x_sq[first]).clamp_min_(0)
+        for c in range(1, k):
+            cum = closest.cumsum(0)
+            total = cum[-1]
+            if total <= 0:  # fewer distinct points than centres: repeat points
+                cand = torch.randint(n, (trials,), generator=self.gen).to(x.device)
+            else:
+                cand = torch.searchsorted(cum, self._rand(trials) * total).clamp_max_(n - 1)
+            d = (x_sq[cand, None] - 2 * x[cand] @ x.T + x_sq[None]).clamp_min_(0)  # (trials, n)
+            d = torch.minimum(d, closest)
+            best = int(d.sum(1).argmin())
+            closest = d[best]
+            centres[c] = x[cand[best]]
+        for _ in range(self.init_lloyd):  # a couple of Lloyd steps on the init sample
+            labels, _ = assign(x, centres)
+            sums = torch.zeros_like(centres).index_add_(0, labels, x)
+            cnt = torch.bincount(labels, minlength=k).to(x.dtype)
+            nonempty = cnt > 0
+            centres[nonempty] = sums[nonempty] / cnt[nonempty, None]
+        self.centres = centres
+        self.counts = torch.zeros(k, device=x.device)
+
+    def _step(self, x: Tensor) -> None:
+        labels, dist = assign(x, self.centres)
+        self.pass_inertia += float(dist.double().sum())
+        self.pass_patches += x.shape[0]
+        self.seen += x.shape[0]
+        n_j = torch.bincount(labels, minlength=self.k).to(x.dtype)
+        sums = torch.zeros_like(self.centres).index_add_(0, labels, x)
+        new_counts = self.counts + n_j
+        hit = n_j > 0
+        # running mean: c <- (c * count + sum) / (count + n)
+        self.centres[hit] = (self.centres[hit] * self.counts[hit, None] + sums[hit]) / new_counts[hit, None]
+        self.counts = new_counts
+        self._since_reassign += x.shape[0]
+        if self.ratio > 0 and (self._since_reassign >= 10 * self.k or bool((self.counts == 0).any())):
+            self._since_reassign = 0
+            self._reassign(x)
+
+    def _reassign(self, x: Tensor) -> None:
+        low = self.counts < self.ratio * self.counts.max()
+        if bool(low.sum() > 0.5 * x.shape[0]):
+            keep = self.counts.argsort()[int(0.5 * x.shape[0]):]
+            low[keep] = False
+        n = int(low.sum())
+        if n == 0 or bool(low.all()):
+            return
+        pick = torch.randperm(x.shape[0], generator=self.gen)[:n].to(x.device)
+        self.centres[low] = x[pick]
+        self.counts[low] = self.counts[~low].min()
+
+
+# --------------------------------------------------------------------------------------------------
+# Embed-space features
+# --------------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+class _Capture(Reducer):
+    """Input reducer that records the patch projections and stops the forward (no block runs)."""
+
+    kind = "input"
+
+    def reduce_input(self, state, ctx):
+        self.embeds = ctx.patch_embeds
+        raise _Stop
+
+
+def patch_embedder(vision: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """``embed(pixels) -> (B, N, C)``: a vision tower's patch projections (before position embeddings),
+    for learning "embed"-space vocabularies. ``vision`` is the tower one calls with pixels (HF
+    CLIPVisionModel / BlipVisionModel, open_clip ``visual``, a timm ViT)."""
+    from .patch import patch, unpatch
+
+    def embed(pixels: Tensor) -> Tensor:
+        cap = _Capture()
+        patch(vision, cap)
+        try:
+            with torch.no_grad():
+                vision(pixels)
+        except _Stop:
+            pass
+        finally:
+            unpatch(vision)
+        return cap.embeds
+
+    return embed
