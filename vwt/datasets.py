@@ -6,8 +6,11 @@ releases' layouts under the data root; ``data/README.md`` gives each layout.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -73,7 +76,13 @@ def preprocess_for(model: nn.Module) -> Preprocess:
 
 
 def sample_images() -> list[tuple[str, Image.Image]]:
-    """The real photographs of the ``samples`` data set, as (name, RGB PIL image)."""
+    """The real photographs of the ``samples`` data set, as (name, RGB PIL image); read once per process
+    (decoding them takes seconds), so treat the images as read-only."""
+    return list(_sample_images())
+
+
+@lru_cache(maxsize=1)
+def _sample_images() -> tuple:
     import skimage.data
 
     out = []
@@ -82,7 +91,7 @@ def sample_images() -> list[tuple[str, Image.Image]]:
         if arr.ndim == 2:
             arr = np.stack([arr] * 3, -1)
         out.append((name, Image.fromarray(arr[..., :3].astype(np.uint8))))
-    return out
+    return tuple(out)
 
 
 class Samples(torch.utils.data.Dataset):
@@ -91,15 +100,336 @@ class Samples(torch.utils.data.Dataset):
     def __init__(self, transform: Callable, limit: Optional[int] = None):
         self.items = sample_images()[:limit]
         self.transform = transform
+        self.name = "samples"
+        self.records = [{"name": n, "index": i, "image_id": n} for i, (n, _) in enumerate(self.items)]
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        name, image = self.items[i]
-        return self.transform(image), {"name": name, "index": i}
+        image = self.items[i][1]
+        return (self.transform(image) if self.transform is not None else image), self.records[i]
 
 
 def collate(batch):
     """Stack pixels; keep records as a list of dicts."""
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+
+# --------------------------------------------------------------------------------------------------
+# The public data sets, read from their public layouts under the data root
+# --------------------------------------------------------------------------------------------------
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"  # the shipped small files (OpenImages tag lists)
+
+LAYOUTS = {
+    "samples": "nothing to download (scikit-image's sample photographs)",
+    "waterbirds": "<root>/waterbirds/waterbird_complete95_forest2water2/metadata.csv (img_filename,y,split,place) "
+                  "with the image folders beside it",
+    "celeba": "<root>/celeba/{list_attr_celeba.csv, list_eval_partition.csv, img_align_celeba/<image_id>}",
+    "meta": "<root>/metashift/MetaShift-Cat-Dog-indoor-outdoor/{train,test}/{cat,dog}/<class>(<indoor|outdoor>)/*.jpg",
+    "openimages": "<root>/openimages/test/<image id>.jpg with the tag lists <root>/openimages/<common|rare>/"
+                  "{annots.txt, taglist.txt} (shipped in data/openimages/)",
+    "coco": "<root>/coco/{annotations/coco_karpathy_<split>.json (BLIP) or dataset_coco.json (Karpathy), "
+            "val2014/, train2014/}",
+    "nocaps": "<root>/nocaps/{nocaps_val_4500_captions.json, val/<file_name>}",
+    "imgnet": "<root>/imagenet/{train,val}/<synset id>/*.JPEG (val sorted into synset folders)",
+}
+NAMES = ("samples", "waterbirds", "celeba", "meta", "openimages-common", "openimages-rare", "coco", "nocaps",
+         "imgnet")
+
+
+def layout(name: str) -> str:
+    """The expected layout of a data set, as error messages and data/README.md give it."""
+    return LAYOUTS.get("openimages" if name.startswith("openimages") else name, "")
+
+
+def _where(name: str) -> str:
+    return f"; expected layout: {layout(name)} (see data/README.md)" if layout(name) else ""
+
+
+def _missing(name: str, what: str, path: Path):
+    from .cli import UserError
+
+    return UserError(f"{name}: {what} {path} not found{_where(name)}")
+
+
+def _need(name: str, what: str, path: Path) -> Path:
+    if not path.exists():
+        raise _missing(name, what, path)
+    return path
+
+
+def read_image(path, name: str = "") -> Image.Image:
+    """Open an image as RGB; a missing or unreadable file is a one-line UserError naming it."""
+    from .cli import UserError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise _missing(name, "image", Path(path)) from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated, not an image, bad header
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{name}: cannot read image {path}: {reason}{_where(name)}") from None
+
+
+class ImageRecords(torch.utils.data.Dataset):
+    """A list of records (dicts with at least "path"); item i is ``(transform(image), record)``.
+
+    ``classes`` are the class (or tag) names where the task has them; ``group_names`` name the groups
+    of grouped data (record "group" indexes them)."""
+
+    def __init__(self, name: str, records: list[dict], transform: Optional[Callable],
+                 classes: Sequence[str] = (), group_names: Sequence[str] = ()):
+        self.name = name
+        self.records = records
+        self.transform = transform
+        self.classes = list(classes)
+        self.group_names = list(group_names)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        rec = self.records[i]
+        image = read_image(rec["path"], self.name)
+        return (self.transform(image) if self.transform is not None else image), rec
+
+    def subset(self, keep: Callable[[dict], bool]) -> "ImageRecords":
+        """The same data set restricted to the records ``keep`` accepts (order kept)."""
+        return ImageRecords(self.name, [r for r in self.records if keep(r)], self.transform, self.classes,
+                            self.group_names)
+
+
+def _split(name: str, split: Optional[str], allowed: Sequence[str], default: str) -> str:
+    from .cli import UserError
+
+    split = default if split is None else split
+    if split not in allowed:
+        raise UserError(f"{name}: unknown split {split!r}; choose one of {', '.join(allowed)}")
+    return split
+
+
+def _read_csv(name: str, path: Path, columns: Sequence[str]):
+    import pandas as pd
+
+    from .cli import UserError
+
+    _need(name, "file", path)
+    try:
+        df = pd.read_csv(path)
+    except Exception as e:
+        raise UserError(f"{name}: cannot read {path}: {str(e).splitlines()[0]}{_where(name)}") from None
+    lacking = [c for c in columns if c not in df.columns]
+    if lacking:
+        raise UserError(f"{name}: {path} lacks the column(s) {', '.join(lacking)}{_where(name)}")
+    return df
+
+
+WATERBIRDS_DIR = "waterbird_complete95_forest2water2"
+
+
+def waterbirds(root: Path, transform, split=None) -> ImageRecords:
+    """Waterbirds (Sagawa et al. 2020): y 0 landbird / 1 waterbird, place 0 land / 1 water, split column
+    0/1/2 = train/val/test (default test); group = 2 * y + place. Also accepted without the
+    ``waterbirds/`` folder (the tarball extracted directly under the root)."""
+    split = _split("waterbirds", split, ("train", "val", "test"), "test")
+    base = root / "waterbirds" / WATERBIRDS_DIR
+    if not base.exists() and (root / WATERBIRDS_DIR).exists():
+        base = root / WATERBIRDS_DIR
+    df = _read_csv("waterbirds", base / "metadata.csv", ("img_filename", "y", "split", "place"))
+    df = df[df["split"] == {"train": 0, "val": 1, "test": 2}[split]]
+    records = [{"path": str(base / f), "image_id": f, "label": int(y), "place": int(p), "group": 2 * int(y) + int(p)}
+               for f, y, p in zip(df["img_filename"], df["y"], df["place"])]
+    return ImageRecords("waterbirds", records, transform, classes=("landbird", "waterbird"),
+                        group_names=("landbird on land", "landbird on water", "waterbird on land", "waterbird on water"))
+
+
+def celeba(root: Path, transform, split=None) -> ImageRecords:
+    """CelebA (Liu et al. 2015), the public CSVs: target Blond_Hair, groups by Male (attributes are -1/1);
+    list_eval_partition 0/1/2 = train/val/test (default test); group = 2 * blond + male. The images may
+    sit in ``img_align_celeba/`` or the Kaggle copy's nested ``img_align_celeba/img_align_celeba/``."""
+    split = _split("celeba", split, ("train", "val", "test"), "test")
+    base = root / "celeba"
+    attrs = _read_csv("celeba", base / "list_attr_celeba.csv", ("image_id", "Blond_Hair", "Male"))
+    parts = _read_csv("celeba", base / "list_eval_partition.csv", ("image_id", "partition"))
+    images = _need("celeba", "image folder", base / "img_align_celeba")
+    if (images / "img_align_celeba").is_dir():
+        images = images / "img_align_celeba"
+    df = attrs.merge(parts, on="image_id")
+    df = df[df["partition"] == {"train": 0, "val": 1, "test": 2}[split]]
+    records = []
+    for image_id, blond, male in zip(df["image_id"], df["Blond_Hair"], df["Male"]):
+        y, m = int(blond == 1), int(male == 1)
+        records.append({"path": str(images / image_id), "image_id": image_id, "label": y, "male": m, "group": 2 * y + m})
+    return ImageRecords("celeba", records, transform, classes=("non-blond person", "blond person"),
+                        group_names=("not blond, female", "not blond, male", "blond, female", "blond, male"))
+
+
+METASHIFT_DIR = "MetaShift-Cat-Dog-indoor-outdoor"
+
+
+def metashift(root: Path, transform, split=None) -> ImageRecords:
+    """MetaShift cat/dog (Liang and Zou 2022), the authors' indoor/outdoor release: ``train`` holds
+    cat(indoor) and dog(outdoor), ``test`` cat(outdoor) and dog(indoor); the default ``all`` reads both,
+    so every group is present. label 0 cat / 1 dog, context 0 indoor / 1 outdoor, group = 2 * label +
+    context."""
+    split = _split("meta", split, ("train", "test", "all"), "all")
+    base = _need("meta", "folder", root / "metashift" / METASHIFT_DIR)
+    records = []
+    for part in (("train", "test") if split == "all" else (split,)):
+        folder = _need("meta", "split folder", base / part)
+        for label, animal in enumerate(("cat", "dog")):
+            for sub in sorted((folder / animal).glob(f"{animal}(*)")):
+                context = sub.name[len(animal) + 1:-1]
+                if context not in ("indoor", "outdoor"):
+                    continue
+                c = int(context == "outdoor")
+                for path in sorted(p for p in sub.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
+                    records.append({"path": str(path), "image_id": f"{part}/{animal}/{sub.name}/{path.name}",
+                                    "label": label, "context": c, "group": 2 * label + c})
+    if not records:
+        raise _missing("meta", "images under", base / ("{train,test}" if split == "all" else split))
+    return ImageRecords("meta", records, transform, classes=("cat", "dog"),
+                        group_names=("cat indoor", "cat outdoor", "dog indoor", "dog outdoor"))
+
+
+def openimages(root: Path, transform, subset: str = "common", split=None) -> ImageRecords:
+    """OpenImages V6 test with the common (214) or rare (200) tag lists of the Recognize Anything
+    benchmark. annots.txt lines are ``test/<image id>,tag,tag,...``; records carry "labels" (tag indices).
+    The lists are read from ``<root>/openimages/<subset>/`` or, if absent there, the shipped copy in the
+    repository's data/openimages/."""
+    from .cli import UserError
+
+    name = f"openimages-{subset}"
+    _split(name, split, ("test",), "test")
+    lists = root / "openimages" / subset
+    if not (lists / "annots.txt").exists() and (REPO_DATA / "openimages" / subset / "annots.txt").exists():
+        lists = REPO_DATA / "openimages" / subset
+    _need(name, "image folder", root / "openimages" / "test")
+    tags = [t for t in _need(name, "tag list", lists / "taglist.txt").read_text().splitlines() if t]
+    index = {t: i for i, t in enumerate(tags)}
+    records = []
+    base = str(root / "openimages")
+    for n, line in enumerate(_need(name, "annotation list", lists / "annots.txt").read_text().splitlines()):
+        if not line.strip():
+            continue
+        image, *labels = line.split(",")
+        try:
+            labels = [index[t] for t in labels]
+        except KeyError as e:
+            raise UserError(f"{name}: {lists / 'annots.txt'} line {n + 1} names tag {e} not in taglist.txt") from None
+        ext = "" if image.lower().endswith((".jpg", ".jpeg", ".png")) else ".jpg"
+        records.append({"path": f"{base}/{image}{ext}", "image_id": image.rsplit("/", 1)[-1].split(".")[0],
+                        "labels": labels})
+    return ImageRecords(name, records, transform, classes=tags)
+
+
+def _coco_id(filename: str) -> int:
+    return int(Path(filename).stem.rsplit("_", 1)[-1])
+
+
+def coco(root: Path, transform, split=None) -> ImageRecords:
+    """COCO 2014 with the Karpathy split (default test, 5000 images). Reads BLIP's
+    ``annotations/coco_karpathy_<split>.json`` (a list of {"image", "caption": [...]}), or else
+    Karpathy's ``dataset_coco.json`` ({"images": [{"filepath", "filename", "split", "cocoid",
+    "sentences"}]}). Records carry "image_id" (the COCO id) and "captions"."""
+    split = _split("coco", split, ("train", "val", "test"), "test")
+    base = root / "coco"
+    blip = base / "annotations" / f"coco_karpathy_{split}.json"
+    karpathy = base / "dataset_coco.json"
+    records = []
+    if blip.exists() and split != "train":  # BLIP's train file has one entry per caption
+        for item in _read_json("coco", blip):
+            records.append({"path": str(base / item["image"]), "image_id": _coco_id(item["image"]),
+                            "captions": list(item["caption"])})
+    elif karpathy.exists():
+        for item in _read_json("coco", karpathy)["images"]:
+            if item["split"] == split or (split == "train" and item["split"] == "restval"):
+                records.append({"path": str(base / item["filepath"] / item["filename"]),
+                                "image_id": int(item.get("cocoid", _coco_id(item["filename"]))),
+                                "captions": [s["raw"] for s in item["sentences"]]})
+    else:
+        raise _missing("coco", "split file", blip)
+    return ImageRecords("coco", records, transform)
+
+
+def nocaps(root: Path, transform, split=None) -> ImageRecords:
+    """NoCaps validation (4500 images, 10 captions each; COCO-format json). Records carry "image_id",
+    "captions" and "domain" (in-domain, near-domain, out-domain)."""
+    _split("nocaps", split, ("val",), "val")
+    base = root / "nocaps"
+    data = _read_json("nocaps", base / "nocaps_val_4500_captions.json")
+    captions: dict = {}
+    for a in data["annotations"]:
+        captions.setdefault(a["image_id"], []).append(a["caption"])
+    records = [{"path": str(base / "val" / im["file_name"]), "image_id": im["id"], "domain": im.get("domain", ""),
+                "captions": captions.get(im["id"], [])} for im in data["images"]]
+    return ImageRecords("nocaps", records, transform)
+
+
+def imagenet(root: Path, transform, split=None) -> ImageRecords:
+    """ImageNet-1K as image folders (train/, val/ with one folder per synset). Labels index the sorted
+    synset ids, the order timm and torchvision classifiers use."""
+    split = _split("imgnet", split, ("train", "val"), "val")
+    base = _need("imgnet", "split folder", root / "imagenet" / split)
+    synsets = sorted(d.name for d in os.scandir(base) if d.is_dir())
+    if not synsets:
+        raise _missing("imgnet", "synset folders under", base)
+    records = []
+    for label, wnid in enumerate(synsets):
+        for entry in sorted(os.scandir(base / wnid), key=lambda e: e.name):
+            if entry.is_file() and Path(entry.name).suffix.lower() in (".jpeg", ".jpg", ".png"):
+                records.append({"path": entry.path, "image_id": entry.name, "label": label, "synset": wnid})
+    return ImageRecords("imgnet", records, transform, classes=synsets)
+
+
+def _read_json(name: str, path: Path):
+    import json
+
+    from .cli import UserError
+
+    _need(name, "file", path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{name}: {path} is not valid JSON ({e}){_where(name)}") from None
+
+
+def load(name: str, root, transform: Optional[Callable], split: Optional[str] = None,
+         limit: Optional[int] = None) -> torch.utils.data.Dataset:
+    """The data set ``name`` (see NAMES) under the data root, yielding (transform(image), record).
+
+    Records carry what the tasks need: "path", "image_id", and "label" + "group" (grouped data),
+    "labels" (OpenImages tag indices), "captions" (COCO, NoCaps). ``split`` None picks the evaluation
+    split; ``limit`` keeps the first records. A missing file is a one-line UserError naming it and the
+    expected layout."""
+    from .cli import UserError
+
+    root = Path(root)
+    if name == "samples":
+        return Samples(transform, limit=limit)
+    readers = {"waterbirds": waterbirds, "celeba": celeba, "meta": metashift, "coco": coco, "nocaps": nocaps,
+               "imgnet": imagenet, "openimages-common": lambda r, t, split: openimages(r, t, "common", split),
+               "openimages-rare": lambda r, t, split: openimages(r, t, "rare", split)}
+    if name not in readers:
+        raise UserError(f"unknown data set {name!r}; choose one of {', '.join(NAMES)}")
+    ds = readers[name](root, transform, split=split)
+    if limit is not None:
+        ds.records = ds.records[:limit]
+    return ds
+
+
+def batches(dataset, batch: int, workers: int = 0):
+    """Iterate ``(pixels, records)`` batches in order. A UserError raised in a worker process (an
+    unreadable image) comes back as the same one line, not the worker's traceback."""
+    from .cli import UserError
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
+                                         collate_fn=collate)
+    try:
+        yield from loader
+    except UserError as e:
+        lines = [l for l in str(e).strip().splitlines() if l.strip()]
+        last = lines[-1] if lines else ""
+        raise UserError(last.split("UserError: ", 1)[-1]) from None

@@ -1,0 +1,219 @@
+"""Tiny data sets written in the real public layouts (see data/README.md), for tests of the loaders
+and the scripts. Images are small crops of scikit-image's sample photographs, saved as JPEG (one PNG
+in MetaShift), at sizes that are not the models' input size so resizing and cropping run. Every writer takes the data root, writes under it and returns it.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@lru_cache(maxsize=1)
+def _photos():
+    from vwt.datasets import sample_images
+
+    return [np.asarray(im) for name, im in sample_images() if name in ("astronaut", "chelsea", "coffee", "rocket",
+                                                                        "camera", "coins", "brick", "grass")]
+
+
+def photo(i: int, size=(48, 40)) -> Image.Image:
+    """A real-looking (width, height) RGB image: crop ``i`` of the sample photographs."""
+    photos = _photos()
+    arr = photos[i % len(photos)]
+    h, w = arr.shape[:2]
+    rng = np.random.RandomState(i)
+    side = min(h, w) // 2
+    y, x = rng.randint(0, h - side), rng.randint(0, w - side)
+    return Image.fromarray(arr[y:y + side, x:x + side]).resize(size, Image.BILINEAR)
+
+
+def _save(path: Path, i: int, size=(48, 40)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photo(i, size).save(path)
+
+
+def write_waterbirds(root) -> Path:
+    """waterbirds/waterbird_complete95_forest2water2/: metadata.csv + species folders. Test split: two
+    images of each of the 4 (y, place) groups; train and val: one image of each group."""
+    root = Path(root)
+    base = root / "waterbirds" / "waterbird_complete95_forest2water2"
+    rows, i = [], 0
+    for split, per_group in ((0, 1), (1, 1), (2, 2)):
+        for y in (0, 1):
+            for place in (0, 1):
+                for _ in range(per_group):
+                    folder = "001.Black_footed_Albatross" if y else "010.Red_winged_Blackbird"
+                    fname = f"{folder}/{folder.split('.')[1]}_{i:04d}_{100 + i}.jpg"
+                    _save(base / fname, i)
+                    rows.append(f"{i + 1},{fname},{y},{split},{place},{'water' if place else 'land'}/x/{i}.jpg")
+                    i += 1
+    (base / "metadata.csv").write_text("img_id,img_filename,y,split,place,place_filename\n" + "\n".join(rows) + "\n")
+    return root
+
+
+CELEBA_ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
+                "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby",
+                "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male",
+                "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin",
+                "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair",
+                "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace",
+                "Wearing_Necktie", "Young"]
+
+
+def write_celeba(root) -> Path:
+    """celeba/: list_attr_celeba.csv (-1/1), list_eval_partition.csv, img_align_celeba/ (178x218 JPEGs).
+    Test partition: two images of each (Blond_Hair, Male) group; train and val one of each."""
+    root = Path(root)
+    base = root / "celeba"
+    attr_rows, part_rows, i = [], [], 0
+    for partition, per_group in ((0, 1), (1, 1), (2, 2)):
+        for blond in (0, 1):
+            for male in (0, 1):
+                for _ in range(per_group):
+                    image_id = f"{i + 1:06d}.jpg"
+                    _save(base / "img_align_celeba" / image_id, 10 + i, size=(36, 44))
+                    values = {a: (1 if (a == "Blond_Hair" and blond) or (a == "Male" and male) or
+                                  (a == "Young" and i % 2) else -1) for a in CELEBA_ATTRS}
+                    attr_rows.append(",".join([image_id] + [str(values[a]) for a in CELEBA_ATTRS]))
+                    part_rows.append(f"{image_id},{partition}")
+                    i += 1
+    (base / "list_attr_celeba.csv").write_text("image_id," + ",".join(CELEBA_ATTRS) + "\n" + "\n".join(attr_rows) + "\n")
+    (base / "list_eval_partition.csv").write_text("image_id,partition\n" + "\n".join(part_rows) + "\n")
+    return root
+
+
+def write_metashift(root) -> Path:
+    """metashift/MetaShift-Cat-Dog-indoor-outdoor/: train/cat/cat(indoor), train/dog/dog(outdoor),
+    test/cat/cat(outdoor), test/dog/dog(indoor), two images each (the last one a PNG)."""
+    root = Path(root)
+    base = root / "metashift" / "MetaShift-Cat-Dog-indoor-outdoor"
+    i = 0
+    for split, animal, context in (("train", "cat", "indoor"), ("train", "dog", "outdoor"),
+                                   ("test", "cat", "outdoor"), ("test", "dog", "indoor")):
+        for k in range(2):
+            suffix = ".png" if (split, animal, k) == ("test", "dog", 1) else ".jpg"
+            _save(base / split / animal / f"{animal}({context})" / f"{2300000 + i}{suffix}", 20 + i)
+            i += 1
+    (base / "imageID_to_group.pkl").write_bytes(b"")  # present in the release; not read
+    return root
+
+
+OPENIMAGES = {
+    "common": (["car", "flower", "dog", "halloween", "pumpkin"],
+               [("0000c64e1253d68f", ["car"]), ("0002ab0af02e4a77", ["flower"]), ("00045d609ca3f4eb", ["pumpkin", "halloween"]),
+                ("0007ef7b46ad6bb8", ["dog", "car"]), ("000a1249af2bc5f0", [])]),
+    "rare": (["Auto racing", "Lawn game", "Junk food", "Fried food"],
+             [("0000c64e1253d68f", ["Auto racing"]), ("0003d84e0165d630", ["Lawn game"]),
+              ("0006acf221a3e1d1", ["Junk food", "Fried food"]), ("000a1249af2bc5f0", ["Fried food"])]),
+}
+
+
+def write_openimages(root) -> Path:
+    """openimages/test/<id>.jpg and the tag lists openimages/{common,rare}/{annots.txt,taglist.txt} in the
+    shipped format (``test/<id>,tag,tag``), with small tag lists of the real tags."""
+    root = Path(root)
+    base = root / "openimages"
+    written = set()
+    for subset, (tags, annots) in OPENIMAGES.items():
+        (base / subset).mkdir(parents=True, exist_ok=True)
+        (base / subset / "taglist.txt").write_text("\n".join(tags) + "\n")
+        (base / subset / "annots.txt").write_text("".join(",".join([f"test/{i}"] + t) + "\n" for i, t in annots))
+        for image_id, _ in annots:
+            if image_id not in written:
+                _save(base / "test" / f"{image_id}.jpg", 30 + len(written), size=(44, 36))
+                written.add(image_id)
+    return root
+
+
+CAPTIONS = ["a cat lying on a couch next to a remote", "an astronaut in a suit poses for a photo",
+            "a cup of coffee on a saucer on a table", "a rocket standing on a launch pad",
+            "a man holding a camera on a field", "a pile of old coins on a surface",
+            "a brick wall with a small window", "a field of green grass in the sun"]
+
+
+def _captions(i: int, n: int) -> list[str]:
+    base = CAPTIONS[i % len(CAPTIONS)]
+    variants = [base, base.capitalize() + ".", base.replace(" a ", " the ", 1), f"{base} today",
+                f"there is {base}", f"{base}, in daylight", f"{base} outside", f"{base} inside",
+                f"close up of {base}", f"{base} with colors"]
+    return variants[:n]
+
+
+def write_coco(root, fmt: str = "blip") -> Path:
+    """coco/ with val2014/ images (COCO file names) and the Karpathy split: fmt "blip" writes BLIP's
+    annotations/coco_karpathy_{val,test}.json (4 test, 2 val images, 5 captions each), fmt "karpathy"
+    writes dataset_coco.json with the same images plus 2 train images in train2014/."""
+    root = Path(root)
+    base = root / "coco"
+    splits = {"test": [42, 73, 74, 133], "val": [136, 164]}
+    if fmt == "karpathy":
+        splits["train"] = [9, 25]
+    images = []
+    for split, ids in splits.items():
+        for k, cid in enumerate(ids):
+            folder = "train2014" if split == "train" else "val2014"
+            rel = f"{folder}/COCO_{folder}_{cid:012d}.jpg"
+            i = len(images)
+            _save(base / rel, 40 + i, size=(56, 42))
+            images.append({"split": split, "rel": rel, "cocoid": cid, "captions": _captions(i, 5)})
+    if fmt == "blip":
+        (base / "annotations").mkdir(parents=True, exist_ok=True)
+        for split in ("test", "val"):
+            items = [{"image": im["rel"], "caption": im["captions"]} for im in images if im["split"] == split]
+            (base / "annotations" / f"coco_karpathy_{split}.json").write_text(json.dumps(items))
+    elif fmt == "karpathy":
+        items = [{"filepath": im["rel"].split("/")[0], "filename": im["rel"].split("/")[1], "split": im["split"],
+                  "cocoid": im["cocoid"], "imgid": n,
+                  "sentences": [{"raw": c, "tokens": c.lower().split()} for c in im["captions"]]}
+                 for n, im in enumerate(images)]
+        (base / "dataset_coco.json").write_text(json.dumps({"images": items, "dataset": "coco"}))
+    else:
+        raise ValueError(fmt)
+    return root
+
+
+def write_nocaps(root) -> Path:
+    """nocaps/nocaps_val_4500_captions.json (COCO format, 10 captions per image, a domain per image)
+    and nocaps/val/<file_name>, three images."""
+    root = Path(root)
+    base = root / "nocaps"
+    images, annots = [], []
+    for i, (oid, domain) in enumerate((("0013ea2087020901", "in-domain"), ("0016ad8bd7f2c5f2", "near-domain"),
+                                       ("00223e9a5e5ac24c", "out-domain"))):
+        _save(base / "val" / f"{oid}.jpg", 50 + i, size=(52, 40))
+        images.append({"id": i, "file_name": f"{oid}.jpg", "open_images_id": oid, "height": 40, "width": 52,
+                       "domain": domain, "coco_url": "", "license": 0, "date_captured": ""})
+        for c in _captions(i + 2, 10):
+            annots.append({"image_id": i, "id": len(annots), "caption": c})
+    (base / "nocaps_val_4500_captions.json").write_text(json.dumps(
+        {"info": {"description": "nocaps validation (fixture)"}, "licenses": [], "images": images,
+         "annotations": annots}))
+    return root
+
+
+IMAGENET_SYNSETS = ["n01440764", "n01443537", "n01484850"]
+
+
+def write_imagenet(root) -> Path:
+    """imagenet/{train,val}/<synset>/: three synsets, two train and two val images each."""
+    root = Path(root)
+    base = root / "imagenet"
+    i = 0
+    for split in ("train", "val"):
+        for wnid in IMAGENET_SYNSETS:
+            for k in range(2):
+                name = f"{wnid}_{1000 + k}.JPEG" if split == "train" else f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+                path = base / split / wnid / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                photo(60 + i, (50, 38)).save(path, format="JPEG")
+                i += 1
+    return root
+
+
+WRITERS = {"waterbirds": write_waterbirds, "celeba": write_celeba, "meta": write_metashift,
+           "openimages-common": write_openimages, "openimages-rare": write_openimages, "coco": write_coco,
+           "nocaps": write_nocaps, "imgnet": write_imagenet}
