@@ -1,0 +1,124 @@
+"""Vocabularies: save/load with the sidecar, the published bare format, refusal of a vocabulary that does
+not fit the model, and the k-means that learns them."""
+import json
+
+import pytest
+import torch
+
+import vwt
+from tiny import NUM_PATCHES, PATCH, images, timm_vit
+from vwt.vocab import MiniBatchKMeans, inertia, patch_embedder
+
+D = 3 * PATCH * PATCH
+
+
+def test_save_and_load_keep_words_and_sidecar(tmp_path):
+    words = torch.randn(7, D)
+    vocab = vwt.Vocabulary(words, space="pixel", image_size=32, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2),
+                           data="samples", patches_seen=123, inertia=4.5)
+    path = vocab.save(tmp_path / "v7")
+    assert path.name == "vocab.pt"
+    raw = torch.load(path)  # the published format: a bare float32 tensor
+    assert isinstance(raw, torch.Tensor) and torch.equal(raw, words)
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["patch_size"] == PATCH and info["space"] == "pixel" and info["data"] == "samples"
+    loaded = vwt.Vocabulary.load(tmp_path / "v7")
+    assert torch.equal(loaded.words, words) and loaded.patch_size == PATCH
+    assert loaded.meta["mean"] == [0.5, 0.5, 0.5] and loaded.meta["patches_seen"] == 123
+
+
+def test_published_bare_vocab_loads_and_tokenizes(tmp_path):
+    words = torch.randn(5, D)
+    torch.save(words, tmp_path / "vocab.pt")
+    vocab = vwt.Vocabulary.load(tmp_path / "vocab.pt")
+    assert vocab.space == "pixel" and vocab.patch_size == PATCH and len(vocab) == 5
+    ids = torch.arange(NUM_PATCHES) % 2
+    pixels = words[ids].view(4, 4, 3, PATCH, PATCH).permute(2, 0, 3, 1, 4).reshape(1, 3, 32, 32)
+    model = timm_vit()
+    vwt.patch(model, vwt.InterImage(vocab, thresh=1e-4))
+    with torch.no_grad():
+        model(pixels)
+    assert vwt.stats(model)["tokens_per_layer"][:, 0].tolist() == [3]
+
+
+def test_published_vit_b16_shape_means_patch_16(tmp_path):
+    torch.save(torch.randn(4, 768), tmp_path / "vocab.pt")
+    vocab = vwt.Vocabulary.load(tmp_path / "vocab.pt")
+    assert (vocab.patch_size, vocab.space, vocab.dim) == (16, "pixel", 768)
+
+
+def test_wrong_size_vocabulary_is_refused_with_both_shapes():
+    model = timm_vit()
+    vwt.patch(model, vwt.InterImage(vwt.Vocabulary(torch.randn(10, 768)), thresh=0.1))
+    with pytest.raises(ValueError) as e, torch.no_grad():
+        model(images(2))
+    msg = str(e.value)
+    assert "(10, 768)" in msg and "patch 16" in msg and f"(2, {NUM_PATCHES}, {D})" in msg and "patch 8" in msg
+    vwt.patch(model, vwt.InterImage(vwt.Vocabulary(torch.randn(3, 32), space="embed"), thresh=0.1))
+    with pytest.raises(ValueError, match=r"\(3, 32\).*\(2, 16, 64\)"), torch.no_grad():
+        model(images(2))
+
+
+@pytest.mark.parametrize("content", ["garbage", {"words": 1}, torch.randn(3, 3, 3), torch.randn(4, 100)])
+def test_not_a_vocabulary_file_is_refused(tmp_path, content):
+    path = tmp_path / "vocab.pt"
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ValueError):
+        vwt.Vocabulary.load(path)
+
+
+def _blobs(k=6, per=400, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(k, dim, generator=g) * 10
+    x = means.repeat_interleave(per, 0) + 0.1 * torch.randn(k * per, dim, generator=g)
+    return x[torch.randperm(len(x), generator=g)], means
+
+
+def test_kmeans_finds_separated_blobs():
+    x, means = _blobs()
+    km = MiniBatchKMeans(6, seed=0, init_size=600).fit(x, batch=256)
+    err = torch.cdist(means, km.centres).min(1).values
+    assert err.max() < 0.1  # every true mean has a centre within the noise
+    assert inertia(x, km.centres) < 1.05 * inertia(x, means)
+
+
+def test_kmeans_no_worse_than_sklearn_on_small_data():
+    from sklearn.cluster import MiniBatchKMeans as SK
+
+    x, _ = _blobs(k=20, per=150, dim=12, seed=1)
+    x = x + torch.randn_like(x)  # overlapping: a real clustering problem
+    ours = MiniBatchKMeans(20, seed=0).fit(x, batch=500, passes=2)
+    sk = SK(n_clusters=20, random_state=0, n_init=1)
+    for _ in range(2):
+        for s in range(0, len(x), 500):
+            sk.partial_fit(x[s:s + 500].numpy())
+    theirs = torch.from_numpy(sk.cluster_centers_).float()
+    assert inertia(x, ours.centres) <= 1.02 * inertia(x, theirs)
+
+
+def test_learn_is_seeded_and_records_what_it_saw():
+    batches = [images(4, seed=s) for s in range(3)]
+    a = vwt.Vocabulary.learn(batches, size=10, patch_size=PATCH, seed=1, data="random")
+    b = vwt.Vocabulary.learn([(x, None) for x in batches], size=10, patch_size=PATCH, seed=1)
+    assert torch.equal(a.words, b.words)
+    assert a.meta["patches_seen"] == 3 * 4 * NUM_PATCHES and a.meta["data"] == "random"
+    assert a.meta["inertia"] > 0 and a.dim == D
+
+
+def test_learn_refuses_fewer_patches_than_words():
+    with pytest.raises(ValueError, match="at least 100 patches"):
+        vwt.Vocabulary.learn([images(1)], size=100, patch_size=PATCH)
+
+
+def test_learn_in_embed_space():
+    model = timm_vit()
+    vocab = vwt.Vocabulary.learn([images(4)], size=8, space="embed", patch_size=PATCH, embed=patch_embedder(model))
+    assert vocab.space == "embed" and vocab.dim == 64
+    assert "forward" not in model.__dict__  # the capture patch was undone
+    vwt.patch(model, vwt.InterImage(vocab, thresh=0.5))
+    with torch.no_grad():
+        model(images(4))
+    assert (vwt.stats(model)["tokens_per_layer"][:, 0] < 1 + NUM_PATCHES).any()
