@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -217,3 +218,21 @@ def write_imagenet(root) -> Path:
 WRITERS = {"waterbirds": write_waterbirds, "celeba": write_celeba, "meta": write_metashift,
            "openimages-common": write_openimages, "openimages-rare": write_openimages, "coco": write_coco,
            "nocaps": write_nocaps, "imgnet": write_imagenet}
+
+
+@pytest.fixture(scope="session")
+def meteor_once():
+    """One pycocoevalcap METEOR process for every caption test in the session: its start-up loads the
+    paraphrase table (15 s and more on a busy CPU), computing a score is instant. Tests route
+    ``Meteor()`` to it with ``use_meteor(monkeypatch, meteor_once)``."""
+    from pycocoevalcap.meteor import meteor
+
+    return meteor.Meteor()
+
+
+def use_meteor(monkeypatch, shared) -> None:
+    import pycocoevalcap.eval
+    from pycocoevalcap.meteor import meteor
+
+    monkeypatch.setattr(meteor, "Meteor", lambda: shared)
+    monkeypatch.setattr(pycocoevalcap.eval, "Meteor", lambda: shared)

@@ -1,0 +1,229 @@
+"""Accuracy metrics of the paper's tables, and the table itself.
+
+* ``group_accuracy``: average accuracy (over all samples), every group's accuracy and the worst
+  group's, as reported for Waterbirds, CelebA and MetaShift.
+* ``average_precision`` / ``mean_average_precision``: the non-interpolated AP of scikit-learn's
+  ``average_precision_score`` (tied scores form one threshold), averaged over the tags that have a
+  positive image (OpenImages common and rare).
+* ``caption_scores``: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE where its Stanford CoreNLP jars are
+  installed) with pycocoevalcap, after its PTB tokenization: the same numbers as its ``COCOEvalCap``.
+* ``summarise``: results files -> the paper-style table (Markdown and CSV), one row per model and method.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification
+# --------------------------------------------------------------------------------------------------
+def group_accuracy(pred: Sequence[int], label: Sequence[int], group: Sequence[int],
+                   group_names: Sequence[str]) -> dict:
+    """Average accuracy over all samples, each group's accuracy (None for a group without samples),
+    the worst group's accuracy (over the groups present) and each group's sample count."""
+    pred, label, group = (np.asarray(a).reshape(-1) for a in (pred, label, group))
+    if not (len(pred) == len(label) == len(group)) or len(pred) == 0:
+        raise ValueError(f"group_accuracy needs equally long, non-empty inputs; got {len(pred)}, {len(label)}, {len(group)}")
+    correct = pred == label
+    groups, counts = {}, {}
+    for g, name in enumerate(group_names):
+        members = group == g
+        counts[name] = int(members.sum())
+        groups[name] = float(correct[members].mean()) if counts[name] else None
+    present = [a for a in groups.values() if a is not None]
+    return {"avg": float(correct.mean()), "worst": min(present), "groups": groups, "counts": counts}
+
+
+def top1(logits, label) -> float:
+    """Fraction of samples whose highest-scoring class is the label."""
+    logits, label = np.asarray(logits), np.asarray(label)
+    return float((logits.argmax(1) == label).mean())
+
+
+def average_precision(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """AP of one ranking: sum over distinct score thresholds (high to low) of (recall gain) x precision,
+    ties counted together. NaN when there is no positive."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    positive = np.asarray(positive, dtype=bool).reshape(-1)
+    if not positive.any():
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], positive[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last index of every run of tied scores
+    tp = np.cumsum(y)[last]
+    precision = tp / (last + 1)
+    recall = tp / tp[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def mean_average_precision(scores, targets) -> tuple[float, np.ndarray]:
+    """Scores and 0/1 targets (images, tags) -> (mAP over the tags with a positive, per-tag AP with NaN
+    for tags without one)."""
+    scores, targets = np.asarray(scores), np.asarray(targets).astype(bool)
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise ValueError(f"scores and targets must both be (images, tags); got {scores.shape} and {targets.shape}")
+    ap = np.array([average_precision(scores[:, t], targets[:, t]) for t in range(scores.shape[1])])
+    return (float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")), ap
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) of runs over seeds."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Captions
+# --------------------------------------------------------------------------------------------------
+CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+
+
+def spice_available() -> tuple[bool, str]:
+    """Whether pycocoevalcap's SPICE can run here: Java and its Stanford CoreNLP 3.6.0 jars (which it
+    would otherwise try to download at first use)."""
+    try:
+        import pycocoevalcap.spice as spice
+    except ImportError as e:
+        return False, f"pycocoevalcap is not installed ({e})"
+    lib = Path(spice.__file__).parent / "lib"
+    missing = [f for f in ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar") if not (lib / f).exists()]
+    if missing:
+        return False, f"Stanford CoreNLP jars {', '.join(missing)} missing in {lib}"
+    if shutil.which("java") is None:
+        return False, "java not found"
+    return True, ""
+
+
+def caption_scores(references: dict, candidates: dict, spice: Optional[bool] = None) -> dict:
+    """pycocoevalcap's scores of one candidate caption per image against its references.
+
+    references: {image_id: [caption, ...]}, candidates: {image_id: caption}, the same ids. Both are
+    PTB-tokenized (lower case, punctuation removed) as ``COCOEvalCap`` does. Returns {metric: score}
+    with the scores as pycocoevalcap gives them (fractions; CIDEr can exceed 1), "SPICE" None with a
+    "SPICE_note" saying why when SPICE cannot run. ``spice`` False skips it; None runs it if available."""
+    from .cli import UserError
+
+    if set(references) != set(candidates):
+        raise ValueError("caption_scores: references and candidates must cover the same image ids")
+    if not references:
+        raise ValueError("caption_scores: no captions to score")
+    if shutil.which("java") is None:
+        raise UserError("caption metrics need Java (pycocoevalcap's PTB tokenizer and METEOR); install a JRE")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    ids = sorted(references, key=str)
+    tok = PTBTokenizer()
+    gts = tok.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
+    res = tok.tokenize({i: [{"caption": candidates[i]}] for i in ids})
+    out = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their internals
+        bleu, _ = Bleu(4).compute_score(gts, res)
+        meteor = Meteor()
+        try:
+            out["METEOR"] = meteor.compute_score(gts, res)[0]
+        except ValueError as e:
+            raise UserError(f"METEOR failed (pycocoevalcap's meteor-1.5.jar under Java): {e}") from None
+        finally:
+            del meteor
+        out["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
+        out["CIDEr"] = Cider().compute_score(gts, res)[0]
+    for n, b in enumerate(bleu, 1):
+        out[f"BLEU-{n}"] = b
+    ok, why = spice_available() if spice is not False else (False, "not asked for")
+    out["SPICE"] = None
+    if ok:
+        from pycocoevalcap.spice.spice import Spice
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                out["SPICE"] = Spice().compute_score(gts, res)[0]
+        except Exception as e:  # the jar fails on some Java versions: report, never invent a number
+            why = f"SPICE failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if out["SPICE"] is None:
+        out["SPICE_note"] = f"SPICE unavailable: {why}"
+    return {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in
+            sorted(out.items(), key=lambda kv: (CAPTION_METRICS + ("SPICE_note",)).index(kv[0]))}
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------------
+def _cell(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, (list, tuple)):
+        mean, std = v
+        return "n/a" if mean is None else f"{mean:.1f} ± {std:.1f}"
+    return f"{v:.1f}" if isinstance(v, (int, float)) else str(v)
+
+
+def _order(method: str) -> tuple:
+    return (method != "base", method)
+
+
+def summarise(paths: Iterable[Path]) -> tuple[str, str]:
+    """Results files -> (Markdown table, CSV text). A results file carries "model", "method", "data" and
+    "summary" ({metric: value or [mean, std]}, in percent); rows are (model, method) with the base model
+    first, columns (data, metric) in order of appearance. The machines the numbers came from are listed
+    under the Markdown table."""
+    rows: dict = {}
+    columns: list = []
+    machines = set()
+    for path in sorted(Path(p) for p in paths):
+        try:
+            r = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(r, dict) or "summary" not in r or "method" not in r:
+            continue
+        env = r.get("environment", {})
+        machines.add(env.get("gpu") or f"{env.get('processor', '?')} CPU ({env.get('cpu_count', '?')} cores)")
+        for metric, value in r["summary"].items():
+            col = (r["data"], metric)
+            if col not in columns:
+                columns.append(col)
+            rows.setdefault((r["model"], r["method"]), {})[col] = value
+    keys = sorted(rows, key=lambda k: (k[0], _order(k[1])))
+    head = ["model", "method"] + [f"{d} {m}" for d, m in columns]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in keys:
+        md.append("| " + " | ".join(list(k) + [_cell(rows[k].get(c)) for c in columns]) + " |")
+    if machines:
+        md += ["", "Machines: " + "; ".join(sorted(machines)) + "."]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "method"] + [x for d, m in columns for x in (f"{d} {m}", f"{d} {m} std")])
+    for k in keys:
+        cells = []
+        for c in columns:
+            v = rows[k].get(c)
+            mean, std = (v if isinstance(v, (list, tuple)) else (v, None))
+            cells += ["" if mean is None else f"{mean:.4f}", "" if std is None else f"{std:.4f}"]
+        w.writerow(list(k) + cells)
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def write_summary(folder: Path) -> tuple[Path, Path, str]:
+    """Gather every results file under ``folder`` into summary.md and summary.csv there."""
+    folder = Path(folder)
+    files = [p for p in folder.rglob("*.json") if p.name != "summary.json"]
+    md, text = summarise(files)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.md").write_text(md)
+    (folder / "summary.csv").write_text(text)
+    return folder / "summary.md", folder / "summary.csv", md
