@@ -138,10 +138,10 @@ def _per_layer(r: Union[int, Sequence[int]], index: int, depth: int, name: str) 
 
 
 def _check_r(r, name: str):
-    values = [r] if isinstance(r, int) else list(r)
+    values = list(r) if isinstance(r, (list, tuple)) else [r]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         raise ValueError(f"{name}: r must be a non-negative int or a list of them, got {r!r}")
-    return r if isinstance(r, int) else tuple(values)
+    return tuple(values) if isinstance(r, (list, tuple)) else r
 
 
 def _global_merge(state: TokenState, ctx: BlockContext, r: int) -> TokenState:
