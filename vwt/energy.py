@@ -154,7 +154,8 @@ class Meter:
     """An energy meter: ``start()``, the workload, ``stop() -> Reading``; ``power()`` for one reading."""
 
     name = "none"
-    measurable = False
+    measurable = False  # gives energy in joules
+    has_power = False   # gives power() readings
     note = ""
 
     def start(self) -> None:
@@ -203,6 +204,7 @@ class RaplMeter(Meter):
 
     name = "rapl"
     measurable = True
+    has_power = True
 
     def __init__(self, root: Path | str = "/sys/class/powercap", clock: Callable[[], float] = time.perf_counter):
         self.root, self.clock = Path(root), clock
@@ -273,6 +275,7 @@ class NvmlMeter(Meter):
 
     name = "nvml"
     measurable = True
+    has_power = True
 
     def __init__(self, index: int = 0, interval: float = 0.05, nvml=None, uuid: Optional[str] = None,
                  clock: Callable[[], float] = time.perf_counter):
