@@ -1,5 +1,101 @@
-"""int8 quantization (placeholder until the baselines issue lands)."""
+"""int8 linear layers of the vision tower: bitsandbytes LLM.int8 on CUDA, torchao int8 on CPU.
+
+Only the vision tower's modules are touched (Hugging Face CLIP/BLIP ``vision_model``, open_clip
+``visual``, the whole timm model), in place. The vwt backends call the model's own Linear modules by
+attribute lookup at every forward, so quantized layers are used by ``vwt.patch`` whether the model is
+quantized before or after patching.
+
+What is quantized: every ``nn.Linear`` of the tower (q/k/v or packed qkv, output projection, MLP, and
+for timm the classifier head). open_clip with ``nn.MultiheadAttention`` is the exception: its q/k/v
+projection is the packed ``in_proj_weight`` parameter (not a Linear module) and its ``out_proj`` is read
+as a raw weight by ``nn.MultiheadAttention``'s own forward, so both stay in floating point there and
+only the MLP (``c_fc``, ``c_proj``) is int8. open_clip's own ``Attention`` blocks quantize
+``out_proj`` too (the packed in_proj stays float).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BACKENDS = ("auto", "bitsandbytes", "torchao")
+THRESHOLD = 6.0  # LLM.int8 outlier threshold, as in the paper
 
 
-def quantize(model, backend="auto"):
-    raise NotImplementedError("vwt.quantize is not implemented yet")
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The module holding the vision tower's layers, as the vwt backends see it."""
+    from .backends import hf_blip, hf_clip, open_clip, timm
+
+    if hf_clip.matches(model):
+        return hf_clip._vision_transformer(model)
+    if hf_blip.matches(model):
+        return hf_blip._vision_model(model)
+    if open_clip.matches(model):
+        return open_clip._visual(model)
+    if timm.matches(model):
+        return model
+    from .patch import supported
+
+    raise TypeError(f"vwt.quantize does not support {type(model).__name__}; supported: {supported()}")
+
+
+def _quantizable(mod: nn.Module) -> bool:
+    # nn.MultiheadAttention reads out_proj.weight in its own forward: leave that Linear in float
+    return isinstance(mod, nn.Linear) and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def quantize(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Make the vision tower's linear layers int8, in place; returns the model.
+
+    backend: "bitsandbytes" (LLM.int8, ``bnb.nn.Linear8bitLt`` with outlier threshold 6.0; needs CUDA and
+    casts the whole model to float16, the paper's setting), "torchao" (int8 dynamic activations + int8
+    weights, per-row; CPU or CUDA), or "auto": bitsandbytes when the model is on a CUDA device,
+    torchao otherwise. Quantizing twice is a no-op for the layers already quantized.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"vwt.quantize: backend must be one of {BACKENDS}, got {backend!r}")
+    tower = vision_tower(model)
+    param = next(tower.parameters())
+    if backend == "auto":
+        backend = "bitsandbytes" if param.device.type == "cuda" else "torchao"
+    if backend == "bitsandbytes":
+        return _bitsandbytes(model, tower, param.device)
+    return _torchao(model, tower)
+
+
+def _bitsandbytes(model: nn.Module, tower: nn.Module, device: torch.device) -> nn.Module:
+    if not torch.cuda.is_available():
+        raise RuntimeError("vwt.quantize: backend='bitsandbytes' (LLM.int8) needs a CUDA GPU and this machine has "
+                           "none; use backend='torchao' (or 'auto') on a CPU")
+    if device.type != "cuda":
+        raise RuntimeError(f"vwt.quantize: backend='bitsandbytes' needs the model on a CUDA device (it is on "
+                           f"{device}); call model.cuda() first")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise RuntimeError(f"vwt.quantize: bitsandbytes is not importable ({e}); install bitsandbytes") from None
+
+    model.half()  # LLM.int8 with float16 activations, as in the paper
+    targets = [(parent, name, child) for parent in tower.modules() for name, child in parent.named_children()
+               if _quantizable(child) and not isinstance(child, bnb.nn.Linear8bitLt)]
+    for parent, name, lin in targets:
+        new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  has_fp16_weights=False, threshold=THRESHOLD)
+        new.weight = bnb.nn.Int8Params(lin.weight.data.to("cpu", torch.float16), requires_grad=False,
+                                       has_fp16_weights=False)
+        if lin.bias is not None:
+            new.bias = nn.Parameter(lin.bias.data.to(torch.float16), requires_grad=False)
+        setattr(parent, name, new.to(device))  # the weight is quantized to int8 as it moves to the GPU
+    return model
+
+
+def _torchao(model: nn.Module, tower: nn.Module) -> nn.Module:
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8Tensor, quantize_
+    except ImportError as e:
+        raise RuntimeError(f"vwt.quantize: torchao is not importable ({e}); install torchao") from None
+
+    def wanted(mod: nn.Module, fqn: str) -> bool:
+        return _quantizable(mod) and not isinstance(mod.weight, Int8Tensor)
+
+    quantize_(tower, Int8DynamicActivationInt8WeightConfig(), filter_fn=wanted)
+    return model
