@@ -236,3 +236,47 @@ def use_meteor(monkeypatch, shared) -> None:
 
     monkeypatch.setattr(meteor, "Meteor", lambda: shared)
     monkeypatch.setattr(pycocoevalcap.eval, "Meteor", lambda: shared)
+
+
+def char_clip_tokenizer(directory, max_length: int = 16):
+    """A CLIPTokenizer built offline: one token per letter (and per word-final letter), no merges, the
+    end-of-text token last so it has the highest id (open_clip pools there). Fits the tiny text towers
+    (vocabulary 99, 16 positions); longer texts are truncated to ``max_length``."""
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz-"
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
+
+
+def open_clip_tokenizer(tok, context: int = 16):
+    """open_clip's tokenizer interface (texts -> (B, context) LongTensor) over a Hugging Face tokenizer."""
+    import torch
+
+    def tokenize(texts):
+        ids = tok(list(texts), padding="max_length", max_length=context, truncation=True).input_ids
+        return torch.tensor(ids)
+
+    return tokenize
+
+
+def word_bert_tokenizer(directory):
+    """A BertTokenizer built offline for the tiny BLIP (vocabulary 120): [PAD]=0, [SEP]=2 (BLIP's eos),
+    [DEC] (bos) = 30, and common caption words."""
+    from transformers import BertTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[SEP]", "[CLS]", "[MASK]"] + [f"[unused{i}]" for i in range(25)] + ["[DEC]"]
+    words += sorted(set(" ".join(CAPTIONS).split()) | {"picture", "of", "photo", "the", "there", "is", "close", "up"})
+    words += [f"w{i}" for i in range(120 - len(words))]
+    assert len(words) == 120 and words[30] == "[DEC]"
+    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+    return BertTokenizer(str(directory / "vocab.txt"), bos_token="[DEC]")

@@ -1,0 +1,266 @@
+"""clip.py: zero-shot accuracy of CLIP-style models with and without token reduction.
+
+  Waterbirds, CelebA, MetaShift   average accuracy, worst-group accuracy and every group's accuracy
+  OpenImages common / rare        mAP over the tag list (every tag scored for every image)
+  ImageNet-1K (--data imgnet)     top-1 of a timm classifier (--model timm:NAME)
+
+Zero-shot prompts are "a photo of a {label}" (--prompt), with the labels
+  waterbirds: landbird, waterbird      celeba (Blond_Hair): non-blond person, blond person
+  meta: cat, dog                       openimages: the tag list itself
+(--labels replaces them). Each configuration runs once per seed (--seeds, default 0 1 2) and reports the
+mean and standard deviation; a configuration with nothing random (no --random, no "{seed}" in
+--vocab-path) runs once, since every seed would give the same numbers. A results file per run goes to
+<out>/clip/; --summary gathers them into the paper-style table (summary.md and summary.csv there).
+
+Models must have pretrained weights: accuracy on random weights means nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import vwt
+from vwt import cli, datasets, metrics
+from vwt.cli import UserError
+
+GROUPED = ("waterbirds", "celeba", "meta")
+TAGS = ("openimages-common", "openimages-rare")
+DATA = GROUPED + TAGS + ("imgnet",)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(p)
+    cli.add_data_args(p, default="waterbirds", choices=DATA)
+    cli.add_method_args(p)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--split", default=None,
+                   help="data split (default: test; MetaShift: all of train and test; ImageNet: val)")
+    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (smoke runs)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds of the runs (default 0 1 2); '{seed}' in --vocab-path picks a vocabulary per seed")
+    g.add_argument("--prompt", default="a photo of a {}", help="zero-shot prompt, {} = label (default 'a photo of a {}')")
+    g.add_argument("--labels", default=None, help="comma-separated class names replacing the defaults (in class order)")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image-decoding processes (0: in the main process)")
+    g.add_argument("--summary", action="store_true",
+                   help="do not evaluate: gather the results files under <out>/clip into summary.md and summary.csv")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model plumbing
+# --------------------------------------------------------------------------------------------------
+def _tensor(out) -> torch.Tensor:
+    """transformers 5 returns model outputs from get_*_features; 4.x returns the tensor."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def text_features(loaded: cli.Loaded, prompts: list[str], device) -> torch.Tensor:
+    """(len(prompts), D) L2-normalised text embeddings, with the model's own tokenizer."""
+    tok = loaded.tokenizer
+    if tok is None:
+        raise UserError(f"{loaded.name}: no text tokenizer could be loaded for zero-shot prompts")
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(prompts), 256):
+            chunk = prompts[i:i + 256]
+            if loaded.family == "open_clip":
+                f = loaded.model.encode_text(tok(chunk).to(device))
+            else:
+                enc = getattr(tok, "tokenizer", tok)(chunk, padding=True, truncation=True, return_tensors="pt")
+                f = _tensor(loaded.model.get_text_features(input_ids=enc["input_ids"].to(device),
+                                                           attention_mask=enc["attention_mask"].to(device)))
+            out.append(F.normalize(f.float(), dim=-1))
+    return torch.cat(out)
+
+
+def image_scores(loaded: cli.Loaded, pixels: torch.Tensor, text) -> torch.Tensor:
+    """(B, classes): cosine similarity to every prompt, or a timm classifier's logits."""
+    if loaded.family == "timm":
+        return loaded.model(pixels).float()
+    if loaded.family == "open_clip":
+        f = loaded.model.encode_image(pixels)
+    else:
+        f = _tensor(loaded.model.get_image_features(pixel_values=pixels))
+    return F.normalize(f.float(), dim=-1) @ text.T
+
+
+def class_names(args, ds) -> list[str]:
+    """The prompt labels: the data set's class (or tag) names, or --labels."""
+    if args.labels is None:
+        return list(ds.classes)
+    names = [s.strip() for s in args.labels.split(",")]
+    if len(names) != len(ds.classes):
+        raise UserError(f"--labels gives {len(names)} names; {args.data} has {len(ds.classes)} classes")
+    return names
+
+
+def check_model_and_data(args, loaded: cli.Loaded) -> None:
+    if args.data == "imgnet" and loaded.family != "timm":
+        raise UserError("--data imgnet measures the top-1 of a timm classifier: pass --model timm:NAME")
+    if args.data != "imgnet" and loaded.family not in ("hf_clip", "open_clip"):
+        raise UserError(f"zero-shot {args.data} needs a CLIP model (Hugging Face or open_clip:ARCH/PRETRAINED); "
+                        f"{loaded.name} is {loaded.family}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def args_for_seed(args, seed: int) -> argparse.Namespace:
+    """The method flags of one run: '{seed}' in --vocab-path picks that seed's vocabulary."""
+    a = argparse.Namespace(**vars(args))
+    if a.vocab_path is not None and "{seed}" in str(a.vocab_path):
+        a.vocab_path = Path(str(a.vocab_path).format(seed=seed))
+    return a
+
+
+# --------------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------------
+def evaluate(args, loaded: cli.Loaded, ds, text, device, dtype, desc: str) -> dict:
+    """Scores every image, then the task's metrics; also the tokens entering the first block and the
+    mean over the blocks (per image)."""
+    scores, first, mean = [], [], []
+    total = math.ceil(len(ds) / args.batch)
+    for pixels, _ in tqdm(datasets.batches(ds, args.batch, args.workers), total=total, desc=desc, file=sys.stderr):
+        with torch.inference_mode():
+            scores.append(image_scores(loaded, pixels.to(device, dtype), text).cpu())
+        counts = vwt.stats(loaded.model)["tokens_per_layer"].float()
+        first.append(counts[:, 0])
+        mean.append(counts[:, 1:].mean(1) if counts.shape[1] > 1 else counts[:, 0])
+    s = torch.cat(scores).numpy()
+    out = {"tokens_first_block": float(torch.cat(first).mean()), "tokens_mean": float(torch.cat(mean).mean())}
+    recs = ds.records
+    if args.data in GROUPED:
+        out.update(metrics.group_accuracy(s.argmax(1), [r["label"] for r in recs], [r["group"] for r in recs],
+                                          ds.group_names))
+    elif args.data in TAGS:
+        targets = np.zeros_like(s, dtype=bool)
+        for i, r in enumerate(recs):
+            targets[i, r["labels"]] = True
+        out["mAP"], ap = metrics.mean_average_precision(s, targets)
+        out["tags_with_positives"] = int(np.isfinite(ap).sum())
+    else:
+        if s.shape[1] < len(ds.classes):
+            raise UserError(f"{loaded.name} has {s.shape[1]} outputs but {args.data} has {len(ds.classes)} classes")
+        out["top1"] = metrics.top1(s, [r["label"] for r in recs])
+    return out
+
+
+def aggregate(runs: list[dict]) -> tuple[dict, dict]:
+    """Per-seed metrics -> ({metric: {"mean", "std"}} with groups nested, the table's summary in percent)."""
+    def ms(values):
+        m, s = metrics.mean_std(values)
+        return {"mean": m, "std": s}
+
+    agg = {}
+    for key in runs[0]:
+        if key in ("groups",):
+            agg[key] = {g: ms([r[key][g] for r in runs]) for g in runs[0][key]}
+        elif key == "counts" or key == "seed":
+            continue
+        else:
+            agg[key] = ms([r[key] for r in runs])
+    summary = {}
+    for key in ("avg", "worst", "mAP", "top1"):
+        if key in agg:
+            summary[key] = [100 * agg[key]["mean"], 100 * agg[key]["std"]]
+    summary["tokens"] = [agg["tokens_first_block"]["mean"], agg["tokens_first_block"]["std"]]
+    return agg, summary
+
+
+def results_path(args, model_name: str) -> Path:
+    slug = "".join(c if c.isalnum() or c in ".-" else "-" for c in model_name)
+    split = f"-{args.split}" if args.split else ""
+    limit = f"__first{args.limit}" if args.limit else ""
+    return Path(args.out) / "clip" / f"{args.data}{split}__{slug}__{cli.method_name(args)}{limit}.json"
+
+
+def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
+    """Run clip.py. ``loaded`` (tests only) is an already-loaded model, used as it is, random weights
+    included; the command line always loads pretrained weights."""
+    args = parse_args(argv)
+    if args.summary:
+        md, csv_path, table = metrics.write_summary(Path(args.out) / "clip")
+        print(table + f"\nwritten: {md}, {csv_path}")
+        return None
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1; got {args.batch}")
+    device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    started = time.time()
+    if loaded is None:
+        loaded = cli.load_model(args.model, device, dtype)
+        if not loaded.pretrained:
+            raise UserError(f"{args.model} has no pretrained weights (open_clip names need /PRETRAINED, e.g. "
+                            "open_clip:ViT-B-16/openai): zero-shot accuracy of random weights means nothing")
+    else:
+        loaded.model.to(device=device, dtype=dtype).eval()
+    check_model_and_data(args, loaded)
+    cli.reducers_from_args(args_for_seed(args, args.seeds[0]))  # bad method flags fail before any data is read
+    ds = datasets.load(args.data, args.data_root, datasets.preprocess_for(loaded.model), split=args.split,
+                       limit=args.limit)
+    if len(ds) == 0:
+        raise UserError(f"{args.data}: no images in split {args.split or 'default'}")
+    names = class_names(args, ds)
+    text = None if loaded.family == "timm" else text_features(loaded, [args.prompt.format(n) for n in names], device)
+    if args.quant:
+        vwt.quantize(loaded.model)
+
+    if not loaded.pretrained:
+        print("warning: evaluating random weights (test hook)", file=sys.stderr)
+    deterministic = not args.random and "{seed}" not in str(args.vocab_path or "")
+    seeds = args.seeds[:1] if deterministic else args.seeds
+    runs = []
+    try:
+        for seed in seeds:
+            seed_everything(seed)
+            vwt.patch(loaded.model, *cli.reducers_from_args(args_for_seed(args, seed)))
+            run = evaluate(args, loaded, ds, text, device, dtype, desc=f"{args.data} seed {seed}")
+            runs.append({"seed": seed, **run})
+    finally:
+        vwt.unpatch(loaded.model)
+    agg, summary = aggregate(runs)
+    result = {
+        "task": "clip", "model": loaded.name, "pretrained": loaded.pretrained, "method": cli.method_name(args),
+        "data": args.data + (f"-{args.split}" if args.split else "") + (f" (first {args.limit})" if args.limit else ""),
+        "split": args.split, "images": len(ds), "prompt": args.prompt, "labels": names if args.data in GROUPED else None,
+        "seeds": seeds, "deterministic": deterministic, "runs": runs, "metrics": agg, "summary": summary,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "environment": cli.environment(device), "seconds": time.time() - started,
+    }
+    path = cli.write_json(results_path(args, loaded.name), result)
+    print(report(result) + f"\nresults: {path}")
+    return result
+
+
+def report(result: dict) -> str:
+    m = result["metrics"]
+    lines = [f"{result['data']}  {result['model']}  {result['method']}  ({result['images']} images, "
+             f"seeds {' '.join(map(str, result['seeds']))})"]
+    for key in ("avg", "worst", "mAP", "top1"):
+        if key in m:
+            lines.append(f"  {key:<8} {100 * m[key]['mean']:6.2f} ± {100 * m[key]['std']:.2f}")
+    for g, v in m.get("groups", {}).items():
+        cell = "n/a" if math.isnan(v["mean"]) else f"{100 * v['mean']:6.2f} ± {100 * v['std']:.2f}"
+        lines.append(f"  {g:<22} {cell}")
+    lines.append(f"  tokens entering block 1: {m['tokens_first_block']['mean']:.1f}, mean over blocks: "
+                 f"{m['tokens_mean']['mean']:.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    cli.main(lambda: main())
