@@ -1,0 +1,84 @@
+"""Cost of the VWT inter-image tokenizer as a fraction of the CLIP ViT-B/16 vision forward it shortens.
+
+Times ``InterImage.reduce_input`` (match every patch to the vocabulary, merge, pad) against the whole
+unpatched vision forward (random weights: weights do not change runtime), side by side, interleaved;
+prints medians and the median of per-round ratios. Inputs are the real ``samples`` photographs with
+CLIP preprocessing; the words are pixel patches drawn from those images (so a realistic share of
+patches matches and the merge path runs). Targets: <= 1.5% with 1,000 words, <= 5% with 10,000.
+
+    python benchmarks/bench_tokenizer.py [--batch 1 32] [--vocab 1000 10000] [--rounds 15] [--thresh 0.1]
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vwt  # noqa: E402
+from vwt.backends import hf_clip  # noqa: E402
+from vwt.datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess, sample_images  # noqa: E402
+from vwt.encoder import InputContext, initial_state  # noqa: E402
+from vwt.tokenizer import pixel_patches  # noqa: E402
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
+    p.add_argument("--vocab", type=int, nargs="+", default=[1000, 10000], help="vocabulary sizes (default 1000 10000)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per configuration (default 15)")
+    p.add_argument("--thresh", type=float, default=0.1, help="cosine-distance threshold (default 0.1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(patch_size=16, image_size=224)).eval()
+    tower = hf_clip.tower(hf_clip._vision_transformer(model))
+    prep = Preprocess(224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    photos = torch.stack([prep(im) for _, im in sample_images()])
+    pool = pixel_patches(photos, 16).reshape(-1, 768)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(photos)} sample photographs")
+    print("batch  words  forward_ms  tokenizer_ms  ratio   tokens/image (of 197)")
+    for v in args.vocab:
+        g = torch.Generator().manual_seed(v)
+        words = pool[torch.randint(len(pool), (v,), generator=g)] + 0.05 * torch.randn(v, 768, generator=g)
+        reducer = vwt.InterImage(vwt.Vocabulary(words), thresh=args.thresh)
+        for b in args.batch:
+            x = photos[torch.arange(b) % len(photos)]
+            with torch.inference_mode():
+                emb, patches, grid = tower.embed(x)
+                ctx = InputContext(pixel_values=x, patch_size=16, patch_embeds=patches)
+
+                def tokenize():
+                    return reducer.reduce_input(initial_state(emb, grid, 1), ctx)
+
+                def forward():
+                    return model(pixel_values=x)
+
+                for _ in range(2):
+                    forward(), tokenize()
+                tf, tt, ratios = [], [], []
+                for i in range(args.rounds):
+                    pair = [(forward, tf), (tokenize, tt)]
+                    for fn, acc in (pair if i % 2 == 0 else pair[::-1]):
+                        acc.append(timed(fn))
+                    ratios.append(tt[-1] / tf[-1])
+                tokens = tokenize().real_counts().float().mean().item()
+            print(f"{b:5d}  {v:5d}  {1e3 * statistics.median(tf):10.1f}  {1e3 * statistics.median(tt):12.2f}  "
+                  f"{100 * statistics.median(ratios):5.2f}%  {tokens:.1f}")
+
+
+if __name__ == "__main__":
+    main()
