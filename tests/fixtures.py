@@ -227,7 +227,12 @@ def meteor_once():
     ``Meteor()`` to it with ``use_meteor(monkeypatch, meteor_once)``."""
     from pycocoevalcap.meteor import meteor
 
-    return meteor.Meteor()
+    if not _METEOR:  # one process even where several test modules import this fixture
+        _METEOR.append(meteor.Meteor())
+    return _METEOR[0]
+
+
+_METEOR: list = []
 
 
 def use_meteor(monkeypatch, shared) -> None:
@@ -280,3 +285,15 @@ def word_bert_tokenizer(directory):
     assert len(words) == 120 and words[30] == "[DEC]"
     (directory / "vocab.txt").write_text("\n".join(words) + "\n")
     return BertTokenizer(str(directory / "vocab.txt"), bos_token="[DEC]")
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_thread():
+    """Tiny models run an order of magnitude faster on one thread when the CPU is shared (two threads
+    spin-wait on each other); use as ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

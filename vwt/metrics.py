@@ -105,13 +105,16 @@ def spice_available() -> tuple[bool, str]:
     return True, ""
 
 
-def caption_scores(references: dict, candidates: dict, spice: Optional[bool] = None) -> dict:
+def caption_scores(references: dict, candidates: dict, spice: Optional[bool] = None,
+                   which: Sequence[str] = CAPTION_METRICS) -> dict:
     """pycocoevalcap's scores of one candidate caption per image against its references.
 
     references: {image_id: [caption, ...]}, candidates: {image_id: caption}, the same ids. Both are
     PTB-tokenized (lower case, punctuation removed) as ``COCOEvalCap`` does. Returns {metric: score}
     with the scores as pycocoevalcap gives them (fractions; CIDEr can exceed 1), "SPICE" None with a
-    "SPICE_note" saying why when SPICE cannot run. ``spice`` False skips it; None runs it if available."""
+    "SPICE_note" saying why when SPICE cannot run. ``spice`` False skips it; None runs it if available.
+    ``which`` limits the metrics computed (e.g. CIDEr alone per NoCaps domain, without METEOR's slow
+    Java start-up)."""
     from .cli import UserError
 
     if set(references) != set(candidates):
@@ -130,20 +133,28 @@ def caption_scores(references: dict, candidates: dict, spice: Optional[bool] = N
     tok = PTBTokenizer()
     gts = tok.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
     res = tok.tokenize({i: [{"caption": candidates[i]}] for i in ids})
+    unknown = set(which) - set(CAPTION_METRICS)
+    if unknown:
+        raise ValueError(f"caption_scores: unknown metrics {sorted(unknown)}; known: {CAPTION_METRICS}")
     out = {}
     with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their internals
-        bleu, _ = Bleu(4).compute_score(gts, res)
-        meteor = Meteor()
-        try:
-            out["METEOR"] = meteor.compute_score(gts, res)[0]
-        except ValueError as e:
-            raise UserError(f"METEOR failed (pycocoevalcap's meteor-1.5.jar under Java): {e}") from None
-        finally:
-            del meteor
-        out["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
-        out["CIDEr"] = Cider().compute_score(gts, res)[0]
-    for n, b in enumerate(bleu, 1):
-        out[f"BLEU-{n}"] = b
+        if any(m.startswith("BLEU") for m in which):
+            bleu, _ = Bleu(4).compute_score(gts, res)
+            out.update({f"BLEU-{n}": b for n, b in enumerate(bleu, 1) if f"BLEU-{n}" in which})
+        if "METEOR" in which:
+            meteor = Meteor()
+            try:
+                out["METEOR"] = meteor.compute_score(gts, res)[0]
+            except ValueError as e:
+                raise UserError(f"METEOR failed (pycocoevalcap's meteor-1.5.jar under Java): {e}") from None
+            finally:
+                del meteor
+        if "ROUGE-L" in which:
+            out["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
+        if "CIDEr" in which:
+            out["CIDEr"] = Cider().compute_score(gts, res)[0]
+    if "SPICE" not in which:
+        return {k: float(v) for k, v in sorted(out.items(), key=lambda kv: CAPTION_METRICS.index(kv[0]))}
     ok, why = spice_available() if spice is not False else (False, "not asked for")
     out["SPICE"] = None
     if ok:

@@ -1,0 +1,282 @@
+"""blip.py: caption quality of BLIP with and without token reduction.
+
+Captions the COCO Karpathy test split (--data coco) or NoCaps validation (--data nocaps) with beam
+search (beam 3, max length 20, min length 5, prompt "a picture of " as BLIP's own COCO evaluation; the
+prompt counts towards the lengths and is cut from the caption), then scores them with pycocoevalcap:
+BLEU-4, METEOR, ROUGE-L, CIDEr, and SPICE where its Stanford CoreNLP jars are installed (otherwise
+"SPICE unavailable", never a number). NoCaps also gets CIDEr per domain (in, near, out).
+
+Captions are appended to <out>/blip/<run>.captions.jsonl as they are made, with the configuration on
+the first line: a run that stops resumes where it stopped (finished images are not redone); the same
+command with another configuration is refused rather than mixed (--restart starts over). --no-score
+only writes captions (say, on a GPU machine without Java); the same command without it scores them.
+A results file per run goes to <out>/blip/; --summary gathers them into summary.md and summary.csv.
+
+Models must have pretrained weights: caption scores of random weights mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import vwt
+from vwt import cli, datasets, metrics
+from vwt.cli import UserError
+
+DATA = ("coco", "nocaps")
+HEADLINE = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(p, default=cli.DEFAULT_BLIP)
+    cli.add_data_args(p, default="coco", choices=DATA)
+    cli.add_method_args(p)
+    g = p.add_argument_group("captioning")
+    g.add_argument("--split", default=None, help="data split (default: coco test, nocaps val)")
+    g.add_argument("--limit", type=int, default=None, help="caption only the first N images (smoke runs)")
+    g.add_argument("--beams", type=int, default=3, help="beam width (default 3)")
+    g.add_argument("--max-length", type=int, default=20, help="longest caption in tokens, prompt included (default 20)")
+    g.add_argument("--min-length", type=int, default=5, help="shortest caption in tokens, prompt included (default 5)")
+    g.add_argument("--prompt", default="a picture of ", help="text the decoder starts from, cut from the captions "
+                                                              "(default 'a picture of '; '' for none)")
+    g.add_argument("--seed", type=int, default=0, help="seed (matters for the --random ablations; default 0)")
+    g.add_argument("--restart", action="store_true", help="discard this configuration's earlier captions and start over")
+    g.add_argument("--no-score", action="store_true", help="write the captions only; score them in a later run")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image-decoding processes (0: in the main process)")
+    g.add_argument("--summary", action="store_true",
+                   help="do not caption: gather the results files under <out>/blip into summary.md and summary.csv")
+    return p.parse_args(argv)
+
+
+def run_name(args, model_name: str, limit: bool = True) -> str:
+    """The file name of a run; the captions file leaves out --limit, so a limited run's captions are
+    reused by the whole run."""
+    slug = "".join(c if c.isalnum() or c in ".-" else "-" for c in model_name)
+    split = f"-{args.split}" if args.split else ""
+    seed = f"__seed{args.seed}" if args.random else ""
+    first = f"__first{args.limit}" if args.limit and limit else ""
+    return f"{args.data}{split}__{slug}__{cli.method_name(args)}{seed}{first}"
+
+
+def run_config(args, model_name: str) -> dict:
+    """What the captions depend on: a resumed run must match it."""
+    keys = ("data", "split", "beams", "max_length", "min_length", "prompt", "dtype", "top_k", "vocab", "vocab_path",
+            "vocab_data", "thresh", "random", "prop_attn", "tome", "evit", "lgtm", "quant")
+    cfg = {k: (str(getattr(args, k)) if isinstance(getattr(args, k), Path) else getattr(args, k)) for k in keys}
+    cfg.update(model=model_name, method=cli.method_name(args), seed=args.seed if args.random else None)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# The captions file
+# --------------------------------------------------------------------------------------------------
+def read_captions(path: Path, config: dict) -> dict:
+    """{image_id: line} of the captions already made for ``config``; a torn last line is ignored."""
+    if not path.exists():
+        return {}
+    done, header = {}, None
+    for line in path.read_text().splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue  # a line cut short when a run was killed: that image is captioned again
+        if header is None and "config" in item:
+            header = item["config"]
+        elif "image_id" in item and "caption" in item:
+            done[item["image_id"]] = item
+    if header is not None and header != config:
+        diff = sorted(k for k in set(header) | set(config) if header.get(k) != config.get(k))
+        raise UserError(f"{path} holds captions of another configuration (differs in {', '.join(diff)}); "
+                        "pass --restart to replace them or choose another --out")
+    return done
+
+
+class CaptionWriter:
+    """Appends one JSON line per caption and flushes it, so a stopped run loses at most a batch."""
+
+    def __init__(self, path: Path, config: dict):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not path.exists() or path.stat().st_size == 0
+        self.f = open(path, "a", encoding="utf-8")
+        if fresh:
+            self.write({"config": config})
+        elif not path.read_bytes().endswith(b"\n"):
+            self.f.write("\n")  # after a torn line, start a clean one
+
+    def write(self, item: dict) -> None:
+        self.f.write(json.dumps(item) + "\n")
+
+    def flush(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Captioning
+# --------------------------------------------------------------------------------------------------
+def text_tokenizer(loaded: cli.Loaded):
+    if loaded.tokenizer is None:
+        raise UserError(f"{loaded.name}: no tokenizer could be loaded to decode captions")
+    return getattr(loaded.tokenizer, "tokenizer", loaded.tokenizer)
+
+
+def caption_batch(args, loaded: cli.Loaded, pixels: torch.Tensor, prompt_ids) -> list[str]:
+    """Beam-search captions of a batch, the prompt cut off as BLIP does."""
+    tok = text_tokenizer(loaded)
+    kw = dict(num_beams=args.beams, max_length=args.max_length, min_length=args.min_length)
+    with torch.inference_mode():
+        if prompt_ids is not None:
+            ids = loaded.model.generate(pixel_values=pixels, input_ids=prompt_ids.expand(len(pixels), -1).clone(), **kw)
+        else:
+            ids = loaded.model.generate(pixel_values=pixels, **kw)
+    texts = tok.batch_decode(ids, skip_special_tokens=True)
+    prompt = args.prompt.strip().lower()
+    out = []
+    for t in texts:
+        t = t.strip()
+        if prompt and t.lower().startswith(prompt):
+            t = t[len(prompt):].strip()
+        out.append(t)
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def caption(args, loaded: cli.Loaded, todo, path: Path, config: dict, device, dtype) -> None:
+    """Caption the images of ``todo``, appending each to the captions file as it is made."""
+    prompt_ids = None
+    if args.prompt:
+        prompt_ids = text_tokenizer(loaded)(args.prompt, return_tensors="pt")["input_ids"].to(device)
+    writer = CaptionWriter(path, config)
+    try:
+        bar = tqdm(datasets.batches(todo, args.batch, args.workers), total=math.ceil(len(todo) / args.batch),
+                   desc=f"{args.data} captions", file=sys.stderr)
+        for pixels, recs in bar:
+            texts = caption_batch(args, loaded, pixels.to(device, dtype), prompt_ids)
+            tokens = vwt.stats(loaded.model)["tokens_per_layer"].float()
+            for rec, text, t in zip(recs, texts, tokens):
+                writer.write({"image_id": rec["image_id"], "caption": text, "tokens_first_block": float(t[0]),
+                              "tokens_mean": float(t[1:].mean() if len(t) > 1 else t[0])})
+            writer.flush()
+    finally:
+        writer.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
+    """Run blip.py. ``loaded`` (tests only) is an already-loaded model, used as it is, random weights
+    included; the command line always loads pretrained weights."""
+    args = parse_args(argv)
+    out = Path(args.out) / "blip"
+    if args.summary:
+        md, csv_path, table = metrics.write_summary(out)
+        print(table + f"\nwritten: {md}, {csv_path}")
+        return None
+    for name in ("batch", "beams", "max_length"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    started = time.time()
+    if loaded is None:
+        loaded = cli.load_model(args.model, device, dtype)
+        if not loaded.pretrained:
+            raise UserError(f"{args.model} has no pretrained weights: caption scores of random weights mean nothing")
+    else:
+        loaded.model.to(device=device, dtype=dtype).eval()
+    if loaded.family != "hf_blip":
+        raise UserError(f"blip.py captions with a Hugging Face BLIP model (e.g. {cli.DEFAULT_BLIP}); "
+                        f"{loaded.name} is {loaded.family}")
+    reducers = cli.reducers_from_args(args)
+    ds = datasets.load(args.data, args.data_root, datasets.preprocess_for(loaded.model), split=args.split,
+                       limit=args.limit)
+    if len(ds) == 0:
+        raise UserError(f"{args.data}: no images in split {args.split or 'default'}")
+    name = run_name(args, loaded.name)
+    path = out / f"{run_name(args, loaded.name, limit=False)}.captions.jsonl"
+    config = run_config(args, loaded.name)
+    if args.restart and path.exists():
+        path.unlink()
+    done = read_captions(path, config)
+    todo = ds.subset(lambda r: r["image_id"] not in done)
+    print(f"{len(ds) - len(todo)} of {len(ds)} images already captioned in {path}", file=sys.stderr)
+    if len(todo):
+        if not loaded.pretrained:
+            print("warning: captioning with random weights (test hook)", file=sys.stderr)
+        text_tokenizer(loaded)
+        if args.quant:
+            vwt.quantize(loaded.model)
+        seed_everything(args.seed)
+        vwt.patch(loaded.model, *reducers)
+        try:
+            caption(args, loaded, todo, path, config, device, dtype)
+        finally:
+            vwt.unpatch(loaded.model)
+        done = read_captions(path, config)
+    if args.no_score:
+        print(f"captions: {path} (not scored: run again without --no-score)")
+        return None
+
+    lines = [done[r["image_id"]] for r in ds.records]
+    refs = {r["image_id"]: r["captions"] for r in ds.records}
+    cands = {r["image_id"]: done[r["image_id"]]["caption"] for r in ds.records}
+    scores = metrics.caption_scores(refs, cands)
+    domains = {}
+    if args.data == "nocaps":
+        for d in sorted({r["domain"] for r in ds.records if r.get("domain")}):
+            ids = [r["image_id"] for r in ds.records if r["domain"] == d]
+            domains[d] = metrics.caption_scores({i: refs[i] for i in ids}, {i: cands[i] for i in ids}, which=("CIDEr",))
+    tokens = {"tokens_first_block": float(np.mean([l["tokens_first_block"] for l in lines])),
+              "tokens_mean": float(np.mean([l["tokens_mean"] for l in lines]))}
+    summary = {m: (None if scores.get(m) is None else 100 * scores[m]) for m in HEADLINE}
+    summary.update({f"CIDEr {d}": 100 * s["CIDEr"] for d, s in domains.items()})
+    summary["tokens"] = tokens["tokens_first_block"]
+    result = {
+        "task": "blip", "model": loaded.name, "pretrained": loaded.pretrained, "method": cli.method_name(args),
+        "data": args.data + (f"-{args.split}" if args.split else "") + (f" (first {args.limit})" if args.limit else ""),
+        "split": args.split, "images": len(ds), "captions_file": str(path), "metrics": scores, "domains": domains,
+        **tokens, "summary": summary,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "environment": cli.environment(device), "seconds": time.time() - started,
+    }
+    rpath = cli.write_json(out / f"{name}.json", result)
+    print(report(result) + f"\nresults: {rpath}")
+    return result
+
+
+def report(result: dict) -> str:
+    lines = [f"{result['data']}  {result['model']}  {result['method']}  ({result['images']} images)"]
+    for m in metrics.CAPTION_METRICS:
+        v = result["metrics"].get(m)
+        lines.append(f"  {m:<8} {'n/a' if v is None else f'{100 * v:6.2f}'}")
+    if result["metrics"].get("SPICE_note"):
+        lines.append(f"  ({result['metrics']['SPICE_note']})")
+    for d, s in result["domains"].items():
+        lines.append(f"  CIDEr {d}: {100 * s['CIDEr']:.2f}")
+    lines.append(f"  tokens entering block 1: {result['tokens_first_block']:.1f}, mean over blocks: "
+                 f"{result['tokens_mean']:.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    cli.main(lambda: main())

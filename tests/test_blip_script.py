@@ -1,0 +1,204 @@
+"""blip.py end to end on the COCO and NoCaps fixtures with the tiny random BLIP (through the test-only
+``loaded`` hook) and a BERT tokenizer built offline: captions equal direct beam search, scores equal
+vwt.metrics on the captions file, every method runs, stopped runs resume without redoing images,
+and bad input is one line. METEOR (Java) starts once for the whole session (fixtures.meteor_once)."""
+import json
+
+import pytest
+import torch
+
+import blip as blip_script
+import fixtures
+import tiny
+import vwt
+from fixtures import meteor_once, one_thread, use_meteor  # noqa: F401 (fixtures)
+from vwt import cli
+from vwt import datasets as D
+from vwt import metrics as M
+from vwt.patch import patch_info
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("data")
+    fixtures.write_coco(r)
+    fixtures.write_nocaps(r)
+    return r
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return fixtures.word_bert_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def blip(tok):
+    return cli.Loaded(tiny.hf_blip(), "hf_blip", "tiny-blip", False, tok)
+
+
+def run(root, out, argv, loaded):
+    batch = [] if "--batch" in argv else ["--batch", "2"]
+    return blip_script.main(argv + batch + ["--data-root", str(root), "--out", str(out), "--workers", "0",
+                                            "--device", "cpu"], loaded)
+
+
+def lines(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def count_images(monkeypatch, loaded, stop_after=None):
+    """Count the images the model captions; optionally stop the run (KeyboardInterrupt) after some."""
+    seen = []
+    generate = loaded.model.generate
+
+    def counted(pixel_values=None, **kw):
+        if stop_after is not None and len(seen) >= stop_after:
+            raise KeyboardInterrupt
+        seen.extend([1] * len(pixel_values))
+        return generate(pixel_values=pixel_values, **kw)
+
+    monkeypatch.setattr(loaded.model, "generate", counted)
+    return seen
+
+
+@pytest.mark.skipif(not __import__("shutil").which("java"), reason="pycocoevalcap needs Java")
+def test_coco_captions_equal_direct_beam_search_and_scores_equal_metrics(root, tmp_path, tok, monkeypatch, meteor_once):
+    use_meteor(monkeypatch, meteor_once)
+    loaded = blip(tok)
+    res = run(root, tmp_path, ["--data", "coco"], loaded)
+    captions_file = tmp_path / "blip" / "coco__tiny-blip__base.captions.jsonl"
+    got = lines(captions_file)
+    assert got[0]["config"]["beams"] == 3 and got[0]["config"]["max_length"] == 20 and got[0]["config"]["min_length"] == 5
+    ds = D.load("coco", root, D.preprocess_for(loaded.model))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    prompt = tok("a picture of ", return_tensors="pt").input_ids.expand(len(x), -1).clone()
+    with torch.no_grad():
+        ids = loaded.model.generate(pixel_values=x, input_ids=prompt, num_beams=3, max_length=20, min_length=5)
+    direct = [t[len("a picture of"):].strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
+    assert all(t.startswith("a picture of") for t in tok.batch_decode(ids, skip_special_tokens=True))
+    assert [l["image_id"] for l in got[1:]] == [42, 73, 74, 133]
+    assert [l["caption"] for l in got[1:]] == direct
+    assert all(l["tokens_first_block"] == 17 for l in got[1:])
+    expected = M.caption_scores({r["image_id"]: r["captions"] for r in ds.records},
+                                {l["image_id"]: l["caption"] for l in got[1:]})
+    assert res["metrics"] == expected
+    assert res["metrics"]["SPICE"] is None and res["summary"]["SPICE"] is None
+    assert res["metrics"]["SPICE_note"].startswith("SPICE unavailable")
+    assert res["summary"]["CIDEr"] == 100 * expected["CIDEr"] and res["summary"]["tokens"] == 17
+    saved = json.loads((tmp_path / "blip" / "coco__tiny-blip__base.json").read_text())
+    assert saved["metrics"] == expected and "versions" in saved["environment"]
+
+
+@pytest.mark.skipif(not __import__("shutil").which("java"), reason="pycocoevalcap needs Java")
+def test_nocaps_scores_each_domain_and_the_summary_gathers_runs(root, tmp_path, tok, monkeypatch, meteor_once, capsys):
+    use_meteor(monkeypatch, meteor_once)
+    loaded = blip(tok)
+    res = run(root, tmp_path, ["--data", "nocaps", "--prompt", ""], loaded)
+    got = {l["image_id"]: l["caption"] for l in lines(tmp_path / "blip" / "nocaps__tiny-blip__base.captions.jsonl")[1:]}
+    ds = D.load("nocaps", root, None)
+    for r in ds.records:
+        alone = M.caption_scores({r["image_id"]: r["captions"]}, {r["image_id"]: got[r["image_id"]]}, which=("CIDEr",))
+        assert res["domains"][r["domain"]] == alone  # one image per domain in the fixture
+    assert res["summary"]["CIDEr out-domain"] == 100 * res["domains"]["out-domain"]["CIDEr"]
+    capsys.readouterr()
+    blip_script.main(["--summary", "--out", str(tmp_path)])
+    table = capsys.readouterr().out
+    assert "| model | method | nocaps BLEU-4 | nocaps METEOR | nocaps ROUGE-L | nocaps CIDEr | nocaps SPICE |" in table
+    assert table.splitlines()[2].startswith("| tiny-blip | base | ") and " n/a |" in table.splitlines()[2]
+
+
+@pytest.mark.parametrize("flags, first", [([], 17), (["--top_k", "0.5"], 9), (["--vocab-path", "{vocab}", "--thresh", "2"], 2),
+                                          (["--tome", "2"], 17), (["--quant"], 17)])
+def test_methods_caption_every_image(root, tmp_path, tok, flags, first):
+    vocab = vwt.Vocabulary(torch.randn(1, 192), space="pixel", patch_size=8).save(tmp_path / "v1")
+    flags = [f.format(vocab=vocab) for f in flags]
+    loaded = blip(tok)
+    assert run(root, tmp_path, ["--data", "coco", "--no-score"] + flags, loaded) is None
+    method = cli.method_name(blip_script.parse_args(flags))
+    got = lines(tmp_path / "blip" / f"coco__tiny-blip__{method}.captions.jsonl")
+    assert got[0]["config"]["method"] == method and len(got) == 5
+    assert all(isinstance(l["caption"], str) for l in got[1:])
+    assert [l["tokens_first_block"] for l in got[1:]] == [first] * 4
+    if "--tome" in flags:
+        assert all(l["tokens_mean"] < 17 for l in got[1:])
+    assert patch_info(loaded.model) is None  # left unpatched
+
+
+def test_a_limited_then_whole_run_captions_each_image_once(root, tmp_path, tok, monkeypatch):
+    loaded = blip(tok)
+    seen = count_images(monkeypatch, loaded)
+    path = tmp_path / "blip" / "coco__tiny-blip__base.captions.jsonl"
+    run(root, tmp_path, ["--data", "coco", "--no-score", "--limit", "2"], loaded)
+    assert len(seen) == 2
+    first = lines(path)
+    run(root, tmp_path, ["--data", "coco", "--no-score"], loaded)
+    assert len(seen) == 2 + 2
+    run(root, tmp_path, ["--data", "coco", "--no-score"], loaded)
+    assert len(seen) == 4  # nothing left to do
+    assert lines(path)[:3] == first and [l["image_id"] for l in lines(path)[1:]] == [42, 73, 74, 133]
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(root, tmp_path, tok, monkeypatch):
+    loaded = blip(tok)
+    seen = count_images(monkeypatch, loaded, stop_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(root, tmp_path, ["--data", "coco", "--no-score", "--batch", "1"], loaded)
+    path = tmp_path / "blip" / "coco__tiny-blip__base.captions.jsonl"
+    assert [l["image_id"] for l in lines(path)[1:]] == [42, 73, 74]
+    # a torn last line (killed mid-write): that image is captioned again, the others are not
+    text = path.read_text()
+    path.write_text(text[: text.rindex('"caption"')])
+    monkeypatch.undo()
+    seen = count_images(monkeypatch, loaded)
+    run(root, tmp_path, ["--data", "coco", "--no-score", "--batch", "1"], loaded)
+    assert len(seen) == 2
+    ids = [l["image_id"] for l in (json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")) if "image_id" in l]
+    assert sorted(ids) == [42, 73, 74, 133]
+
+
+def _error(capsys, argv, loaded=None):
+    with pytest.raises(SystemExit) as e:
+        cli.main(lambda: blip_script.main(argv, loaded))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress bars may come first
+    assert err[-1].startswith("error: ") and sum(l.startswith("error") for l in err) == 1, err
+    assert not any("Traceback" in l for l in err)
+    return err[-1]
+
+
+def test_another_configuration_is_refused_not_mixed(root, tmp_path, tok, capsys):
+    base = ["--data-root", str(root), "--out", str(tmp_path), "--workers", "0", "--no-score", "--limit", "1"]
+    blip_script.main(base + ["--beams", "2"], blip(tok))
+    capsys.readouterr()
+    err = _error(capsys, base + ["--beams", "1"], blip(tok))
+    assert "another configuration (differs in beams)" in err and "--restart" in err
+    blip_script.main(base + ["--beams", "1", "--restart"], blip(tok))
+    assert lines(tmp_path / "blip" / "coco__tiny-blip__base.captions.jsonl")[0]["config"]["beams"] == 1
+
+
+def test_bad_input_is_one_line(root, tmp_path, tok, capsys, monkeypatch):
+    base = ["--out", str(tmp_path), "--workers", "0"]
+    err = _error(capsys, base + ["--data-root", str(tmp_path / "none")], blip(tok))
+    assert str(tmp_path / "none" / "coco" / "annotations" / "coco_karpathy_test.json") in err and "expected layout" in err
+    err = _error(capsys, base + ["--data", "nocaps", "--data-root", str(tmp_path / "none")], blip(tok))
+    assert "nocaps_val_4500_captions.json not found" in err
+    bad = tmp_path / "broken"
+    fixtures.write_coco(bad)
+    image = D.load("coco", bad, None).records[1]["path"]
+    open(image, "wb").write(b"\x89PNG broken")
+    err = _error(capsys, base + ["--data-root", str(bad), "--no-score"], blip(tok))
+    assert f"cannot read image {image}" in err
+    err = _error(capsys, base + ["--data-root", str(root)], cli.Loaded(tiny.hf_clip(), "hf_clip", "tiny-clip", False, tok))
+    assert "Hugging Face BLIP" in err
+    monkeypatch.setattr(cli, "load_model", lambda name, device, dtype: blip(tok))
+    err = _error(capsys, base + ["--data-root", str(root)])
+    assert "no pretrained weights" in err
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        blip_script.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for opt in ("--beams", "--max-length", "--min-length", "--prompt", "--restart", "--no-score", "--summary", "--quant"):
+        assert opt in out
