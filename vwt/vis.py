@@ -296,15 +296,19 @@ def legend(keys: np.ndarray, dropped: np.ndarray, kind: str, limit: int) -> list
     uniq, counts = np.unique(painted, return_counts=True)
     order = np.lexsort((uniq, -counts))
     for i in order[:limit]:
-        entries.append((key_color(int(uniq[i])), f"{kind} {uniq[i]}: {counts[i]} patches"))
+        entries.append((key_color(int(uniq[i])), f"{kind} {uniq[i]}: {_count(counts[i], 'patch')}"))
     if len(uniq) > limit:
-        entries.append((None, f"+ {len(uniq) - limit} more {kind}s"))
+        entries.append((None, f"+ {_count(len(uniq) - limit, 'more ' + kind)}"))
     clear = int(((keys < 0) & ~dropped).sum())
     what = {"word": "unmatched", "token": "single"}.get(kind, "kept")
-    entries.append((None, f"clear: {clear} {what} patches"))
+    entries.append((None, f"clear: {_count(clear, what + ' patch')}"))
     if dropped.any():
-        entries.append((BLANK, f"dropped: {int(dropped.sum())} patches"))
+        entries.append((BLANK, f"dropped: {_count(int(dropped.sum()), 'patch')}"))
     return entries
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("ch") else f"{n} {noun}s"
 
 
 def record_name(record: dict) -> str:
