@@ -198,3 +198,53 @@ def merge_by_key(state: TokenState, key: Tensor) -> TokenState:
         state.size = torch.cat([prefix_size, counts.view(b, m)], 1)
     state.labels = _relabel(state.labels, pre, slot + pre)
     return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Running only the embedding and the input reducer
+# --------------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+class _StopAfter(Reducer):
+    """Input reducer that applies ``inner`` (if any), records the state and context, and stops the
+    forward before the first block."""
+
+    kind = "input"
+
+    def __init__(self, inner: Optional[Reducer]):
+        self.inner, self.state, self.ctx = inner, None, None
+
+    def reduce_input(self, state: TokenState, ctx: InputContext) -> TokenState:
+        if self.inner is not None:
+            state = self.inner.reduce_input(state, ctx)
+        self.state, self.ctx = state, ctx
+        raise _Stop
+
+
+def tokenize(vision: torch.nn.Module, reducer: Optional[Reducer], pixel_values: Tensor) -> tuple[TokenState, InputContext]:
+    """Embed ``pixel_values`` with a vision tower and apply the input ``reducer`` (None: nothing) without
+    running any block: the state entering the first block (tokens, sizes, labels) and the input
+    context (pixel values, patch projections). ``vision`` is the module one calls with pixels (HF
+    CLIPVisionModel / BlipVisionModel or a full model's vision tower, open_clip ``visual``, a timm ViT).
+    A patched tower keeps its own patch afterwards."""
+    from .patch import patch, patch_info, unpatch
+
+    if reducer is not None and reducer.kind != "input":
+        raise ValueError(f"tokenize runs an input reducer (IntraImage, InterImage); got {type(reducer).__name__}")
+    previous = patch_info(vision)
+    stop = _StopAfter(reducer)
+    patch(vision, stop)
+    try:
+        with torch.no_grad():
+            vision(pixel_values)
+    except _Stop:
+        pass
+    finally:
+        unpatch(vision)
+        if previous is not None:
+            patch(vision, *previous.reducers)
+    if stop.state is None:
+        raise RuntimeError(f"{type(vision).__name__} did not run the vwt block loop")
+    return stop.state, stop.ctx

@@ -15,8 +15,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from .encoder import Reducer
-from .tokenizer import pixel_patches
+from .tokenizer import pixel_patches, tokenize
 
 SPACES = ("pixel", "embed")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -339,36 +338,11 @@ class MiniBatchKMeans:
 # --------------------------------------------------------------------------------------------------
 # Embed-space features
 # --------------------------------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-class _Capture(Reducer):
-    """Input reducer that records the patch projections and stops the forward (no block runs)."""
-
-    kind = "input"
-
-    def reduce_input(self, state, ctx):
-        self.embeds = ctx.patch_embeds
-        raise _Stop
-
-
 def patch_embedder(vision: torch.nn.Module) -> Callable[[Tensor], Tensor]:
     """``embed(pixels) -> (B, N, C)``: a vision tower's patch projections (before position embeddings),
-    for learning "embed"-space vocabularies. ``vision`` is the tower one calls with pixels (HF
-    CLIPVisionModel / BlipVisionModel, open_clip ``visual``, a timm ViT)."""
-    from .patch import patch, unpatch
+    for learning "embed"-space vocabularies; no block runs. ``vision`` as for :func:`vwt.tokenizer.tokenize`."""
 
     def embed(pixels: Tensor) -> Tensor:
-        cap = _Capture()
-        patch(vision, cap)
-        try:
-            with torch.no_grad():
-                vision(pixels)
-        except _Stop:
-            pass
-        finally:
-            unpatch(vision)
-        return cap.embeds
+        return tokenize(vision, None, pixels)[1].patch_embeds
 
     return embed

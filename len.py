@@ -1,0 +1,152 @@
+"""Token counts after the VWT tokenizer, and how often each visual word is used.
+
+    python len.py --data waterbirds --vocab 1000 --vocab-data imgnet --thresh 0.1
+    python len.py --data coco --vocab-path tokenizers/coco/v100/vocab.pt
+    python len.py --data samples --top_k 0.5
+
+For every image: the number of tokens entering the first block (class token included) after the input
+reducer (--vocab/--vocab-path: inter-image; --top_k: intra-image). Reports mean, std, min and max over
+the data set and per group where the data has groups (Waterbirds, CelebA, MetaShift), and for the
+inter-image tokenizer the number of patches matched to each visual word. Only the embedding and the
+tokenizer run (no transformer block). Writes <out>/len/<data>_<method>.json (configuration, versions,
+machine, per-image counts) and <out>/len/<data>_<method>.png (token-count histogram and the visual-word
+frequency histogram).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import vwt
+from vwt import cli, datasets
+from vwt.cli import UserError
+from vwt.tokenizer import tokenize
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(p)
+    cli.add_data_args(p, default="samples", choices=datasets.NAMES)
+    p.set_defaults(batch=32)
+    p.add_argument("--split", default=None, help="split to read (default: the data set's evaluation split)")
+    p.add_argument("--max-images", default=None, type=int, help="use only the first N images")
+    p.add_argument("--workers", default=4, type=int, help="data-loading worker processes (default 4; 0 = none)")
+    cli.add_method_args(p)
+    return p.parse_args(argv)
+
+
+def summary(counts: np.ndarray) -> dict:
+    return {"images": int(counts.size), "mean": float(counts.mean()), "std": float(counts.std()),
+            "min": int(counts.min()), "max": int(counts.max())}
+
+
+def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
+    """Run len.py. ``loaded`` (tests only) replaces --model with an already-loaded model."""
+    args = parse_args(argv)
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1; got {args.batch}")
+    if args.max_images is not None and args.max_images < 1:
+        raise UserError(f"--max-images must be at least 1; got {args.max_images}")
+    if any(getattr(args, k) is not None for k in ("tome", "evit", "lgtm")) or args.quant:
+        raise UserError("len.py counts the tokens the VWT tokenizer leaves: use --vocab/--vocab-path or --top_k, "
+                        "not --tome/--evit/--lgtm/--quant")
+    reducers = cli.reducers_from_args(args)
+    if not reducers:
+        raise UserError("choose a tokenizer: --vocab SIZE (or --vocab-path FILE) for inter-image, --top_k DROP for intra-image")
+    reducer = reducers[0]
+    device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    data = datasets.load(args.data, args.data_root, None, split=args.split, limit=args.max_images)
+    if loaded is None:
+        loaded = cli.load_model(args.model, device, dtype)
+    pre = datasets.preprocess_for(loaded.model)
+    data.transform = pre
+    if len(data) == 0:
+        raise UserError(f"{args.data}: no images in the chosen split")
+    inter = reducer if isinstance(reducer, vwt.InterImage) else None
+
+    from tqdm import tqdm
+
+    from vwt.vis import MatchRecorder
+
+    recorder = MatchRecorder(inter) if inter is not None else None
+    counts, groups = [], []
+    words = np.zeros(len(inter.vocab), dtype=np.int64) if inter is not None else None
+    try:
+        for pixels, records in tqdm(datasets.batches(data, args.batch, args.workers), desc=f"len {args.data}",
+                                    unit="batch", total=-(-len(data) // args.batch)):
+            try:
+                state, _ = tokenize(loaded.vision, reducer, pixels.to(device, dtype))
+            except ValueError as e:  # a vocabulary that does not fit the model
+                raise UserError(str(e)) from None
+            counts.append(state.real_counts().cpu())
+            groups += [r.get("group", -1) for r in records]
+            if recorder is not None:
+                keys = recorder.keys().ravel()
+                words += np.bincount(keys[keys >= 0], minlength=len(words))
+    finally:
+        if recorder is not None:
+            recorder.detach()
+    counts = torch.cat(counts).numpy()
+    groups = np.asarray(groups)
+
+    method = cli.method_name(args)
+    result = {
+        "data": args.data, "split": args.split, "model": loaded.name, "method": method,
+        "reducer": repr(reducer), "tokens_include_class_token": True,
+        "patches_per_image": int(state.labels.shape[1]), "tokens": summary(counts),
+        "groups": {}, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "environment": cli.environment(device),
+    }
+    names = getattr(data, "group_names", [])
+    for g in sorted(set(groups.tolist()) - {-1}):
+        name = names[g] if g < len(names) else str(g)
+        result["groups"][name] = summary(counts[groups == g])
+    if words is not None:
+        result["word_counts"] = words.tolist()
+        result["words_used"] = int((words > 0).sum())
+    result["per_image"] = counts.tolist()
+
+    stem = Path(args.out) / "len" / f"{args.data}_{method}"
+    cli.write_json(stem.with_suffix(".json"), result)
+    figure(stem.with_suffix(".png"), counts, words, f"{args.data}: {method} ({loaded.name})")
+    t = result["tokens"]
+    print(f"{args.data} {method}: tokens per image {t['mean']:.2f} ± {t['std']:.2f} (min {t['min']}, max {t['max']}) "
+          f"of {result['patches_per_image'] + state.prefix}")
+    for name, s in result["groups"].items():
+        print(f"  {name}: {s['mean']:.2f} ± {s['std']:.2f} (min {s['min']}, max {s['max']}, {s['images']} images)")
+    print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.png')}")
+    return result
+
+
+def figure(path: Path, counts: np.ndarray, words, title: str) -> None:
+    """Token-count histogram, and the visual-word frequency histogram (words ranked by use, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if words is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8), squeeze=False)
+    ax = axes[0, 0]
+    ax.hist(counts, bins=np.arange(counts.min(), counts.max() + 2) - 0.5 if counts.max() - counts.min() < 60 else 40)
+    ax.set(xlabel="tokens per image (class token included)", ylabel="images", title="token counts")
+    if words is not None:
+        ax = axes[0, 1]
+        ranked = np.sort(words)[::-1]
+        ax.bar(np.arange(len(ranked)), np.maximum(ranked, 0), width=1.0)
+        if ranked.max() > 0:
+            ax.set_yscale("log")
+        ax.set(xlabel=f"visual words ranked by use ({int((words > 0).sum())} of {len(words)} used)",
+               ylabel="patches matched", title="visual-word frequency")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    cli.main(main)
