@@ -198,6 +198,10 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
     started = time.time()
+    reducers = cli.reducers_from_args(args)  # bad flags and missing data fail before the model loads
+    ds = datasets.load(args.data, args.data_root, None, split=args.split, limit=args.limit)
+    if len(ds) == 0:
+        raise UserError(f"{args.data}: no images in split {args.split or 'default'}")
     if loaded is None:
         loaded = cli.load_model(args.model, device, dtype)
         if not loaded.pretrained:
@@ -207,11 +211,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     if loaded.family != "hf_blip":
         raise UserError(f"blip.py captions with a Hugging Face BLIP model (e.g. {cli.DEFAULT_BLIP}); "
                         f"{loaded.name} is {loaded.family}")
-    reducers = cli.reducers_from_args(args)
-    ds = datasets.load(args.data, args.data_root, datasets.preprocess_for(loaded.model), split=args.split,
-                       limit=args.limit)
-    if len(ds) == 0:
-        raise UserError(f"{args.data}: no images in split {args.split or 'default'}")
+    ds.transform = datasets.preprocess_for(loaded.model)
     name = run_name(args, loaded.name)
     path = out / f"{run_name(args, loaded.name, limit=False)}.captions.jsonl"
     config = run_config(args, loaded.name)

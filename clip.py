@@ -202,19 +202,20 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
         raise UserError(f"--batch must be at least 1; got {args.batch}")
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
     started = time.time()
+    cli.reducers_from_args(args_for_seed(args, args.seeds[0]))  # bad flags and missing data fail before the model loads
+    ds = datasets.load(args.data, args.data_root, None, split=args.split, limit=args.limit)
+    if len(ds) == 0:
+        raise UserError(f"{args.data}: no images in split {args.split or 'default'}")
     if loaded is None:
-        loaded = cli.load_model(args.model, device, dtype)
-        if not loaded.pretrained:
+        no_weights = args.model.startswith("open_clip:") and "/" not in args.model
+        loaded = None if no_weights else cli.load_model(args.model, device, dtype)
+        if loaded is None or not loaded.pretrained:
             raise UserError(f"{args.model} has no pretrained weights (open_clip names need /PRETRAINED, e.g. "
                             "open_clip:ViT-B-16/openai): zero-shot accuracy of random weights means nothing")
     else:
         loaded.model.to(device=device, dtype=dtype).eval()
     check_model_and_data(args, loaded)
-    cli.reducers_from_args(args_for_seed(args, args.seeds[0]))  # bad method flags fail before any data is read
-    ds = datasets.load(args.data, args.data_root, datasets.preprocess_for(loaded.model), split=args.split,
-                       limit=args.limit)
-    if len(ds) == 0:
-        raise UserError(f"{args.data}: no images in split {args.split or 'default'}")
+    ds.transform = datasets.preprocess_for(loaded.model)
     names = class_names(args, ds)
     text = None if loaded.family == "timm" else text_features(loaded, [args.prompt.format(n) for n in names], device)
     if args.quant:
