@@ -6,7 +6,8 @@ One PNG per image: the image as the model sees it (its own preprocessing), with
   * VWT intra-image (--top_k): the dropped patches blanked in solid grey;
   * ToMe / LGTM / EViT (--tome / --lgtm / --evit): the patches each final token holds (merge groups of
     two or more patches) tinted alike; single patches left clear.
-The token count is in the title, the colours in the legend. A results file match.json beside the PNGs
+The token count is in the title, the colours in the legend. The PNGs go to OUT/figures/match/<method>/
+(e.g. results/figures/match/inter-v1000-t0.1/astronaut.png); a results file match.json beside them
 records the configuration, the machine, and for each image its token counts, the colour key of every
 patch and where the image lies in the PNG (so the figure can be checked pixel by pixel).
 
@@ -73,6 +74,8 @@ def run(args, loaded=None) -> dict:
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
     if loaded is None:
         loaded = cli.load_model(args.model, device, dtype, random_weights=args.random_weights)
+    if args.quant:
+        vwt.quantize(loaded.model)
     pre = preprocess_for(loaded.model)
     inter = next((r for r in reducers if isinstance(r, vwt.InterImage)), None)
     out_dir = figure_dir(args, loaded)
@@ -128,7 +131,7 @@ def run(args, loaded=None) -> dict:
               "method": method, "model": loaded.name, "pretrained": loaded.pretrained,
               "environment": cli.environment(device), "images": images}
     cli.write_json(out_dir / "match.json", result)
-    print(f"{len(images)} figures in {out_dir}")
+    print(f"{len(images)} figure{'' if len(images) == 1 else 's'} in {out_dir}")
     return result
 
 
