@@ -57,7 +57,8 @@ def vocab_tag(vocab) -> str:
 
 
 def word_grid(vocab, cols, scale):
-    """The words as (V, P, P, 3) tiles laid out in a grid; returns (array, Grid)."""
+    """The words drawn as (V, P, P, 3) tiles with the vocabulary's own normalisation, and laid out in a
+    grid; returns (tiles, array, Grid)."""
     pre = Preprocess(int(vocab.meta.get("image_size") or 224), tuple(vocab.meta.get("mean") or CLIP_MEAN),
                      tuple(vocab.meta.get("std") or CLIP_STD))
     tiles = vis.word_tiles(vocab.words, vocab.patch_size, pre.denormalise)
