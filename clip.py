@@ -8,8 +8,10 @@ Zero-shot prompts are "a photo of a {label}" (--prompt), with the labels
   waterbirds: landbird, waterbird      celeba (Blond_Hair): non-blond person, blond person
   meta: cat, dog                       openimages: the tag list itself
 (--labels replaces them). Each configuration runs once per seed (--seeds, default 0 1 2) and reports the
-mean and standard deviation; a configuration with nothing random (no --random, no "{seed}" in
---vocab-path) runs once, since every seed would give the same numbers. A results file per run goes to
+mean and standard deviation. Each seed uses its own vocabulary where there is one ('{seed}' in
+--vocab-path, or process.py's v<SIZE>-seed<N> folders for --vocab SIZE); a configuration with nothing
+random (no --random, one vocabulary for all seeds) runs once, since every seed would give the same
+numbers. A results file per run goes to
 <out>/clip/; --summary gathers them into the paper-style table (summary.md and summary.csv there).
 
 Models must have pretrained weights: accuracy on random weights means nothing.
@@ -121,10 +123,17 @@ def seed_everything(seed: int) -> None:
 
 
 def args_for_seed(args, seed: int) -> argparse.Namespace:
-    """The method flags of one run: '{seed}' in --vocab-path picks that seed's vocabulary."""
+    """The method flags of one run, with that seed's vocabulary: '{seed}' in --vocab-path, or for
+    --vocab SIZE the folder process.py writes for the seed (v<SIZE>-seed<N>, v<SIZE> for seed 0) where
+    it exists, else v<SIZE>."""
     a = argparse.Namespace(**vars(args))
     if a.vocab_path is not None and "{seed}" in str(a.vocab_path):
         a.vocab_path = Path(str(a.vocab_path).format(seed=seed))
+    elif a.vocab_path is None and a.vocab is not None and seed != 0:
+        base = cli.vocab_path(a)
+        own = base.parent.with_name(f"{base.parent.name}-seed{seed}") / base.name
+        if own.exists():
+            a.vocab_path = own
     return a
 
 
@@ -171,7 +180,7 @@ def aggregate(runs: list[dict]) -> tuple[dict, dict]:
     for key in runs[0]:
         if key in ("groups",):
             agg[key] = {g: ms([r[key][g] for r in runs]) for g in runs[0][key]}
-        elif key == "counts" or key == "seed":
+        elif key in ("counts", "seed", "vocab_path"):
             continue
         else:
             agg[key] = ms([r[key] for r in runs])
@@ -223,7 +232,8 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
 
     if not loaded.pretrained:
         print("warning: evaluating random weights (test hook)", file=sys.stderr)
-    deterministic = not args.random and "{seed}" not in str(args.vocab_path or "")
+    vocabs = {s: cli.vocab_path(args_for_seed(args, s)) for s in args.seeds}
+    deterministic = not args.random and len(set(vocabs.values())) <= 1
     seeds = args.seeds[:1] if deterministic else args.seeds
     runs = []
     try:
@@ -231,7 +241,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
             seed_everything(seed)
             vwt.patch(loaded.model, *cli.reducers_from_args(args_for_seed(args, seed)))
             run = evaluate(args, loaded, ds, text, device, dtype, desc=f"{args.data} seed {seed}")
-            runs.append({"seed": seed, **run})
+            runs.append({"seed": seed, "vocab_path": None if vocabs[seed] is None else str(vocabs[seed]), **run})
     finally:
         vwt.unpatch(loaded.model)
     agg, summary = aggregate(runs)

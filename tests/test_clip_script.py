@@ -165,6 +165,19 @@ def test_seed_placeholder_picks_a_vocabulary_per_seed(root, tmp_path, tok):
     assert res["seeds"] == [0, 1] and first[0] == 2 and 2 < first[1] <= 17
 
 
+def test_vocab_size_uses_process_py_seed_folders(root, tmp_path, tok, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _vocab(tmp_path / "tokenizers" / "waterbirds" / "v1", words=1)
+    argv = ["--data", "waterbirds", "--vocab", "1", "--vocab-data", "waterbirds", "--thresh", "2", "--seeds", "0", "1"]
+    alone = run(root, tmp_path, argv, hf(tok))
+    assert alone["seeds"] == [0] and alone["deterministic"]  # one vocabulary for every seed: one run
+    _vocab(tmp_path / "tokenizers" / "waterbirds" / "v1-seed1", words=16)  # what process.py --seed 1 writes
+    res = run(root, tmp_path, argv, hf(tok))
+    assert [r["vocab_path"] for r in res["runs"]] == ["tokenizers/waterbirds/v1/vocab.pt",
+                                                      "tokenizers/waterbirds/v1-seed1/vocab.pt"]
+    assert res["runs"][0]["tokens_first_block"] == 2 < res["runs"][1]["tokens_first_block"]
+
+
 def test_summary_gathers_the_runs(root, tmp_path, tok, capsys):
     loaded = hf(tok)
     run(root, tmp_path, ["--data", "waterbirds"], loaded)
