@@ -164,8 +164,9 @@ def evaluate(args, loaded: cli.Loaded, ds, text, device, dtype, desc: str) -> di
         out["mAP"], ap = metrics.mean_average_precision(s, targets)
         out["tags_with_positives"] = int(np.isfinite(ap).sum())
     else:
-        if s.shape[1] < len(ds.classes):
-            raise UserError(f"{loaded.name} has {s.shape[1]} outputs but {args.data} has {len(ds.classes)} classes")
+        if s.shape[1] != len(ds.classes):  # labels index the sorted synset folders: all of them must be there
+            raise UserError(f"{loaded.name} has {s.shape[1]} classes but {args.data} has {len(ds.classes)} synset "
+                            f"folders; the top-1 needs every class folder ({datasets.layout('imgnet')})")
         out["top1"] = metrics.top1(s, [r["label"] for r in recs])
     return out
 
@@ -184,6 +185,8 @@ def aggregate(runs: list[dict]) -> tuple[dict, dict]:
             continue
         else:
             agg[key] = ms([r[key] for r in runs])
+    if "counts" in runs[0]:
+        agg["counts"] = runs[0]["counts"]
     summary = {}
     for key in ("avg", "worst", "mAP", "top1"):
         if key in agg:

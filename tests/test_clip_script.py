@@ -100,7 +100,7 @@ def test_openimages_map_equals_sklearn_on_direct_scores(root, tmp_path, tok):
 
 
 def test_imagenet_top1_of_a_timm_classifier(root, tmp_path):
-    loaded = cli.Loaded(tiny.timm_vit(), "timm", "tiny-timm", False)
+    loaded = cli.Loaded(tiny.timm_vit(num_classes=3), "timm", "tiny-timm", False)
     res = run(root, tmp_path, ["--data", "imgnet"], loaded)
     ds = D.load("imgnet", root, D.preprocess_for(loaded.model))
     with torch.no_grad():
@@ -196,9 +196,10 @@ def _error(capsys, argv, loaded=None):
     with pytest.raises(SystemExit) as e:
         cli.main(lambda: clip_script.main(argv, loaded))
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
-    return err
+    err = capsys.readouterr().err.strip().splitlines()  # library warnings may come first
+    assert err[-1].startswith("error: ") and sum(l.startswith("error") for l in err) == 1, err
+    assert not any("Traceback" in l for l in err)
+    return err[-1]
 
 
 def test_bad_input_is_one_line(root, tmp_path, tok, capsys):
@@ -207,6 +208,8 @@ def test_bad_input_is_one_line(root, tmp_path, tok, capsys):
     assert str(tmp_path / "nowhere" / "celeba" / "list_attr_celeba.csv") in err and "expected layout" in err
     err = _error(capsys, base + ["--data", "imgnet", "--data-root", str(root)], hf(tok))
     assert "timm" in err
+    err = _error(capsys, base + ["--data", "imgnet", "--data-root", str(root)], cli.Loaded(tiny.timm_vit(), "timm", "t", False))
+    assert "t has 10 classes but imgnet has 3 synset folders" in err
     err = _error(capsys, base + ["--data", "meta", "--data-root", str(root), "--labels", "cat"], hf(tok))
     assert "--labels gives 1 names; meta has 2 classes" in err
     err = _error(capsys, base + ["--data", "waterbirds", "--data-root", str(root), "--vocab-path", str(tmp_path / "no.pt")], hf(tok))
