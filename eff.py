@@ -7,8 +7,8 @@ FLOPs, and where the machine can measure it energy per image and mean power. The
 
 How it measures (see vwt/energy.py): inputs are on the device before timing; every batch of the image
 set runs once at the measured shape as warm-up (which also counts the tokens), then --warmup more
-calls; each call is timed with CUDA events or a synchronised clock, looping for at least --seconds
-and --min-iters calls. Energy is read around that same window: on NVIDIA GPUs the NVML total-energy
+calls of the forward being timed; each call is timed with CUDA events or a synchronised clock,
+looping for at least --seconds and --min-iters calls. Energy is read around that same window: on NVIDIA GPUs the NVML total-energy
 counter, with an instant-power trace sampled every --interval seconds for the mean wattage; on a CPU
 the RAPL package counters where readable. Elsewhere the results say energy is not measurable on this
 machine (NaN in the CSV, with a note), never a number. A configuration without reducers (base, int8)
@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 import vwt
-from vwt import cli, datasets, energy
+from vwt import cli, datasets, energy, flops
 
 PAPER = {"top_k": 0.5, "vocab": 1000, "thresh": 0.1, "tome": 13, "evit": 0.7}
 INPUT_METHODS = ("intra", "inter")
@@ -79,8 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="minimum length of each timed (and energy) window, looping the workload (default 3; "
                         "use 10 or more on a GPU for energy)")
     g.add_argument("--min-iters", type=int, default=3, help="minimum timed calls per window (default 3)")
-    g.add_argument("--warmup", type=int, default=1,
-                   help="warm-up calls after one untimed pass over every batch (default 1)")
+    g.add_argument("--warmup", type=int, default=2,
+                   help="warm-up calls after the untimed pass over every batch that counts tokens (default 2)")
     g.add_argument("--interval", type=float, default=0.05,
                    help="power sampling interval in seconds for the instant-power trace (default 0.05)")
     g.add_argument("--random-weights", action="store_true",
@@ -106,10 +106,6 @@ class Config:
     def name(self) -> str:
         parts = [p for p in (self.input, self.block) if p] + (["int8"] if self.quant else [])
         return "+".join(parts) or "base"
-
-    @property
-    def reduces(self) -> bool:
-        return bool(self.input or self.block)
 
 
 def parse_config(text: str) -> Config:
@@ -154,7 +150,7 @@ def plan(args) -> list[Config]:
 def settings(args) -> dict:
     """Each method's setting: the flag where given, else the paper's."""
     s = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PAPER.items()}
-    s["lgtm"] = args.lgtm
+    s["lgtm"] = args.lgtm if args.lgtm is not None else vwt.LGTM().r
     return s
 
 
@@ -170,7 +166,7 @@ def label(cfg: Config, s: dict, vocab_name: str = "") -> str:
     if cfg.block == "evit":
         parts.append(f"evit{s['evit']:g}")
     if cfg.block == "lgtm":
-        parts.append("lgtm" + (str(s["lgtm"]) if s["lgtm"] is not None else ""))
+        parts.append(f"lgtm{s['lgtm']}")
     if cfg.quant:
         parts.append("int8")
     return "+".join(parts) or "base"
@@ -189,7 +185,7 @@ def reducers_for(cfg: Config, s: dict, vocab, random: bool, prop_attn: bool) -> 
     if cfg.block == "evit":
         out.append(vwt.EViT(keep=s["evit"]))
     if cfg.block == "lgtm":
-        out.append(vwt.LGTM() if s["lgtm"] is None else vwt.LGTM(r=s["lgtm"]))
+        out.append(vwt.LGTM(r=s["lgtm"]))
     return out
 
 
@@ -274,8 +270,9 @@ def _read_vocab(path: Path):
 # Measuring one configuration at one batch size
 # --------------------------------------------------------------------------------------------------
 def measure(tower, batches: list, args, meter: energy.Meter, device) -> dict:
-    """Warm up, then time calls for at least --seconds / --min-iters (energy read around that window),
-    then the paper's per-batch power readings."""
+    """--warmup calls, then calls timed for at least --seconds / --min-iters (energy read around that
+    window), then the paper's per-batch power readings. The caller has already run every batch once
+    (the token pass), so every input shape the timing meets has been seen."""
     stopwatch = energy.Stopwatch(device)
     b = batches[0].shape[0]
 
@@ -283,8 +280,6 @@ def measure(tower, batches: list, args, meter: energy.Meter, device) -> dict:
         with torch.inference_mode():
             tower(x)
 
-    for x in batches:  # warm-up at every measured shape
-        call(x)
     for i in range(args.warmup):
         call(batches[i % len(batches)])
     energy.synchronize(device)
@@ -332,19 +327,49 @@ def energy_from(reading: energy.Reading, images: int) -> dict:
             "note": reading.note if reading.source == "nvml-power-trace" else ""}
 
 
-def tokens_and_flops(tower, batches: list) -> tuple[float, float, float]:
-    """Mean per image, from one patched pass over every batch: tokens entering the first block, tokens
-    entering a block (mean over blocks), and analytic FLOPs (vwt.flops, from the per-block counts)."""
-    from vwt import flops
-
+def tokens_and_flops(tower, batches: list, images: int) -> tuple[float, float, float]:
+    """Mean per image over the first ``images`` slots (each image once, whatever the batch size), from
+    one patched pass over every batch: tokens entering the first block, tokens entering a block (mean
+    over blocks), and analytic FLOPs (vwt.flops, from the per-block counts)."""
     counts, fl = [], []
     with torch.inference_mode():
         for x in batches:
             tower(x)
             counts.append(vwt.stats(tower)["tokens_per_layer"].float().cpu())
             fl.append(flops.flops_of_last_forward(tower))
-    counts = torch.cat(counts)
-    return counts[:, 0].mean().item(), counts[:, :-1].mean().item(), torch.cat(fl).mean().item()
+    counts, fl = torch.cat(counts)[:images], torch.cat(fl)[:images]
+    return counts[:, 0].mean().item(), counts[:, :-1].mean().item(), fl.mean().item()
+
+
+def float_dtype(module) -> str:
+    """The floating dtype the tower computes in (its first floating parameter)."""
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return str(p.dtype).replace("torch.", "") if p is not None else "?"
+
+
+def quantized(vision):
+    """An int8 copy of the vision tower, or the reason this install cannot make one."""
+    try:
+        return vwt.quantize(copy.deepcopy(vision))
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return f"not run: {type(e).__name__}: {msg}"
+
+
+def run_config(tower, reducers: list, batches: list, images: int, args, meter, device) -> dict:
+    """Tokens, FLOPs and the measurements of one configuration at one batch size. Without reducers
+    the tower's own forward is timed (the token pass runs patched: same output, same shapes)."""
+    out = {}
+    vwt.patch(tower, *reducers)
+    try:
+        out["tokens_in"], out["tokens_mean"], fl = tokens_and_flops(tower, batches, images)
+        out["gflops_per_image"] = fl / 1e9
+        if not reducers:
+            vwt.unpatch(tower)
+        out.update(measure(tower, batches, args, meter, device))
+    finally:
+        vwt.unpatch(tower)
+    return out
 
 
 def make_batches(images: torch.Tensor, b: int, device, dtype) -> list:
@@ -427,46 +452,33 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
 
     common = dict(model=loaded.name, weights="pretrained" if weights == "pretrained" else "random",
                   device=str(device), dtype=args.dtype, data=args.data)
-    rows, int8_tower, base_flops = [], None, {}
+    dense = flops.dense_flops(flops.dims_of(vision))
+    rows, int8 = [], None
     bar = tqdm([(c, b) for c in configs for b in args.batch], desc="measuring", unit="run")
     for cfg, b in bar:
         bar.set_postfix_str(f"{cfg.name} b{b}")
         row = dict(common, method=cfg.name, config=label(cfg, s, vocab_name), batch=b, note="")
         try:
-            if cfg.quant and int8_tower is None:
-                int8_tower = vwt.quantize(copy.deepcopy(vision))
-            tower = int8_tower if cfg.quant else vision
             reducers = reducers_for(cfg, s, vocab, args.random, args.prop_attn)
-        except cli.UserError:
-            raise
-        except Exception as e:  # a method this install cannot run (e.g. int8 without its backend)
-            row["note"] = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            tqdm.write(f"{cfg.name}: {row['note']}")
-            rows.append(row)
-            continue
-        batches = make_batches(images, b, device, dtype)
-        vwt.patch(tower, *reducers)
-        try:
-            row["tokens_in"], row["tokens_mean"], fl = tokens_and_flops(tower, batches)
-            row["gflops_per_image"] = fl / 1e9
-        finally:
-            if not cfg.reduces:
-                vwt.unpatch(tower)  # no reducer: time the model's own forward
-        try:
-            row.update(measure(tower, batches, args, meter, device))
-        finally:
-            vwt.unpatch(tower)
-        if not meter.measurable and args.metric != "time":
-            row["note"] = meter.note
-        if cfg == Config():
-            base_flops[b] = row["gflops_per_image"]
+        except (ValueError, TypeError) as e:
+            raise cli.UserError(f"{cfg.name}: {e}") from None
+        if cfg.quant and int8 is None:
+            int8 = quantized(vision)
+        if cfg.quant and isinstance(int8, str):  # this install cannot run int8 (e.g. no backend for it)
+            row["note"] = int8
+            tqdm.write(f"{cfg.name} batch {b}: {int8}")
+        else:
+            row.update(run_config(int8 if cfg.quant else vision, reducers, make_batches(images, b, device, dtype),
+                                  len(images), args, meter, device))
+            row["flops_ratio"] = row["gflops_per_image"] * 1e9 / dense
+            row["dtype"] = float_dtype(int8 if cfg.quant else vision)  # int8 on CUDA runs in float16
+            if not meter.measurable and args.metric != "time":
+                row["note"] = meter.note
         rows.append(row)
+    info_end = meter.info()  # clocks and temperature after the runs
     meter.close()
 
     df = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    for b, g in base_flops.items():
-        sel = df["batch"] == b
-        df.loc[sel, "flops_ratio"] = df.loc[sel, "gflops_per_image"] / g
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"eff_{slug(args.data)}_{slug(loaded.name)}"
     csv = args.out / f"{stem}.csv"
@@ -476,7 +488,7 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
     wall = time.perf_counter() - started
     cli.write_json(args.out / f"{stem}.json", {
         "script": "eff.py", "args": vars(args), "weights": weights, "settings": s,
-        "vocabulary": vocab_name or None, "meter": info, "environment": cli.environment(device),
+        "vocabulary": vocab_name or None, "meter": info, "meter_after": info_end, "environment": cli.environment(device),
         "wall_seconds": wall, "results": df.to_dict(orient="records")})
 
     show = ["config", "batch", "tokens_mean", "gflops_per_image", "latency_ms_median", "latency_ms_p90",

@@ -164,6 +164,23 @@ def test_energy_accounting_with_a_measurable_meter(tmp_path, monkeypatch, metric
     assert len(meter.readings) == (2 if metric == "all" else 1)
 
 
+def test_real_data_set_layout_and_its_errors(tmp_path, monkeypatch):
+    from fixtures import write_waterbirds
+
+    monkeypatch.chdir(tmp_path)
+    root = write_waterbirds(tmp_path / "data")
+    argv = ["--data", "waterbirds", "--data-root", str(root), "--batch", "3", "--metric", "time", "--out", "res"]
+    fast = [a for a in FAST if a not in ("--limit", "4")]
+    table = eff.main(argv + ["--methods", "base,intra"] + fast, loaded=tiny_loaded())
+    assert list(table["method"]) == ["base", "intra"] and (table["data"] == "waterbirds").all()
+    assert (tmp_path / "res" / "eff_waterbirds_tiny-clip.csv").exists()
+    # no in-domain vocabulary learned yet: say how to get one
+    with pytest.raises(cli.UserError, match="process.py"):
+        eff.main(argv + ["--methods", "inter", "--vocab", "8"] + fast, loaded=tiny_loaded())
+    with pytest.raises(cli.UserError, match="waterbirds"):
+        eff.main(argv + ["--data-root", str(tmp_path / "empty")] + fast, loaded=tiny_loaded())
+
+
 def test_plan_from_flags_and_methods():
     names = lambda argv: [c.name for c in eff.plan(eff.parse_args(argv))]  # noqa: E731
     assert names([]) == eff.DEFAULT_METHODS.split(",")
