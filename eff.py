@@ -8,9 +8,9 @@ FLOPs, and where the machine can measure it energy per image and mean power. The
 How it measures (see vwt/energy.py): inputs are on the device before timing; every batch of the image
 set runs once at the measured shape as warm-up (which also counts the tokens), then --warmup more
 calls of the forward being timed; each call is timed with CUDA events or a synchronised clock,
-looping for at least --seconds and --min-iters calls. Energy is read around that same window: on NVIDIA GPUs the NVML total-energy
-counter, with an instant-power trace sampled every --interval seconds for the mean wattage; on a CPU
-the RAPL package counters where readable. Elsewhere the results say energy is not measurable on this
+looping for at least --seconds and --min-iters calls. Energy is read around that same window: on
+NVIDIA GPUs the NVML total-energy counter, with an instant-power trace sampled every --interval
+seconds for the mean wattage; on a CPU the RAPL package counters where readable. Elsewhere the results say energy is not measurable on this
 machine (NaN in the CSV, with a note), never a number. A configuration without reducers (base, int8)
 is timed through the model's own forward; the others through the vwt block loop.
 
@@ -226,37 +226,48 @@ def patch_size_of(vision) -> int:
 
 
 def vocabulary(args, s: dict, images: torch.Tensor, vision, preprocess):
-    """The inter-image vocabulary: --vocab-path; or tokenizers/<vocab-data or data>/v<size>/vocab.pt;
-    or, for the samples, learned on them and cached there (relearned when the cache does not fit the
-    model)."""
+    """The inter-image vocabulary and its short name: --vocab-path; else process.py's
+    tokenizers/<vocab-data or data>/v<size>/vocab.pt; for the samples, learned on them and cached in
+    tokenizers/samples/ (relearned when the cache does not fit the model)."""
+    patch = patch_size_of(vision)
     if args.vocab_path is not None:
         path = Path(args.vocab_path)
         if not path.exists():
             raise cli.UserError(f"vocabulary {path} not found")
-        return _read_vocab(path), path.parent.name or path.stem
+        return _fitting(_read_vocab(path), patch, path), path.parent.name or path.stem
     data = args.vocab_data or args.data
-    patch = patch_size_of(vision)
-    folder = f"v{s['vocab']}" if (patch, images.shape[-1]) == (16, 224) else f"v{s['vocab']}-p{patch}-{images.shape[-1]}px"
-    path = Path("tokenizers") / data / folder / "vocab.pt"
+    name = f"v{s['vocab']}"
+    if data != "samples":
+        path = Path("tokenizers") / data / name / "vocab.pt"
+        if not path.exists():
+            raise cli.UserError(f"vocabulary {path} not found; learn it with `python process.py --data {data} "
+                                f"--vocab {s['vocab']}`, or pass --vocab-path (e.g. a published ImageNet vocab.pt)")
+        return _fitting(_read_vocab(path), patch, path), name
+    size = images.shape[-1]
+    path = Path("tokenizers") / "samples" / (name if (patch, size) == (16, 224) else f"{name}-p{patch}-{size}px") / "vocab.pt"
     if path.exists():
         vocab = _read_vocab(path)
-        fits = (vocab.patch_size == patch and tuple(vocab.meta.get("mean", preprocess.mean)) == tuple(preprocess.mean)
-                and tuple(vocab.meta.get("std", preprocess.std)) == tuple(preprocess.std))
-        if fits or data != "samples":
-            return vocab, f"v{s['vocab']}"
-    elif data != "samples":
-        raise cli.UserError(f"vocabulary {path} not found; learn it with `python process.py --data {data} "
-                            f"--vocab {s['vocab']}`, or pass --vocab-path (e.g. a published ImageNet vocab.pt)")
+        if (vocab.space, vocab.patch_size, tuple(vocab.meta.get("mean", ())), tuple(vocab.meta.get("std", ()))) == \
+                ("pixel", patch, tuple(preprocess.mean), tuple(preprocess.std)):
+            return vocab, name
     n = images.shape[0] * (images.shape[-1] // patch) * (images.shape[-2] // patch)
     if n < s["vocab"]:
-        raise cli.UserError(f"cannot learn {s['vocab']} visual words from {n} patches of {data}; use a smaller "
-                            "--vocab or pass --vocab-path")
-    print(f"learning a {s['vocab']}-word vocabulary on the {images.shape[0]} {data} images -> {path}")
+        raise cli.UserError(f"cannot learn {s['vocab']} visual words from the {n} patches of the samples; use a "
+                            "smaller --vocab or pass --vocab-path")
+    print(f"learning a {s['vocab']}-word vocabulary on the {images.shape[0]} sample images -> {path}")
     vocab = vwt.Vocabulary.learn([images[i:i + 64] for i in range(0, len(images), 64)], size=s["vocab"],
-                                 space="pixel", patch_size=patch, data=data, image_size=images.shape[-1],
+                                 space="pixel", patch_size=patch, data="samples", image_size=size,
                                  mean=preprocess.mean, std=preprocess.std)
     vocab.save(path.parent)
-    return vocab, f"v{s['vocab']}"
+    return vocab, name
+
+
+def _fitting(vocab, patch: int, path: Path):
+    """Refuse a pixel-space vocabulary made for another patch size, before any forward."""
+    if vocab.space == "pixel" and vocab.patch_size != patch:
+        raise cli.UserError(f"vocabulary {path} holds {vocab.patch_size}x{vocab.patch_size} pixel patches; the model's "
+                            f"patches are {patch}x{patch}")
+    return vocab
 
 
 def _read_vocab(path: Path):

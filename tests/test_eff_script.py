@@ -15,7 +15,7 @@ import torch
 
 import eff
 import vwt
-from tiny import NUM_PATCHES, hf_clip
+from tiny import NUM_PATCHES, hf_clip, open_clip_model, timm_vit
 from vwt import cli, datasets, energy, flops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +164,17 @@ def test_energy_accounting_with_a_measurable_meter(tmp_path, monkeypatch, metric
     assert len(meter.readings) == (2 if metric == "all" else 1)
 
 
+@pytest.mark.parametrize("family", ["open_clip", "timm"])
+def test_other_families_run_through_their_vision_tower(tmp_path, monkeypatch, family):
+    build = {"open_clip": open_clip_model, "timm": timm_vit}[family]
+    no_rapl(monkeypatch, tmp_path)
+    loaded = cli.Loaded(build(), family, f"tiny-{family}", False)
+    table = eff.main(["--methods", "base,tome+int8", "--batch", "2", "--metric", "time", "--out", str(tmp_path)]
+                     + FAST, loaded=loaded)
+    assert table["latency_ms_median"].notna().all()
+    assert table.loc[0, "tokens_in"] == NUM_PATCHES + 1 and table.loc[1, "flops_ratio"] < 1
+
+
 def test_real_data_set_layout_and_its_errors(tmp_path, monkeypatch):
     from fixtures import write_waterbirds
 
@@ -177,6 +188,11 @@ def test_real_data_set_layout_and_its_errors(tmp_path, monkeypatch):
     # no in-domain vocabulary learned yet: say how to get one
     with pytest.raises(cli.UserError, match="process.py"):
         eff.main(argv + ["--methods", "inter", "--vocab", "8"] + fast, loaded=tiny_loaded())
+    wrong = vwt.Vocabulary(torch.randn(8, 3 * 16 * 16), patch_size=16)  # the tiny model has 8x8 patches
+    wrong.save(tmp_path / "wrong")
+    with pytest.raises(cli.UserError, match="16x16"):
+        eff.main(argv + ["--methods", "inter", "--vocab-path", str(tmp_path / "wrong" / "vocab.pt")] + fast,
+                 loaded=tiny_loaded())
     with pytest.raises(cli.UserError, match="waterbirds"):
         eff.main(argv + ["--data-root", str(tmp_path / "empty")] + fast, loaded=tiny_loaded())
 

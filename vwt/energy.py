@@ -14,7 +14,9 @@
     (``/sys/class/powercap/intel-rapl:N/energy_uj``), wrapping at ``max_energy_range_uj``.
   - :class:`NullMeter`: no counter here; every reading says energy is not measurable, never a number.
 
-``best_meter(device)`` picks the right one. ``pynvml`` (package nvidia-ml-py) is imported only when an
+Both counters cover the whole device (the whole CPU package, the whole GPU): other work running at
+the same time is counted too, so measure on an otherwise idle machine. ``best_meter(device)`` picks
+the right one. ``pynvml`` (package nvidia-ml-py) is imported only when an
 NVIDIA meter is made; tests pass a stand-in module.
 """
 from __future__ import annotations
