@@ -319,13 +319,15 @@ def measure(tower, batches: list, args, meter: energy.Meter, device) -> dict:
         watts, i = [], 0
         meter.start()
         end = time.perf_counter() + args.seconds
-        while len(watts) < args.min_iters or time.perf_counter() < end:
+        while i < args.min_iters or time.perf_counter() < end:
             call(batches[i % len(batches)])
             energy.synchronize(device)
-            watts.append(meter.power())  # the paper: one reading after each batch
+            w = meter.power()  # the paper: one reading after each batch
+            if w is not None:
+                watts.append(w)
             i += 1
         reading = meter.stop()
-        out["power_w_paper"] = statistics.fmean(watts)
+        out["power_w_paper"] = statistics.fmean(watts) if watts else math.nan
         if "energy_j_per_image" not in out:
             out.update(energy_from(reading, i * b))
     return out
