@@ -143,11 +143,8 @@ class InterImage(Reducer):
             word = torch.randint(v, (b, n), device=feats.device)
             dist = 2 * (1 - torch.rand(b, n, device=feats.device).pow(1.0 / v))
             return word, dist
-        f = feats.reshape(b * n, d)
-        if f.dtype != torch.float32:
-            f = f.float()
-        best, word = (f @ self.vocab.unit_t(f.device)).max(1)  # cos * |f|: one matmul, one reduction
-        cos = best / torch.linalg.vector_norm(f, dim=1).clamp_min(1e-12)
+        f = torch.nn.functional.normalize(feats.reshape(b * n, d).float(), dim=1)  # a zero patch: cos 0
+        word, cos = self.vocab.nearest(f)
         return word.view(b, n), (1 - cos).view(b, n)
 
     def reduce_input(self, state: TokenState, ctx: InputContext) -> TokenState:

@@ -83,9 +83,11 @@ class Vocabulary:
             self._unit[key] = torch.nn.functional.normalize(self.words, dim=1).to(device).contiguous()
         return self._unit[key]
 
-    def unit_t(self, device=None) -> Tensor:
-        """(D, V) view of :meth:`unit`, the right operand of the similarity matmul."""
-        return self.unit(device).T
+    def nearest(self, unit_feats: Tensor) -> tuple[Tensor, Tensor]:
+        """Nearest word (cosine) of each L2-normalised row of ``unit_feats`` (n, D) float32, and the
+        cosine: one exhaustive matmul against the cached normalised words, one max."""
+        cos, word = (unit_feats @ self.unit(unit_feats.device).T).max(1)
+        return word, cos
 
     def check(self, feature_shape, patch_size: Optional[int] = None) -> None:
         """Refuse a model whose patch features (B, N, D) do not fit: the message says both shapes."""
@@ -208,8 +210,8 @@ def inertia(x: Tensor, centres: Tensor) -> float:
 
 class MiniBatchKMeans:
     """Mini-batch k-means with per-centre counts, as scikit-learn's ``MiniBatchKMeans.partial_fit``:
-    greedy k-means++ initialisation on the first ``init_size`` patches (default 3 * k, at least
-    3,072), refined by two Lloyd passes over that sample; then each batch moves every centre to the
+    greedy k-means++ initialisation on the first batches (all their patches, once there are at least
+    ``init_size``, default 3 * k; at most 65,536), refined by two Lloyd passes over that sample; then each batch moves every centre to the
     running mean of the points it has been given; centres with very few points are re-seeded from the
     batch every ``10 * k`` points (reassignment ratio 0.01). Distances are one matmul per chunk."""
 
@@ -219,7 +221,7 @@ class MiniBatchKMeans:
             raise ValueError(f"k-means needs at least one centre; got {k}")
         self.k, self.seed = int(k), seed
         self.device = torch.device(device) if device is not None else None
-        self.init_size = init_size or max(3 * self.k, 3072)
+        self.init_size = init_size or 3 * self.k
         self.ratio, self.init_lloyd = reassignment_ratio, init_lloyd
         self.centres: Optional[Tensor] = None
         self.counts: Optional[Tensor] = None
@@ -257,8 +259,10 @@ class MiniBatchKMeans:
         sample = torch.cat(batches)
         if sample.shape[0] < self.k:
             raise ValueError(f"k-means with {self.k} centres needs at least {self.k} patches; got {sample.shape[0]}")
-        idx = torch.randperm(sample.shape[0], generator=self.gen)[: self.init_size].to(sample.device)
-        self._init(sample[idx])
+        if sample.shape[0] > max(self.init_size, 65536):
+            idx = torch.randperm(sample.shape[0], generator=self.gen)[: max(self.init_size, 65536)]
+            sample = sample[idx.to(sample.device)]
+        self._init(sample)
         for b in batches:
             self._step(b)
 
@@ -280,6 +284,7 @@ class MiniBatchKMeans:
         n, k = x.shape[0], self.k
         trials = 2 + int(math.log(k))
         x_sq = x.pow(2).sum(1)
+        xt = x.T.contiguous()
         centres = torch.empty(k, x.shape[1], device=x.device)
         first = int(torch.randint(n, (1,), generator=self.gen))
         centres[0] = x[first]
@@ -291,7 +296,7 @@ class MiniBatchKMeans:
                 cand = torch.randint(n, (trials,), generator=self.gen).to(x.device)
             else:
                 cand = torch.searchsorted(cum, self._rand(trials) * total).clamp_max_(n - 1)
-            d = (x_sq[cand, None] - 2 * x[cand] @ x.T + x_sq[None]).clamp_min_(0)  # (trials, n)
+            d = torch.addmm(x_sq[None], x[cand], xt, alpha=-2).add_(x_sq[cand, None]).clamp_min_(0)  # (trials, n)
             d = torch.minimum(d, closest)
             best = int(d.sum(1).argmin())
             closest = d[best]
