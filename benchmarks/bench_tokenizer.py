@@ -21,7 +21,7 @@ import vwt  # noqa: E402
 from vwt.backends import hf_clip  # noqa: E402
 from vwt.datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess, sample_images  # noqa: E402
 from vwt.encoder import InputContext, initial_state  # noqa: E402
-from bench_kmeans import patches  # noqa: E402
+from bench_kmeans import patches as crop_patches  # noqa: E402
 
 
 def timed(fn):
@@ -48,7 +48,7 @@ def main():
     tower = hf_clip.tower(hf_clip._vision_transformer(model))
     prep = Preprocess(224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     photos = torch.stack([prep(im) for _, im in sample_images()])
-    pool = patches(max(args.vocab) * 4, seed=1)  # crops of the same photographs, 16x16 pixel patches
+    pool = crop_patches(max(args.vocab) * 4, seed=1)  # crops of the same photographs, 16x16 pixel patches
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(photos)} sample photographs")
     print("batch  words  forward_ms  tokenizer_ms  ratio   tokens/image (of 197)")
     for v in args.vocab:
