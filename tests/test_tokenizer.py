@@ -206,7 +206,7 @@ def test_blip_captions_same_alone_and_in_a_batch():
     model = hf_blip()
     words, x = _batch_of_different_lengths()
     vwt.patch(model, vwt.InterImage(vwt.Vocabulary(words), thresh=1e-3))
-    kw = dict(num_beams=3, max_length=12, min_length=5)
+    kw = dict(num_beams=3, max_length=10, min_length=5)
     with torch.no_grad():
         batch = model.generate(pixel_values=x, **kw)
         assert len(set(tokens_in(model).tolist())) == 4
