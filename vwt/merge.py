@@ -38,32 +38,36 @@ def _relabel(state: TokenState, new_index: Tensor) -> Tensor:
     return torch.where(labels >= 0, out, torch.full_like(out, -1))
 
 
-def _compact(flags: Tensor, x: Tensor, size: Tensor, out_len: Optional[int]):
-    """Keep the tokens where ``flags`` (B, N) is True, in order, at the front of a sequence of
-    ``out_len`` tokens (default: the largest kept count); the rest of each row is pads (size 0).
-    Returns x (B, L, C), size (B, L), and the new index of each old token (-1 where not kept)."""
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b, j]] for (B, N, C) tokens and a (B, L) index: whole-row copies (faster than gather)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+
+
+def _compact(flags: Tensor, out_len: Optional[int]):
+    """Where each token goes when the tokens flagged (B, N) are kept, in order, at the front of a
+    sequence of ``out_len`` slots (default: the largest kept count) and the rest of each row is pads.
+    Returns for each slot the index of the token it takes (B, L) (0 in pad slots), whether the slot is
+    real (B, L), and the new index of each old token (B, N) (-1 where not kept)."""
     b, n = flags.shape
     pos = flags.long().cumsum(1) - 1
     count = pos[:, -1] + 1
     length = int(count.max()) if out_len is None else out_len
     target = torch.where(flags, pos, torch.full_like(pos, length))  # unkept -> a spare column
-    src = torch.zeros(b, length + 1, dtype=torch.long, device=x.device)
-    src.scatter_(1, target, torch.arange(n, device=x.device).expand(b, -1))
-    src = src[:, :length]
-    real = torch.arange(length, device=x.device) < count[:, None]
-    out_x = x.gather(1, src[..., None].expand(-1, -1, x.shape[-1]))
-    out_size = size.gather(1, src) * real
-    return out_x, out_size, torch.where(flags, pos, torch.full_like(pos, -1))
+    src = torch.zeros(b, length + 1, dtype=torch.long, device=flags.device)
+    src.scatter_(1, target, torch.arange(n, device=flags.device).expand(b, -1))
+    real = torch.arange(length, device=flags.device) < count[:, None]
+    return src[:, :length], real, torch.where(flags, pos, torch.full_like(pos, -1))
 
 
-def _bipartite_merge(state: TokenState, metric: Tensor, budget: Tensor, groups: Optional[Tensor] = None,
-                     out_len: Optional[int] = None) -> TokenState:
+def _bipartite_merge(state: TokenState, metric: Tensor, budget: Tensor, max_merges: int,
+                     groups: Optional[Tensor] = None, out_len: Optional[int] = None) -> TokenState:
     """ToMe's bipartite soft matching, optionally restricted to groups (LGTM's windows).
 
     The non-prefix tokens alternate into A (even) and B (odd). Each A token's partner is its most
     cosine-similar B token (same group, real); in each image and group the ``budget`` (B, G) A tokens
     with the most similar partners merge into them by size-weighted mean; sizes add. Pads are masked
-    out of both sides. The result is [prefix, unmerged A, B], real tokens first.
+    out of both sides. ``max_merges`` bounds the merges of any image. The result is [prefix, unmerged A,
+    B], real tokens first. Costs one gather of the tokens plus work on the merged rows only.
     """
     x, p = state.x, state.prefix
     bsz, n_tok, c = x.shape
@@ -75,8 +79,9 @@ def _bipartite_merge(state: TokenState, metric: Tensor, budget: Tensor, groups: 
     ma, mb = m[:, ::2], m[:, 1::2]
     na, nb = ma.shape[1], mb.shape[1]
     dev = x.device
-    real_a = (torch.arange(na, device=dev) * 2)[None] < real[:, None]
-    real_b = (torch.arange(nb, device=dev) * 2 + 1)[None] < real[:, None]
+    pos_a = torch.arange(na, device=dev) * 2
+    pos_b = torch.arange(nb, device=dev) * 2 + 1
+    real_a, real_b = pos_a[None] < real[:, None], pos_b[None] < real[:, None]
 
     scores = ma @ mb.transpose(1, 2)  # (B, na, nb)
     invalid = ~real_b[:, None, :]
@@ -98,29 +103,37 @@ def _bipartite_merge(state: TokenState, metric: Tensor, budget: Tensor, groups: 
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(na, device=dev).expand(bsz, -1))
     if g is None:
         merge = candidate & (rank < budget[:, :1])
+        src = order[:, :max_merges]  # the merged A tokens come first
     else:
         counts = torch.zeros(bsz, budget.shape[1], dtype=torch.long, device=dev)
         counts.scatter_add_(1, g, candidate.long())
         start = counts.cumsum(1) - counts
         merge = candidate & (rank - start.gather(1, g) < budget.gather(1, g))
+        src = torch.sort(merge.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :max_merges]
 
-    # size-weighted merge of A into B, with bounded coefficients (safe in float16)
-    xa, xb = x[:, p::2], x[:, p + 1::2]
+    # sizes of the merged B tokens
     sa, sb = size[:, p::2], size[:, p + 1::2]
-    w = sa * merge
-    new_sb = sb.scatter_add(1, partner, w)
-    denom = new_sb.clamp_min(1e-12)
-    coef_a = (w / denom.gather(1, partner)).to(x.dtype)
-    coef_b = (sb / denom).to(x.dtype)
-    new_xb = (xb * coef_b[..., None]).scatter_add_(1, partner[..., None].expand(-1, -1, c), xa * coef_a[..., None])
+    valid = merge.gather(1, src)
+    dst = partner.gather(1, src)
+    w = sa.gather(1, src) * valid
+    new_sb = sb.scatter_add(1, dst, w)
 
-    keep_a = real_a & ~merge
-    prefix_flags = torch.ones(bsz, p, dtype=torch.bool, device=dev)
-    flags = torch.cat([prefix_flags, keep_a, real_b], 1)
-    out_x, out_size, new_cat = _compact(flags, torch.cat([x[:, :p], xa, new_xb], 1),
-                                        torch.cat([size[:, :p], sa, new_sb], 1), out_len)
+    # new layout [prefix, unmerged real A, real B, pads]: one gather of the tokens
+    flags = torch.cat([torch.ones(bsz, p, dtype=torch.bool, device=dev), real_a & ~merge, real_b], 1)
+    slot, slot_real, new_cat = _compact(flags, out_len)
+    origin = torch.cat([torch.arange(p, device=dev), p + pos_a, p + pos_b])  # cat order -> index in x
+    out_x = _rows(x, origin[slot])
+    out_size = torch.cat([size[:, :p], sa, new_sb], 1).gather(1, slot) * slot_real
 
+    # size-weighted means, as x_b + sum_i w_i (x_i - x_b) / size: only the merged rows change
     new_a, new_b = new_cat[:, p:p + na], new_cat[:, p + na:]
+    coef = (w / new_sb.gather(1, dst).clamp_min(1e-12)).to(x.dtype)
+    xs = _rows(x, p + 2 * src)
+    xd = _rows(x, p + 1 + 2 * dst)
+    at = new_b.gather(1, dst).clamp_min(0)  # unused (zero-weight) entries add 0 to slot 0
+    flat = (at + torch.arange(bsz, device=dev)[:, None] * out_x.shape[1]).reshape(-1)
+    out_x.view(-1, c).index_add_(0, flat, ((xs - xd) * coef[..., None]).reshape(-1, c))
+
     new_a = torch.where(merge, new_b.gather(1, partner), new_a)
     new_index = torch.empty(bsz, n_tok, dtype=torch.long, device=dev)
     new_index[:, :p] = new_cat[:, :p]
@@ -151,7 +164,7 @@ def _global_merge(state: TokenState, ctx: BlockContext, r: int) -> TokenState:
     if r <= 0:
         return state
     budget = ((state.real_counts() - state.prefix) // 2).clamp(max=r)[:, None]
-    return _bipartite_merge(state, ctx.metric, budget, out_len=state.num_tokens - r)
+    return _bipartite_merge(state, ctx.metric, budget, r, out_len=state.num_tokens - r)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,19 +239,20 @@ class EViT(Reducer):
 
         size = state.sizes()
         tokens, tsize = x[:, p:], size[:, p:]
-        top = order[:, :k]
-        out_x = tokens.gather(1, top[..., None].expand(-1, -1, c))
-        out_size = tsize.gather(1, top) * (torch.arange(k, device=dev)[None] < k_img[:, None])
+        # one gather: [prefix, the top-k in attention order, (+ a slot for the fused token)]
+        extra = 1 if self.fuse else 0
+        take = torch.cat([torch.arange(p, device=dev).expand(bsz, -1), p + order[:, :k],
+                          torch.zeros(bsz, extra, dtype=torch.long, device=dev)], 1)
+        out_x = _rows(x, take)
+        slot_real = torch.arange(p + k + extra, device=dev)[None] < (p + k_img)[:, None]
+        out_size = size.gather(1, take) * slot_real
         new_tok = torch.where(kept, p + rank, torch.full_like(rank, -1))
-        out_x, out_size = torch.cat([x[:, :p], out_x], 1), torch.cat([size[:, :p], out_size], 1)
         if self.fuse:
             dropped = is_real & ~kept
             weights = (attn * dropped).to(x.dtype)
             fused = weights[:, None, :] @ tokens  # (B, 1, C): attention-weighted sum, no renormalisation
             slot = p + k_img  # right after the image's kept tokens; an empty fuse (size 0) is a pad
-            out_x = torch.cat([out_x, torch.zeros_like(fused)], 1)
             out_x.scatter_(1, slot[:, None, None].expand(-1, 1, c), fused)
-            out_size = torch.cat([out_size, torch.zeros_like(out_size[:, :1])], 1)
             out_size.scatter_(1, slot[:, None], (tsize * dropped).sum(1, keepdim=True))
             new_tok = torch.where(dropped, slot[:, None].expand(-1, n), new_tok)
         new_index = torch.cat([torch.arange(p, device=dev).expand(bsz, -1), new_tok], 1)
@@ -307,5 +321,7 @@ class LGTM(Reducer):
         groups = _windows(state)[:, p:]
         real_per_window = torch.zeros(state.batch, 4, dtype=torch.long, device=groups.device)
         real_per_window.scatter_add_(1, groups.clamp_min(0), (groups >= 0).long())
-        budget = (real_per_window // 2).clamp(max=math.ceil(self.r / 4))
-        return _bipartite_merge(state, ctx.metric, budget, groups)
+        per_window = math.ceil(self.r / 4)
+        budget = (real_per_window // 2).clamp(max=per_window)
+        max_merges = min(4 * per_window, (state.num_tokens - p + 1) // 2)
+        return _bipartite_merge(state, ctx.metric, budget, max_merges, groups)
