@@ -320,3 +320,15 @@ def test_script_flags_build_the_reducers(flags, cls, attrs):
     model = timm_vit()
     run(model, images(1), red)
     assert counts(model)[0, -1] < NUM_PATCHES + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reducer", [vwt.ToMe(r=3), vwt.EViT(keep=0.5), vwt.LGTM(r=4)], ids=repr)
+def test_half_precision_follows_float32(reducer, dtype):
+    build, entry = ENTRIES["open_clip.avg"]
+    x = images(2)
+    ref = run(build(), x, reducer, entry=entry)
+    model = build().to(dtype)
+    with torch.inference_mode():
+        out = entry(vwt.patch(model, reducer), x.to(dtype)).float()
+    assert torch.nn.functional.cosine_similarity(out, ref).min().item() > 0.99
