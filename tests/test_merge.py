@@ -332,3 +332,12 @@ def test_half_precision_follows_float32(reducer, dtype):
     with torch.inference_mode():
         out = entry(vwt.patch(model, reducer), x.to(dtype)).float()
     assert torch.nn.functional.cosine_similarity(out, ref).min().item() > 0.99
+
+
+def test_too_few_tokens_to_merge_is_a_noop():
+    x = torch.randn(2, 2, 8)  # class token + one token
+    k = torch.randn(2, 1, 2, 4)
+    ctx = BlockContext(2, 4, q=k, k=k, scale=1.0, bias=None)
+    for reducer in (vwt.ToMe(r=4), vwt.LGTM(r=4, dense=0, local=4), vwt.EViT(keep=0.5, layers=(2,))):
+        out = reducer.after_attn(make_state(x), ctx)
+        assert torch.equal(out.x, x)

@@ -71,6 +71,8 @@ def _bipartite_merge(state: TokenState, metric: Tensor, budget: Tensor, max_merg
     """
     x, p = state.x, state.prefix
     bsz, n_tok, c = x.shape
+    if n_tok - p < 2 or max_merges < 1:
+        return state
     size = state.sizes()
     real = state.real_counts() - p  # (B,) real non-prefix tokens; pads come after them
 
@@ -132,7 +134,8 @@ def _bipartite_merge(state: TokenState, metric: Tensor, budget: Tensor, max_merg
     xd = _rows(x, p + 1 + 2 * dst)
     at = new_b.gather(1, dst).clamp_min(0)  # unused (zero-weight) entries add 0 to slot 0
     flat = (at + torch.arange(bsz, device=dev)[:, None] * out_x.shape[1]).reshape(-1)
-    out_x.view(-1, c).index_add_(0, flat, ((xs - xd) * coef[..., None]).reshape(-1, c))
+    delta = torch.where(valid[..., None], (xs - xd) * coef[..., None], torch.zeros((), dtype=x.dtype, device=dev))
+    out_x.view(-1, c).index_add_(0, flat, delta.reshape(-1, c))
 
     new_a = torch.where(merge, new_b.gather(1, partner), new_a)
     new_index = torch.empty(bsz, n_tok, dtype=torch.long, device=dev)
