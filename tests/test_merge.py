@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import vwt
-from tiny import ENTRIES, GRID, IMAGE, NUM_PATCHES, PATCH, hf_blip_vision, images, open_clip_model, timm_vit
-from vwt.encoder import BlockContext, TokenState, initial_state
+from tiny import ENTRIES, GRID, IMAGE, NUM_PATCHES, PATCH, images, timm_vit
+from vwt.encoder import BlockContext, initial_state
 
 TOL = 1e-5
 DEPTH = 4  # the tiny models' depth
