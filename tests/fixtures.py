@@ -286,14 +286,3 @@ def word_bert_tokenizer(directory):
     (directory / "vocab.txt").write_text("\n".join(words) + "\n")
     return BertTokenizer(str(directory / "vocab.txt"), bos_token="[DEC]")
 
-
-@pytest.fixture(scope="module", autouse=False)
-def one_thread():
-    """Tiny models run an order of magnitude faster on one thread when the CPU is shared (two threads
-    spin-wait on each other); use as ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -11,13 +11,12 @@ import blip as blip_script
 import fixtures
 import tiny
 import vwt
-from fixtures import meteor_once, one_thread, use_meteor  # noqa: F401 (fixtures)
+from fixtures import meteor_once, use_meteor  # noqa: F401 (fixtures)
 from vwt import cli
 from vwt import datasets as D
 from vwt import metrics as M
 from vwt.patch import patch_info
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

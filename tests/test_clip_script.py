@@ -10,14 +10,12 @@ import torch.nn.functional as F
 
 import clip as clip_script
 import fixtures
-from fixtures import one_thread  # noqa: F401 (a fixture)
 import tiny
 import vwt
 from vwt import cli
 from vwt import datasets as D
 from vwt.patch import patch_info
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

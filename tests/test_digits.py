@@ -24,8 +24,6 @@ def trained():
     y = torch.tensor(digits.target)
     tr, te = train_test_split(torch.arange(len(y)), test_size=0.25, random_state=0, stratify=y)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # hundreds of small steps: a second thread only waits on a shared CPU
     torch.manual_seed(0)
     model = VisionTransformer(img_size=24, patch_size=4, embed_dim=32, depth=3, num_heads=4, mlp_ratio=2,
                               num_classes=10, global_pool="token")
@@ -43,7 +41,6 @@ def trained():
             loss.backward()
             opt.step()
             sched.step()
-    torch.set_num_threads(threads)
     return model.eval(), x[te], y[te]
 
 
