@@ -6,6 +6,7 @@ import torch
 import vwt
 from tiny import ENTRIES, GRID, IMAGE, NUM_PATCHES, PATCH, hf_blip, images, timm_vit
 from vwt.encoder import InputContext, initial_state
+from vwt import tokenizer
 from vwt.tokenizer import pixel_patches
 from vwt.vocab import patch_embedder
 
@@ -274,3 +275,89 @@ def test_bad_arguments_are_refused():
         vwt.IntraImage(drop=1.0)
     with pytest.raises(TypeError, match="Vocabulary"):
         vwt.InterImage("tokenizers/imgnet/v1000/vocab.pt")
+
+
+# --------------------------------------------------------------------------------------------------
+# The bound-and-refine nearest-word search for large vocabularies against the exhaustive one
+# --------------------------------------------------------------------------------------------------
+def _unit(x):
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def _search_case(seed=0, v=400, dim=D, thresh=0.1):
+    """Words with near-duplicates (ties closer than the bound's slack) and exact duplicates, and unit
+    patches: noisy copies of words, points between near-duplicate pairs, patches at cosine distance
+    thresh +- 1e-5 from a word, random patches and a zero patch."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(v // 2, dim, generator=g)
+    near = base[: v // 4] + 1e-3 * torch.randn(v // 4, dim, generator=g)  # cosines ~1e-6 apart
+    words = torch.cat([base, near, base[v // 4: v // 4 + 20]])  # 20 exact duplicates (higher index)
+    words = torch.cat([words, torch.randn(v - len(words), dim, generator=g)])
+    u = _unit(words)
+    pick = torch.randint(v, (300,), generator=g)
+    noisy = _unit(u[pick] + 0.02 * torch.randn(300, dim, generator=g))
+    a = torch.randint(v // 4, (200,), generator=g)
+    t = torch.rand(200, 1, generator=g)
+    between = _unit(t * u[a] + (1 - t) * u[v // 2 + a] + 1e-4 * torch.randn(200, dim, generator=g))
+    dup = _unit(u[v // 4: v // 4 + 20] + 0.01 * torch.randn(20, dim, generator=g))
+    # at distance thresh +- 1e-5 from a word w: cos(theta) w + sin(theta) e with e orthogonal to w
+    w = u[torch.randint(v // 2, v // 2 + v // 4, (100,), generator=g)]
+    e = torch.randn(100, dim, generator=g)
+    e = _unit(e - (e * w).sum(1, keepdim=True) * w)
+    c = 1 - thresh + 1e-5 * torch.tensor([-1.0, 1.0]).repeat(50)
+    edge = c[:, None] * w + (1 - c * c).sqrt()[:, None] * e
+    rand = _unit(torch.randn(100, dim, generator=g))
+    feats = torch.cat([noisy, between, dup, edge, rand, torch.zeros(1, dim)]).float()
+    return words, _unit(feats)
+
+
+def _check_against_exhaustive(vocab, f, thresh):
+    word, cos = tokenizer.nearest_within(vocab, f, thresh)
+    ref_cos, ref_word = (f @ vocab.unit().T).max(1)  # the exhaustive float32 search
+    ref64 = f.double() @ vocab.unit().double().T
+    matched = (1 - ref_cos) <= thresh
+    assert torch.equal((1 - cos) <= thresh, matched)  # every decision
+    assert matched.sum() > 300 and (~matched).sum() > 100
+    top2 = ref64.topk(2, 1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-5  # the float32 search itself is exact here
+    assert torch.equal(word[matched & clear], ref_word[matched & clear])
+    # closer ties: the exactly nearest word, the lowest index among equals (exact duplicates)
+    assert torch.equal(word[matched], ref64.max(1).indices[matched])
+    assert (cos - ref_cos)[matched].abs().max() < 1e-6
+    assert ((1 - cos)[~matched] > thresh).all()
+    return matched & ~clear
+
+
+def test_fast_search_equals_exhaustive_search(monkeypatch):
+    for seed in range(3):
+        words, f = _search_case(seed)
+        vocab = vwt.Vocabulary(words, space="embed")
+        ties = _check_against_exhaustive(vocab, f, 0.1)
+        assert ties.sum() > 20  # near-ties and duplicates are exercised
+        # every axis (a bound as tight as rounding allows: the threshold decides alone); a coarse bound
+        # (few axes): many candidates per patch; and whole exact rows for the crowded ones
+        monkeypatch.setattr(tokenizer, "_SKETCH_RANK", D)
+        _check_against_exhaustive(vwt.Vocabulary(words, space="embed"), f, 0.1)
+        monkeypatch.setattr(tokenizer, "_SKETCH_RANK", 4)
+        _check_against_exhaustive(vwt.Vocabulary(words, space="embed"), f, 0.1)
+        monkeypatch.setattr(tokenizer, "_DENSE_ROW", 3)
+        _check_against_exhaustive(vwt.Vocabulary(words, space="embed"), f, 0.1)
+        monkeypatch.undo()
+
+
+def test_inter_image_takes_the_fast_search_for_large_vocabularies(monkeypatch):
+    words, f = _search_case(5, dim=D)
+    feats = f[:-1].view(4, -1, D) * 3.0  # match normalises
+    reducer = vwt.InterImage(vwt.Vocabulary(words), thresh=0.1)
+    calls = []
+    inner = tokenizer.nearest_within
+    monkeypatch.setattr(tokenizer, "nearest_within", lambda *a: calls.append(1) or inner(*a))
+    exact_word, exact_dist = reducer.match(feats)
+    assert not calls
+    monkeypatch.setattr(tokenizer, "FAST_MIN_WORDS", len(words))
+    word, dist = reducer.match(feats)
+    assert calls
+    matched = exact_dist <= 0.1
+    assert torch.equal(dist <= 0.1, matched)
+    ref64 = (_unit(feats.double()) @ reducer.vocab.unit().double().T).max(-1).indices
+    assert torch.equal(word[matched], ref64[matched])

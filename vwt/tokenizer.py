@@ -136,7 +136,12 @@ class InterImage(Reducer):
         return feats
 
     def match(self, feats: Tensor) -> tuple[Tensor, Tensor]:
-        """Nearest word and its cosine distance for every patch: (B, N) long, (B, N) float32."""
+        """Nearest word and its cosine distance for every patch: (B, N) long, (B, N) float32.
+
+        With at least ``FAST_MIN_WORDS`` words (and thresh < 0.5) the search is
+        :func:`nearest_within`: the same matched decisions, and where dist <= thresh the same word and
+        dist (to float32 rounding); a patch it reports beyond thresh is beyond it, but its word is
+        a near one, not necessarily the nearest, and dist that word's exact distance."""
         b, n, d = feats.shape
         v = len(self.vocab)
         if self.random:
@@ -144,7 +149,10 @@ class InterImage(Reducer):
             dist = 2 * (1 - torch.rand(b, n, device=feats.device).pow(1.0 / v))
             return word, dist
         f = torch.nn.functional.normalize(feats.reshape(b * n, d).float(), dim=1)  # a zero patch: cos 0
-        word, cos = self.vocab.nearest(f)
+        if v >= FAST_MIN_WORDS and self.thresh < 0.5:
+            word, cos = nearest_within(self.vocab, f, self.thresh)
+        else:
+            word, cos = self.vocab.nearest(f)
         return word.view(b, n), (1 - cos).view(b, n)
 
     def reduce_input(self, state: TokenState, ctx: InputContext) -> TokenState:
@@ -156,6 +164,90 @@ class InterImage(Reducer):
         if not bool(matched.any()):
             return state
         return merge_by_key(state, torch.where(matched, word, len(self.vocab) + torch.arange(n, device=word.device)))
+
+
+FAST_MIN_WORDS = 4096  # below this, one exhaustive matmul is cheaper than the bound-and-refine search
+_SKETCH_RANK = 95  # principal axes of the words in the bound (+ 1 residual column: a 96-wide matmul)
+# Slack on the bound per 768 dimensions, covering float32 rounding: the bound's own matmul (<= 98 u,
+# u = 2^-24, as |[x, |f_perp|]| = |f| = 1 and likewise for the words) plus twice gamma_768 =
+# 768 u / (1 - 768 u) ~ 4.6e-5, the worst-case error of a float32 768-term dot product of unit
+# vectors in any summation order (c0's, and the exhaustive search's), with room: 1.5e-4 < 2e-4.
+_SLACK = 2e-4
+_DENSE_ROW = 1024  # a patch with more candidate words than this gets its whole exact row instead
+_PAIR_CHUNK = 2048  # candidate (patch, word) dot products per gather, to stay in cache
+_CHUNK_FLOATS = 1 << 21  # bounds computed per row chunk: (rows, V) floats, kept near the cache size
+
+
+def nearest_within(vocab, unit_feats: Tensor, max_dist: float) -> tuple[Tensor, Tensor]:
+    """Nearest word and cosine of each L2-normalised row of ``unit_feats`` (n, D) float32, exact
+    wherever 1 - cos <= ``max_dist`` (< 0.5), at a fraction of the exhaustive matmul's cost.
+
+    1. An upper bound U(f, w) >= cos(f, w) for all pairs, from one (n, 96) x (96, V) float32 matmul
+       in the words' principal axes (:meth:`vwt.Vocabulary.sketch`; the patch side projected in
+       float64, so its rounding is negligible), less a slack for float32 rounding (``_SLACK``).
+    2. Per patch, the float32 cosine c0 of the word with the largest bound. A patch with
+       max U < 1 - max_dist - slack cannot match: it keeps that word and c0 (< 1 - max_dist).
+    3. Otherwise the candidates are the words with U >= max(c0, 1 - max_dist) - slack: the nearest
+       word is one of them, and so is every word that could match. Their cosines in float64
+       (gathered dot products) pick the nearest, ties to the lowest index as ``max`` does. A patch
+       with more than ``_DENSE_ROW`` candidates gets its whole row instead (one float64 matmul).
+    The matched words are the exactly nearest ones for the float32 inputs. The exhaustive float32
+    matmul agrees except between words whose cosines differ by less than its own rounding (~1e-6,
+    seen among near-identical flat patches): there it may return either, this one the nearer.
+    Vectorised over patches; row chunks only bound the memory of U.
+    """
+    n, d = unit_feats.shape
+    dev = unit_feats.device
+    unit = vocab.unit(dev)
+    v = unit.shape[0]
+    axes, bound, unit64 = vocab.sketch(_SKETCH_RANK, dev)
+    fd = unit_feats.double()
+    x = fd @ axes
+    resid = (torch.linalg.vecdot(fd, fd) - torch.linalg.vecdot(x, x)).clamp_min_(0).sqrt_()
+    xb = torch.cat([x, resid[:, None]], 1).float()
+    cmin = 1.0 - max_dist - 1e-5  # below every cosine whose float32 distance 1 - cos can be <= max_dist
+    slack = _SLACK * max(1.0, d / 768)
+
+    word = torch.empty(n, dtype=torch.long, device=dev)
+    cos = torch.empty(n, dtype=torch.float32, device=dev)
+    pair_rows, pair_cols, dense = [], [], []
+    step = max(64, _CHUNK_FLOATS // v)
+    for s in range(0, n, step):
+        f = unit_feats[s:s + step]
+        u_chunk = xb[s:s + step] @ bound.T
+        umax, uarg = u_chunk.max(1)
+        c0 = (unit.index_select(0, uarg) * f).sum(1)
+        word[s:s + step], cos[s:s + step] = uarg, c0
+        live = umax >= cmin - slack
+        if not bool(live.any()):
+            continue
+        cut = torch.where(live, c0.clamp_min(cmin) - slack, torch.inf)
+        r, c = (u_chunk >= cut[:, None]).nonzero(as_tuple=True)  # row-major: words ascending per patch
+        many = torch.bincount(r, minlength=f.shape[0]) > _DENSE_ROW
+        if bool(many.any()):
+            dense.append(many.nonzero()[:, 0] + s)
+            keep = ~many[r]
+            r, c = r[keep], c[keep]
+        pair_rows.append(r + s)
+        pair_cols.append(c)
+
+    if pair_rows:
+        rows, cols = torch.cat(pair_rows), torch.cat(pair_cols)
+        vals = torch.empty(rows.shape[0], dtype=torch.float64, device=dev)
+        for s in range(0, rows.shape[0], _PAIR_CHUNK):
+            r, c = rows[s:s + _PAIR_CHUNK], cols[s:s + _PAIR_CHUNK]
+            vals[s:s + _PAIR_CHUNK] = unit64.index_select(0, c).mul_(fd.index_select(0, r)).sum(1)
+        best = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev).scatter_reduce_(0, rows, vals, "amax")
+        top = vals == best[rows]
+        first = torch.full((n,), v, dtype=torch.long, device=dev).scatter_reduce_(0, rows[top], cols[top], "amin")
+        has = first < v
+        word = torch.where(has, first, word)
+        cos = torch.where(has, best.float(), cos)
+    if dense:
+        rows = torch.cat(dense)
+        c, w = (fd.index_select(0, rows) @ unit64.T).max(1)
+        word[rows], cos[rows] = w, c.float()
+    return word, cos
 
 
 def merge_by_key(state: TokenState, key: Tensor) -> TokenState:

@@ -83,6 +83,26 @@ class Vocabulary:
             self._unit[key] = torch.nn.functional.normalize(self.words, dim=1).to(device).contiguous()
         return self._unit[key]
 
+    def sketch(self, rank: int, device=None) -> tuple[Tensor, Tensor, Tensor]:
+        """A low-rank view of the unit words for bounding cosines cheaply, computed once per (rank, device):
+        ``basis`` (D, r) float64, the top ``r = min(rank, D)`` principal axes of the unit words
+        (uncentred, orthonormal to float64 precision); ``bound`` (V, r + 1) float32, each word's
+        coordinates in that basis followed by the norm of its residual outside it; and the unit words
+        in float64 (V, D), for exact cosines of a few candidates. For a unit patch f with coordinates
+        x = basis^T f and residual norm |f_perp|, cos(f, w) = x.w_r + f_perp.w_perp
+        <= [x, |f_perp|] . bound[w] (Cauchy-Schwarz)."""
+        device = torch.device(device or "cpu")
+        key = ("sketch", rank, str(device))
+        if key not in self._unit:
+            u = torch.nn.functional.normalize(self.words.double(), dim=1)
+            r = min(rank, self.dim)
+            axes = torch.linalg.eigh(u.T @ u).eigenvectors.flip(1)[:, :r].contiguous()
+            coords = u @ axes
+            resid = (u - coords @ axes.T).norm(dim=1, keepdim=True)
+            bound = torch.cat([coords, resid], 1).float().contiguous()
+            self._unit[key] = (axes.to(device), bound.to(device), self.unit().double().to(device))
+        return self._unit[key]
+
     def nearest(self, unit_feats: Tensor) -> tuple[Tensor, Tensor]:
         """Nearest word (cosine) of each L2-normalised row of ``unit_feats`` (n, D) float32, and the
         cosine: one exhaustive matmul against the cached normalised words, one max."""
