@@ -4,7 +4,10 @@ Times ``InterImage.reduce_input`` (match every patch to the vocabulary, merge, p
 unpatched vision forward (random weights: weights do not change runtime), side by side, interleaved;
 prints medians and the median of per-round ratios. Inputs are the real ``samples`` photographs with
 CLIP preprocessing; the words are distinct pixel patches of random crops of those photographs (so a
-realistic share of patches matches and the merge path runs; real vocabularies are k-means centres). Targets: <= 1.5% with 1,000 words, <= 5% with 10,000.
+realistic share of patches matches and the merge path runs; real vocabularies are k-means centres).
+"search" says which nearest-word search ran: one exhaustive matmul, or for vocabularies of at least
+``vwt.tokenizer.FAST_MIN_WORDS`` words the exact bound-and-refine search. Targets: <= 1.5% with
+1,000 words, <= 5% with 10,000.
 
     python benchmarks/bench_tokenizer.py [--batch 1 32] [--vocab 1000 10000] [--rounds 15] [--thresh 0.1]
 """
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vwt  # noqa: E402
 from vwt.backends import hf_clip  # noqa: E402
 from vwt.datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess, sample_images  # noqa: E402
+from vwt import tokenizer as tokenizer_module  # noqa: E402
 from vwt.encoder import InputContext, initial_state  # noqa: E402
 from bench_kmeans import patches as crop_patches  # noqa: E402
 
@@ -50,11 +54,13 @@ def main():
     photos = torch.stack([prep(im) for _, im in sample_images()])
     pool = crop_patches(max(args.vocab) * 4, seed=1)  # crops of the same photographs, 16x16 pixel patches
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(photos)} sample photographs")
-    print("batch  words  forward_ms  tokenizer_ms  ratio   tokens/image (of 197)")
+    print("batch  words  forward_ms  tokenizer_ms  ratio   tokens/image (of 197)  search")
     for v in args.vocab:
         g = torch.Generator().manual_seed(v)
         words = pool[torch.randperm(len(pool), generator=g)[:v]]
         reducer = vwt.InterImage(vwt.Vocabulary(words), thresh=args.thresh)
+        fast = v >= tokenizer_module.FAST_MIN_WORDS and args.thresh < 0.5
+        search = "bound+refine" if fast else "exhaustive"
         for b in args.batch:
             x = photos[torch.arange(b) % len(photos)]
             with torch.inference_mode():
@@ -77,7 +83,7 @@ def main():
                     ratios.append(tt[-1] / tf[-1])
                 tokens = tokenize().real_counts().float().mean().item()
             print(f"{b:5d}  {v:5d}  {1e3 * statistics.median(tf):10.1f}  {1e3 * statistics.median(tt):12.2f}  "
-                  f"{100 * statistics.median(ratios):5.2f}%  {tokens:.1f}")
+                  f"{100 * statistics.median(ratios):5.2f}%  {tokens:21.1f}  {search}")
 
 
 if __name__ == "__main__":
