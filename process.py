@@ -40,7 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", default=0, type=int, help="seed of the image order and of k-means (default 0)")
     p.add_argument("--batch", default=32, type=int, help="images per k-means update (default 32)")
     p.add_argument("--max-images", default=None, type=int, help="use at most this many images (a seeded random subset)")
-    p.add_argument("--passes", default=1, type=int, help="passes over the images (default 1, as the paper)")
+    p.add_argument("--passes", default=1, type=int, help="mini-batch k-means passes over the images (default 1, as the paper)")
+    p.add_argument("--refine", default=2, type=int,
+                   help="then this many Lloyd passes, each one more pass over the images (default 2: better words "
+                        "than scikit-learn's mini-batch k-means; 0 for the single mini-batch pass)")
     p.add_argument("--workers", default=4, type=int, help="data-loading worker processes (default 4; 0 = none)")
     p.add_argument("--out", default=None, type=Path,
                    help="output folder (default tokenizers/<data>/v<SIZE>, with -embed for --space embed "
@@ -61,6 +64,8 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> vwt.Vocabulary:
     for flag in ("vocab", "batch", "passes"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1; got {getattr(args, flag)}")
+    if args.refine < 0:
+        raise UserError(f"--refine must be 0 or more; got {args.refine}")
     if args.max_images is not None and args.max_images < 1:
         raise UserError(f"--max-images must be at least 1; got {args.max_images}")
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
@@ -96,7 +101,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> vwt.Vocabulary:
     started = time.time()
     vocab = vwt.Vocabulary.learn(
         Pixels(), size=args.vocab, space=args.space, patch_size=patch_size, embed=embed, passes=args.passes,
-        seed=args.seed, device=device, progress=progress,
+        refine=args.refine, seed=args.seed, device=device, progress=progress,
         data=args.data, split=split, images=len(data), image_size=pre.size, mean=list(pre.mean), std=list(pre.std),
         model=loaded.name, config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         environment=cli.environment(device))
@@ -104,7 +109,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> vwt.Vocabulary:
     path = vocab.save(out_dir(args))
     per_patch = vocab.meta["inertia"] / max(vocab.meta["inertia_patches"], 1)
     print(f"{len(vocab)} {args.space}-space words of {vocab.dim} values from {vocab.meta['patches_seen']} patches "
-          f"({len(data)} images, {args.passes} pass(es)); inertia {per_patch:.4g} per patch; written: {path}")
+          f"({len(data)} images, {args.passes} mini-batch + {args.refine} Lloyd pass(es)); inertia {per_patch:.4g} per patch; written: {path}")
     return vocab
 
 

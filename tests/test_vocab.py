@@ -99,6 +99,26 @@ def test_kmeans_no_worse_than_sklearn_on_small_data():
     assert inertia(x, ours.centres) <= 1.02 * inertia(x, theirs)
 
 
+def test_lloyd_pass_is_one_exact_lloyd_step_and_never_raises_inertia():
+    x, _ = _blobs(k=12, per=80, dim=10, seed=2)
+    x = x + torch.randn_like(x)
+    km = MiniBatchKMeans(12, seed=0).fit(x, batch=200)
+    before = km.centres.clone()
+    km.lloyd_pass(x[s:s + 200] for s in range(0, len(x), 200))
+    nearest = torch.cdist(x, before).argmin(1)  # the Lloyd step computed directly
+    for j in range(12):
+        expected = x[nearest == j].mean(0) if (nearest == j).any() else before[j]
+        assert torch.allclose(km.centres[j], expected, atol=1e-5)
+    assert km.pass_inertia == pytest.approx(inertia(x, before), rel=1e-5)
+    assert inertia(x, km.centres) <= inertia(x, before)
+
+
+def test_refining_learn_needs_re_iterable_batches():
+    once = (images(4, seed=s) for s in range(3))
+    with pytest.raises(ValueError, match="re-iterable"):
+        vwt.Vocabulary.learn(once, size=10, patch_size=PATCH, refine=1)
+
+
 def test_learn_is_seeded_and_records_what_it_saw():
     batches = [images(4, seed=s) for s in range(3)]
     a = vwt.Vocabulary.learn(batches, size=10, patch_size=PATCH, seed=1, data="random")

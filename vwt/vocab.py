@@ -160,36 +160,46 @@ class Vocabulary:
     # ---------------------------------------------------------------------------------------------
     @classmethod
     def learn(cls, batches: Iterable, size: int = 1000, space: str = "pixel", patch_size: Optional[int] = 16,
-              embed: Optional[Callable[[Tensor], Tensor]] = None, passes: int = 1, seed: int = 0,
-              device=None, init_size: Optional[int] = None, progress: Optional[Callable] = None,
-              **meta) -> "Vocabulary":
+              embed: Optional[Callable[[Tensor], Tensor]] = None, passes: int = 1, refine: int = 2,
+              seed: int = 0, device=None, init_size: Optional[int] = None,
+              progress: Optional[Callable] = None, **meta) -> "Vocabulary":
         """Learn ``size`` words by mini-batch k-means over the patches of ``batches``.
 
         batches: an iterable (re-iterable when passes > 1) of normalised pixels (B, 3, H, W), or of
                  (pixels, anything) pairs as data loaders give. Each batch is one k-means update.
         space:   "pixel" (patches of ``patch_size``) or "embed" (``embed(pixels) -> (B, N, C)``, e.g.
                  :func:`patch_embedder` of a model whose patch size is ``patch_size``).
+        passes:  mini-batch passes over the data; refine: then that many Lloyd passes (each one more
+                 pass over the data: every centre moves to the mean of all the patches nearest to it).
+                 Refining makes the words better than scikit-learn's mini-batch k-means at the same data
+                 (benchmarks/bench_kmeans.py); ``refine=0`` is the plain single mini-batch pass.
         progress: wraps each pass's iterable (e.g. tqdm). ``meta`` is saved in the sidecar.
         The recorded inertia is the sum of squared distances of the last pass's patches to their
-        centre, each measured as its batch was assigned (before that batch's update), as
-        scikit-learn's mini-batch k-means reports it.
+        centre, each measured as its batch was assigned (before that batch's update; for a Lloyd pass,
+        before the pass's update), as scikit-learn's mini-batch k-means reports it.
         """
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}; got {space!r}")
         if space == "embed" and embed is None:
             raise ValueError("space='embed' needs embed(pixels) -> (B, N, C), e.g. vwt.vocab.patch_embedder(model)")
         km = MiniBatchKMeans(size, seed=seed, device=device, init_size=init_size)
-        last = (0.0, 0)
-        for p in range(passes):
-            km.start_pass()
+
+        def features():
             for batch in (progress(batches) if progress else batches):
                 pixels = batch[0] if isinstance(batch, (tuple, list)) else batch
                 feats = embed(pixels) if space == "embed" else pixel_patches(pixels, patch_size)
-                km.partial_fit(feats.reshape(-1, feats.shape[-1]))
+                yield feats.reshape(-1, feats.shape[-1])
+
+        for _ in range(passes):
+            km.start_pass()
+            for feats in features():
+                km.partial_fit(feats)
             km.flush()
-            last = (km.pass_inertia, km.pass_patches)
+        for _ in range(refine):
+            km.lloyd_pass(features())
         info = dict(meta)
-        info.update(patches_seen=km.seen, passes=passes, seed=seed, inertia=last[0], inertia_patches=last[1])
+        info.update(patches_seen=km.seen, passes=passes, refine=refine, seed=seed, inertia=km.pass_inertia,
+                    inertia_patches=km.pass_patches)
         return cls(km.centres.cpu(), space=space, patch_size=patch_size, **info)
 
 
@@ -286,13 +296,40 @@ class MiniBatchKMeans:
         for b in batches:
             self._step(b)
 
-    def fit(self, x: Tensor, batch: int = 6272, passes: int = 1) -> "MiniBatchKMeans":
-        """Mini-batch k-means over a tensor already in memory, in row order, ``passes`` times."""
+    def fit(self, x: Tensor, batch: int = 6272, passes: int = 1, refine: int = 0) -> "MiniBatchKMeans":
+        """Mini-batch k-means over a tensor already in memory, in row order, ``passes`` times, then
+        ``refine`` Lloyd passes."""
         for _ in range(passes):
             self.start_pass()
             for s in range(0, x.shape[0], batch):
                 self.partial_fit(x[s:s + batch])
             self.flush()
+        for _ in range(refine):
+            self.lloyd_pass(x[s:s + batch] for s in range(0, x.shape[0], batch))
+        return self
+
+    def lloyd_pass(self, batches: Iterable[Tensor]) -> "MiniBatchKMeans":
+        """One exact Lloyd step streamed over the data: assign every row of every batch to its nearest
+        centre, then move each centre to the mean of its rows (a centre given no row stays). Never
+        raises the inertia; records the pass's inertia before the move."""
+        if self.centres is None:
+            raise ValueError("lloyd_pass needs initialised centres: run a mini-batch pass first")
+        self.start_pass()
+        sums = torch.zeros_like(self.centres, dtype=torch.float64)
+        counts = torch.zeros(self.k, dtype=torch.float64, device=self.centres.device)
+        centre_sq = self.centres.pow(2).sum(1)
+        for x in batches:
+            x = x.detach().to(self.centres.device, torch.float32)
+            labels, dist = assign(x, self.centres, centre_sq)
+            self.pass_inertia += float(dist.double().sum())
+            self.pass_patches += x.shape[0]
+            sums.index_add_(0, labels, x.double())
+            counts += torch.bincount(labels, minlength=self.k).double()
+        if self.pass_patches == 0:
+            raise ValueError("a Lloyd pass got no data: give k-means a re-iterable (e.g. a DataLoader or a list), "
+                             "not a one-shot iterator, when passes > 1 or refine > 0")
+        hit = counts > 0
+        self.centres[hit] = (sums[hit] / counts[hit, None]).float()
         return self
 
     # -- internals ---------------------------------------------------------------------------------
