@@ -83,6 +83,12 @@ class TokenState:
     def record(self) -> None:
         self.tokens_per_layer.append(self.real_counts())
 
+    def relabel(self, new_index: Tensor) -> Tensor:
+        """The labels after a reduction in which old token j becomes token ``new_index[:, j]`` (B, N_old)
+        (-1: gone); a patch already dropped stays -1. Every reducer keeps ``labels`` current with it."""
+        out = new_index.gather(1, self.labels.clamp_min(0))
+        return torch.where(self.labels >= 0, out, torch.full_like(out, -1))
+
 
 def initial_state(x: Tensor, grid: tuple[int, int], prefix: int) -> TokenState:
     """State for freshly embedded tokens: all size 1, patch p held by token prefix + p."""

@@ -30,14 +30,6 @@ _NEG = -math.inf
 # --------------------------------------------------------------------------------------------------
 # Shared machinery
 # --------------------------------------------------------------------------------------------------
-def _relabel(state: TokenState, new_index: Tensor) -> Tensor:
-    """labels after a reduction: ``new_index`` (B, N_old) gives each old token's new index (-1: gone).
-    A patch that was dropped (-1) stays dropped."""
-    labels = state.labels
-    out = new_index.gather(1, labels.clamp_min(0))
-    return torch.where(labels >= 0, out, torch.full_like(out, -1))
-
-
 def _rows(x: Tensor, index: Tensor) -> Tensor:
     """x[b, index[b, j]] for (B, N, C) tokens and a (B, L) index: whole-row copies (faster than gather)."""
     return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
@@ -142,7 +134,7 @@ def _bipartite_merge(state: TokenState, metric: Tensor, budget: Tensor, max_merg
     new_index[:, :p] = new_cat[:, :p]
     new_index[:, p::2] = new_a
     new_index[:, p + 1::2] = new_b
-    return replace(state, x=out_x, size=out_size, labels=_relabel(state, new_index))
+    return replace(state, x=out_x, size=out_size, labels=state.relabel(new_index))
 
 
 def _per_layer(r: Union[int, Sequence[int]], index: int, depth: int, name: str) -> int:
@@ -259,7 +251,7 @@ class EViT(Reducer):
             out_size.scatter_(1, slot[:, None], (tsize * dropped).sum(1, keepdim=True))
             new_tok = torch.where(dropped, slot[:, None].expand(-1, n), new_tok)
         new_index = torch.cat([torch.arange(p, device=dev).expand(bsz, -1), new_tok], 1)
-        return replace(state, x=out_x, size=out_size, labels=_relabel(state, new_index))
+        return replace(state, x=out_x, size=out_size, labels=state.relabel(new_index))
 
 
 # --------------------------------------------------------------------------------------------------

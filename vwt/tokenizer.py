@@ -27,13 +27,12 @@ def pixel_patches(pixel_values: Tensor, patch_size: int) -> Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c * p * p)
 
 
-def _relabel(labels: Tensor, prefix: int, patch_to_token: Tensor) -> Tensor:
-    """Compose the state's patch -> token labels with a map from the old patch tokens (index - prefix)
-    to new token indices (-1: dropped)."""
-    holder = labels - prefix
-    ok = holder >= 0
-    new = patch_to_token.gather(1, holder.clamp_min(0))
-    return torch.where(ok, new, labels)
+def _relabel(state: TokenState, patch_to_token: Tensor) -> Tensor:
+    """Labels after an input reduction given where each patch token (index - prefix) goes (-1: dropped);
+    the prefix tokens stay where they are."""
+    b, pre = patch_to_token.shape[0], state.prefix
+    keep_prefix = torch.arange(pre, device=patch_to_token.device).expand(b, -1)
+    return state.relabel(torch.cat([keep_prefix, patch_to_token], 1))
 
 
 def _check_input_state(state: TokenState, num_patches: int, who: str) -> None:
@@ -87,7 +86,7 @@ class IntraImage(Reducer):
         to_token = torch.full((b, n), -1, dtype=torch.long, device=keep.device)
         to_token.scatter_(1, keep, torch.arange(pre, pre + k, device=keep.device).expand(b, -1))
         state.x, state.size = x, size
-        state.labels = _relabel(state.labels, pre, to_token)
+        state.labels = _relabel(state, to_token)
         return state
 
 
@@ -285,7 +284,7 @@ def merge_by_key(state: TokenState, key: Tensor) -> TokenState:
     else:
         prefix_size = torch.ones(b, pre, dtype=torch.float32, device=dev) if state.size is None else state.size[:, :pre]
         state.size = torch.cat([prefix_size, counts.view(b, m)], 1)
-    state.labels = _relabel(state.labels, pre, slot + pre)
+    state.labels = _relabel(state, slot + pre)
     return state
 
 
