@@ -219,17 +219,11 @@ def load_images(args, preprocess) -> torch.Tensor:
     return torch.stack([ds[i][0] for i in tqdm(range(len(ds)), desc=f"loading {args.data}", leave=False)])
 
 
-def patch_size_of(vision) -> int:
-    """The patch size of a vision tower: the kernel of its first convolution (the patch projection)."""
-    conv = next(m for m in vision.modules() if isinstance(m, torch.nn.Conv2d))
-    return int(conv.kernel_size[0])
-
-
 def vocabulary(args, s: dict, images: torch.Tensor, vision, preprocess):
     """The inter-image vocabulary and its short name: --vocab-path; else process.py's
     tokenizers/<vocab-data or data>/v<size>/vocab.pt; for the samples, learned on them and cached in
     tokenizers/samples/ (relearned when the cache does not fit the model)."""
-    patch = patch_size_of(vision)
+    patch = flops.dims_of(vision).patch_size
     if args.vocab_path is not None:
         path = Path(args.vocab_path)
         if not path.exists():
