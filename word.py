@@ -22,10 +22,8 @@ import numpy as np
 import torch
 
 import vwt
-from vwt import cli, vis
-from vwt import datasets
-from vwt.datasets import Preprocess, preprocess_for
-from vwt.vocab import CLIP_MEAN, CLIP_STD
+from vwt import cli, datasets, vis
+from vwt.datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess, preprocess_for
 
 
 def parse_args(argv=None):
@@ -59,8 +57,8 @@ def vocab_tag(vocab) -> str:
 def word_grid(vocab, cols, scale):
     """The words drawn as (V, P, P, 3) tiles with the vocabulary's own normalisation, and laid out in a
     grid; returns (tiles, array, Grid)."""
-    pre = Preprocess(int(vocab.meta.get("image_size") or 224), tuple(vocab.meta.get("mean") or CLIP_MEAN),
-                     tuple(vocab.meta.get("std") or CLIP_STD))
+    pre = Preprocess(int(vocab.meta.get("image_size") or 224), tuple(vocab.meta.get("mean") or OPENAI_CLIP_MEAN),
+                     tuple(vocab.meta.get("std") or OPENAI_CLIP_STD))
     tiles = vis.word_tiles(vocab.words, vocab.patch_size, pre.denormalise)
     cols = cols or math.ceil(math.sqrt(len(tiles)))
     if scale is None:

@@ -15,11 +15,10 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from .datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .tokenizer import pixel_patches, tokenize
 
 SPACES = ("pixel", "embed")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _pixel_patch_size(dim: int) -> Optional[int]:
@@ -73,7 +72,7 @@ class Vocabulary:
         """A bare (V, D) tensor as the paper published them: pixel space, P from D, CLIP normalisation."""
         if isinstance(words, Tensor) and words.dim() == 2 and _pixel_patch_size(words.shape[1]) is None:
             raise ValueError(f"a bare vocabulary tensor must be pixel-space (V, 3·P·P); got {tuple(words.shape)}")
-        return cls(words, space="pixel", mean=CLIP_MEAN, std=CLIP_STD)
+        return cls(words, space="pixel", mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
 
     def unit(self, device=None) -> Tensor:
         """(V, D) float32 L2-normalised words on ``device``, computed once per device."""
