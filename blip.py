@@ -225,7 +225,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
             print("warning: captioning with random weights (test hook)", file=sys.stderr)
         text_tokenizer(loaded)
         if args.quant:
-            vwt.quantize(loaded.model)
+            cli.quantize(loaded.model)
         seed_everything(args.seed)
         vwt.patch(loaded.model, *reducers)
         try:

@@ -231,7 +231,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     names = class_names(args, ds)
     text = None if loaded.family == "timm" else text_features(loaded, [args.prompt.format(n) for n in names], device)
     if args.quant:
-        vwt.quantize(loaded.model)
+        cli.quantize(loaded.model)
 
     if not loaded.pretrained:
         print("warning: evaluating random weights (test hook)", file=sys.stderr)

@@ -75,7 +75,7 @@ def run(args, loaded=None) -> dict:
     if loaded is None:
         loaded = cli.load_model(args.model, device, dtype, random_weights=args.random_weights)
     if args.quant:
-        vwt.quantize(loaded.model)
+        cli.quantize(loaded.model)
     pre = preprocess_for(loaded.model)
     inter = next((r for r in reducers if isinstance(r, vwt.InterImage)), None)
     out_dir = figure_dir(args, loaded)

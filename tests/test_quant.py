@@ -89,6 +89,17 @@ def test_bitsandbytes_without_cuda_is_one_clear_line():
     assert "\n" not in str(e.value)
 
 
+def test_scripts_report_a_quantizer_that_cannot_run_as_a_user_error(monkeypatch):
+    from vwt import cli
+
+    def cannot(model, backend="auto"):
+        raise RuntimeError("vwt.quantize: torchao is not importable (no module); install torchao")
+
+    monkeypatch.setattr(vwt, "quantize", cannot)
+    with pytest.raises(cli.UserError, match="torchao is not importable"):
+        cli.quantize(timm_vit())
+
+
 def test_unknown_backend_and_model():
     with pytest.raises(ValueError, match="backend must be one of"):
         vwt.quantize(timm_vit(), backend="int4")

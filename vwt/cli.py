@@ -233,6 +233,17 @@ def reducers_from_args(args) -> list:
     return reducers
 
 
+def quantize(model: nn.Module) -> nn.Module:
+    """``--quant``: vwt.quantize, with its "cannot run here" errors (no CUDA for bitsandbytes, a backend
+    that is not installed) as one-line UserErrors."""
+    import vwt
+
+    try:
+        return vwt.quantize(model)
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+
+
 # --------------------------------------------------------------------------------------------------
 # Results files
 # --------------------------------------------------------------------------------------------------
