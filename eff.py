@@ -359,8 +359,7 @@ def quantized(vision):
     try:
         return vwt.quantize(copy.deepcopy(vision))
     except Exception as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        return f"not run: {type(e).__name__}: {msg}"
+        return f"not run: {type(e).__name__}: {cli.first_line(e, 200)}"
 
 
 def run_config(tower, reducers: list, batches: list, images: int, args, meter, device) -> dict:

@@ -23,6 +23,13 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, no traceback."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message cut to its first line (at most ``limit`` characters), or its type name
+    when it has none: what a one-line error quotes of the cause."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 def main(fn: Callable[[], Any]) -> None:
     """Run a script's main, turning UserError (and a missing file) into a one-line error and exit 2."""
     try:
@@ -145,8 +152,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
     except UserError:
         raise
     except Exception as e:  # hub unreachable, unknown name, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model {name!r}: {msg[:300]}. Models come from the Hugging Face hub "
+        raise UserError(f"cannot load model {name!r}: {first_line(e)}. Models come from the Hugging Face hub "
                         "(or its local cache); pass a cached or local model, or --random-weights where "
                         "the script offers it") from None
     loaded.model.to(device=device, dtype=dtype).eval()

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .cli import UserError, first_line
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -148,7 +150,6 @@ def _where(name: str) -> str:
 
 
 def _missing(name: str, what: str, path: Path):
-    from .cli import UserError
 
     return UserError(f"{name}: {what} {path} not found{_where(name)}")
 
@@ -161,7 +162,6 @@ def _need(name: str, what: str, path: Path) -> Path:
 
 def read_image(path, name: str = "") -> Image.Image:
     """Open an image as RGB; a missing or unreadable file is a one-line UserError naming it."""
-    from .cli import UserError
 
     try:
         with Image.open(path) as im:
@@ -169,8 +169,7 @@ def read_image(path, name: str = "") -> Image.Image:
     except FileNotFoundError:
         raise _missing(name, "image", Path(path)) from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated, not an image, bad header
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{name}: cannot read image {path}: {reason}{_where(name)}") from None
+        raise UserError(f"{name}: cannot read image {path}: {first_line(e)}{_where(name)}") from None
 
 
 class ImageRecords(torch.utils.data.Dataset):
@@ -202,7 +201,6 @@ class ImageRecords(torch.utils.data.Dataset):
 
 
 def _split(name: str, split: Optional[str], allowed: Sequence[str], default: str) -> str:
-    from .cli import UserError
 
     split = default if split is None else split
     if split not in allowed:
@@ -213,13 +211,12 @@ def _split(name: str, split: Optional[str], allowed: Sequence[str], default: str
 def _read_csv(name: str, path: Path, columns: Sequence[str]):
     import pandas as pd
 
-    from .cli import UserError
 
     _need(name, "file", path)
     try:
         df = pd.read_csv(path)
     except Exception as e:
-        raise UserError(f"{name}: cannot read {path}: {str(e).splitlines()[0]}{_where(name)}") from None
+        raise UserError(f"{name}: cannot read {path}: {first_line(e)}{_where(name)}") from None
     lacking = [c for c in columns if c not in df.columns]
     if lacking:
         raise UserError(f"{name}: {path} lacks the column(s) {', '.join(lacking)}{_where(name)}")
@@ -299,7 +296,6 @@ def openimages(root: Path, transform, subset: str = "common", split=None) -> Ima
     benchmark. annots.txt lines are ``test/<image id>,tag,tag,...``; records carry "labels" (tag indices).
     The lists are read from ``<root>/openimages/<subset>/`` or, if absent there, the shipped copy in the
     repository's data/openimages/."""
-    from .cli import UserError
 
     name = f"openimages-{subset}"
     _split(name, split, ("test",), "test")
@@ -387,7 +383,6 @@ def imagenet(root: Path, transform, split=None) -> ImageRecords:
 def _read_json(name: str, path: Path):
     import json
 
-    from .cli import UserError
 
     _need(name, "file", path)
     try:
@@ -404,7 +399,6 @@ def load(name: str, root, transform: Optional[Callable], split: Optional[str] = 
     "labels" (OpenImages tag indices), "captions" (COCO, NoCaps). ``split`` None picks the evaluation
     split; ``limit`` keeps the first records. A missing file is a one-line UserError naming it and the
     expected layout."""
-    from .cli import UserError
 
     root = Path(root)
     if name == "samples":
@@ -423,7 +417,6 @@ def load(name: str, root, transform: Optional[Callable], split: Optional[str] = 
 def batches(dataset, batch: int, workers: int = 0):
     """Iterate ``(pixels, records)`` batches in order. A UserError raised in a worker process (an
     unreadable image) comes back as the same one line, not the worker's traceback."""
-    from .cli import UserError
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
                                          collate_fn=collate)

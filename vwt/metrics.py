@@ -22,6 +22,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from .cli import UserError, first_line
+
 
 # --------------------------------------------------------------------------------------------------
 # Classification
@@ -115,8 +117,6 @@ def caption_scores(references: dict, candidates: dict, spice: Optional[bool] = N
     "SPICE_note" saying why when SPICE cannot run. ``spice`` False skips it; None runs it if available.
     ``which`` limits the metrics computed (e.g. CIDEr alone per NoCaps domain, without METEOR's slow
     Java start-up)."""
-    from .cli import UserError
-
     if set(references) != set(candidates):
         raise ValueError("caption_scores: references and candidates must cover the same image ids")
     if not references:
@@ -164,7 +164,7 @@ def caption_scores(references: dict, candidates: dict, spice: Optional[bool] = N
             with contextlib.redirect_stdout(io.StringIO()):
                 out["SPICE"] = Spice().compute_score(gts, res)[0]
         except Exception as e:  # the jar fails on some Java versions: report, never invent a number
-            why = f"SPICE failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            why = f"SPICE failed: {first_line(e)}"
     if out["SPICE"] is None:
         out["SPICE_note"] = f"SPICE unavailable: {why}"
     return {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from .cli import first_line
 from .datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .tokenizer import pixel_patches, tokenize
 
@@ -141,7 +142,7 @@ class Vocabulary:
         except FileNotFoundError:
             raise
         except Exception as e:
-            raise ValueError(f"{path} is not a vocabulary file (torch.load failed: {str(e).splitlines()[0][:200]})") from None
+            raise ValueError(f"{path} is not a vocabulary file (torch.load failed: {first_line(e, 200)})") from None
         if not isinstance(words, Tensor):
             raise ValueError(f"{path} holds a {type(words).__name__}, not a (V, D) tensor of visual words")
         sidecar = path.with_suffix(".json")
