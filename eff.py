@@ -154,39 +154,13 @@ def settings(args) -> dict:
     return s
 
 
-def label(cfg: Config, s: dict, vocab_name: str = "") -> str:
-    """The configuration with its settings, e.g. 'inter-v1000-t0.1+tome13+int8'."""
-    parts = []
-    if cfg.input == "intra":
-        parts.append(f"intra{s['top_k']:g}")
-    if cfg.input == "inter":
-        parts.append(f"inter-{vocab_name}-t{s['thresh']:g}")
-    if cfg.block == "tome":
-        parts.append(f"tome{s['tome']}")
-    if cfg.block == "evit":
-        parts.append(f"evit{s['evit']:g}")
-    if cfg.block == "lgtm":
-        parts.append(f"lgtm{s['lgtm']}")
-    if cfg.quant:
-        parts.append("int8")
-    return "+".join(parts) or "base"
-
-
-def reducers_for(cfg: Config, s: dict, vocab, random: bool, prop_attn: bool) -> list:
-    out = []
-    if cfg.input == "intra":
-        if not 0 <= s["top_k"] < 1:
-            raise cli.UserError(f"--top_k is the fraction of patches to drop, in [0, 1); got {s['top_k']}")
-        out.append(vwt.IntraImage(drop=s["top_k"], random=random))
-    if cfg.input == "inter":
-        out.append(vwt.InterImage(vocab, thresh=s["thresh"], random=random, prop_attn=prop_attn))
-    if cfg.block == "tome":
-        out.append(vwt.ToMe(r=s["tome"]))
-    if cfg.block == "evit":
-        out.append(vwt.EViT(keep=s["evit"]))
-    if cfg.block == "lgtm":
-        out.append(vwt.LGTM(r=s["lgtm"]))
-    return out
+def method_settings(cfg: Config, s: dict) -> dict:
+    """The settings of the methods a configuration uses, as vwt.cli's method_label / build_reducers
+    take them (None for the methods it does not use)."""
+    return dict(top_k=s["top_k"] if cfg.input == "intra" else None,
+                tome=s["tome"] if cfg.block == "tome" else None,
+                evit=s["evit"] if cfg.block == "evit" else None,
+                lgtm=s["lgtm"] if cfg.block == "lgtm" else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,21 +200,19 @@ def vocabulary(args, s: dict, images: torch.Tensor, vision, preprocess):
     patch = flops.dims_of(vision).patch_size
     if args.vocab_path is not None:
         path = Path(args.vocab_path)
-        if not path.exists():
-            raise cli.UserError(f"vocabulary {path} not found")
-        return _fitting(_read_vocab(path), patch, path), path.parent.name or path.stem
+        return _fitting(cli.read_vocabulary(path), patch, path), path.parent.name or path.stem
     data = args.vocab_data or args.data
     name = f"v{s['vocab']}"
     if data != "samples":
-        path = Path("tokenizers") / data / name / "vocab.pt"
-        if not path.exists():
-            raise cli.UserError(f"vocabulary {path} not found; learn it with `python process.py --data {data} "
-                                f"--vocab {s['vocab']}`, or pass --vocab-path (e.g. a published ImageNet vocab.pt)")
-        return _fitting(_read_vocab(path), patch, path), name
+        path = cli.tokenizer_dir(data, s["vocab"]) / "vocab.pt"
+        hint = (f"; learn it with `python process.py --data {data} --vocab {s['vocab']}`, or pass --vocab-path "
+                "(e.g. a published ImageNet vocab.pt)")
+        return _fitting(cli.read_vocabulary(path, hint), patch, path), name
     size = images.shape[-1]
-    path = Path("tokenizers") / "samples" / (name if (patch, size) == (16, 224) else f"{name}-p{patch}-{size}px") / "vocab.pt"
+    cache = cli.tokenizer_dir("samples", s["vocab"])
+    path = (cache if (patch, size) == (16, 224) else cache.with_name(f"{name}-p{patch}-{size}px")) / "vocab.pt"
     if path.exists():
-        vocab = _read_vocab(path)
+        vocab = cli.read_vocabulary(path)
         if (vocab.space, vocab.patch_size, tuple(vocab.meta.get("mean", ())), tuple(vocab.meta.get("std", ()))) == \
                 ("pixel", patch, tuple(preprocess.mean), tuple(preprocess.std)):
             return vocab, name
@@ -262,13 +234,6 @@ def _fitting(vocab, patch: int, path: Path):
         raise cli.UserError(f"vocabulary {path} holds {vocab.patch_size}x{vocab.patch_size} pixel patches; the model's "
                             f"patches are {patch}x{patch}")
     return vocab
-
-
-def _read_vocab(path: Path):
-    try:
-        return vwt.Vocabulary.load(path)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise cli.UserError(f"cannot read vocabulary {path}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,10 +428,15 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
     bar = tqdm([(c, b) for c in configs for b in args.batch], desc="measuring", unit="run")
     for cfg, b in bar:
         bar.set_postfix_str(f"{cfg.name} b{b}")
-        row = dict(common, method=cfg.name, config=label(cfg, s, vocab_name), batch=b, note="")
+        chosen = method_settings(cfg, s)
+        inter = dict(thresh=s["thresh"], random=args.random)
+        row = dict(common, method=cfg.name, batch=b, note="",
+                   config=cli.method_label(**chosen, **inter, vocab=vocab_name if cfg.input == "inter" else None,
+                                           quant=cfg.quant))
         try:
-            reducers = reducers_for(cfg, s, vocab, args.random, args.prop_attn)
-        except (ValueError, TypeError) as e:
+            reducers = cli.build_reducers(**chosen, **inter, vocab=vocab if cfg.input == "inter" else None,
+                                          prop_attn=args.prop_attn)
+        except cli.UserError as e:
             raise cli.UserError(f"{cfg.name}: {e}") from None
         if cfg.quant and int8 is None:
             int8 = quantized(vision)

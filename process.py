@@ -54,8 +54,8 @@ def parse_args(argv=None):
 def out_dir(args) -> Path:
     if args.out is not None:
         return Path(args.out)
-    name = f"v{args.vocab}" + ("-embed" if args.space == "embed" else "") + (f"-seed{args.seed}" if args.seed else "")
-    return Path("tokenizers") / args.data / name
+    base = cli.tokenizer_dir(args.data, args.vocab)
+    return base.with_name(base.name + ("-embed" if args.space == "embed" else "") + (f"-seed{args.seed}" if args.seed else ""))
 
 
 def main(argv=None, loaded: cli.Loaded | None = None) -> vwt.Vocabulary:

@@ -180,63 +180,106 @@ def _load_hf(name: str, random_weights: bool) -> Loaded:
 # --------------------------------------------------------------------------------------------------
 # Methods from flags
 # --------------------------------------------------------------------------------------------------
-def method_name(args) -> str:
-    """A short label of the configuration, e.g. 'inter-v1000-t0.1+tome8+int8', or 'base'."""
+def method_label(top_k: Optional[float] = None, vocab: Optional[str] = None, thresh: float = 0.1,
+                 random: bool = False, tome=None, evit=None, lgtm=None, quant: bool = False) -> str:
+    """A short label of a configuration, e.g. 'inter-v1000-t0.1+tome8+int8', or 'base'. ``vocab`` is
+    the vocabulary's short name ('v1000', or the folder of a vocab.pt), None without inter-image."""
     parts = []
-    if getattr(args, "top_k", None) is not None:
-        parts.append(f"intra{args.top_k:g}" + ("-random" if args.random else ""))
-    if getattr(args, "vocab", None) is not None or getattr(args, "vocab_path", None) is not None:
-        size = args.vocab if args.vocab is not None else Path(args.vocab_path).parent.name
-        parts.append(f"inter-v{size}-t{args.thresh:g}".replace("-vv", "-v") + ("-random" if args.random else ""))
-    if getattr(args, "tome", None) is not None:
-        parts.append(f"tome{args.tome}")
-    if getattr(args, "evit", None) is not None:
-        parts.append(f"evit{args.evit:g}")
-    if getattr(args, "lgtm", None) is not None:
-        parts.append(f"lgtm{args.lgtm}")
-    if getattr(args, "quant", False):
+    if top_k is not None:
+        parts.append(f"intra{top_k:g}" + ("-random" if random else ""))
+    if vocab is not None:
+        parts.append(f"inter-{vocab if vocab.startswith('v') else 'v' + vocab}-t{thresh:g}"
+                     + ("-random" if random else ""))
+    if tome is not None:
+        parts.append(f"tome{tome}")
+    if evit is not None:
+        parts.append(f"evit{evit:g}")
+    if lgtm is not None:
+        parts.append(f"lgtm{lgtm}")
+    if quant:
         parts.append("int8")
     return "+".join(parts) or "base"
+
+
+def method_name(args) -> str:
+    """The label of the configuration the method flags ask for (see :func:`method_label`)."""
+    vocab = None
+    if getattr(args, "vocab", None) is not None:
+        vocab = f"v{args.vocab}"
+    elif getattr(args, "vocab_path", None) is not None:
+        vocab = Path(args.vocab_path).parent.name
+    return method_label(getattr(args, "top_k", None), vocab, getattr(args, "thresh", 0.1),
+                        getattr(args, "random", False), getattr(args, "tome", None), getattr(args, "evit", None),
+                        getattr(args, "lgtm", None), getattr(args, "quant", False))
+
+
+def tokenizer_dir(data: str, size: int) -> Path:
+    """Where process.py puts a vocabulary of ``size`` words learned on ``data`` (and the scripts look)."""
+    return Path("tokenizers") / data / f"v{size}"
 
 
 def vocab_path(args) -> Optional[Path]:
     if getattr(args, "vocab_path", None) is not None:
         return Path(args.vocab_path)
     if getattr(args, "vocab", None) is not None:
-        return Path("tokenizers") / args.vocab_data / f"v{args.vocab}" / "vocab.pt"
+        return tokenizer_dir(args.vocab_data, args.vocab) / "vocab.pt"
     return None
+
+
+def read_vocabulary(path: Path, missing_hint: str = ""):
+    """Load a vocabulary; a missing or unreadable file is a one-line UserError."""
+    import vwt
+
+    if not Path(path).exists():
+        raise UserError(f"vocabulary {path} not found{missing_hint}")
+    try:
+        return vwt.Vocabulary.load(path)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UserError(f"cannot read vocabulary {path}: {e}") from None
+
+
+def build_reducers(top_k: Optional[float] = None, vocab=None, thresh: float = 0.1, random: bool = False,
+                   prop_attn: bool = False, tome=None, evit=None, lgtm=None) -> list:
+    """The reducers of one configuration (``vocab``: a loaded Vocabulary for inter-image); settings the
+    reducers refuse become one-line UserErrors."""
+    import vwt
+
+    if top_k is not None and vocab is not None:
+        raise UserError("choose one input reducer: --top_k (intra-image) or --vocab/--vocab-path (inter-image)")
+    if sum(v is not None for v in (tome, evit, lgtm)) > 1:
+        raise UserError("choose one in-network reducer: --tome, --evit or --lgtm")
+    if top_k is not None and not 0 <= top_k < 1:
+        raise UserError(f"--top_k is the fraction of patches to drop, in [0, 1); got {top_k}")
+    try:
+        reducers = []
+        if top_k is not None:
+            reducers.append(vwt.IntraImage(drop=top_k, random=random))
+        if vocab is not None:
+            reducers.append(vwt.InterImage(vocab, thresh=thresh, random=random, prop_attn=prop_attn))
+        if tome is not None:
+            reducers.append(vwt.ToMe(r=tome))
+        if evit is not None:
+            reducers.append(vwt.EViT(keep=evit))
+        if lgtm is not None:
+            reducers.append(vwt.LGTM(r=lgtm))
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    return reducers
 
 
 def reducers_from_args(args) -> list:
     """The reducers the method flags ask for (the vocabulary is loaded and checked here)."""
-    import vwt
-
     if getattr(args, "top_k", None) is not None and vocab_path(args) is not None:
         raise UserError("choose one input reducer: --top_k (intra-image) or --vocab/--vocab-path (inter-image)")
     if sum(getattr(args, k, None) is not None for k in ("tome", "evit", "lgtm")) > 1:
         raise UserError("choose one in-network reducer: --tome, --evit or --lgtm")
-    reducers = []
-    if getattr(args, "top_k", None) is not None:
-        if not 0 <= args.top_k < 1:
-            raise UserError(f"--top_k is the fraction of patches to drop, in [0, 1); got {args.top_k}")
-        reducers.append(vwt.IntraImage(drop=args.top_k, random=args.random))
     path = vocab_path(args)
-    if path is not None:
-        if not path.exists():
-            raise UserError(f"vocabulary {path} not found; learn it with `python process.py --data "
-                            f"{getattr(args, 'vocab_data', 'imgnet')} --vocab {args.vocab}` or pass --vocab-path")
-        try:
-            vocab = vwt.Vocabulary.load(path)
-        except (ValueError, RuntimeError, OSError) as e:
-            raise UserError(f"cannot read vocabulary {path}: {e}") from None
-        reducers.append(vwt.InterImage(vocab, thresh=args.thresh, random=args.random, prop_attn=args.prop_attn))
-    if getattr(args, "tome", None) is not None:
-        reducers.append(vwt.ToMe(r=args.tome))
-    if getattr(args, "evit", None) is not None:
-        reducers.append(vwt.EViT(keep=args.evit))
-    if getattr(args, "lgtm", None) is not None:
-        reducers.append(vwt.LGTM(r=args.lgtm))
-    return reducers
+    vocab = None if path is None else read_vocabulary(
+        path, f"; learn it with `python process.py --data {getattr(args, 'vocab_data', 'imgnet')} --vocab "
+              f"{args.vocab}` or pass --vocab-path")
+    return build_reducers(getattr(args, "top_k", None), vocab, getattr(args, "thresh", 0.1),
+                          getattr(args, "random", False), getattr(args, "prop_attn", False),
+                          getattr(args, "tome", None), getattr(args, "evit", None), getattr(args, "lgtm", None))
 
 
 def quantize(model: nn.Module) -> nn.Module:
