@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -155,12 +154,6 @@ def caption_batch(args, loaded: cli.Loaded, pixels: torch.Tensor, prompt_ids) ->
     return out
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def caption(args, loaded: cli.Loaded, todo, path: Path, config: dict, device, dtype) -> None:
     """Caption the images of ``todo``, appending each to the captions file as it is made."""
     prompt_ids = None
@@ -226,7 +219,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
         text_tokenizer(loaded)
         if args.quant:
             cli.quantize(loaded.model)
-        seed_everything(args.seed)
+        cli.seed_everything(args.seed)
         vwt.patch(loaded.model, *reducers)
         try:
             caption(args, loaded, todo, path, config, device, dtype)

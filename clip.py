@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -114,12 +113,6 @@ def check_model_and_data(args, loaded: cli.Loaded) -> None:
     if args.data != "imgnet" and loaded.family not in ("hf_clip", "open_clip"):
         raise UserError(f"zero-shot {args.data} needs a CLIP model (Hugging Face or open_clip:ARCH/PRETRAINED); "
                         f"{loaded.name} is {loaded.family}")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def args_for_seed(args, seed: int) -> argparse.Namespace:
@@ -241,7 +234,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     runs = []
     try:
         for seed in seeds:
-            seed_everything(seed)
+            cli.seed_everything(seed)
             vwt.patch(loaded.model, *cli.reducers_from_args(args_for_seed(args, seed)))
             run = evaluate(args, loaded, ds, text, device, dtype, desc=f"{args.data} seed {seed}")
             runs.append({"seed": seed, "vocab_path": None if vocabs[seed] is None else str(vocabs[seed]), **run})

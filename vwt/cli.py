@@ -84,6 +84,17 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------
 # Devices and models
 # --------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (the random ablations draw from torch)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

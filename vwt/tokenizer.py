@@ -7,7 +7,7 @@ matmul, a sort and a scatter; no per-image Python loop) and keep ``state.labels`
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -2,7 +2,6 @@
 adapter only translates the family's modules into a :class:`vwt.encoder.Tower` and its output type."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import encoder

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..encoder import Block, Tower, zero_pads
 from ..patch import Patch, replace_forward
-from . import grid_of, run_tower, split_heads
+from . import grid_of, run_tower
 
 
 def _vision_model(model: nn.Module):

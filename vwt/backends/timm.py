@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..encoder import Block, Tower, pooled_mean, zero_pads
 from ..patch import Patch, replace_forward
-from . import run_tower, split_heads
+from . import run_tower
 
 
 def matches(model: nn.Module) -> bool:
