@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -15,19 +14,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .errors import UserError, first_line  # noqa: F401  (re-exported for the scripts)
+from .results import write_json  # noqa: F401  (re-exported for the scripts)
+
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, no traceback."""
-
-
-def first_line(e: BaseException, limit: int = 300) -> str:
-    """An exception's message cut to its first line (at most ``limit`` characters), or its type name
-    when it has none: what a one-line error quotes of the cause."""
-    text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
 def main(fn: Callable[[], Any]) -> None:
@@ -61,6 +52,17 @@ def add_data_args(p: argparse.ArgumentParser, default: str = "samples", choices=
     g.add_argument("--data-root", default="data", type=Path, help="where data sets live (default data/)")
     g.add_argument("--batch", default=1, type=int, help="batch size (default 1)")
     g.add_argument("--out", default="results", type=Path, help="output folder (default results/)")
+
+
+PROTOCOLS = ("paper", "standard")
+
+
+def add_protocol_arg(p: argparse.ArgumentParser) -> None:
+    """``--protocol paper|standard``: ``paper`` (default) reproduces what the VWT paper's code did;
+    ``standard`` uses this project's choices where they are better for a user (README, protocol table)."""
+    p.add_argument("--protocol", default="paper", choices=PROTOCOLS,
+                   help="paper (default): as the VWT paper's code ran it; standard: this project's choices "
+                        "(official ToMe, vision-tower int8, ...); the README's protocol table lists each difference")
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
@@ -330,12 +332,3 @@ def environment(device: Optional[torch.device] = None) -> dict:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
-
-
-def write_json(path: Path, payload: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
-    return path

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .cli import UserError, first_line
+from .errors import UserError, first_line
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

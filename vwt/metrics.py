@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .cli import UserError, first_line
+from .errors import UserError, first_line
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from .cli import first_line
+from .errors import first_line
 from .datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .tokenizer import pixel_patches, tokenize
 
