@@ -71,11 +71,11 @@ def test_celeba_kaggle_nested_image_folder(root, tmp_path):
 
 
 def test_metashift_folders_give_label_context_and_group(root):
-    ds = D.load("meta", root, TF)
+    ds = D.load("meta", root, TF, protocol="standard")
     got = sorted((r["image_id"].split("/")[2], r["label"], r["context"], r["group"]) for r in ds.records)
     assert got == sorted([("cat(indoor)", 0, 0, 0)] * 2 + [("cat(outdoor)", 0, 1, 1)] * 2
                          + [("dog(indoor)", 1, 0, 2)] * 2 + [("dog(outdoor)", 1, 1, 3)] * 2)
-    assert {r["group"] for r in D.load("meta", root, TF, split="test").records} == {1, 2}
+    assert {r["group"] for r in D.load("meta", root, TF, split="test", protocol="standard").records} == {1, 2}
     assert ds.classes == ["cat", "dog"]
 
 

@@ -53,6 +53,57 @@ class Preprocess:
         return (pixels * std + mean).clamp(0, 1)
 
 
+@dataclass(frozen=True)
+class PaperPreprocess(Preprocess):
+    """The paper's evaluation transforms (its ``get_transform(train=False)``), as torchvision composes
+    them on a PIL image: ``mode`` "resize-crop" = Resize((s', s')) with s' = int(size * 256 / 224), then
+    CenterCrop(size), bilinear (Waterbirds, MetaShift, OpenImages, ImageNet); "celeba" = CenterCrop(178)
+    then Resize((size, size)), bilinear; "square" = Resize((size, size)), bicubic (COCO, NoCaps: BLIP).
+    PIL resizes with antialiasing, as torchvision does for PIL images."""
+
+    mode: str = "resize-crop"
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+        from torchvision.transforms import InterpolationMode
+
+        image = image.convert("RGB")
+        if self.mode == "resize-crop":
+            side = int(self.size * (256.0 / 224.0))
+            image = TF.center_crop(TF.resize(image, [side, side], InterpolationMode.BILINEAR), [self.size, self.size])
+        elif self.mode == "celeba":
+            image = TF.resize(TF.center_crop(image, [CELEBA_CROP, CELEBA_CROP]), [self.size, self.size],
+                              InterpolationMode.BILINEAR)
+        elif self.mode == "square":
+            image = TF.resize(image, [self.size, self.size], InterpolationMode.BICUBIC)
+        else:
+            raise ValueError(f"unknown preprocessing mode {self.mode!r}")
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+
+
+CELEBA_CROP = 178  # the aligned CelebA images are 178 x 218: the paper crops the central square
+CAPTION_DATA = ("coco", "nocaps")
+
+
+def transform_for(name: str, protocol: str = "paper", image_size: Optional[int] = None,
+                  mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD) -> Preprocess:
+    """The preprocessing of data set ``name`` under ``protocol``: PIL image -> normalised tensor.
+
+    ``paper``: the transform the paper's loader of that data set applies (see :class:`PaperPreprocess`);
+    ``standard``: this project's, the model's own (short side to the size, bicubic, centre crop; COCO
+    and NoCaps resized to a square). ``image_size`` defaults to the protocol's: 384 for COCO and NoCaps
+    (BLIP), 224 otherwise. ``mean``/``std``: CLIP's, as every loader of the paper normalises."""
+    if protocol not in ("paper", "standard"):
+        raise ValueError(f"unknown protocol {protocol!r}; choose paper or standard")
+    caption = name in CAPTION_DATA
+    size = int(image_size or (384 if caption else 224))
+    mean, std = tuple(mean), tuple(std)
+    if protocol == "standard":
+        return Preprocess(size, mean, std, crop=not caption)
+    mode = "square" if caption else "celeba" if name == "celeba" else "resize-crop"
+    return PaperPreprocess(size, mean, std, crop=not caption, mode=mode)
+
+
 def preprocess_for(model: nn.Module) -> Preprocess:
     """The preprocessing a model was trained with, read from the model itself (works offline)."""
     name = type(model).__name__
@@ -125,13 +176,14 @@ REPO_DATA = Path(__file__).resolve().parents[1] / "data"  # the shipped small fi
 
 LAYOUTS = {
     "samples": "nothing to download (scikit-image's sample photographs)",
-    "waterbirds": "<root>/waterbirds/waterbird_complete95_forest2water2/metadata.csv (img_filename,y,split,place) "
-                  "with the image folders beside it",
-    "celeba": "<root>/celeba/{list_attr_celeba.csv, list_eval_partition.csv, img_align_celeba/<image_id>}",
-    "meta": "<root>/metashift/MetaShift-Cat-Dog-indoor-outdoor/{train,test}/{cat,dog}/<class>(<indoor|outdoor>)/*.jpg",
-    "openimages": "<root>/openimages/test/<image id>.jpg with the tag lists <root>/openimages/<common|rare>/"
-                  "{annots.txt, taglist.txt} (shipped in data/openimages/)",
-    "coco": "<root>/coco/{annotations/coco_karpathy_<split>.json (BLIP) or dataset_coco.json (Karpathy), "
+    "waterbirds": "<root>/cub/metadata.csv (the paper's path) or <root>/waterbirds/waterbird_complete95_forest2water2/"
+                  "metadata.csv (img_filename,y,split,place), with the image folders beside it",
+    "celeba": "<root>/celeba/{list_attr_celeba.csv, list_eval_partition.csv, img_align_celeba/[img_align_celeba/]<image_id>}",
+    "meta": "<root>/meta/ (the paper's path) or <root>/metashift/MetaShift-Cat-Dog-indoor-outdoor/, holding "
+            "{train,test}/{cat,dog}/<class>(<indoor|outdoor>)/*.jpg (and the generated metadata.csv)",
+    "openimages": "<root>/openimages/test/<image id>.jpg or <root>/openimages/open-images-v6/test/data/<image id>.jpg, "
+                  "with the tag lists <root>/openimages/<common|rare>/{annots.txt, taglist.txt} (shipped in data/openimages/)",
+    "coco": "<root>/coco/{[annotations/]coco_karpathy_<split>.json (BLIP) or dataset_coco.json (Karpathy), "
             "val2014/, train2014/}",
     "nocaps": "<root>/nocaps/{nocaps_val_4500_captions.json, val/<file_name>}",
     "imgnet": "<root>/imagenet/{train,val}/<synset id>/*.JPEG (val sorted into synset folders)",
@@ -224,28 +276,80 @@ def _read_csv(name: str, path: Path, columns: Sequence[str]):
 
 
 WATERBIRDS_DIR = "waterbird_complete95_forest2water2"
+CONFOUNDED = ("waterbirds", "celeba", "meta")
+PAPER_SEEDS = (1, 2, 3)
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+# Class names, in label order, and the zero-shot template, as the paper's loaders give them (CelebA's
+# and MetaShift's differ under the standard protocol: "person" added; cat = 0 from the folder layout).
+TEMPLATE = "a photo of a {}"
+CLASSNAMES = {"waterbirds": ("landbird", "waterbird"), "celeba": ("non-blond", "blond"), "meta": ("dog", "cat")}
+STANDARD_CLASSNAMES = {"waterbirds": ("landbird", "waterbird"), "celeba": ("non-blond person", "blond person"),
+                       "meta": ("cat", "dog")}
+GROUP_NAMES = {"waterbirds": ("landbird on land", "landbird on water", "waterbird on land", "waterbird on water"),
+               "celeba": ("not blond, female", "not blond, male", "blond, female", "blond, male"),
+               "meta": ("dog outdoor", "dog indoor", "cat outdoor", "cat indoor")}
 
 
-def waterbirds(root: Path, transform, split=None) -> ImageRecords:
+def paper_resplit(split_codes, groups, seed: int) -> dict:
+    """The paper's re-split of a confounder data set for ``seed``: its loader seeds NumPy's global
+    generator with the seed, then, once for each of train, val and test (in that order), permutes the
+    split codes (0/1/2) within every group (groups ascending) and keeps that split's rows of the
+    permuted codes. Same group counts per split, other images; train, val and test come from the
+    first, second and third permutation. Returns {split: row indices, ascending}."""
+    codes = np.array(split_codes, copy=True)
+    groups = np.asarray(groups)
+    rng = np.random.RandomState(seed)  # the same stream as np.random.seed(seed) + np.random.permutation
+    out = {}
+    for split in ("train", "val", "test"):
+        for g in np.unique(groups):
+            members = groups == g
+            codes[members] = rng.permutation(codes[members])
+        out[split] = np.flatnonzero(codes == SPLIT_CODES[split])
+    return out
+
+
+def _select(name: str, table, split: str, seed: Optional[int]):
+    """Rows of a confounder table (columns split, group; the release's row order) in ``split``: the
+    release's split, or with ``seed`` the paper's re-split of it."""
+    if seed is None:
+        return table[table["split"] == SPLIT_CODES[split]]
+    if split not in SPLIT_CODES:
+        raise UserError(f"{name}: split {split!r} cannot be re-split by seed; choose train, val or test")
+    return table.iloc[paper_resplit(table["split"].to_numpy(), table["group"].to_numpy(), int(seed))[split]]
+
+
+def _confounded(name: str, base: Path, table, split: str, seed, protocol: str, transform, extra: str) -> "ImageRecords":
+    rows = _select(name, table, split, seed)
+    records = [{"path": str(base / f), "image_id": f, "index": int(i), "label": int(y), extra: int(c),
+                "group": int(g)} for i, f, y, c, g in zip(rows.index, rows["file"], rows["y"], rows["c"], rows["group"])]
+    names = CLASSNAMES if protocol == "paper" else STANDARD_CLASSNAMES
+    return ImageRecords(name, records, transform, classes=names[name], group_names=GROUP_NAMES[name])
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in ("paper", "standard"):
+        raise UserError(f"unknown protocol {protocol!r}; choose paper or standard")
+
+
+def waterbirds(root: Path, transform, split=None, seed=None, protocol="paper") -> ImageRecords:
     """Waterbirds (Sagawa et al. 2020): y 0 landbird / 1 waterbird, place 0 land / 1 water, split column
-    0/1/2 = train/val/test (default test); group = 2 * y + place. Also accepted without the
-    ``waterbirds/`` folder (the tarball extracted directly under the root)."""
+    0/1/2 = train/val/test (default test); group = 2 * y + place. Read from the paper's ``<root>/cub/``
+    (metadata.csv and the image folders), ``<root>/waterbirds/waterbird_complete95_forest2water2/`` or
+    the tarball extracted directly under the root. ``seed``: the paper's re-split (see paper_resplit)."""
     split = _split("waterbirds", split, ("train", "val", "test"), "test")
-    base = root / "waterbirds" / WATERBIRDS_DIR
-    if not base.exists() and (root / WATERBIRDS_DIR).exists():
-        base = root / WATERBIRDS_DIR
+    candidates = (root / "cub", root / "waterbirds" / WATERBIRDS_DIR, root / WATERBIRDS_DIR)
+    base = next((c for c in candidates if (c / "metadata.csv").exists()), candidates[1])
     df = _read_csv("waterbirds", base / "metadata.csv", ("img_filename", "y", "split", "place"))
-    df = df[df["split"] == {"train": 0, "val": 1, "test": 2}[split]]
-    records = [{"path": str(base / f), "image_id": f, "label": int(y), "place": int(p), "group": 2 * int(y) + int(p)}
-               for f, y, p in zip(df["img_filename"], df["y"], df["place"])]
-    return ImageRecords("waterbirds", records, transform, classes=("landbird", "waterbird"),
-                        group_names=("landbird on land", "landbird on water", "waterbird on land", "waterbird on water"))
+    table = df.assign(file=df["img_filename"], c=df["place"].astype(int), group=2 * df["y"].astype(int) + df["place"].astype(int))
+    return _confounded("waterbirds", base, table, split, seed, protocol, transform, "place")
 
 
-def celeba(root: Path, transform, split=None) -> ImageRecords:
+def celeba(root: Path, transform, split=None, seed=None, protocol="paper") -> ImageRecords:
     """CelebA (Liu et al. 2015), the public CSVs: target Blond_Hair, groups by Male (attributes are -1/1);
-    list_eval_partition 0/1/2 = train/val/test (default test); group = 2 * blond + male. The images may
-    sit in ``img_align_celeba/`` or the Kaggle copy's nested ``img_align_celeba/img_align_celeba/``."""
+    list_eval_partition 0/1/2 = train/val/test (default test); group = 2 * blond + male, rows in the
+    order of list_attr_celeba.csv. The images may sit in ``img_align_celeba/`` or the Kaggle copy's
+    (and the paper's) nested ``img_align_celeba/img_align_celeba/``. ``seed``: the paper's re-split."""
     split = _split("celeba", split, ("train", "val", "test"), "test")
     base = root / "celeba"
     attrs = _read_csv("celeba", base / "list_attr_celeba.csv", ("image_id", "Blond_Hair", "Male"))
@@ -253,26 +357,76 @@ def celeba(root: Path, transform, split=None) -> ImageRecords:
     images = _need("celeba", "image folder", base / "img_align_celeba")
     if (images / "img_align_celeba").is_dir():
         images = images / "img_align_celeba"
-    df = attrs.merge(parts, on="image_id")
-    df = df[df["partition"] == {"train": 0, "val": 1, "test": 2}[split]]
-    records = []
-    for image_id, blond, male in zip(df["image_id"], df["Blond_Hair"], df["Male"]):
-        y, m = int(blond == 1), int(male == 1)
-        records.append({"path": str(images / image_id), "image_id": image_id, "label": y, "male": m, "group": 2 * y + m})
-    return ImageRecords("celeba", records, transform, classes=("non-blond person", "blond person"),
-                        group_names=("not blond, female", "not blond, male", "blond, female", "blond, male"))
+    df = attrs[["image_id", "Blond_Hair", "Male"]].merge(parts, on="image_id", how="left", sort=False)
+    if df["partition"].isna().any():
+        raise UserError(f"celeba: {base / 'list_eval_partition.csv'} has no partition for "
+                        f"{df['image_id'][df['partition'].isna()].iloc[0]}{_where('celeba')}")
+    y, male = (df["Blond_Hair"] == 1).astype(int), (df["Male"] == 1).astype(int)
+    table = df.assign(file=df["image_id"], y=y, c=male, group=2 * y + male, split=df["partition"].astype(int))
+    return _confounded("celeba", images, table, split, seed, protocol, transform, "male")
 
 
 METASHIFT_DIR = "MetaShift-Cat-Dog-indoor-outdoor"
+# The paper's MetaShift: folder -> (y, place); y 1 = cat, place 1 = indoor.
+METASHIFT_FOLDERS = {"train/cat/cat(indoor)": (1, 1), "train/dog/dog(outdoor)": (0, 0),
+                     "test/cat/cat(outdoor)": (1, 0), "test/dog/dog(indoor)": (0, 1)}
 
 
-def metashift(root: Path, transform, split=None) -> ImageRecords:
-    """MetaShift cat/dog (Liang and Zou 2022), the authors' indoor/outdoor release: ``train`` holds
-    cat(indoor) and dog(outdoor), ``test`` cat(outdoor) and dog(indoor); the default ``all`` reads both,
-    so every group is present. label 0 cat / 1 dog, context 0 indoor / 1 outdoor, group = 2 * label +
-    context."""
+def metashift_metadata(base: Path, test_pct: float = 0.25, val_pct: float = 0.1) -> Path:
+    """Write ``base/metadata.csv`` as the paper's code generates it, unless it is there (then it is
+    reused): every ``*.jpg`` of the four folders (train/cat/cat(indoor), train/dog/dog(outdoor),
+    test/cat/cat(outdoor), test/dog/dog(indoor), each in directory-listing order), columns
+    img_filename, y (1 cat), place (1 indoor), split; ``RandomState(42)`` draws int(25%) test rows,
+    then int(10%) val rows from the rest; the others are train."""
+    import pandas as pd
+
+    path = base / "metadata.csv"
+    if path.exists():
+        return path
+    rows = []
+    for folder, (y, place) in METASHIFT_FOLDERS.items():
+        for image in (base / folder).glob("*.jpg"):
+            rows.append({"img_filename": f"{folder}/{image.name}", "y": y, "place": place})
+    if not rows:
+        raise _missing("meta", "*.jpg images under", base / "{train,test}/{cat,dog}/")
+    n = len(rows)
+    rng = np.random.RandomState(42)
+    test = rng.choice(np.arange(n), size=int(n * test_pct), replace=False)
+    val = rng.choice(np.setdiff1d(np.arange(n), test), size=int(n * val_pct), replace=False)
+    split = np.zeros(n, dtype=int)
+    split[val], split[test] = 1, 2
+    df = pd.DataFrame(rows).assign(split=split)
+    from .results import atomic_write_text
+
+    atomic_write_text(path, df.to_csv(index=False))
+    return path
+
+
+def _metashift_base(root: Path) -> Path:
+    """The paper's ``<root>/meta/`` (the release renamed) or the release's own folder name."""
+    for base in (root / "meta", root / "metashift" / METASHIFT_DIR):
+        if (base / "metadata.csv").exists() or (base / "train").is_dir():
+            return base
+    return _need("meta", "folder", root / "metashift" / METASHIFT_DIR)
+
+
+def metashift(root: Path, transform, split=None, seed=None, protocol="paper") -> ImageRecords:
+    """MetaShift cat/dog (Liang and Zou 2022), the authors' indoor/outdoor release, under ``<root>/meta/``
+    (the paper's path) or ``<root>/metashift/MetaShift-Cat-Dog-indoor-outdoor/``.
+
+    ``paper``: the paper's split, ``metadata.csv`` beside the images (generated once by
+    :func:`metashift_metadata`, then reused): label 0 dog / 1 cat, place 1 indoor, group = 2 * label +
+    place, default split test, ``seed`` re-splits as for Waterbirds. ``standard``: the release's folders,
+    ``train`` = cat(indoor) + dog(outdoor), ``test`` = cat(outdoor) + dog(indoor), default ``all`` (every
+    group present); label 0 cat / 1 dog, context 0 indoor / 1 outdoor, group = 2 * label + context."""
+    base = _metashift_base(root)
+    if protocol == "paper":
+        split = _split("meta", split, ("train", "val", "test"), "test")
+        df = _read_csv("meta", metashift_metadata(base), ("img_filename", "y", "place", "split"))
+        table = df.assign(file=df["img_filename"], c=df["place"].astype(int),
+                          group=2 * df["y"].astype(int) + df["place"].astype(int))
+        return _confounded("meta", base, table, split, seed, protocol, transform, "place")
     split = _split("meta", split, ("train", "test", "all"), "all")
-    base = _need("meta", "folder", root / "metashift" / METASHIFT_DIR)
     records = []
     for part in (("train", "test") if split == "all" else (split,)):
         folder = _need("meta", "split folder", base / part)
@@ -287,7 +441,7 @@ def metashift(root: Path, transform, split=None) -> ImageRecords:
                                     "label": label, "context": c, "group": 2 * label + c})
     if not records:
         raise _missing("meta", "images under", base / ("{train,test}" if split == "all" else split))
-    return ImageRecords("meta", records, transform, classes=("cat", "dog"),
+    return ImageRecords("meta", records, transform, classes=STANDARD_CLASSNAMES["meta"],
                         group_names=("cat indoor", "cat outdoor", "dog indoor", "dog outdoor"))
 
 
@@ -295,18 +449,21 @@ def openimages(root: Path, transform, subset: str = "common", split=None) -> Ima
     """OpenImages V6 test with the common (214) or rare (200) tag lists of the Recognize Anything
     benchmark. annots.txt lines are ``test/<image id>,tag,tag,...``; records carry "labels" (tag indices).
     The lists are read from ``<root>/openimages/<subset>/`` or, if absent there, the shipped copy in the
-    repository's data/openimages/."""
+    repository's data/openimages/; the images from ``<root>/openimages/test/`` or the paper's (fiftyone's)
+    ``<root>/openimages/open-images-v6/test/data/``."""
 
     name = f"openimages-{subset}"
     _split(name, split, ("test",), "test")
     lists = root / "openimages" / subset
     if not (lists / "annots.txt").exists() and (REPO_DATA / "openimages" / subset / "annots.txt").exists():
         lists = REPO_DATA / "openimages" / subset
-    _need(name, "image folder", root / "openimages" / "test")
+    images = root / "openimages" / "test"
+    if not images.is_dir() and (root / "openimages" / "open-images-v6" / "test" / "data").is_dir():
+        images = root / "openimages" / "open-images-v6" / "test" / "data"  # the paper's (fiftyone's) layout
+    _need(name, "image folder", images)
     tags = [t for t in _need(name, "tag list", lists / "taglist.txt").read_text().splitlines() if t]
     index = {t: i for i, t in enumerate(tags)}
     records = []
-    base = str(root / "openimages")
     for n, line in enumerate(_need(name, "annotation list", lists / "annots.txt").read_text().splitlines()):
         if not line.strip():
             continue
@@ -315,9 +472,9 @@ def openimages(root: Path, transform, subset: str = "common", split=None) -> Ima
             labels = [index[t] for t in labels]
         except KeyError as e:
             raise UserError(f"{name}: {lists / 'annots.txt'} line {n + 1} names tag {e} not in taglist.txt") from None
-        ext = "" if image.lower().endswith((".jpg", ".jpeg", ".png")) else ".jpg"
-        records.append({"path": f"{base}/{image}{ext}", "image_id": image.rsplit("/", 1)[-1].split(".")[0],
-                        "labels": labels})
+        image_id = image.rsplit("/", 1)[-1]
+        ext = "" if image_id.lower().endswith((".jpg", ".jpeg", ".png")) else ".jpg"
+        records.append({"path": str(images / f"{image_id}{ext}"), "image_id": image_id.split(".")[0], "labels": labels})
     return ImageRecords(name, records, transform, classes=tags)
 
 
@@ -325,17 +482,30 @@ def _coco_id(filename: str) -> int:
     return int(Path(filename).stem.rsplit("_", 1)[-1])
 
 
-def coco(root: Path, transform, split=None) -> ImageRecords:
+def _coco_file(base: Path, filename: str) -> Path:
+    """A BLIP annotation file: the paper's ``<root>/coco/<file>`` or ``<root>/coco/annotations/<file>``."""
+    return next((p for p in (base / filename, base / "annotations" / filename) if p.exists()),
+                base / "annotations" / filename)
+
+
+def coco(root: Path, transform, split=None, protocol="paper") -> ImageRecords:
     """COCO 2014 with the Karpathy split (default test, 5000 images). Reads BLIP's
-    ``annotations/coco_karpathy_<split>.json`` (a list of {"image", "caption": [...]}), or else
-    Karpathy's ``dataset_coco.json`` ({"images": [{"filepath", "filename", "split", "cocoid",
-    "sentences"}]}). Records carry "image_id" (the COCO id) and "captions"."""
+    ``coco_karpathy_<split>.json`` (a list of {"image", "caption": [...]}; in ``<root>/coco/`` as the
+    paper's code keeps it, or in ``<root>/coco/annotations/``), or else Karpathy's ``dataset_coco.json``
+    ({"images": [{"filepath", "filename", "split", "cocoid", "sentences"}]}). Records carry "image_id"
+    (the COCO id) and "captions". The train split under ``paper`` is BLIP's train file as the paper's
+    vocabulary learning reads it, one record per caption (an image about five times); under
+    ``standard`` every train (and restval) image once, from Karpathy's file."""
     split = _split("coco", split, ("train", "val", "test"), "test")
     base = root / "coco"
-    blip = base / "annotations" / f"coco_karpathy_{split}.json"
+    blip = _coco_file(base, f"coco_karpathy_{split}.json")
     karpathy = base / "dataset_coco.json"
     records = []
-    if blip.exists() and split != "train":  # BLIP's train file has one entry per caption
+    if blip.exists() and split == "train" and protocol == "paper":
+        for item in _read_json("coco", blip):
+            records.append({"path": str(base / item["image"]), "image_id": _coco_id(item["image"]),
+                            "captions": [item["caption"]] if isinstance(item["caption"], str) else list(item["caption"])})
+    elif blip.exists() and split != "train":  # BLIP's train file has one entry per caption
         for item in _read_json("coco", blip):
             records.append({"path": str(base / item["image"]), "image_id": _coco_id(item["image"]),
                             "captions": list(item["caption"])})
@@ -348,6 +518,23 @@ def coco(root: Path, transform, split=None) -> ImageRecords:
     else:
         raise _missing("coco", "split file", blip)
     return ImageRecords("coco", records, transform)
+
+
+def coco_gt_references(root, split: str = "test") -> Optional[dict]:
+    """{image_id: [caption, ...]} from BLIP's COCO-format ``coco_karpathy_<split>_gt.json`` (the
+    references the paper scores against), or None where the file is absent."""
+    path = _coco_file(Path(root) / "coco", f"coco_karpathy_{split}_gt.json")
+    if not path.exists():
+        return None
+    data = _read_json("coco", path)
+    refs: dict = {}
+    try:
+        for a in data["annotations"]:
+            refs.setdefault(int(a["image_id"]), []).append(a["caption"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"coco: {path} is not a COCO caption file (annotations with image_id and caption): "
+                        f"{first_line(e)}") from None
+    return refs
 
 
 def nocaps(root: Path, transform, split=None) -> ImageRecords:
@@ -391,24 +578,33 @@ def _read_json(name: str, path: Path):
         raise UserError(f"{name}: {path} is not valid JSON ({e}){_where(name)}") from None
 
 
-def load(name: str, root, transform: Optional[Callable], split: Optional[str] = None,
-         limit: Optional[int] = None) -> torch.utils.data.Dataset:
+def load(name: str, root, transform: Optional[Callable], split: Optional[str] = None, seed: Optional[int] = None,
+         protocol: str = "paper", limit: Optional[int] = None) -> torch.utils.data.Dataset:
     """The data set ``name`` (see NAMES) under the data root, yielding (transform(image), record).
 
     Records carry what the tasks need: "path", "image_id", and "label" + "group" (grouped data),
     "labels" (OpenImages tag indices), "captions" (COCO, NoCaps). ``split`` None picks the evaluation
-    split; ``limit`` keeps the first records. A missing file is a one-line UserError naming it and the
-    expected layout."""
+    split; ``seed`` (Waterbirds, CelebA, MetaShift; the paper uses 1, 2, 3) re-splits as the paper's code
+    does (see paper_resplit), None keeps the release's split; ``protocol`` picks MetaShift's split, the
+    class names and COCO's train records (see each reader); ``limit`` keeps the first records. A missing
+    file is a one-line UserError naming it and the expected layout."""
 
     root = Path(root)
+    _check_protocol(protocol)
+    if seed is not None and name not in CONFOUNDED:
+        raise UserError(f"{name}: seeds re-split only {', '.join(CONFOUNDED)}; {name} has one fixed split")
     if name == "samples":
         return Samples(transform, limit=limit)
-    readers = {"waterbirds": waterbirds, "celeba": celeba, "meta": metashift, "coco": coco, "nocaps": nocaps,
-               "imgnet": imagenet, "openimages-common": lambda r, t, split: openimages(r, t, "common", split),
+    confounded = {"waterbirds": waterbirds, "celeba": celeba, "meta": metashift}
+    readers = {"coco": lambda r, t, split: coco(r, t, split, protocol), "nocaps": nocaps, "imgnet": imagenet,
+               "openimages-common": lambda r, t, split: openimages(r, t, "common", split),
                "openimages-rare": lambda r, t, split: openimages(r, t, "rare", split)}
-    if name not in readers:
+    if name in confounded:
+        ds = confounded[name](root, transform, split=split, seed=seed, protocol=protocol)
+    elif name in readers:
+        ds = readers[name](root, transform, split=split)
+    else:
         raise UserError(f"unknown data set {name!r}; choose one of {', '.join(NAMES)}")
-    ds = readers[name](root, transform, split=split)
     if limit is not None:
         ds.records = ds.records[:limit]
     return ds
