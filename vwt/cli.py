@@ -73,7 +73,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                    help="VWT inter-image: vocabulary size, read from tokenizers/<data>/v<SIZE>/vocab.pt")
     g.add_argument("--vocab-path", type=Path, default=None,
                    help="VWT inter-image: a vocab.pt (ours or the published ones) instead of --vocab")
-    g.add_argument("--vocab-data", default="imgnet", help="data set the --vocab vocabulary was learned on")
+    g.add_argument("--vocab-data", default=None, help="data set the --vocab vocabulary was learned on "
+                                                        "(default: --data under paper, imgnet under standard)")
     g.add_argument("--thresh", type=float, default=0.1, help="VWT inter-image: cosine-distance threshold")
     g.add_argument("--random", action="store_true", help="VWT ablation: random drop / random matching scores")
     g.add_argument("--prop-attn", action="store_true", help="VWT inter-image: proportional attention")
@@ -231,11 +232,21 @@ def tokenizer_dir(data: str, size: int) -> Path:
     return Path("tokenizers") / data / f"v{size}"
 
 
-def vocab_path(args) -> Optional[Path]:
+def vocab_path(args, seed=None) -> Optional[Path]:
+    """STAND-IN (i11b provides the real one): --vocab-path, or for --vocab the in-domain vocabulary under
+    paper (--vocab-data, else --data), ImageNet's under standard; for ``seed`` the official
+    v<V>/seed_<i>/ or our v<V>-seed<N>/ where it exists."""
     if getattr(args, "vocab_path", None) is not None:
         return Path(args.vocab_path)
     if getattr(args, "vocab", None) is not None:
-        return tokenizer_dir(args.vocab_data, args.vocab) / "vocab.pt"
+        data = getattr(args, "vocab_data", None) or (
+            getattr(args, "data", None) if getattr(args, "protocol", "paper") == "paper" else "imgnet") or "imgnet"
+        base = tokenizer_dir(data, args.vocab)
+        if seed:
+            for own in (base / f"seed_{seed}" / "vocab.pt", base.with_name(f"{base.name}-seed{seed}") / "vocab.pt"):
+                if own.exists():
+                    return own
+        return base / "vocab.pt"
     return None
 
 
