@@ -5,6 +5,9 @@ search (beam 3, max length 20, min length 5, prompt "a picture of " as BLIP's ow
 prompt counts towards the lengths and is cut from the caption), then scores them with pycocoevalcap:
 BLEU-4, METEOR, ROUGE-L, CIDEr, and SPICE where its Stanford CoreNLP jars are installed (otherwise
 "SPICE unavailable", never a number). NoCaps also gets CIDEr per domain (in, near, out).
+Each run also writes <run>.predictions.json ([{"image_id", "caption"}]: the paper's file, and the
+NoCaps EvalAI server's upload format); COCO under the paper protocol is scored against BLIP's
+coco_karpathy_test_gt.json where it is there (data/README.md).
 
 Captions are appended to <out>/blip/<run>.captions.jsonl as they are made, with the configuration on
 the first line: a run that stops resumes where it stopped (finished images are not redone); the same
@@ -231,8 +234,9 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
         return None
 
     lines = [done[r["image_id"]] for r in ds.records]
-    refs = {r["image_id"]: r["captions"] for r in ds.records}
+    refs = references(args, ds)
     cands = {r["image_id"]: done[r["image_id"]]["caption"] for r in ds.records}
+    predictions = write_predictions(out / f"{name}.predictions.json", ds, cands)
     scores = metrics.caption_scores(refs, cands)
     domains = {}
     if args.data == "nocaps":
@@ -247,7 +251,8 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     result = {
         "task": "blip", "model": loaded.name, "pretrained": loaded.pretrained, "method": cli.method_name(args),
         "data": args.data + (f"-{args.split}" if args.split else "") + (f" (first {args.limit})" if args.limit else ""),
-        "split": args.split, "images": len(ds), "captions_file": str(path), "metrics": scores, "domains": domains,
+        "split": args.split, "images": len(ds), "captions_file": str(path), "predictions_file": str(predictions),
+        "references": refs_source(args), "metrics": scores, "domains": domains,
         **tokens, "summary": summary,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "environment": cli.environment(device), "seconds": time.time() - started,
@@ -255,6 +260,38 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     rpath = cli.write_json(out / f"{name}.json", result)
     print(report(result) + f"\nresults: {rpath}")
     return result
+
+
+def refs_source(args) -> str:
+    """Where the references come from: BLIP's coco_karpathy_<split>_gt.json under paper where present
+    (the file the paper scores against), else the data set's own captions."""
+    if getattr(args, "protocol", "paper") == "paper" and args.data == "coco":
+        if datasets.coco_gt_references(args.data_root, args.split or "test") is not None:
+            return f"coco_karpathy_{args.split or 'test'}_gt.json"
+    return "data set captions"
+
+
+def references(args, ds) -> dict:
+    """{image_id: reference captions} of the evaluated images (see :func:`refs_source`)."""
+    own = {r["image_id"]: r["captions"] for r in ds.records}
+    if refs_source(args) == "data set captions":
+        return own
+    gt = datasets.coco_gt_references(args.data_root, args.split or "test")
+    missing = [i for i in own if i not in gt]
+    if missing:
+        raise UserError(f"coco: image {missing[0]} has no reference in coco_karpathy_{args.split or 'test'}_gt.json; "
+                        "use the file of the same split as the captions (or --protocol standard)")
+    return {i: gt[i] for i in own}
+
+
+def write_predictions(path: Path, ds, captions: dict) -> Path:
+    """The captions as the paper's (and the NoCaps EvalAI server's) predictions.json: a list of
+    {"image_id", "caption"}, one per image in data order."""
+    from vwt.results import atomic_write_text
+
+    items = [{"image_id": r["image_id"], "caption": captions[r["image_id"]]} for r in ds.records]
+    atomic_write_text(path, json.dumps(items))
+    return path
 
 
 def report(result: dict) -> str:

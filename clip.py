@@ -4,15 +4,22 @@
   OpenImages common / rare        mAP over the tag list (every tag scored for every image)
   ImageNet-1K (--data imgnet)     top-1 of a timm classifier (--model timm:NAME)
 
-Zero-shot prompts are "a photo of a {label}" (--prompt), with the labels
-  waterbirds: landbird, waterbird      celeba (Blond_Hair): non-blond person, blond person
-  meta: cat, dog                       openimages: the tag list itself
-(--labels replaces them). Each configuration runs once per seed (--seeds, default 0 1 2) and reports the
-mean and standard deviation. Each seed uses its own vocabulary where there is one ('{seed}' in
---vocab-path, or process.py's v<SIZE>-seed<N> folders for --vocab SIZE); a configuration with nothing
-random (no --random, one vocabulary for all seeds) runs once, since every seed would give the same
-numbers. A results file per run goes to
-<out>/clip/; --summary gathers them into the paper-style table (summary.md and summary.csv there).
+Zero-shot prompts are "a photo of a {label}" (--prompt), with the paper's labels
+  waterbirds: landbird, waterbird      celeba (Blond_Hair): non-blond, blond
+  meta: dog, cat (paper) / cat, dog    openimages: the tag list itself
+(--protocol standard: "non-blond person", "blond person"; --labels replaces them).
+
+--protocol paper (default) evaluates as the paper's code: seeds 1 2 3 for Waterbirds, CelebA and
+MetaShift, each re-splitting the data (split labels permuted within each group, seeded; same group
+counts, other test images) and using its own in-domain vocabulary (tokenizers/<data>/v<SIZE>/seed_<i>/);
+MetaShift's generated 25% test split; each data set's own preprocessing (Resize 256 + CenterCrop 224,
+bilinear; CelebA CenterCrop 178 + Resize 224); seed 0 once for OpenImages. --protocol standard: seeds
+0 1 2 on the release's fixed split, the model's own preprocessing, MetaShift's every image. Either way
+the mean and standard deviation over the seeds are reported; a configuration with nothing random (one
+split, no --random, one vocabulary for all seeds) runs once, since every seed would give the same
+numbers. A results file per run goes to <out>/clip/ (naming the protocol), with one
+predictions CSV per seed (image_id, Prediction, Label, Group, as the paper's predictions.csv); --summary
+gathers the results into the paper-style table (summary.md and summary.csv there).
 
 Models must have pretrained weights: accuracy on random weights means nothing.
 """
@@ -44,12 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_model_args(p)
     cli.add_data_args(p, default="waterbirds", choices=DATA)
     cli.add_method_args(p)
+    cli.add_protocol_arg(p)
     g = p.add_argument_group("evaluation")
     g.add_argument("--split", default=None,
-                   help="data split (default: test; MetaShift: all of train and test; ImageNet: val)")
+                   help="data split (default: test; MetaShift under standard: all of train and test; ImageNet: val)")
     g.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (smoke runs)")
-    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                   help="seeds of the runs (default 0 1 2); '{seed}' in --vocab-path picks a vocabulary per seed")
+    g.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds of the runs (default: paper 1 2 3 for Waterbirds/CelebA/MetaShift, each its own "
+                        "split and vocabulary, 0 otherwise; standard 0 1 2); '{seed}' in --vocab-path picks a "
+                        "vocabulary per seed")
     g.add_argument("--prompt", default="a photo of a {}", help="zero-shot prompt, {} = label (default 'a photo of a {}')")
     g.add_argument("--labels", default=None, help="comma-separated class names replacing the defaults (in class order)")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -115,27 +125,74 @@ def check_model_and_data(args, loaded: cli.Loaded) -> None:
                         f"{loaded.name} is {loaded.family}")
 
 
+def default_seeds(args) -> list[int]:
+    """--seeds, or the protocol's: the paper's 1 2 3 re-splits of the confounder data sets (seed 0 for
+    the others, which it ran once), or 0 1 2."""
+    if args.seeds is not None:
+        return list(args.seeds)
+    if args.protocol == "paper":
+        return list(datasets.PAPER_SEEDS) if args.data in GROUPED else [0]
+    return [0, 1, 2]
+
+
+def resplit(args) -> bool:
+    """Whether each seed re-splits the data (the paper's protocol on Waterbirds, CelebA, MetaShift)."""
+    return args.protocol == "paper" and args.data in GROUPED
+
+
 def args_for_seed(args, seed: int) -> argparse.Namespace:
     """The method flags of one run, with that seed's vocabulary: '{seed}' in --vocab-path, or for
-    --vocab SIZE the folder process.py writes for the seed (v<SIZE>-seed<N>, v<SIZE> for seed 0) where
-    it exists, else v<SIZE>."""
+    --vocab SIZE the seed's own folder where it exists (see cli.vocab_path)."""
     a = argparse.Namespace(**vars(args))
     if a.vocab_path is not None and "{seed}" in str(a.vocab_path):
         a.vocab_path = Path(str(a.vocab_path).format(seed=seed))
-    elif a.vocab_path is None and a.vocab is not None and seed != 0:
-        base = cli.vocab_path(a)
-        own = base.parent.with_name(f"{base.parent.name}-seed{seed}") / base.name
-        if own.exists():
-            a.vocab_path = own
+    elif a.vocab_path is None and a.vocab is not None:
+        a.vocab_path = cli.vocab_path(args, seed=seed)
     return a
+
+
+def load_data(args, seed: int, transform=None):
+    """The evaluated split for ``seed``: the paper's re-split of it (see :func:`resplit`), else the fixed one."""
+    ds = datasets.load(args.data, args.data_root, transform, split=args.split,
+                       seed=seed if resplit(args) else None, protocol=args.protocol, limit=args.limit)
+    if len(ds) == 0:
+        raise UserError(f"{args.data}: no images in split {args.split or 'default'}")
+    return ds
+
+
+def transform_of(args, loaded: cli.Loaded):
+    """The preprocessing: the paper's for the data set (at the model's input size and normalisation;
+    CLIP's for CLIP) under paper, the model's own under standard."""
+    own = datasets.preprocess_for(loaded.model)
+    if args.protocol == "standard":
+        return own
+    return datasets.transform_for(args.data, "paper", image_size=own.size, mean=own.mean, std=own.std)
+
+
+def write_predictions(path: Path, ds, scores: np.ndarray) -> Path:
+    """One row per image, as the paper's predictions.csv (Prediction, Label, Group; OpenImages: the
+    top tag only) with the image id first."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    grouped = ds.records and "group" in ds.records[0]
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image_id", "Prediction"] + (["Label", "Group"] if grouped else []))
+    for rec, pred in zip(ds.records, scores.argmax(1).tolist()):
+        w.writerow([rec["image_id"], pred] + ([rec["label"], rec["group"]] if grouped else []))
+    from vwt.results import atomic_write_text
+
+    atomic_write_text(path, buf.getvalue())
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
 # One run
 # --------------------------------------------------------------------------------------------------
-def evaluate(args, loaded: cli.Loaded, ds, text, device, dtype, desc: str) -> dict:
+def evaluate(args, loaded: cli.Loaded, ds, text, device, dtype, desc: str) -> tuple[dict, np.ndarray]:
     """Scores every image, then the task's metrics; also the tokens entering the first block and the
-    mean over the blocks (per image)."""
+    mean over the blocks (per image). Returns (metrics, the (images, classes) scores)."""
     scores, first, mean = [], [], []
     total = math.ceil(len(ds) / args.batch)
     for pixels, _ in tqdm(datasets.batches(ds, args.batch, args.workers), total=total, desc=desc, file=sys.stderr):
@@ -161,7 +218,7 @@ def evaluate(args, loaded: cli.Loaded, ds, text, device, dtype, desc: str) -> di
             raise UserError(f"{loaded.name} has {s.shape[1]} classes but {args.data} has {len(ds.classes)} synset "
                             f"folders; the top-1 needs every class folder ({datasets.layout('imgnet')})")
         out["top1"] = metrics.top1(s, [r["label"] for r in recs])
-    return out
+    return out, s
 
 
 def aggregate(runs: list[dict]) -> tuple[dict, dict]:
@@ -174,14 +231,14 @@ def aggregate(runs: list[dict]) -> tuple[dict, dict]:
     for key in runs[0]:
         if key in ("groups",):
             agg[key] = {g: ms([r[key][g] for r in runs]) for g in runs[0][key]}
-        elif key in ("counts", "seed", "vocab_path"):
+        elif key in ("counts", "seed", "vocab_path", "predictions"):
             continue
         else:
             agg[key] = ms([r[key] for r in runs])
     if "counts" in runs[0]:
         agg["counts"] = runs[0]["counts"]
     summary = {}
-    for key in ("avg", "worst", "mAP", "top1"):
+    for key in ("avg", "worst", "worst_class", "mAP", "top1"):
         if key in agg:
             summary[key] = [100 * agg[key]["mean"], 100 * agg[key]["std"]]
     summary["tokens"] = [agg["tokens_first_block"]["mean"], agg["tokens_first_block"]["std"]]
@@ -192,7 +249,7 @@ def results_path(args, model_name: str) -> Path:
     slug = "".join(c if c.isalnum() or c in ".-" else "-" for c in model_name)
     split = f"-{args.split}" if args.split else ""
     limit = f"__first{args.limit}" if args.limit else ""
-    return Path(args.out) / "clip" / f"{args.data}{split}__{slug}__{cli.method_name(args)}{limit}.json"
+    return Path(args.out) / "clip" / f"{args.data}{split}__{slug}__{cli.method_name(args)}{limit}__{args.protocol}.json"
 
 
 def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
@@ -207,20 +264,12 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
         raise UserError(f"--batch must be at least 1; got {args.batch}")
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
     started = time.time()
-    cli.reducers_from_args(args_for_seed(args, args.seeds[0]))  # bad flags and missing data fail before the model loads
-    ds = datasets.load(args.data, args.data_root, None, split=args.split, limit=args.limit)
-    if len(ds) == 0:
-        raise UserError(f"{args.data}: no images in split {args.split or 'default'}")
-    if loaded is None:
-        no_weights = args.model.startswith("open_clip:") and "/" not in args.model
-        loaded = None if no_weights else cli.load_model(args.model, device, dtype)
-        if loaded is None or not loaded.pretrained:
-            raise UserError(f"{args.model} has no pretrained weights (open_clip names need /PRETRAINED, e.g. "
-                            "open_clip:ViT-B-16/openai): zero-shot accuracy of random weights means nothing")
-    else:
-        loaded.model.to(device=device, dtype=dtype).eval()
+    seeds = default_seeds(args)
+    cli.reducers_from_args(args_for_seed(args, seeds[0]))  # bad flags and missing data fail before the model loads
+    ds = load_data(args, seeds[0])
+    loaded = model_for(args, loaded, device, dtype)
     check_model_and_data(args, loaded)
-    ds.transform = datasets.preprocess_for(loaded.model)
+    transform = transform_of(args, loaded)
     names = class_names(args, ds)
     text = None if loaded.family == "timm" else text_features(loaded, [args.prompt.format(n) for n in names], device)
     if args.quant:
@@ -228,23 +277,29 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
 
     if not loaded.pretrained:
         print("warning: evaluating random weights (test hook)", file=sys.stderr)
-    vocabs = {s: cli.vocab_path(args_for_seed(args, s)) for s in args.seeds}
-    deterministic = not args.random and len(set(vocabs.values())) <= 1
-    seeds = args.seeds[:1] if deterministic else args.seeds
+    vocabs = {s: cli.vocab_path(args_for_seed(args, s)) for s in seeds}
+    deterministic = not args.random and not resplit(args) and len(set(vocabs.values())) <= 1
+    seeds = seeds[:1] if deterministic else seeds
+    stem = results_path(args, loaded.name).with_suffix("")
     runs = []
     try:
         for seed in seeds:
+            ds = load_data(args, seed, transform)
             cli.seed_everything(seed)
             vwt.patch(loaded.model, *cli.reducers_from_args(args_for_seed(args, seed)))
-            run = evaluate(args, loaded, ds, text, device, dtype, desc=f"{args.data} seed {seed}")
-            runs.append({"seed": seed, "vocab_path": None if vocabs[seed] is None else str(vocabs[seed]), **run})
+            run, scores = evaluate(args, loaded, ds, text, device, dtype, desc=f"{args.data} seed {seed}")
+            preds = write_predictions(stem.parent / f"{stem.name}.seed{seed}.predictions.csv", ds, scores)
+            runs.append({"seed": seed, "vocab_path": None if vocabs[seed] is None else str(vocabs[seed]),
+                         "images": len(ds), "predictions": str(preds), **run})
     finally:
         vwt.unpatch(loaded.model)
     agg, summary = aggregate(runs)
     result = {
-        "task": "clip", "model": loaded.name, "pretrained": loaded.pretrained, "method": cli.method_name(args),
+        "task": "clip", "protocol": args.protocol, "model": loaded.name, "pretrained": loaded.pretrained,
+        "method": cli.method_name(args),
         "data": args.data + (f"-{args.split}" if args.split else "") + (f" (first {args.limit})" if args.limit else ""),
-        "split": args.split, "images": len(ds), "prompt": args.prompt, "labels": names if args.data in GROUPED else None,
+        "split": args.split, "resplit_per_seed": resplit(args), "images": len(ds), "prompt": args.prompt,
+        "labels": names if args.data in GROUPED else None,
         "seeds": seeds, "deterministic": deterministic, "runs": runs, "metrics": agg, "summary": summary,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "environment": cli.environment(device), "seconds": time.time() - started,
@@ -254,11 +309,24 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     return result
 
 
+def model_for(args, loaded, device, dtype) -> cli.Loaded:
+    """The model: ``loaded`` (tests) moved to the device, or --model with pretrained weights."""
+    if loaded is not None:
+        loaded.model.to(device=device, dtype=dtype).eval()
+        return loaded
+    no_weights = args.model.startswith("open_clip:") and "/" not in args.model
+    loaded = None if no_weights else cli.load_model(args.model, device, dtype)
+    if loaded is None or not loaded.pretrained:
+        raise UserError(f"{args.model} has no pretrained weights (open_clip names need /PRETRAINED, e.g. "
+                        "open_clip:ViT-B-16/openai): zero-shot accuracy of random weights means nothing")
+    return loaded
+
+
 def report(result: dict) -> str:
     m = result["metrics"]
     lines = [f"{result['data']}  {result['model']}  {result['method']}  ({result['images']} images, "
-             f"seeds {' '.join(map(str, result['seeds']))})"]
-    for key in ("avg", "worst", "mAP", "top1"):
+             f"seeds {' '.join(map(str, result['seeds']))}, protocol {result['protocol']})"]
+    for key in ("avg", "worst", "worst_class", "mAP", "top1"):
         if key in m:
             lines.append(f"  {key:<8} {100 * m[key]['mean']:6.2f} ± {100 * m[key]['std']:.2f}")
     for g, v in m.get("groups", {}).items():

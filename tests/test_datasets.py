@@ -187,3 +187,192 @@ def test_unreadable_and_missing_image_is_one_line(root, tmp_path, workers):
     with pytest.raises(UserError) as e:
         ds[3]
     assert _one_line(e).startswith(f"waterbirds: image {gone} not found; expected layout")
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's protocol: seeded re-splits, MetaShift's generated split, class names, preprocessing
+# --------------------------------------------------------------------------------------------------
+import numpy as np
+import pandas as pd
+
+import paper_fixtures
+
+
+@pytest.fixture(scope="module")
+def paper_root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("paper")
+    for write in (paper_fixtures.write_cub, paper_fixtures.write_celeba, paper_fixtures.write_meta):
+        write(r)
+    return r
+
+
+def _canonical(root, name):
+    """(split codes, groups, file names) of every row, read straight from the release's files."""
+    if name == "waterbirds":
+        df = pd.read_csv(root / "cub" / "metadata.csv")
+        return df["split"].to_numpy(), (2 * df["y"] + df["place"]).to_numpy(), list(df["img_filename"])
+    if name == "celeba":
+        a = pd.read_csv(root / "celeba" / "list_attr_celeba.csv")
+        p = pd.read_csv(root / "celeba" / "list_eval_partition.csv")
+        return p["partition"].to_numpy(), (2 * (a["Blond_Hair"] == 1) + (a["Male"] == 1)).to_numpy(), list(a["image_id"])
+    D.load("meta", root, None)  # writes metadata.csv
+    df = pd.read_csv(root / "meta" / "metadata.csv")
+    return df["split"].to_numpy(), (2 * df["y"] + df["place"]).to_numpy(), list(df["img_filename"])
+
+
+def _reference_split(codes, groups, seed, split):
+    """What the paper's loader does for a seed, from its description: seed NumPy's global generator,
+    then for train, val, test in turn permute the split column within each group (groups ascending)
+    and keep that split's rows of the column as it then is."""
+    codes = codes.copy()
+    np.random.seed(seed)
+    for name in ("train", "val", "test"):
+        for g in sorted(set(groups.tolist())):
+            codes[groups == g] = np.random.permutation(codes[groups == g])
+        if name == split:
+            return [i for i in range(len(codes)) if codes[i] == {"train": 0, "val": 1, "test": 2}[split]]
+
+
+@pytest.mark.parametrize("name", ["waterbirds", "celeba", "meta"])
+def test_seeds_resplit_within_groups_as_the_paper(paper_root, name):
+    codes, groups, files = _canonical(paper_root, name)
+    canonical = D.load(name, paper_root, None)
+    assert [r["image_id"] for r in canonical.records] == [files[i] for i in np.flatnonzero(codes == 2)]
+    want_counts = np.bincount(groups[codes == 2], minlength=4).tolist()
+    tests = {}
+    for seed in (1, 2, 3):
+        ds = D.load(name, paper_root, None, seed=seed)
+        ids = [r["image_id"] for r in ds.records]
+        assert ids == [files[i] for i in _reference_split(codes, groups, seed, "test")]
+        assert np.bincount([r["group"] for r in ds.records], minlength=4).tolist() == want_counts  # the official counts
+        assert ids == [r["image_id"] for r in D.load(name, paper_root, None, seed=seed).records]  # same every run
+        train = D.load(name, paper_root, None, split="train", seed=seed)
+        assert [r["image_id"] for r in train.records] == [files[i] for i in _reference_split(codes, groups, seed, "train")]
+        assert np.bincount([r["group"] for r in train.records], minlength=4).tolist() == \
+            np.bincount(groups[codes == 0], minlength=4).tolist()
+        tests[seed] = ids
+    assert len({tuple(v) for v in tests.values()}) == 3  # every seed its own test images
+    assert all(set(v) != {r["image_id"] for r in canonical.records} for v in tests.values())
+
+
+def test_paper_class_names_and_labels(paper_root):
+    assert D.load("celeba", paper_root, None).classes == ["non-blond", "blond"]
+    assert D.load("celeba", paper_root, None, protocol="standard").classes == ["non-blond person", "blond person"]
+    assert D.load("waterbirds", paper_root, None).classes == ["landbird", "waterbird"]
+    meta = D.load("meta", paper_root, None, split="train")
+    assert meta.classes == ["dog", "cat"]  # the paper's label order: y = 1 is cat
+    for r in meta.records:
+        folder = r["image_id"].rsplit("/", 1)[0]
+        assert (r["label"], r["place"]) == {"train/cat/cat(indoor)": (1, 1), "train/dog/dog(outdoor)": (0, 0),
+                                            "test/cat/cat(outdoor)": (1, 0), "test/dog/dog(indoor)": (0, 1)}[folder]
+        assert meta.classes[r["label"]] in folder and r["group"] == 2 * r["label"] + r["place"]
+
+
+def test_metashift_split_is_generated_once_with_the_official_proportions(paper_root, tmp_path):
+    import shutil
+
+    base = tmp_path / "meta"
+    shutil.copytree(paper_root / "meta", base, ignore=shutil.ignore_patterns("metadata.csv"))
+    assert not (base / "metadata.csv").exists()
+    ds = D.load("meta", tmp_path, None)
+    df = pd.read_csv(base / "metadata.csv")
+    n = sum(paper_fixtures.META_IMAGES.values())
+    assert list(df.columns) == ["img_filename", "y", "place", "split"] and len(df) == n  # JPEGs only
+    assert (df["split"] == 2).sum() == int(0.25 * n) and (df["split"] == 1).sum() == int(0.1 * n)
+    assert sorted(set(2 * df["y"] + df["place"])) == [0, 1, 2, 3]  # all four groups drawn from
+    # the reference: RandomState(42) draws the test rows, then the val rows from the others
+    rng = np.random.RandomState(42)
+    test = rng.choice(np.arange(n), size=int(n * 0.25), replace=False)
+    val = rng.choice(np.setdiff1d(np.arange(n), test), size=int(n * 0.1), replace=False)
+    assert sorted(np.flatnonzero(df["split"] == 2)) == sorted(test) and sorted(np.flatnonzero(df["split"] == 1)) == sorted(val)
+    assert len(ds) == int(0.25 * n)
+    written = (base / "metadata.csv").read_text()
+    stamp = (base / "metadata.csv").stat().st_mtime_ns
+    assert [r["image_id"] for r in D.load("meta", tmp_path, None).records] == [r["image_id"] for r in ds.records]
+    assert (base / "metadata.csv").stat().st_mtime_ns == stamp  # reused, not rewritten
+    (base / "metadata.csv").unlink()
+    D.load("meta", tmp_path, None)
+    assert (base / "metadata.csv").read_text() == written  # stable: the same split generated again
+
+
+def test_metashift_release_folder_name_gets_its_metadata_too(root):
+    ds = D.load("meta", root, None)  # the fixture's metashift/MetaShift-Cat-Dog-indoor-outdoor/
+    assert (root / "metashift" / "MetaShift-Cat-Dog-indoor-outdoor" / "metadata.csv").exists()
+    assert len(ds) == int(0.25 * 7) and ds.classes == ["dog", "cat"]
+
+
+def test_official_paths_are_read_as_they_are(root, tmp_path):
+    (tmp_path / "openimages" / "open-images-v6" / "test").mkdir(parents=True)
+    (tmp_path / "openimages" / "open-images-v6" / "test" / "data").symlink_to(root / "openimages" / "test")
+    for subset in ("common", "rare"):
+        (tmp_path / "openimages" / subset).symlink_to(root / "openimages" / subset)
+    ours, theirs = D.load("openimages-rare", root, TF), D.load("openimages-rare", tmp_path, TF)
+    assert [r["image_id"] for r in ours.records] == [r["image_id"] for r in theirs.records]
+    assert torch.equal(ours[0][0], theirs[0][0])
+    coco = tmp_path / "coco"  # BLIP's json files directly in data/coco/, as the paper's code downloads them
+    coco.mkdir()
+    for f in (root / "coco" / "annotations").iterdir():
+        (coco / f.name).symlink_to(f)
+    (coco / "val2014").symlink_to(root / "coco" / "val2014")
+    assert [r["captions"] for r in D.load("coco", tmp_path, TF).records] == [r["captions"] for r in D.load("coco", root, TF).records]
+
+
+def test_coco_gt_references_and_paper_train_records(tmp_path):
+    fixtures.write_coco(tmp_path)
+    base = tmp_path / "coco"
+    assert D.coco_gt_references(tmp_path) is None
+    gt = {"images": [{"id": 42}, {"id": 73}], "annotations": [
+        {"image_id": 42, "id": 1, "caption": "a cat"}, {"image_id": 73, "id": 2, "caption": "a dog"},
+        {"image_id": 42, "id": 3, "caption": "a small cat"}]}
+    (base / "coco_karpathy_test_gt.json").write_text(json.dumps(gt))
+    assert D.coco_gt_references(tmp_path) == {42: ["a cat", "a small cat"], 73: ["a dog"]}
+    train = [{"image": "val2014/COCO_val2014_000000000042.jpg", "caption": c, "image_id": "x"} for c in ("one", "two")]
+    (base / "coco_karpathy_train.json").write_text(json.dumps(train))
+    recs = D.load("coco", tmp_path, None, split="train").records  # one record per caption, as the paper learns from
+    assert [(r["image_id"], r["captions"]) for r in recs] == [(42, ["one"]), (42, ["two"])]
+
+
+def test_seed_only_for_confounder_sets_and_known_protocols(root):
+    with pytest.raises(UserError, match="seeds re-split only"):
+        D.load("coco", root, None, seed=1)
+    with pytest.raises(UserError, match="unknown protocol"):
+        D.load("waterbirds", root, None, protocol="paperish")
+
+
+def _official(name, size):
+    """torchvision's composition of the paper's evaluation transforms for data set ``name``."""
+    from torchvision import transforms as T
+
+    norm = T.Normalize(D.OPENAI_CLIP_MEAN, D.OPENAI_CLIP_STD)
+    if name in ("coco", "nocaps"):
+        steps = [T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)]
+    elif name == "celeba":
+        steps = [T.CenterCrop(178), T.Resize((size, size))]
+    else:
+        big = int(size * 256.0 / 224.0)
+        steps = [T.Resize((big, big)), T.CenterCrop((size, size))]
+    return T.Compose(steps + [T.ToTensor(), norm])
+
+
+@pytest.mark.parametrize("name", ["waterbirds", "meta", "openimages-common", "imgnet", "celeba", "coco", "nocaps"])
+def test_paper_preprocessing_equals_the_official_transforms(name):
+    size = 384 if name in ("coco", "nocaps") else 224
+    ours = D.transform_for(name)
+    assert ours.size == size
+    photos = [im for n, im in D.sample_images() if n in ("astronaut", "chelsea", "coffee", "rocket", "camera")]
+    for image in photos:  # square, landscape and portrait photographs; one grey-scale
+        want = _official(name, size)(image.convert("RGB"))
+        got = ours(image)
+        assert got.shape == want.shape == (3, size, size)
+        assert torch.allclose(got, want, atol=1e-6, rtol=0), name
+    small = D.transform_for(name, image_size=32)(photos[1])  # a model of another input size: the same recipe at its size
+    assert torch.allclose(small, _official(name, 32)(photos[1].convert("RGB")), atol=1e-6, rtol=0)
+
+
+def test_standard_preprocessing_is_the_models_own():
+    image = D.sample_images()[1][1]
+    assert torch.equal(D.transform_for("waterbirds", "standard")(image),
+                       D.Preprocess(224, D.OPENAI_CLIP_MEAN, D.OPENAI_CLIP_STD)(image))
+    assert torch.equal(D.transform_for("coco", "standard")(image),
+                       D.Preprocess(384, D.OPENAI_CLIP_MEAN, D.OPENAI_CLIP_STD, crop=False)(image))
+    assert not torch.allclose(D.transform_for("waterbirds")(image), D.transform_for("waterbirds", "standard")(image))

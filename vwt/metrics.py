@@ -31,7 +31,8 @@ from .errors import UserError, first_line
 def group_accuracy(pred: Sequence[int], label: Sequence[int], group: Sequence[int],
                    group_names: Sequence[str]) -> dict:
     """Average accuracy over all samples, each group's accuracy (None for a group without samples),
-    the worst group's accuracy (over the groups present) and each group's sample count."""
+    the worst group's accuracy (over the groups present), the worst class's accuracy (over the labels
+    present; the paper's "worst-class acc") and each group's sample count."""
     pred, label, group = (np.asarray(a).reshape(-1) for a in (pred, label, group))
     if not (len(pred) == len(label) == len(group)) or len(pred) == 0:
         raise ValueError(f"group_accuracy needs equally long, non-empty inputs; got {len(pred)}, {len(label)}, {len(group)}")
@@ -42,7 +43,9 @@ def group_accuracy(pred: Sequence[int], label: Sequence[int], group: Sequence[in
         counts[name] = int(members.sum())
         groups[name] = float(correct[members].mean()) if counts[name] else None
     present = [a for a in groups.values() if a is not None]
-    return {"avg": float(correct.mean()), "worst": min(present), "groups": groups, "counts": counts}
+    worst_class = min(float(correct[label == c].mean()) for c in np.unique(label))
+    return {"avg": float(correct.mean()), "worst": min(present), "worst_class": worst_class, "groups": groups,
+            "counts": counts}
 
 
 def top1(logits, label) -> float:
