@@ -57,7 +57,7 @@ def pixels_of(ds):
 
 def test_waterbirds_metrics_equal_a_direct_zero_shot(root, tmp_path, tok):
     loaded = hf(tok)
-    res = run(root, tmp_path, ["--data", "waterbirds", "--batch", "3"], loaded)
+    res = run(root, tmp_path, ["--data", "waterbirds", "--batch", "3", "--protocol", "standard"], loaded)
     model = loaded.model
     ds = D.load("waterbirds", root, D.preprocess_for(model))
     with torch.no_grad():
@@ -71,20 +71,32 @@ def test_waterbirds_metrics_equal_a_direct_zero_shot(root, tmp_path, tok):
     m = res["metrics"]
     assert [m["groups"][n]["mean"] for n in ds.group_names] == per_group
     assert m["avg"]["mean"] == float((pred == label).mean()) and m["worst"]["mean"] == min(per_group)
+    assert m["worst_class"]["mean"] == min(float((pred[label == c] == c).mean()) for c in (0, 1))
     assert res["seeds"] == [0] and res["deterministic"] and m["avg"]["std"] == 0.0
     assert m["tokens_first_block"]["mean"] == 17 == m["tokens_mean"]["mean"]
-    saved = json.loads((tmp_path / "clip" / "waterbirds__tiny-hf-clip__base.json").read_text())
+    saved = json.loads((tmp_path / "clip" / "waterbirds__tiny-hf-clip__base__standard.json").read_text())
+    assert saved["protocol"] == "standard" and saved["labels"] == ["landbird", "waterbird"]
+    rows = (tmp_path / "clip" / "waterbirds__tiny-hf-clip__base__standard.seed0.predictions.csv").read_text().splitlines()
+    assert rows[0] == "image_id,Prediction,Label,Group"
+    assert rows[1:] == [f"{r['image_id']},{p},{l},{g}" for r, p, l, g in zip(ds.records, pred, label, group)]
     assert saved["summary"]["avg"] == [100 * m["avg"]["mean"], 0.0] and saved["pretrained"] is False
     assert "torch" in saved["environment"]["versions"] and saved["model"] == "tiny-hf-clip"
     assert saved["config"]["batch"] == 3 and saved["images"] == 8
 
 
-def test_openimages_map_equals_sklearn_on_direct_scores(root, tmp_path, tok):
+def _transform(protocol, data, model):
+    own = D.preprocess_for(model)
+    return own if protocol == "standard" else D.transform_for(data, "paper", own.size, own.mean, own.std)
+
+
+@pytest.mark.parametrize("protocol", ["paper", "standard"])
+def test_openimages_map_equals_sklearn_on_direct_scores(root, tmp_path, tok, protocol):
     from sklearn.metrics import average_precision_score
 
     loaded = oc(tok)
-    res = run(root, tmp_path, ["--data", "openimages-common", "--batch", "2"], loaded)
-    ds = D.load("openimages-common", root, D.preprocess_for(loaded.model))
+    res = run(root, tmp_path, ["--data", "openimages-common", "--batch", "2", "--protocol", protocol], loaded)
+    assert res["seeds"] == [0] and res["protocol"] == protocol
+    ds = D.load("openimages-common", root, _transform(protocol, "openimages-common", loaded.model))
     with torch.no_grad():
         img = loaded.model.encode_image(pixels_of(ds))
         txt = loaded.model.encode_text(loaded.tokenizer([f"a photo of a {t}" for t in ds.classes]))
@@ -97,10 +109,11 @@ def test_openimages_map_equals_sklearn_on_direct_scores(root, tmp_path, tok):
     assert res["metrics"]["tags_with_positives"]["mean"] == len(aps) == 5
 
 
-def test_imagenet_top1_of_a_timm_classifier(root, tmp_path):
+@pytest.mark.parametrize("protocol", ["paper", "standard"])
+def test_imagenet_top1_of_a_timm_classifier(root, tmp_path, protocol):
     loaded = cli.Loaded(tiny.timm_vit(num_classes=3), "timm", "tiny-timm", False)
-    res = run(root, tmp_path, ["--data", "imgnet"], loaded)
-    ds = D.load("imgnet", root, D.preprocess_for(loaded.model))
+    res = run(root, tmp_path, ["--data", "imgnet", "--protocol", protocol], loaded)
+    ds = D.load("imgnet", root, _transform(protocol, "imgnet", loaded.model))
     with torch.no_grad():
         pred = loaded.model(pixels_of(ds)).argmax(1)
     assert res["metrics"]["top1"]["mean"] == (pred.numpy() == np.array([0, 0, 1, 1, 2, 2])).mean()
@@ -109,9 +122,9 @@ def test_imagenet_top1_of_a_timm_classifier(root, tmp_path):
 @pytest.mark.parametrize("data, names", [("celeba", ["not blond, female", "not blond, male", "blond, female", "blond, male"]),
                                          ("meta", ["cat indoor", "cat outdoor", "dog indoor", "dog outdoor"])])
 def test_celeba_and_metashift_report_every_group(root, tmp_path, tok, data, names):
-    res = run(root, tmp_path, ["--data", data], oc(tok))
+    res = run(root, tmp_path, ["--data", data, "--protocol", "standard"], oc(tok))
     assert list(res["metrics"]["groups"]) == names and res["images"] == 8
-    assert res["labels"] == D.load(data, root, None).classes
+    assert res["labels"] == D.load(data, root, None, protocol="standard").classes
 
 
 def _vocab(directory, words: int):
@@ -127,7 +140,7 @@ def test_methods_run_and_reduce_tokens(root, tmp_path, tok, flags, label):
     vocab = _vocab(tmp_path / "v1", words=1)
     flags = [f.format(vocab=vocab) for f in flags]
     loaded = hf(tok)
-    res = run(root, tmp_path, ["--data", "waterbirds", "--batch", "4"] + flags, loaded)
+    res = run(root, tmp_path, ["--data", "waterbirds", "--batch", "4", "--seeds", "1"] + flags, loaded)
     m = res["metrics"]
     assert res["method"] == cli.method_name(clip_script.parse_args(flags)) and res["method"].startswith(label)
     assert 0 <= m["worst"]["mean"] <= m["avg"]["mean"] <= 1
@@ -166,7 +179,8 @@ def test_seed_placeholder_picks_a_vocabulary_per_seed(root, tmp_path, tok):
 def test_vocab_size_uses_process_py_seed_folders(root, tmp_path, tok, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _vocab(tmp_path / "tokenizers" / "waterbirds" / "v1", words=1)
-    argv = ["--data", "waterbirds", "--vocab", "1", "--vocab-data", "waterbirds", "--thresh", "2", "--seeds", "0", "1"]
+    argv = ["--data", "waterbirds", "--vocab", "1", "--vocab-data", "waterbirds", "--thresh", "2", "--seeds", "0", "1",
+            "--protocol", "standard"]
     alone = run(root, tmp_path, argv, hf(tok))
     assert alone["seeds"] == [0] and alone["deterministic"]  # one vocabulary for every seed: one run
     _vocab(tmp_path / "tokenizers" / "waterbirds" / "v1-seed1", words=16)  # what process.py --seed 1 writes
@@ -178,9 +192,9 @@ def test_vocab_size_uses_process_py_seed_folders(root, tmp_path, tok, monkeypatc
 
 def test_summary_gathers_the_runs(root, tmp_path, tok, capsys):
     loaded = hf(tok)
-    run(root, tmp_path, ["--data", "waterbirds"], loaded)
-    run(root, tmp_path, ["--data", "waterbirds", "--tome", "2"], loaded)
-    run(root, tmp_path, ["--data", "meta"], loaded)
+    run(root, tmp_path, ["--data", "waterbirds", "--protocol", "standard"], loaded)
+    run(root, tmp_path, ["--data", "waterbirds", "--tome", "2", "--protocol", "standard"], loaded)
+    run(root, tmp_path, ["--data", "meta", "--protocol", "standard"], loaded)
     capsys.readouterr()
     assert clip_script.main(["--summary", "--out", str(tmp_path)]) is None
     table = capsys.readouterr().out
@@ -229,3 +243,61 @@ def test_help_explains_every_option(capsys):
     out = capsys.readouterr().out
     for opt in ("--seeds", "--prompt", "--labels", "--split", "--limit", "--summary", "--quant", "--tome", "--vocab-path"):
         assert opt in out
+
+
+def test_paper_protocol_runs_three_seeds_each_with_its_own_split_and_vocabulary(tmp_path, tok, monkeypatch):
+    """`clip.py --data waterbirds --vocab 100` on the paper's layout (data/cub/): seeds 1 2 3, each on its
+    re-split test images with its own in-domain vocabulary tokenizers/waterbirds/v100/seed_<i>/, the
+    paper's preprocessing; the predictions equal a direct zero-shot of that seed's split and vocabulary."""
+    import paper_fixtures
+
+    root = paper_fixtures.write_cub(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    for seed in (1, 2, 3):
+        w = torch.randn(100, 192, generator=torch.Generator().manual_seed(seed))
+        vwt.Vocabulary(w, space="pixel", patch_size=8).save(tmp_path / "tokenizers" / "waterbirds" / "v100" / f"seed_{seed}")
+    loaded = hf(tok)
+    res = run(root, tmp_path / "out", ["--data", "waterbirds", "--vocab", "100", "--thresh", "2"], loaded)
+    assert res["protocol"] == "paper" and res["seeds"] == [1, 2, 3] and not res["deterministic"]
+    assert [r["vocab_path"] for r in res["runs"]] == [f"tokenizers/waterbirds/v100/seed_{s}/vocab.pt" for s in (1, 2, 3)]
+    files = sorted((tmp_path / "out" / "clip").glob("*.json"))
+    assert [f.name for f in files] == ["waterbirds__tiny-hf-clip__inter-v100-t2__paper.json"]
+    assert json.loads(files[0].read_text())["protocol"] == "paper"
+    model = loaded.model
+    transform = D.transform_for("waterbirds", "paper", image_size=32)
+    enc = tok(["a photo of a landbird", "a photo of a waterbird"], padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        txt = F.normalize(model.get_text_features(**enc).pooler_output, dim=-1)
+    splits = []
+    for seed, r in zip((1, 2, 3), res["runs"]):
+        ds = D.load("waterbirds", root, transform, seed=seed)
+        vocab = vwt.Vocabulary.load(tmp_path / "tokenizers" / "waterbirds" / "v100" / f"seed_{seed}" / "vocab.pt")
+        vwt.patch(model, vwt.InterImage(vocab, thresh=2))
+        try:
+            with torch.no_grad():
+                img = model.get_image_features(pixel_values=pixels_of(ds)).pooler_output
+        finally:
+            vwt.unpatch(model)
+        pred = (F.normalize(img, dim=-1) @ txt.T).argmax(1).tolist()
+        rows = [l.split(",") for l in open(r["predictions"]).read().splitlines()[1:]]
+        assert rows == [[rec["image_id"], str(p), str(rec["label"]), str(rec["group"])] for rec, p in zip(ds.records, pred)]
+        assert r["avg"] == float(np.mean([p == rec["label"] for rec, p in zip(ds.records, pred)]))
+        splits.append(tuple(rec["image_id"] for rec in ds.records))
+    assert len(set(splits)) == 3  # each seed its own test images
+    avgs = [r["avg"] for r in res["runs"]]
+    assert res["metrics"]["avg"]["mean"] == pytest.approx(np.mean(avgs))
+    assert res["metrics"]["avg"]["std"] == pytest.approx(np.std(avgs, ddof=1))
+    assert res["metrics"]["worst_class"]["mean"] == pytest.approx(np.mean([r["worst_class"] for r in res["runs"]]))
+
+
+def test_paper_protocol_celeba_prompts_and_metashift_split(tmp_path, tok):
+    import paper_fixtures
+
+    root = tmp_path / "data"
+    paper_fixtures.write_celeba(root)
+    paper_fixtures.write_meta(root)
+    res = run(root, tmp_path, ["--data", "celeba", "--seeds", "2"], hf(tok))
+    assert res["labels"] == ["non-blond", "blond"] and res["images"] == 14
+    res = run(root, tmp_path, ["--data", "meta", "--seeds", "1"], hf(tok))
+    assert res["labels"] == ["dog", "cat"] and res["images"] == int(0.25 * sum(paper_fixtures.META_IMAGES.values()))
+    assert (root / "meta" / "metadata.csv").exists()

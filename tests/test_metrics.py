@@ -24,6 +24,13 @@ def test_group_accuracy_by_hand():
     assert out["counts"] == {"g0": 3, "g1": 1, "g2": 2, "g3": 0}
     assert out["avg"] == 4 / 6  # over samples, not the mean of the groups' accuracies
     assert out["worst"] == 0.0
+    assert out["worst_class"] == 2 / 4  # class 0: 2 of 4 right, class 1: 2 of 2 (the paper's worst-class acc)
+
+
+def test_worst_class_is_the_lowest_class_accuracy():
+    out = M.group_accuracy([1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [3, 3, 0, 0, 0], NAMES)
+    assert out["worst_class"] == 2 / 3 and out["worst"] == 2 / 3
+    assert M.group_accuracy([0, 0], [0, 0], [0, 1], NAMES)["worst_class"] == 1.0  # a class without samples is skipped
 
 
 def test_worst_group_ignores_empty_groups():
