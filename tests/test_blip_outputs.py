@@ -1,0 +1,69 @@
+"""blip.py's outputs as the paper's code writes them: predictions.json ([{"image_id", "caption"}], the
+NoCaps EvalAI upload format) beside our own scores, and COCO scored against BLIP's
+coco_karpathy_test_gt.json where it is there (the paper protocol). The scorer is replaced by one that
+records what it is given, so these tests need no Java."""
+import json
+
+import pytest
+
+import blip as blip_script
+import fixtures
+import tiny
+from vwt import cli
+from vwt import metrics as M
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return fixtures.word_bert_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture
+def scored(monkeypatch):
+    calls = []
+
+    def record(references, candidates, spice=None, which=M.CAPTION_METRICS):
+        calls.append((references, candidates))
+        return {m: 0.5 for m in which}
+
+    monkeypatch.setattr(M, "caption_scores", record)
+    return calls
+
+
+def run(root, out, argv, tok):
+    loaded = cli.Loaded(tiny.hf_blip(), "hf_blip", "tiny-blip", False, tok)
+    return blip_script.main(argv + ["--batch", "2", "--data-root", str(root), "--out", str(out), "--workers", "0",
+                                    "--device", "cpu"], loaded)
+
+
+def _captions(path):
+    return [json.loads(l) for l in path.read_text().splitlines()[1:]]
+
+
+def test_nocaps_writes_evalai_predictions_and_keeps_local_scores(tmp_path, tok, scored):
+    root = fixtures.write_nocaps(tmp_path / "data")
+    res = run(root, tmp_path, ["--data", "nocaps"], tok)
+    made = _captions(tmp_path / "blip" / "nocaps__tiny-blip__base.captions.jsonl")
+    predictions = json.loads((tmp_path / "blip" / "nocaps__tiny-blip__base.predictions.json").read_text())
+    assert predictions == [{"image_id": l["image_id"], "caption": l["caption"]} for l in made]
+    assert [p["image_id"] for p in predictions] == [0, 1, 2] and res["predictions_file"].endswith("predictions.json")
+    assert res["metrics"]["CIDEr"] == 0.5 and set(res["domains"]) == {"in-domain", "near-domain", "out-domain"}
+
+
+def test_coco_references_come_from_the_gt_file_when_present(tmp_path, tok, scored):
+    root = fixtures.write_coco(tmp_path / "data")
+    run(root, tmp_path, ["--data", "coco"], tok)
+    own = {r: c for r, c in scored[-1][0].items()}
+    assert sorted(own) == [42, 73, 74, 133]
+    gt = {"images": [{"id": i} for i in own], "annotations": [
+        {"image_id": i, "id": n, "caption": f"reference {n} of {i}"} for n, i in enumerate(list(own) * 2)]}
+    (root / "coco" / "coco_karpathy_test_gt.json").write_text(json.dumps(gt))
+    res = run(root, tmp_path, ["--data", "coco"], tok)
+    refs = scored[-1][0]
+    assert refs == {i: [a["caption"] for a in gt["annotations"] if a["image_id"] == i] for i in own}
+    assert res["references"] == "coco_karpathy_test_gt.json"
+    assert (tmp_path / "blip" / "coco__tiny-blip__base.predictions.json").exists()
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] != 74]
+    (root / "coco" / "coco_karpathy_test_gt.json").write_text(json.dumps(gt))
+    with pytest.raises(cli.UserError, match="image 74 has no reference in coco_karpathy_test_gt.json"):
+        run(root, tmp_path, ["--data", "coco"], tok)
