@@ -332,11 +332,18 @@ def test_coco_gt_references_and_paper_train_records(tmp_path):
     assert [(r["image_id"], r["captions"]) for r in recs] == [(42, ["one"]), (42, ["two"])]
 
 
-def test_seed_only_for_confounder_sets_and_known_protocols(root):
-    with pytest.raises(UserError, match="seeds re-split only"):
-        D.load("coco", root, None, seed=1)
+def test_seeds_resplit_only_confounder_sets_under_paper(root, paper_root):
+    assert D.load("coco", root, None, seed=1).records == D.load("coco", root, None).records  # one fixed split
+    fixed = D.load("waterbirds", paper_root, None, protocol="standard").records
+    assert D.load("waterbirds", paper_root, None, seed=2, protocol="standard").records == fixed
+    assert D.load("waterbirds", paper_root, None, seed=2).records != fixed
     with pytest.raises(UserError, match="unknown protocol"):
         D.load("waterbirds", root, None, protocol="paperish")
+
+
+def test_known_protocols_only(root):
+    with pytest.raises(UserError, match="unknown protocol"):
+        D.load("coco", root, None, protocol="")
 
 
 def _official(name, size):

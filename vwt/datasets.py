@@ -584,15 +584,15 @@ def load(name: str, root, transform: Optional[Callable], split: Optional[str] = 
 
     Records carry what the tasks need: "path", "image_id", and "label" + "group" (grouped data),
     "labels" (OpenImages tag indices), "captions" (COCO, NoCaps). ``split`` None picks the evaluation
-    split; ``seed`` (Waterbirds, CelebA, MetaShift; the paper uses 1, 2, 3) re-splits as the paper's code
-    does (see paper_resplit), None keeps the release's split; ``protocol`` picks MetaShift's split, the
-    class names and COCO's train records (see each reader); ``limit`` keeps the first records. A missing
-    file is a one-line UserError naming it and the expected layout."""
+    split; ``seed`` under ``protocol`` paper re-splits Waterbirds, CelebA and MetaShift as the paper's
+    code does (it uses seeds 1, 2, 3; see paper_resplit); None, the other data sets and the standard
+    protocol keep the one fixed split. ``protocol`` also picks MetaShift's split, the class names and
+    COCO's train records (see each reader); ``limit`` keeps the first records. A missing file is a
+    one-line UserError naming it and the expected layout."""
 
     root = Path(root)
     _check_protocol(protocol)
-    if seed is not None and name not in CONFOUNDED:
-        raise UserError(f"{name}: seeds re-split only {', '.join(CONFOUNDED)}; {name} has one fixed split")
+    seed = seed if protocol == "paper" else None  # standard: the release's fixed split for every seed
     if name == "samples":
         return Samples(transform, limit=limit)
     confounded = {"waterbirds": waterbirds, "celeba": celeba, "meta": metashift}
