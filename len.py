@@ -5,12 +5,17 @@
     python len.py --data samples --top_k 0.5
 
 For every image: the number of tokens entering the first block (class token included) after the input
-reducer (--vocab/--vocab-path: inter-image; --top_k: intra-image). Reports mean, std, min and max over
-the data set and per group where the data has groups (Waterbirds, CelebA, MetaShift), and for the
-inter-image tokenizer the number of patches matched to each visual word. Only the embedding and the
-tokenizer run (no transformer block). Writes <out>/len/<data>_<method>.json (configuration, versions,
-machine, per-image counts) and <out>/len/<data>_<method>.png (token-count histogram and the visual-word
-frequency histogram).
+reducer (--vocab/--vocab-path: inter-image; --top_k: intra-image). Reports mean, std (ddof 1, as the
+paper's pandas describe()), min and max over the data set and per group where the data has groups
+(Waterbirds, CelebA, MetaShift), and for the inter-image tokenizer two visual-word frequencies: the
+paper's (its len.py --metric freq: per image, patches labelled by the rank of their word among the
+image's distinct matched words, unmatched patches after them one label each; the share of patches per
+label below the vocabulary size) and ours (patches matched to each real word id). Only the embedding and
+the tokenizer run (no transformer block). --protocol paper (default) uses the data set's paper
+preprocessing and, for Waterbirds/CelebA/MetaShift, the paper's re-split of --seed (default 1, the
+seed the paper's frequency figure uses) with that seed's vocabulary; standard: the model's preprocessing
+and the fixed split. Writes <out>/len/<data>_<method>.json (configuration, versions, machine, per-image
+counts) and <out>/len/<data>_<method>.png (token-count histogram, the paper's and our word frequency).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 
 import vwt
-from vwt import cli, datasets
+from vwt import cli, datasets, metrics
 from vwt.cli import UserError
 from vwt.tokenizer import tokenize
 
@@ -35,12 +40,36 @@ def parse_args(argv=None):
     p.add_argument("--max-images", default=None, type=int, help="use only the first N images")
     p.add_argument("--workers", default=4, type=int, help="data-loading worker processes (default 4; 0 = none)")
     cli.add_method_args(p)
+    cli.add_protocol_arg(p)
+    p.add_argument("--seed", default=None, type=int,
+                   help="the paper's re-split and vocabulary of this seed (Waterbirds, CelebA, MetaShift under "
+                        "--protocol paper; default 1)")
     return p.parse_args(argv)
 
 
 def summary(counts: np.ndarray) -> dict:
-    return {"images": int(counts.size), "mean": float(counts.mean()), "std": float(counts.std()),
+    """Count, mean, std with ddof 1 (pandas describe(), as the paper reports; 0 for one image), min, max."""
+    std = float(counts.std(ddof=1)) if counts.size > 1 else 0.0
+    return {"images": int(counts.size), "mean": float(counts.mean()), "std": std,
             "min": int(counts.min()), "max": int(counts.max())}
+
+
+def seeded(args) -> argparse.Namespace:
+    """--seed settled (1 for the paper's re-split data sets under paper, else none) and that seed's
+    vocabulary named in --vocab-path (see cli.vocab_path)."""
+    resplit = args.protocol == "paper" and args.data in datasets.CONFOUNDED
+    args.seed = (1 if resplit else None) if args.seed is None else args.seed
+    if args.vocab_path is None and args.vocab is not None:
+        args.vocab_path = cli.vocab_path(args, seed=args.seed)
+    return args
+
+
+def data_for(args, own: datasets.Preprocess):
+    """The images to count, with the protocol's preprocessing (the paper's for the data set at the
+    model's size and normalisation, or the model's own) and split (the seed's re-split under paper)."""
+    pre = own if args.protocol == "standard" else datasets.transform_for(args.data, "paper", own.size, own.mean, own.std)
+    return datasets.load(args.data, args.data_root, pre, split=args.split, seed=args.seed, protocol=args.protocol,
+                         limit=args.max_images)
 
 
 def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
@@ -53,6 +82,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     if any(getattr(args, k) is not None for k in ("tome", "evit", "lgtm")) or args.quant:
         raise UserError("len.py counts the tokens the VWT tokenizer leaves: use --vocab/--vocab-path or --top_k, "
                         "not --tome/--evit/--lgtm/--quant")
+    args = seeded(args)
     reducers = cli.reducers_from_args(args)
     if not reducers:
         raise UserError("choose a tokenizer: --vocab SIZE (or --vocab-path FILE) for inter-image, --top_k DROP for intra-image")
@@ -62,7 +92,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     if loaded is None:
         loaded = cli.load_model(args.model, device, dtype)
     pre = datasets.preprocess_for(loaded.model)
-    data.transform = pre
+    data = data_for(args, pre)
     if len(data) == 0:
         raise UserError(f"{args.data}: no images in the chosen split")
     inter = reducer if isinstance(reducer, vwt.InterImage) else None
@@ -74,6 +104,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     recorder = MatchRecorder(inter) if inter is not None else None
     counts, groups = [], []
     words = np.zeros(len(inter.vocab), dtype=np.int64) if inter is not None else None
+    paper_words = np.zeros(len(inter.vocab), dtype=np.int64) if inter is not None else None
     try:
         for pixels, records in tqdm(datasets.batches(data, args.batch, args.workers), desc=f"len {args.data}",
                                     unit="batch", total=-(-len(data) // args.batch)):
@@ -84,7 +115,9 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
             counts.append(state.real_counts().cpu())
             groups += [r.get("group", -1) for r in records]
             if recorder is not None:
-                keys = recorder.keys().ravel()
+                keys = recorder.keys()
+                paper_words += metrics.dense_label_counts(keys, len(paper_words))
+                keys = keys.ravel()
                 words += np.bincount(keys[keys >= 0], minlength=len(words))
     finally:
         if recorder is not None:
@@ -106,12 +139,13 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
         result["groups"][name] = summary(counts[groups == g])
     if words is not None:
         result["word_counts"] = words.tolist()
+        result["word_frequency_paper"] = (paper_words / max(1, paper_words.sum())).tolist()
         result["words_used"] = int((words > 0).sum())
     result["per_image"] = counts.tolist()
 
     stem = Path(args.out) / "len" / f"{args.data}_{method}"
     cli.write_json(stem.with_suffix(".json"), result)
-    figure(stem.with_suffix(".png"), counts, words, f"{args.data}: {method} ({loaded.name})")
+    figure(stem.with_suffix(".png"), counts, words, f"{args.data}: {method} ({loaded.name})", paper_words)
     t = result["tokens"]
     print(f"{args.data} {method}: tokens per image {t['mean']:.2f} ± {t['std']:.2f} (min {t['min']}, max {t['max']}) "
           f"of {result['patches_per_image'] + state.prefix}")
@@ -121,14 +155,15 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     return result
 
 
-def figure(path: Path, counts: np.ndarray, words, title: str) -> None:
-    """Token-count histogram, and the visual-word frequency histogram (words ranked by use, log scale)."""
+def figure(path: Path, counts: np.ndarray, words, title: str, paper_words=None) -> None:
+    """Token-count histogram; with a vocabulary the paper's word-frequency figure (share of patches per
+    per-image label, see metrics.dense_label_counts) and ours (real words ranked by use, log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 2 if words is not None else 1
+    panels = 1 if words is None else 2 if paper_words is None else 3
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8), squeeze=False)
     ax = axes[0, 0]
     ax.hist(counts, bins=np.arange(counts.min(), counts.max() + 2) - 0.5 if counts.max() - counts.min() < 60 else 40)
@@ -140,7 +175,12 @@ def figure(path: Path, counts: np.ndarray, words, title: str) -> None:
         if ranked.max() > 0:
             ax.set_yscale("log")
         ax.set(xlabel=f"visual words ranked by use ({int((words > 0).sum())} of {len(words)} used)",
-               ylabel="patches matched", title="visual-word frequency")
+               ylabel="patches matched", title="visual-word frequency (ours)")
+    if words is not None and paper_words is not None:
+        ax, size = axes[0, 2], len(paper_words)
+        ax.bar(range(size), paper_words / max(1, paper_words.sum()))
+        ax.set_xticks(list(range(0, size, max(1, size // 10))) + [size - 1])
+        ax.set(xlabel="Visual Word", ylabel="Probability", title=f"$T_{{inter}}^{{{size}}}$ (paper's figure)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,7 @@ def test_len_on_waterbirds_counts_per_group_and_words(root, tmp_path):
            "--out", str(tmp_path / "v8")])
     out = tmp_path / "results"
     res = count(["--data", "waterbirds", "--data-root", str(root), "--vocab-path", str(tmp_path / "v8" / "vocab.pt"),
-                 "--thresh", "0.3", "--batch", "3", "--out", str(out)])
+                 "--thresh", "0.3", "--batch", "3", "--out", str(out), "--protocol", "standard"])
     loaded = clip_loaded()
     ds = D.load("waterbirds", root, D.preprocess_for(loaded.model))
     inter = vwt.InterImage(vwt.Vocabulary.load(tmp_path / "v8"), thresh=0.3)

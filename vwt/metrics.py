@@ -80,6 +80,20 @@ def mean_average_precision(scores, targets) -> tuple[float, np.ndarray]:
     return (float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")), ap
 
 
+def dense_label_counts(keys, size: int) -> np.ndarray:
+    """The paper's visual-word frequency (its len.py ``--metric freq``), summed over images: ``keys``
+    (images, patches) holds each patch's matched word id, -1 where unmatched. The paper labels an image's
+    patches densely: its distinct matched words in ascending id order get labels 0..k-1, each unmatched
+    patch its own label after them (in patch order); it counts the patches per label below ``size``.
+    Returns those (size,) counts; the paper's figure divides them by their sum."""
+    out = np.zeros(size, dtype=np.int64)
+    for row in np.asarray(keys).reshape(len(keys), -1):
+        _, per_word = np.unique(row[row >= 0], return_counts=True)
+        per_label = np.concatenate([per_word, np.ones(int((row < 0).sum()), dtype=np.int64)])[:size]
+        out[:len(per_label)] += per_label
+    return out
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof 1; 0 for a single value) of runs over seeds."""
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
