@@ -205,8 +205,9 @@ def evaluate(args, loaded: cli.Loaded, ds, text, device, dtype, desc: str) -> tu
     out = {"tokens_first_block": float(torch.cat(first).mean()), "tokens_mean": float(torch.cat(mean).mean())}
     recs = ds.records
     if args.data in GROUPED:
-        out.update(metrics.group_accuracy(s.argmax(1), [r["label"] for r in recs], [r["group"] for r in recs],
-                                          ds.group_names))
+        label, group = [r["label"] for r in recs], [r["group"] for r in recs]
+        out.update(metrics.group_accuracy(s.argmax(1), label, group, ds.group_names))
+        out.update(metrics.group_loss(s, label, group, ds.group_names))
     elif args.data in TAGS:
         targets = np.zeros_like(s, dtype=bool)
         for i, r in enumerate(recs):
@@ -229,7 +230,7 @@ def aggregate(runs: list[dict]) -> tuple[dict, dict]:
 
     agg = {}
     for key in runs[0]:
-        if key in ("groups",):
+        if key in ("groups", "group_loss"):
             agg[key] = {g: ms([r[key][g] for r in runs]) for g in runs[0][key]}
         elif key in ("counts", "seed", "vocab_path", "predictions"):
             continue

@@ -64,9 +64,13 @@ def test_waterbirds_metrics_equal_a_direct_zero_shot(root, tmp_path, tok):
         img = model.get_image_features(pixel_values=pixels_of(ds)).pooler_output
         enc = tok(["a photo of a landbird", "a photo of a waterbird"], padding=True, truncation=True, return_tensors="pt")
         txt = model.get_text_features(**enc).pooler_output
-    pred = (F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T).argmax(1).numpy()
+    cos = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    pred = cos.argmax(1).numpy()
     label = np.array([r["label"] for r in ds.records])
     group = np.array([2 * r["label"] + r["place"] for r in ds.records])
+    ce = F.cross_entropy(cos.double(), torch.from_numpy(label), reduction="none").numpy()  # the paper's loss lines
+    assert res["metrics"]["loss"]["mean"] == pytest.approx(ce.mean(), abs=1e-6)
+    assert res["metrics"]["group_loss"]["waterbird on land"]["mean"] == pytest.approx(ce[group == 2].mean(), abs=1e-6)
     per_group = [float((pred[group == g] == label[group == g]).mean()) for g in range(4)]
     m = res["metrics"]
     assert [m["groups"][n]["mean"] for n in ds.group_names] == per_group

@@ -33,6 +33,18 @@ def test_worst_class_is_the_lowest_class_accuracy():
     assert M.group_accuracy([0, 0], [0, 0], [0, 1], NAMES)["worst_class"] == 1.0  # a class without samples is skipped
 
 
+def test_group_loss_is_cross_entropy_of_the_scores_per_group():
+    import torch
+
+    scores = np.array([[0.3, 0.1], [0.2, 0.25], [0.9, -0.4], [0.05, 0.0]])
+    label, group = [0, 1, 1, 0], [0, 3, 3, 0]
+    out = M.group_loss(scores, label, group, NAMES)
+    ce = torch.nn.functional.cross_entropy(torch.tensor(scores), torch.tensor(label), reduction="none").numpy()
+    assert out["loss"] == pytest.approx(ce.mean())
+    assert out["group_loss"]["g0"] == pytest.approx(ce[[0, 3]].mean()) and out["group_loss"]["g3"] == pytest.approx(ce[[1, 2]].mean())
+    assert out["group_loss"]["g1"] is None
+
+
 def test_worst_group_ignores_empty_groups():
     out = M.group_accuracy([1, 0, 1], [1, 0, 0], [0, 0, 3], NAMES)
     assert out["worst"] == 0.0 and out["groups"]["g0"] == 1.0 and out["groups"]["g1"] is None

@@ -48,6 +48,20 @@ def group_accuracy(pred: Sequence[int], label: Sequence[int], group: Sequence[in
             "counts": counts}
 
 
+def group_loss(scores, label: Sequence[int], group: Sequence[int], group_names: Sequence[str]) -> dict:
+    """The paper's loss lines: cross-entropy of the scores as logits (for zero-shot CLIP the cosine
+    similarities, unscaled, as the paper's code feeds them), averaged over all samples ("loss") and
+    within each group ("group_loss", None for a group without samples)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    label, group = np.asarray(label).reshape(-1), np.asarray(group).reshape(-1)
+    top = scores.max(1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(scores - top).sum(1))
+    ce = log_z - scores[np.arange(len(label)), label]
+    per_group = {name: (float(ce[group == g].mean()) if (group == g).any() else None)
+                 for g, name in enumerate(group_names)}
+    return {"loss": float(ce.mean()), "group_loss": per_group}
+
+
 def top1(logits, label) -> float:
     """Fraction of samples whose highest-scoring class is the label."""
     logits, label = np.asarray(logits), np.asarray(label)
