@@ -1,8 +1,11 @@
-"""Data sets, each yielding (pixel tensor, record) with the model's own preprocessing.
+"""Data sets, each yielding (pixel tensor, record), and their preprocessing.
 
 ``samples`` needs no download: real public-domain photographs shipped inside scikit-image. The other
 data sets (Waterbirds, CelebA, MetaShift, OpenImages, COCO, NoCaps, ImageNet) read the public
-releases' layouts under the data root; ``data/README.md`` gives each layout.
+releases' layouts, or the paper's code's, under the data root; ``data/README.md`` gives each layout.
+Under the ``paper`` protocol the splits (seeded re-splits, MetaShift's generated split), class names
+and preprocessing (``transform_for``) are those of the paper's code; ``standard`` keeps the release's
+split and the model's own preprocessing (``preprocess_for``).
 """
 from __future__ import annotations
 
