@@ -295,6 +295,22 @@ def test_metashift_split_is_generated_once_with_the_official_proportions(paper_r
     assert (base / "metadata.csv").read_text() == written  # stable: the same split generated again
 
 
+def test_metashift_unwritable_folder_is_one_line(paper_root, tmp_path, monkeypatch):
+    import shutil
+
+    import vwt.results
+
+    shutil.copytree(paper_root / "meta", tmp_path / "meta", ignore=shutil.ignore_patterns("metadata.csv"))
+
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(vwt.results, "atomic_write_text", refuse)
+    with pytest.raises(UserError) as e:
+        D.load("meta", tmp_path, None)
+    assert _one_line(e).startswith(f"meta: cannot write the generated split {tmp_path / 'meta' / 'metadata.csv'}")
+
+
 def test_metashift_release_folder_name_gets_its_metadata_too(root):
     ds = D.load("meta", root, None)  # the fixture's metashift/MetaShift-Cat-Dog-indoor-outdoor/
     assert (root / "metashift" / "MetaShift-Cat-Dog-indoor-outdoor" / "metadata.csv").exists()

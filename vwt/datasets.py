@@ -401,7 +401,11 @@ def metashift_metadata(base: Path, test_pct: float = 0.25, val_pct: float = 0.1)
     df = pd.DataFrame(rows).assign(split=split)
     from .results import atomic_write_text
 
-    atomic_write_text(path, df.to_csv(index=False))
+    try:
+        atomic_write_text(path, df.to_csv(index=False))
+    except OSError as e:
+        raise UserError(f"meta: cannot write the generated split {path} ({first_line(e)}); make the folder "
+                        "writable once (the file is then reused) or use --protocol standard") from None
     return path
 
 
