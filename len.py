@@ -12,8 +12,9 @@ paper's (its len.py --metric freq: per image, patches labelled by the rank of th
 image's distinct matched words, unmatched patches after them one label each; the share of patches per
 label below the vocabulary size) and ours (patches matched to each real word id). Only the embedding and
 the tokenizer run (no transformer block). --protocol paper (default) uses the data set's paper
-preprocessing and, for Waterbirds/CelebA/MetaShift, the paper's re-split of --seed (default 1, the
-seed the paper's frequency figure uses) with that seed's vocabulary; standard: the model's preprocessing
+preprocessing and, for Waterbirds/CelebA/MetaShift, the paper's re-split of --seed with that seed's
+vocabulary (default: the seed of the vocabulary found, else 1, the seed of the paper's frequency
+figure); standard: the model's preprocessing
 and the fixed split. Writes <out>/len/<data>_<method>.json (configuration, versions, machine, per-image
 counts) and <out>/len/<data>_<method>.png (token-count histogram, the paper's and our word frequency).
 """
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     cli.add_protocol_arg(p)
     p.add_argument("--seed", default=None, type=int,
                    help="the paper's re-split and vocabulary of this seed (Waterbirds, CelebA, MetaShift under "
-                        "--protocol paper; default 1)")
+                        "--protocol paper; default: the seed of the vocabulary found, else 1)")
     return p.parse_args(argv)
 
 
@@ -55,10 +56,16 @@ def summary(counts: np.ndarray) -> dict:
 
 
 def seeded(args) -> argparse.Namespace:
-    """--seed settled (1 for the paper's re-split data sets under paper, else none) and that seed's
-    vocabulary named in --vocab-path (see cli.vocab_path)."""
+    """--seed settled and that seed's vocabulary named in --vocab-path (see cli.vocab_path). Default for
+    the paper's re-split data sets under paper: the seed of the vocabulary the flags find (a
+    seed_<N> / -seed<N> folder), else 1 (the paper's frequency figure); none otherwise."""
+    import re
+
     resplit = args.protocol == "paper" and args.data in datasets.CONFOUNDED
-    args.seed = (1 if resplit else None) if args.seed is None else args.seed
+    if args.seed is None and resplit:
+        found = cli.vocab_path(args)
+        learned = re.fullmatch(r"(?:seed_|v\d+-seed)(\d+)", found.parent.name) if found is not None else None
+        args.seed = int(learned.group(1)) if learned else 1
     if args.vocab_path is None and args.vocab is not None:
         args.vocab_path = cli.vocab_path(args, seed=args.seed)
     return args

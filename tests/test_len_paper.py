@@ -77,3 +77,15 @@ def test_len_paper_protocol_uses_the_seed_split_vocabulary_and_preprocessing(tmp
     assert res["word_frequency_paper"] == pytest.approx((freq / freq.sum()).tolist())
     assert res["word_counts"] == np.bincount(keys[keys >= 0], minlength=8).tolist()
     assert res["config"]["protocol"] == "paper" and res["config"]["seed"] == 2
+
+
+@pytest.mark.parametrize("folder, seed", [("v8/seed_3", 3), ("v8-seed2", 2), ("v8", 1)])
+def test_len_default_seed_is_the_vocabularys(tmp_path, monkeypatch, folder, seed):
+    root = paper_fixtures.write_cub(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    vwt.Vocabulary(torch.randn(8, 192), space="pixel", patch_size=tiny.PATCH).save(tmp_path / "tokenizers" / "waterbirds" / folder)
+    loaded = cli.Loaded(tiny.hf_clip(), "hf_clip", "tiny-hf-clip", False)
+    res = len_script.main(["--data", "waterbirds", "--data-root", str(root), "--vocab-path",
+                           str(tmp_path / "tokenizers" / "waterbirds" / folder / "vocab.pt"), "--out", str(tmp_path / "o"),
+                           "--workers", "0", "--device", "cpu"], loaded)
+    assert res["config"]["seed"] == seed and res["tokens"]["images"] == len(D.load("waterbirds", root, None, seed=seed))
