@@ -4,19 +4,12 @@ import pytest
 import torch
 
 import vwt
-from tiny import ENTRIES, GRID, IMAGE, NUM_PATCHES, PATCH, hf_blip, images, timm_vit
+from tiny import ENTRIES, GRID, IMAGE, NUM_PATCHES, PATCH, hf_blip, images, tile, timm_vit
 from vwt.encoder import InputContext, initial_state
 from vwt.tokenizer import pixel_patches
 from vwt.vocab import patch_embedder
 
 D = 3 * PATCH * PATCH
-
-
-def tile(words: torch.Tensor, ids) -> torch.Tensor:
-    """A (3, IMAGE, IMAGE) image whose patch p is the pixel-space word ``words[ids[p]]``."""
-    ids = torch.as_tensor(ids)
-    blocks = words[ids].view(GRID, GRID, 3, PATCH, PATCH)
-    return blocks.permute(2, 0, 3, 1, 4).reshape(3, IMAGE, IMAGE)
 
 
 def some_words(n=6, seed=0):

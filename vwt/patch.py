@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .backends import by_name, family_of, supported  # noqa: F401  (supported: re-exported)
-from .backends.base import PATCH_ATTR, Patch, patch_info, replace_forward  # noqa: F401  (re-exported)
+from .backends import by_name, family_of
+from .backends.base import PATCH_ATTR, Patch, patch_info  # noqa: F401  (patch_info: re-exported)
 from .encoder import Reducer, check_rule
 
 
