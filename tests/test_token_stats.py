@@ -15,7 +15,6 @@ import eff
 import fixtures
 import tiny
 import vwt
-from vwt import cli
 from vwt import datasets as D
 
 len_script = importlib.import_module("len")
@@ -74,12 +73,10 @@ def _check(methods: dict, reference: dict, eff_rows: dict, len_mean: float):
     assert len_mean == pytest.approx(reference["inter"][0])
 
 
-def test_clip_len_and_eff_report_the_same_token_statistics(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    root = fixtures.write_waterbirds(tmp_path / "data")
-    tok = fixtures.char_clip_tokenizer(tmp_path / "tok")
-    loaded = cli.Loaded(tiny.hf_clip(), "hf_clip", "tiny-clip", False, tok)
-    ds = D.load("waterbirds", root, D.preprocess_for(loaded.model))
+def _setup(loaded, data, root, tmp_path):
+    """The images of ``data`` as the scripts preprocess them, a vocabulary learned on them, each
+    configuration's flags and reducers, and the reference statistics of a direct patched forward."""
+    ds = D.load(data, root, D.preprocess_for(loaded.model))
     pixels = torch.stack([ds[i][0] for i in range(len(ds))])
     vocab, path = _vocab(tmp_path, pixels)
     thresh = 0.25
@@ -91,32 +88,28 @@ def test_clip_len_and_eff_report_the_same_token_statistics(tmp_path, monkeypatch
     per_image = _reference(loaded, pixels, reducers["inter"])[2]
     assert len(set(per_image.tolist())) > 1  # images differ: the averages are over real per-image values
     assert reference["tome"][1] < reference["tome"][0]
+    return len(ds), inter, configs, reference
 
+
+def test_clip_len_and_eff_report_the_same_token_statistics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = fixtures.write_waterbirds(tmp_path / "data")
+    loaded = tiny.loaded(tiny.hf_clip, "tiny-clip", fixtures.char_clip_tokenizer(tmp_path / "tok"))
+    images, inter, configs, reference = _setup(loaded, "waterbirds", root, tmp_path)
     reported = {}
     for name, flags in configs.items():
         m = clip_script.main(["--data", "waterbirds", "--data-root", str(root), "--out", str(tmp_path / "clip"),
                               "--workers", "0", "--device", "cpu", "--batch", "3"] + flags, loaded)["metrics"]
         reported[name] = (m["tokens_first_block"]["mean"], m["tokens_mean"]["mean"])
-    eff_rows = _eff(loaded, tmp_path, "waterbirds", root, len(ds), inter + ["--tome", "2"])
+    eff_rows = _eff(loaded, tmp_path, "waterbirds", root, images, inter + ["--tome", "2"])
     _check(reported, reference, eff_rows, _len(loaded, tmp_path, "waterbirds", root, inter))
 
 
 def test_blip_len_and_eff_report_the_same_token_statistics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = fixtures.write_coco(tmp_path / "data")
-    tok = fixtures.word_bert_tokenizer(tmp_path / "tok")
-    loaded = cli.Loaded(tiny.hf_blip(), "hf_blip", "tiny-blip", False, tok)
-    ds = D.load("coco", root, D.preprocess_for(loaded.model))
-    pixels = torch.stack([ds[i][0] for i in range(len(ds))])
-    vocab, path = _vocab(tmp_path, pixels)
-    thresh = 0.25
-    inter = ["--vocab-path", str(path), "--thresh", str(thresh)]
-    configs = {"inter": inter, "tome": ["--tome", "2"], "inter+tome": inter + ["--tome", "2"]}
-    reducers = {"inter": [vwt.InterImage(vocab, thresh)], "tome": [vwt.ToMe(r=2)],
-                "inter+tome": [vwt.InterImage(vocab, thresh), vwt.ToMe(r=2)]}
-    reference = {k: _reference(loaded, pixels, r)[:2] for k, r in reducers.items()}
-    assert len(set(_reference(loaded, pixels, reducers["inter"])[2].tolist())) > 1
-
+    loaded = tiny.loaded(tiny.hf_blip, "tiny-blip", fixtures.word_bert_tokenizer(tmp_path / "tok"))
+    images, inter, configs, reference = _setup(loaded, "coco", root, tmp_path)
     reported = {}
     for name, flags in configs.items():
         out = tmp_path / "blip" / name  # one folder per configuration: its one captions file
@@ -124,8 +117,8 @@ def test_blip_len_and_eff_report_the_same_token_statistics(tmp_path, monkeypatch
                           "--workers", "0", "--device", "cpu", "--batch", "3", "--max-length", "8"] + flags, loaded)
         (captions,) = out.rglob("*.captions.jsonl")
         lines = [json.loads(l) for l in captions.read_text().splitlines()[1:]]
-        assert len(lines) == len(ds)
-        reported[name] = (sum(l["tokens_first_block"] for l in lines) / len(lines),
-                          sum(l["tokens_mean"] for l in lines) / len(lines))
-    eff_rows = _eff(loaded, tmp_path, "coco", root, len(ds), inter + ["--tome", "2"])
+        assert len(lines) == images
+        reported[name] = (sum(l["tokens_first_block"] for l in lines) / images,
+                          sum(l["tokens_mean"] for l in lines) / images)
+    eff_rows = _eff(loaded, tmp_path, "coco", root, images, inter + ["--tome", "2"])
     _check(reported, reference, eff_rows, _len(loaded, tmp_path, "coco", root, inter))

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from ..encoder import Block, Tower, zero_pads
-from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Backend, Patch, grid_of, replace_forward, run_tower
-from .hf_clip import hf_dims
+from .base import Patch, grid_of, replace_forward, run_tower
+from .hf_clip import HFClip
 
 
 def vision_model(model: nn.Module):
@@ -90,25 +90,19 @@ def patch(model: nn.Module, info: Patch) -> None:
         info.restore.append(handle.remove)
 
 
-class HFBlip(Backend):
+class HFBlip(HFClip):
     name = "hf_blip"
     describes = "BlipForConditionalGeneration / BlipVisionModel"
+    crop = False  # BLIP's processor resizes to size x size
 
     def vision(self, model):
         return vision_model(model)
 
-    def tower(self, model, interpolate_pos_encoding: bool = False):
-        return tower(self.vision(model), interpolate_pos_encoding)
-
-    def dims(self, model):
-        return hf_dims(self.vision(model))
-
-    def preprocess(self, model):
-        return dict(size=self.vision(model).embeddings.image_size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-                    crop=False)
+    def tower_of(self, vision: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
+        return tower(vision, interpolate_pos_encoding)
 
     def patch(self, model, info):
-        patch(model, info)
+        patch(model, info)  # the whole model: the text decoder gets the pad mask
 
 
 BACKEND = HFBlip()

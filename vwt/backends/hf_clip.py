@@ -36,13 +36,6 @@ def _block(layer) -> Block:
                  norm2=layer.layer_norm2, mlp=layer.mlp, scale=attn.scale)
 
 
-def hf_dims(vt: nn.Module) -> TowerDims:
-    """Dimensions of a Hugging Face CLIP or BLIP vision transformer (the two share the layout)."""
-    emb, layer = vt.embeddings, vt.encoder.layers[0]
-    return TowerDims(width=emb.embed_dim, mlp=layer.mlp.fc1.out_features, depth=len(vt.encoder.layers),
-                     heads=layer.self_attn.num_heads, patch_size=emb.patch_size, num_patches=emb.num_patches)
-
-
 def tower(vt: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
     emb = vt.embeddings
 
@@ -82,21 +75,31 @@ def patch(vt: nn.Module, info: Patch) -> None:
 
 
 class HFClip(Backend):
+    """Hugging Face CLIP; :class:`vwt.backends.hf_blip.HFBlip` differs only in the module it finds,
+    the embedding, the preprocessing's crop and the decoder hook."""
+
     name = "hf_clip"
     describes = "Hugging Face CLIPModel / CLIPVisionModel / CLIPVisionModelWithProjection"
+    crop = True  # CLIP's processor resizes the short side, then centre-crops
 
     def vision(self, model):
         return vision_transformer(model)
 
+    def tower_of(self, vision: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
+        return tower(vision, interpolate_pos_encoding)
+
     def tower(self, model, interpolate_pos_encoding: bool = False):
-        return tower(self.vision(model), interpolate_pos_encoding)
+        return self.tower_of(self.vision(model), interpolate_pos_encoding)
 
     def dims(self, model):
-        return hf_dims(self.vision(model))
+        vt = self.vision(model)
+        emb, layer = vt.embeddings, vt.encoder.layers[0]
+        return TowerDims(width=emb.embed_dim, mlp=layer.mlp.fc1.out_features, depth=len(vt.encoder.layers),
+                         heads=layer.self_attn.num_heads, patch_size=emb.patch_size, num_patches=emb.num_patches)
 
     def preprocess(self, model):
         return dict(size=self.vision(model).embeddings.image_size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-                    crop=True)
+                    crop=self.crop)
 
     def patch(self, model, info):
         patch(self.vision(model), info)
