@@ -102,6 +102,16 @@ def test_unsupported_model_is_refused_with_the_supported_list(bad):
         vwt.patch(bad)
 
 
+@pytest.mark.parametrize("reducers, message", [
+    ((vwt.IntraImage(0.5), vwt.IntraImage(0.2)), "choose one input reducer: IntraImage or InterImage"),
+    ((vwt.ToMe(2), vwt.EViT(0.7)), "choose one in-network reducer: ToMe, EViT or LGTM; got ToMe and EViT"),
+])
+def test_one_input_and_one_in_network_reducer_at_most(reducers, message):
+    with pytest.raises(ValueError, match=message):
+        vwt.patch(timm_vit(), *reducers)
+    assert vwt.patch(timm_vit(), reducers[0], vwt.LGTM(2) if reducers[0].kind == "input" else vwt.IntraImage(0.5))
+
+
 def test_non_reducer_argument_is_refused():
     with pytest.raises(TypeError, match="reducers"):
         vwt.patch(timm_vit(), "tome")
