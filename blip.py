@@ -168,10 +168,10 @@ def caption(args, loaded: cli.Loaded, todo, path: Path, config: dict, device, dt
                    desc=f"{args.data} captions", file=sys.stderr)
         for pixels, recs in bar:
             texts = caption_batch(args, loaded, pixels.to(device, dtype), prompt_ids)
-            tokens = vwt.stats(loaded.model)["tokens_per_layer"].float()
-            for rec, text, t in zip(recs, texts, tokens):
-                writer.write({"image_id": rec["image_id"], "caption": text, "tokens_first_block": float(t[0]),
-                              "tokens_mean": float(t[1:].mean() if len(t) > 1 else t[0])})
+            st = vwt.stats(loaded.model)
+            for i, (rec, text) in enumerate(zip(recs, texts)):
+                writer.write({"image_id": rec["image_id"], "caption": text,
+                              **{k: float(st[k][i]) for k in ("tokens_first_block", "tokens_mean")}})
             writer.flush()
     finally:
         writer.close()

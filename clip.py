@@ -193,16 +193,15 @@ def write_predictions(path: Path, ds, scores: np.ndarray) -> Path:
 def evaluate(args, loaded: cli.Loaded, ds, text, device, dtype, desc: str) -> tuple[dict, np.ndarray]:
     """Scores every image, then the task's metrics; also the tokens entering the first block and the
     mean over the blocks (per image). Returns (metrics, the (images, classes) scores)."""
-    scores, first, mean = [], [], []
+    scores, tokens = [], []
     total = math.ceil(len(ds) / args.batch)
     for pixels, _ in tqdm(datasets.batches(ds, args.batch, args.workers), total=total, desc=desc, file=sys.stderr):
         with torch.inference_mode():
             scores.append(image_scores(loaded, pixels.to(device, dtype), text).cpu())
-        counts = vwt.stats(loaded.model)["tokens_per_layer"].float()
-        first.append(counts[:, 0])
-        mean.append(counts[:, 1:].mean(1) if counts.shape[1] > 1 else counts[:, 0])
+        tokens.append(vwt.stats(loaded.model))
     s = torch.cat(scores).numpy()
-    out = {"tokens_first_block": float(torch.cat(first).mean()), "tokens_mean": float(torch.cat(mean).mean())}
+    summary = vwt.token_summary(tokens)
+    out = {k: summary[k] for k in ("tokens_first_block", "tokens_mean")}
     recs = ds.records
     if args.data in GROUPED:
         label, group = [r["label"] for r in recs], [r["group"] for r in recs]

@@ -307,10 +307,10 @@ def tokens_and_flops(tower, batches: list, images: int) -> tuple[float, float, f
     with torch.inference_mode():
         for x in batches:
             tower(x)
-            counts.append(vwt.stats(tower)["tokens_per_layer"].float().cpu())
+            counts.append(vwt.stats(tower)["tokens_per_layer"].cpu())
             fl.append(flops.flops_of_last_forward(tower))
-    counts, fl = torch.cat(counts)[:images], torch.cat(fl)[:images]
-    return counts[:, 0].mean().item(), counts[:, :-1].mean().item(), fl.mean().item()
+    tokens = vwt.token_summary([vwt.token_stats(torch.cat(counts)[:images])])
+    return tokens["tokens_first_block"], tokens["tokens_mean"], torch.cat(fl)[:images].mean().item()
 
 
 def float_dtype(module) -> str:

@@ -119,7 +119,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
                 state, _ = tokenize(loaded.vision, reducer, pixels.to(device, dtype))
             except ValueError as e:  # a vocabulary that does not fit the model
                 raise UserError(str(e)) from None
-            counts.append(state.real_counts().cpu())
+            counts.append(vwt.token_stats(state.layer_counts())["tokens_first_block"].long().cpu())
             groups += [r.get("group", -1) for r in records]
             if recorder is not None:
                 keys = recorder.keys()

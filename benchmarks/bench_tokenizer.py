@@ -6,7 +6,7 @@ prints medians and the median of per-round ratios. Inputs are the real ``samples
 CLIP preprocessing; the words are distinct pixel patches of random crops of those photographs (so a
 realistic share of patches matches and the merge path runs; real vocabularies are k-means centres).
 "search" says which nearest-word search ran: one exhaustive matmul, or for vocabularies of at least
-``vwt.tokenizer.FAST_MIN_WORDS`` words the exact bound-and-refine search. Targets: <= 1.5% with
+``vwt.vocab.FAST_MIN_WORDS`` words the exact bound-and-refine search. Targets: <= 1.5% with
 1,000 words, <= 5% with 10,000.
 
     python benchmarks/bench_tokenizer.py [--batch 1 32] [--vocab 1000 10000] [--rounds 15] [--thresh 0.1]
@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vwt  # noqa: E402
-from vwt.backends import hf_clip  # noqa: E402
+from vwt.backends import family_of  # noqa: E402
 from vwt.datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess, sample_images  # noqa: E402
-from vwt import tokenizer as tokenizer_module  # noqa: E402
+from vwt.vocab import FAST_MIN_WORDS  # noqa: E402
 from vwt.encoder import InputContext, initial_state  # noqa: E402
 from bench_kmeans import patches as crop_patches  # noqa: E402
 
@@ -49,7 +49,7 @@ def main():
 
     torch.manual_seed(0)
     model = CLIPVisionModel(CLIPVisionConfig(patch_size=16, image_size=224)).eval()
-    tower = hf_clip.tower(hf_clip._vision_transformer(model))
+    tower = family_of(model).tower(model)
     prep = Preprocess(224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     photos = torch.stack([prep(im) for _, im in sample_images()])
     pool = crop_patches(max(args.vocab) * 4, seed=1)  # crops of the same photographs, 16x16 pixel patches
@@ -59,7 +59,7 @@ def main():
         g = torch.Generator().manual_seed(v)
         words = pool[torch.randperm(len(pool), generator=g)[:v]]
         reducer = vwt.InterImage(vwt.Vocabulary(words), thresh=args.thresh)
-        fast = v >= tokenizer_module.FAST_MIN_WORDS and args.thresh < 0.5
+        fast = v >= FAST_MIN_WORDS and args.thresh < 0.5
         search = "bound+refine" if fast else "exhaustive"
         for b in args.batch:
             x = photos[torch.arange(b) % len(photos)]

@@ -243,6 +243,26 @@ def use_meteor(monkeypatch, shared) -> None:
     monkeypatch.setattr(pycocoevalcap.eval, "Meteor", lambda: shared)
 
 
+def one_line_error(capsys, run) -> str:
+    """Run a script's main (``run()``) as the command line does (``vwt.cli.main``) and check that it
+    failed the way bad input must: exit code 2, one ``error: ...`` line, no traceback. Returns the line."""
+    from vwt import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(run)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()  # library warnings and progress bars may come first
+    assert err[-1].startswith("error: ") and sum(l.startswith("error") for l in err) == 1, err
+    assert not any("Traceback" in l for l in err)
+    return err[-1]
+
+
+def load_png(path) -> np.ndarray:
+    """A PNG back as an RGB uint8 array."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).copy()
+
+
 def char_clip_tokenizer(directory, max_length: int = 16):
     """A CLIPTokenizer built offline: one token per letter (and per word-final letter), no merges, the
     end-of-text token last so it has the highest id (open_clip pools there). Fits the tiny text towers

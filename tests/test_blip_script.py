@@ -157,13 +157,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(root, tmp_path, tok, monkey
 
 
 def _error(capsys, argv, loaded=None):
-    with pytest.raises(SystemExit) as e:
-        cli.main(lambda: blip_script.main(argv, loaded))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()  # progress bars may come first
-    assert err[-1].startswith("error: ") and sum(l.startswith("error") for l in err) == 1, err
-    assert not any("Traceback" in l for l in err)
-    return err[-1]
+    return fixtures.one_line_error(capsys, lambda: blip_script.main(argv, loaded))
 
 
 def test_another_configuration_is_refused_not_mixed(root, tmp_path, tok, capsys):

@@ -39,6 +39,7 @@ def test_build_reducers_makes_each_method():
     (dict(tome=-1), "ToMe: r must be a non-negative int"),
     (dict(evit=1.5), "EViT: keep must be in"),
     (dict(tome=2, lgtm=2), "one in-network reducer"),
+    (dict(top_k=0.5, vocab=vwt.Vocabulary(torch.rand(4, 192))), "choose one input reducer: --top_k"),
 ])
 def test_settings_a_reducer_refuses_are_one_line_user_errors(kwargs, message):
     with pytest.raises(cli.UserError, match=message) as e:

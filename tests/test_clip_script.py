@@ -209,13 +209,7 @@ def test_summary_gathers_the_runs(root, tmp_path, tok, capsys):
 
 
 def _error(capsys, argv, loaded=None):
-    with pytest.raises(SystemExit) as e:
-        cli.main(lambda: clip_script.main(argv, loaded))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()  # library warnings may come first
-    assert err[-1].startswith("error: ") and sum(l.startswith("error") for l in err) == 1, err
-    assert not any("Traceback" in l for l in err)
-    return err[-1]
+    return fixtures.one_line_error(capsys, lambda: clip_script.main(argv, loaded))
 
 
 def test_bad_input_is_one_line(root, tmp_path, tok, capsys):

@@ -15,7 +15,8 @@ import torch
 
 import eff
 import vwt
-from tiny import NUM_PATCHES, hf_clip, open_clip_model, timm_vit
+from tiny import NUM_PATCHES, open_clip_model, timm_vit
+from tiny import loaded as tiny_loaded
 from vwt import cli, datasets, energy, flops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +30,6 @@ _sample_images = functools.lru_cache(maxsize=1)(datasets.sample_images)
 def decode_samples_once(monkeypatch):
     """The sample photographs are decoded once per test session (the slow part of a tiny run)."""
     monkeypatch.setattr(datasets, "sample_images", _sample_images)
-
-
-def tiny_loaded():
-    return cli.Loaded(hf_clip(), "hf_clip", "tiny-clip", False)
 
 
 def no_rapl(monkeypatch, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vwt
-from tiny import ENTRIES, GRID, IMAGE, NUM_PATCHES, PATCH, images, timm_vit
+from tiny import ENTRIES, GRID, IMAGE, NUM_PATCHES, PATCH, images, tile, timm_vit
 from vwt.encoder import BlockContext, initial_state
 
 TOL = 1e-5
@@ -219,11 +219,6 @@ def test_pads_are_never_merged_chosen_or_kept():
 # ------------------------------------------------------------------------------------------------
 # A padded batch gives each image the same output as alone (InterImage + each in-network reducer)
 # ------------------------------------------------------------------------------------------------
-def tile(words, ids):
-    blocks = words[torch.as_tensor(ids)].view(GRID, GRID, 3, PATCH, PATCH)
-    return blocks.permute(2, 0, 3, 1, 4).reshape(3, IMAGE, IMAGE)
-
-
 def padded_batch():
     """Three images whose patches match 15, 6 and 0 patches (2, 2 and 0 words) of a 3-word vocabulary: lengths 4, 13, 17 (class token included)."""
     g = torch.Generator().manual_seed(3)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import vwt
-from tiny import ENTRIES, hf_blip, images, timm_vit
+from tiny import ENTRIES, IMAGE, NUM_PATCHES, hf_blip, images, one_entry_per_family, timm_vit
+from vwt.backends import REGISTRY, family_of
 
 TOL = 1e-5
 
@@ -22,7 +23,27 @@ def test_parity_without_reducers(name, batch):
     assert (out - ref).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("name", ["hf_clip.image_features", "hf_blip.vision", "open_clip.encode_image", "timm.token"])
+def test_every_registered_backend_has_tiny_models():
+    assert {n.split(".")[0] for n in ENTRIES} == {b.name for b in REGISTRY}
+    assert one_entry_per_family() == ["hf_clip.image_features", "hf_blip.vision", "open_clip.encode_image", "timm.token"]
+
+
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_the_registry_answers_for_every_model(name):
+    build, _ = ENTRIES[name]
+    model = build()
+    backend = family_of(model)
+    assert backend.name == name.split(".")[0]
+    vision = backend.vision(model)
+    assert any(m is vision for m in model.modules())  # a module inside the model, or the model
+    assert family_of(vision) is backend and backend.vision(vision) is vision
+    with torch.no_grad():
+        x, patches, grid = backend.tower(model).embed(images(2))
+    assert x.shape[:2] == (2, NUM_PATCHES + 1) and patches.shape[1] == NUM_PATCHES and grid == (4, 4)
+    assert backend.dims(model).num_patches == NUM_PATCHES and backend.preprocess(model)["size"] == IMAGE
+
+
+@pytest.mark.parametrize("name", one_entry_per_family())
 def test_patch_twice_equals_once_and_unpatch_restores(name):
     build, entry = ENTRIES[name]
     model = build()
@@ -79,6 +100,16 @@ def test_inference_mode_and_stats():
 def test_unsupported_model_is_refused_with_the_supported_list(bad):
     with pytest.raises(TypeError, match="supported: Hugging Face CLIPModel"):
         vwt.patch(bad)
+
+
+@pytest.mark.parametrize("reducers, message", [
+    ((vwt.IntraImage(0.5), vwt.IntraImage(0.2)), "choose one input reducer: IntraImage or InterImage"),
+    ((vwt.ToMe(2), vwt.EViT(0.7)), "choose one in-network reducer: ToMe, EViT or LGTM; got ToMe and EViT"),
+])
+def test_one_input_and_one_in_network_reducer_at_most(reducers, message):
+    with pytest.raises(ValueError, match=message):
+        vwt.patch(timm_vit(), *reducers)
+    assert vwt.patch(timm_vit(), reducers[0], vwt.LGTM(2) if reducers[0].kind == "input" else vwt.IntraImage(0.5))
 
 
 def test_non_reducer_argument_is_refused():

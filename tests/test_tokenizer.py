@@ -4,20 +4,12 @@ import pytest
 import torch
 
 import vwt
-from tiny import ENTRIES, GRID, IMAGE, NUM_PATCHES, PATCH, hf_blip, images, timm_vit
+from tiny import ENTRIES, GRID, IMAGE, NUM_PATCHES, PATCH, hf_blip, images, tile, timm_vit
 from vwt.encoder import InputContext, initial_state
-from vwt import tokenizer
 from vwt.tokenizer import pixel_patches
 from vwt.vocab import patch_embedder
 
 D = 3 * PATCH * PATCH
-
-
-def tile(words: torch.Tensor, ids) -> torch.Tensor:
-    """A (3, IMAGE, IMAGE) image whose patch p is the pixel-space word ``words[ids[p]]``."""
-    ids = torch.as_tensor(ids)
-    blocks = words[ids].view(GRID, GRID, 3, PATCH, PATCH)
-    return blocks.permute(2, 0, 3, 1, 4).reshape(3, IMAGE, IMAGE)
 
 
 def some_words(n=6, seed=0):
@@ -311,8 +303,8 @@ def _search_case(seed=0, v=400, dim=D, thresh=0.1):
     return words, _unit(feats)
 
 
-def _check_against_exhaustive(vocab, f, thresh):
-    word, cos = tokenizer.nearest_within(vocab, f, thresh)
+def _check_against_exhaustive(vocab, f, thresh, **tuning):
+    word, cos = vocab.nearest(f, thresh, fast_min_words=1, **tuning)  # the bound-and-refine search
     ref_cos, ref_word = (f @ vocab.unit().T).max(1)  # the exhaustive float32 search
     ref64 = f.double() @ vocab.unit().double().T
     matched = (1 - ref_cos) <= thresh
@@ -328,7 +320,7 @@ def _check_against_exhaustive(vocab, f, thresh):
     return matched & ~clear
 
 
-def test_fast_search_equals_exhaustive_search(monkeypatch):
+def test_fast_search_equals_exhaustive_search():
     for seed in range(3):
         words, f = _search_case(seed)
         vocab = vwt.Vocabulary(words, space="embed")
@@ -336,28 +328,29 @@ def test_fast_search_equals_exhaustive_search(monkeypatch):
         assert ties.sum() > 20  # near-ties and duplicates are exercised
         # every axis (a bound as tight as rounding allows: the threshold decides alone); a coarse bound
         # (few axes): many candidates per patch; and whole exact rows for the crowded ones
-        monkeypatch.setattr(tokenizer, "_SKETCH_RANK", D)
-        _check_against_exhaustive(vwt.Vocabulary(words, space="embed"), f, 0.1)
-        monkeypatch.setattr(tokenizer, "_SKETCH_RANK", 4)
-        _check_against_exhaustive(vwt.Vocabulary(words, space="embed"), f, 0.1)
-        monkeypatch.setattr(tokenizer, "_DENSE_ROW", 3)
-        _check_against_exhaustive(vwt.Vocabulary(words, space="embed"), f, 0.1)
-        monkeypatch.undo()
+        _check_against_exhaustive(vocab, f, 0.1, sketch_rank=D)
+        _check_against_exhaustive(vocab, f, 0.1, sketch_rank=4)
+        _check_against_exhaustive(vocab, f, 0.1, sketch_rank=4, dense_row=3)
 
 
-def test_inter_image_takes_the_fast_search_for_large_vocabularies(monkeypatch):
-    words, f = _search_case(5, dim=D)
-    feats = f[:-1].view(4, -1, D) * 3.0  # match normalises
-    reducer = vwt.InterImage(vwt.Vocabulary(words), thresh=0.1)
-    calls = []
-    inner = tokenizer.nearest_within
-    monkeypatch.setattr(tokenizer, "nearest_within", lambda *a: calls.append(1) or inner(*a))
-    exact_word, exact_dist = reducer.match(feats)
-    assert not calls
-    monkeypatch.setattr(tokenizer, "FAST_MIN_WORDS", len(words))
-    word, dist = reducer.match(feats)
-    assert calls
-    matched = exact_dist <= 0.1
-    assert torch.equal(dist <= 0.1, matched)
-    ref64 = (_unit(feats.double()) @ reducer.vocab.unit().double().T).max(-1).indices
-    assert torch.equal(word[matched], ref64[matched])
+def test_inter_image_takes_the_fast_search_for_large_vocabularies():
+    """InterImage matches through Vocabulary.nearest with max_dist = thresh: exhaustive below
+    FAST_MIN_WORDS words, bound-and-refine from there on, with the same decisions."""
+    from vwt.vocab import FAST_MIN_WORDS
+
+    for v in (400, FAST_MIN_WORDS):
+        words, f = _search_case(5, v=v, dim=D)
+        feats = f[:-1].view(4, -1, D) * 3.0  # match normalises
+        reducer = vwt.InterImage(vwt.Vocabulary(words), thresh=0.1)
+        word, dist = reducer.match(feats)
+        unit = _unit(feats.reshape(-1, D))  # as match normalises
+        exhaustive = reducer.vocab.nearest(unit)
+        fast = reducer.vocab.nearest(unit, 0.1, fast_min_words=1)
+        expected = exhaustive if v < FAST_MIN_WORDS else fast
+        assert torch.equal(word.flatten(), expected[0]) and torch.equal(dist.flatten(), 1 - expected[1])
+        assert not torch.equal(fast[0], exhaustive[0])  # unmatched patches: a near word, not the nearest
+        matched = (1 - exhaustive[1]) <= 0.1
+        assert torch.equal(dist.flatten() <= 0.1, matched)
+    # the fast search's matched words are the exactly nearest (the exhaustive one's may differ on near-ties)
+    ref64 = (_unit(feats.double()) @ reducer.vocab.unit().double().T).max(-1).indices.flatten()
+    assert torch.equal(word.flatten()[matched], ref64[matched])

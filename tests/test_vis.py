@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import fixtures
 import vwt
 from tiny import PATCH, hf_clip
+from tiny import loaded as tiny_loaded
 from vwt import cli, vis
 from vwt.datasets import Samples, preprocess_for
 from vwt.tokenizer import pixel_patches
@@ -50,10 +52,6 @@ def check_painted(out, orig, grid, keys, dropped, alpha=ALPHA):
     return got
 
 
-def tiny_loaded():
-    return cli.Loaded(hf_clip(depth=4), "hf_clip", "tiny-clip", False)
-
-
 def sample_pixels(model, n):
     pre = preprocess_for(model)
     data = Samples(pre, limit=n)
@@ -63,7 +61,7 @@ def sample_pixels(model, n):
 def read_figure(folder, entry):
     """The exact image region of a match.py PNG, shrunk back to model resolution."""
     top, left, h, w = entry["box"]
-    fig = vis.load_png(folder / entry["file"])
+    fig = fixtures.load_png(folder / entry["file"])
     s = entry["scale"]
     region = fig[top:top + h, left:left + w]
     small = region[::s, ::s]
@@ -268,7 +266,7 @@ def test_word_grid_and_pairs(tmp_path):
     # The grid: one cell per word, each the image patch the word was made of, background elsewhere.
     g = result["words"]
     top, left, h, w = g["box"]
-    arr = vis.load_png(folder / "words.png")[top:top + h, left:left + w]
+    arr = fixtures.load_png(folder / "words.png")[top:top + h, left:left + w]
     grid = vis.Grid(g["count"], g["cols"], tuple(g["tile"]), g["gap"], g["scale"])
     assert grid.count == len(picks) and arr.shape[:2] == grid.shape
     covered = np.zeros(arr.shape[:2], bool)
@@ -287,7 +285,7 @@ def test_word_grid_and_pairs(tmp_path):
         own = {j: k for k, (i, j) in enumerate(picks) if i == index}
         assert all([j, k] in e["pairs"] for j, k in own.items())
         top, left, h, w = e["box"]
-        arr = vis.load_png(folder / e["file"])[top:top + h, left:left + w]
+        arr = fixtures.load_png(folder / e["file"])[top:top + h, left:left + w]
         p, s = e["tile"][0], e["scale"]
         pgrid = vis.Grid(len(e["pairs"]), e["cols"], tuple(e["tile"]), e["gap"], s)
         cells_ = vis.image_patches(images[index], (4, 4))

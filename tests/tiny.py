@@ -109,6 +109,28 @@ ENTRIES = {
 }
 
 
+def one_entry_per_family() -> list[str]:
+    """The first entry of ENTRIES (in its order) of every registered backend (vwt.backends.REGISTRY),
+    so tests that check something once per family cover a new family as soon as it is registered
+    (a backend without tiny models fails here)."""
+    from vwt.backends import REGISTRY
+
+    return [next(n for n in ENTRIES if n.split(".")[0] == b.name) for b in REGISTRY]
+
+
+def loaded(build=hf_clip, name="tiny-clip", tokenizer=None):
+    """A tiny model as the scripts get it from vwt.cli.load_model (random weights; family from the registry)."""
+    from vwt import cli
+
+    return cli.Loaded(build(), None, name, False, tokenizer)
+
+
+def tile(words: torch.Tensor, ids) -> torch.Tensor:
+    """A (3, IMAGE, IMAGE) image whose patch p is the pixel-space word ``words[ids[p]]``."""
+    blocks = words[torch.as_tensor(ids)].view(GRID, GRID, 3, PATCH, PATCH)
+    return blocks.permute(2, 0, 3, 1, 4).reshape(3, IMAGE, IMAGE)
+
+
 def images(n, seed=1):
     """n random normalised-looking images (B, 3, 32, 32)."""
     g = torch.Generator().manual_seed(seed)

@@ -9,11 +9,11 @@ One block loop (``vwt.encoder``) runs every method on every supported model fami
 """
 from .encoder import Reducer, TokenState
 from .merge import EViT, LGTM, ToMe
-from .patch import patch, stats, unpatch
+from .patch import patch, stats, token_stats, token_summary, unpatch
 from .quant import quantize
 from .tokenizer import InterImage, IntraImage
 from .vocab import Vocabulary
 
-__all__ = ["patch", "unpatch", "stats", "IntraImage", "InterImage", "ToMe", "EViT", "LGTM",
+__all__ = ["patch", "unpatch", "stats", "token_stats", "token_summary", "IntraImage", "InterImage", "ToMe", "EViT", "LGTM",
            "Vocabulary", "quantize", "Reducer", "TokenState"]
 __version__ = "0.1.0"

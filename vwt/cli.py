@@ -14,6 +14,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+import vwt  # the library; vwt/__init__ never imports cli, so this is no cycle
+
+from .backends import family_of
+from .encoder import check_rule
 from .errors import UserError, first_line  # noqa: F401  (re-exported for the scripts)
 from .results import write_json  # noqa: F401  (re-exported for the scripts)
 
@@ -114,19 +118,21 @@ def resolve_dtype(name: str) -> torch.dtype:
 @dataclass
 class Loaded:
     model: nn.Module           # the whole model (CLIPModel, BlipForConditionalGeneration, open_clip CLIP, timm ViT)
-    family: str                # hf_clip, hf_blip, open_clip, timm
+    family: Optional[str]      # hf_clip, hf_blip, open_clip, timm: the registry's name (None: look it up)
     name: str
     pretrained: bool           # False: random weights
     tokenizer: Optional[Callable] = None  # text tokenizer / processor where the family has one
 
+    def __post_init__(self):
+        found = family_of(self.model).name
+        if self.family not in (None, found):
+            raise ValueError(f"Loaded: {type(self.model).__name__} is a {found} model, not {self.family}")
+        self.family = found
+
     @property
     def vision(self) -> nn.Module:
-        """The vision tower alone (what eff.py times)."""
-        if self.family in ("hf_clip", "hf_blip"):
-            return self.model.vision_model
-        if self.family == "open_clip":
-            return self.model.visual
-        return self.model
+        """The vision tower alone (what eff.py times): the module the family's backend patches."""
+        return family_of(self.model).vision(self.model)
 
 
 def _hf_random_config(name: str):
@@ -252,8 +258,6 @@ def vocab_path(args, seed=None) -> Optional[Path]:
 
 def read_vocabulary(path: Path, missing_hint: str = ""):
     """Load a vocabulary; a missing or unreadable file is a one-line UserError."""
-    import vwt
-
     if not Path(path).exists():
         raise UserError(f"vocabulary {path} not found{missing_hint}")
     try:
@@ -262,16 +266,28 @@ def read_vocabulary(path: Path, missing_hint: str = ""):
         raise UserError(f"cannot read vocabulary {path}: {e}") from None
 
 
+INPUT_FLAGS = {"top_k": "--top_k", "vocab": "--vocab/--vocab-path"}
+IN_NETWORK = ("tome", "evit", "lgtm")
+
+
+def check_methods(**chosen) -> None:
+    """The reducer rule (one input reducer + one in-network reducer, ``vwt.encoder.check_rule``) on the
+    method flags, before anything is loaded: ``chosen`` maps top_k, vocab, tome, evit, lgtm to the
+    value asked for (None: not asked); a clash is a one-line UserError naming the flags."""
+    picked = [(INPUT_FLAGS.get(k, f"--{k}"), "input" if k in INPUT_FLAGS else "block")
+              for k, v in chosen.items() if v is not None]
+    try:
+        check_rule(picked, {"input": "--top_k (intra-image) or --vocab/--vocab-path (inter-image)",
+                            "block": "--tome, --evit or --lgtm"})
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def build_reducers(top_k: Optional[float] = None, vocab=None, thresh: float = 0.1, random: bool = False,
                    prop_attn: bool = False, tome=None, evit=None, lgtm=None) -> list:
     """The reducers of one configuration (``vocab``: a loaded Vocabulary for inter-image); settings the
     reducers refuse become one-line UserErrors."""
-    import vwt
-
-    if top_k is not None and vocab is not None:
-        raise UserError("choose one input reducer: --top_k (intra-image) or --vocab/--vocab-path (inter-image)")
-    if sum(v is not None for v in (tome, evit, lgtm)) > 1:
-        raise UserError("choose one in-network reducer: --tome, --evit or --lgtm")
+    check_methods(top_k=top_k, vocab=vocab, tome=tome, evit=evit, lgtm=lgtm)
     if top_k is not None and not 0 <= top_k < 1:
         raise UserError(f"--top_k is the fraction of patches to drop, in [0, 1); got {top_k}")
     try:
@@ -293,11 +309,8 @@ def build_reducers(top_k: Optional[float] = None, vocab=None, thresh: float = 0.
 
 def reducers_from_args(args) -> list:
     """The reducers the method flags ask for (the vocabulary is loaded and checked here)."""
-    if getattr(args, "top_k", None) is not None and vocab_path(args) is not None:
-        raise UserError("choose one input reducer: --top_k (intra-image) or --vocab/--vocab-path (inter-image)")
-    if sum(getattr(args, k, None) is not None for k in ("tome", "evit", "lgtm")) > 1:
-        raise UserError("choose one in-network reducer: --tome, --evit or --lgtm")
     path = vocab_path(args)
+    check_methods(top_k=getattr(args, "top_k", None), vocab=path, **{k: getattr(args, k, None) for k in IN_NETWORK})
     vocab = None if path is None else read_vocabulary(
         path, f"; learn it with `python process.py --data {getattr(args, 'vocab_data', 'imgnet')} --vocab "
               f"{args.vocab}` or pass --vocab-path")
@@ -309,8 +322,6 @@ def reducers_from_args(args) -> list:
 def quantize(model: nn.Module) -> nn.Module:
     """``--quant``: vwt.quantize, with its "cannot run here" errors (no CUDA for bitsandbytes, a backend
     that is not installed) as one-line UserErrors."""
-    import vwt
-
     try:
         return vwt.quantize(model)
     except RuntimeError as e:

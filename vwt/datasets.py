@@ -20,10 +20,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .backends import find
+from .backends.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: F401  (re-exported)
 from .errors import UserError, first_line
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SAMPLE_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
                 "retina", "camera", "coins", "brick", "grass", "moon")
@@ -109,26 +108,10 @@ def transform_for(name: str, protocol: str = "paper", image_size: Optional[int] 
 
 def preprocess_for(model: nn.Module) -> Preprocess:
     """The preprocessing a model was trained with, read from the model itself (works offline)."""
-    name = type(model).__name__
-    module = type(model).__module__
-    hf = module.startswith("transformers")
-    if hf and name.startswith("CLIP"):
-        cfg = getattr(model.config, "vision_config", model.config)
-        return Preprocess(cfg.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    if hf and name.startswith("Blip"):
-        cfg = getattr(model.config, "vision_config", model.config)
-        return Preprocess(cfg.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, crop=False)
-    visual = getattr(model, "visual", model)
-    if type(visual).__module__.startswith("open_clip"):
-        size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
-        mean = getattr(visual, "image_mean", None) or OPENAI_CLIP_MEAN
-        std = getattr(visual, "image_std", None) or OPENAI_CLIP_STD
-        return Preprocess(int(size), tuple(mean), tuple(std))
-    if module.startswith("timm"):
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        size = model.patch_embed.img_size[0]
-        return Preprocess(int(size), tuple(cfg.get("mean", (0.5, 0.5, 0.5))), tuple(cfg.get("std", (0.5, 0.5, 0.5))))
-    raise TypeError(f"no preprocessing known for {module}.{name}")
+    backend = find(model)
+    if backend is None:
+        raise TypeError(f"no preprocessing known for {type(model).__module__}.{type(model).__name__}")
+    return Preprocess(**backend.preprocess(model))
 
 
 def sample_images() -> list[tuple[str, Image.Image]]:

@@ -83,6 +83,11 @@ class TokenState:
     def record(self) -> None:
         self.tokens_per_layer.append(self.real_counts())
 
+    def layer_counts(self) -> Tensor:
+        """(B, recorded) the real-token counts recorded so far: entering the first block, then after
+        each block (what ``vwt.token_stats`` reads)."""
+        return torch.stack(self.tokens_per_layer, 1)
+
     def relabel(self, new_index: Tensor) -> Tensor:
         """The labels after a reduction in which old token j becomes token ``new_index[:, j]`` (B, N_old)
         (-1: gone); a patch already dropped stays -1. Every reducer keeps ``labels`` current with it."""
@@ -117,6 +122,17 @@ class Reducer:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+
+def check_rule(chosen: Sequence[tuple[str, str]], choices: dict[str, str]) -> None:
+    """The one check of the rule "at most one input reducer plus one in-network reducer" (int8 aside).
+    ``chosen``: (name, kind) of every method asked for, kind "input" or "block"; ``choices``: for each
+    kind, how the caller names the alternatives in the ValueError (classes for ``vwt.patch``, flags
+    for the scripts)."""
+    for kind, what in (("input", "input reducer"), ("block", "in-network reducer")):
+        names = [name for name, k in chosen if (k == "input") == (kind == "input")]
+        if len(names) > 1:
+            raise ValueError(f"choose one {what}: {choices[kind]}; got {' and '.join(names)}")
 
 
 @dataclass
@@ -193,6 +209,38 @@ class Tower:
     prefix: int = 1
 
 
+@dataclass(frozen=True)
+class TowerDims:
+    """What a tower's FLOPs depend on: width C, MLP hidden M, depth, heads, patch size P, input
+    patches, prefix (class/register) tokens and input channels (``vwt.flops``)."""
+
+    width: int
+    mlp: int
+    depth: int
+    heads: int
+    patch_size: int
+    num_patches: int
+    prefix: int = 1
+    channels: int = 3
+
+    @property
+    def tokens(self) -> int:
+        """Tokens entering the first block of the dense model."""
+        return self.num_patches + self.prefix
+
+
+def pixel_patches(pixel_values: Tensor, patch_size: int) -> Tensor:
+    """(B, 3, H, W) -> (B, rows * cols, 3 * P * P): patch (i, j) is ``pixel_values[:, :, iP:(i+1)P,
+    jP:(j+1)P]`` flattened in (channel, row, column) order, patches row-major (the patch-projection
+    order, and the layout of the published vocabularies). Pixels beyond the last full patch are ignored,
+    as the patch projection ignores them."""
+    b, c, h, w = pixel_values.shape
+    p = patch_size
+    rows, cols = h // p, w // p
+    x = pixel_values[:, :, : rows * p, : cols * p].reshape(b, c, rows, p, cols, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c * p * p)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: Optional[float]) -> Tensor:
     """Multi-head attention through the fused kernel; returns (B, N, heads * head_dim)."""
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
@@ -200,18 +248,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: Op
     return out.transpose(1, 2).reshape(b, n, h * d)
 
 
-def run(tower: Tower, pixel_values: Tensor, reducers: Sequence[Reducer] = ()) -> TokenState:
-    """Embed, reduce and run every block; returns the final state (tokens before the final norm)."""
+def embed_input(tower: Tower, pixel_values: Tensor, inputs: Sequence[Reducer] = ()) -> tuple[TokenState, InputContext]:
+    """Embed ``pixel_values`` and apply the input reducers: the state before the pre-norm and the first
+    block (what ``vwt.tokenizer.tokenize`` returns), and the context the reducers saw."""
     x, patch_embeds, grid = tower.embed(pixel_values)
     state = initial_state(x, grid, tower.prefix)
+    ctx = InputContext(pixel_values=pixel_values, patch_size=tower.patch_size, patch_embeds=patch_embeds)
+    for r in inputs:
+        state = r.reduce_input(state, ctx)
+        state.prop_attn = state.prop_attn or r.prop_attn
+    return state, ctx
 
-    inputs = [r for r in reducers if r.kind == "input"]
+
+def run(tower: Tower, pixel_values: Tensor, reducers: Sequence[Reducer] = ()) -> TokenState:
+    """Embed, reduce and run every block; returns the final state (tokens before the final norm)."""
+    state, _ = embed_input(tower, pixel_values, [r for r in reducers if r.kind == "input"])
     in_network = [r for r in reducers if r.kind != "input"]
-    if inputs:
-        ctx = InputContext(pixel_values=pixel_values, patch_size=tower.patch_size, patch_embeds=patch_embeds)
-        for r in inputs:
-            state = r.reduce_input(state, ctx)
-            state.prop_attn = state.prop_attn or r.prop_attn
     state.x = tower.pre_norm(state.x)
     state.record()
 

@@ -14,33 +14,18 @@ are left out. Counts are real tokens: pads in a padded batch are not counted.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from .backends import find, supported
+from .encoder import TowerDims
+from .patch import stats
+
+__all__ = ["TowerDims", "tower_flops", "dense_flops", "dims_of", "flops_of_last_forward"]
+
 Counts = Union[Sequence[int], Tensor]
-
-
-@dataclass(frozen=True)
-class TowerDims:
-    """What the FLOPs depend on: width C, MLP hidden M, depth, heads, patch size P, input patches,
-    prefix (class/register) tokens and input channels."""
-
-    width: int
-    mlp: int
-    depth: int
-    heads: int
-    patch_size: int
-    num_patches: int
-    prefix: int = 1
-    channels: int = 3
-
-    @property
-    def tokens(self) -> int:
-        """Tokens entering the first block of the dense model."""
-        return self.num_patches + self.prefix
 
 
 def tower_flops(dims: TowerDims, tokens_per_layer: Counts, num_patches: int = None) -> Union[float, Tensor]:
@@ -65,33 +50,14 @@ def dense_flops(dims: TowerDims) -> float:
 
 def dims_of(model: nn.Module) -> TowerDims:
     """Read the tower dimensions of any model ``vwt.patch`` supports (at its configured image size)."""
-    from .backends import hf_blip, hf_clip, open_clip, timm
-
-    if hf_clip.matches(model) or hf_blip.matches(model):
-        vt = hf_clip._vision_transformer(model) if hf_clip.matches(model) else hf_blip._vision_model(model)
-        emb, layer = vt.embeddings, vt.encoder.layers[0]
-        return TowerDims(width=emb.embed_dim, mlp=layer.mlp.fc1.out_features, depth=len(vt.encoder.layers),
-                         heads=layer.self_attn.num_heads, patch_size=emb.patch_size, num_patches=emb.num_patches)
-    if open_clip.matches(model):
-        v = open_clip._visual(model)
-        blk = v.transformer.resblocks[0]
-        return TowerDims(width=v.conv1.out_channels, mlp=blk.mlp.c_fc.out_features,
-                         depth=len(v.transformer.resblocks), heads=blk.attn.num_heads,
-                         patch_size=v.conv1.kernel_size[0], num_patches=v.grid_size[0] * v.grid_size[1])
-    if timm.matches(model):
-        blk = model.blocks[0]
-        return TowerDims(width=model.embed_dim, mlp=blk.mlp.fc1.out_features, depth=len(model.blocks),
-                         heads=blk.attn.num_heads, patch_size=model.patch_embed.patch_size[0],
-                         num_patches=model.patch_embed.num_patches, prefix=model.num_prefix_tokens)
-    from .patch import supported
-
-    raise TypeError(f"vwt.flops: unsupported model {type(model).__name__}; supported: {supported()}")
+    backend = find(model)
+    if backend is None:
+        raise TypeError(f"vwt.flops: unsupported model {type(model).__name__}; supported: {supported()}")
+    return backend.dims(model)
 
 
 def flops_of_last_forward(model: nn.Module) -> Tensor:
     """(B,) FLOPs per image of the last forward of a patched model, from ``vwt.stats(model)``."""
-    from .patch import stats
-
     s = stats(model)
     rows, cols = s["grid"]
     return tower_flops(dims_of(model), s["tokens_per_layer"].cpu(), num_patches=rows * cols)

@@ -186,20 +186,23 @@ def caption_scores(references: dict, candidates: dict, spice: Optional[bool] = N
             out["CIDEr"] = Cider().compute_score(gts, res)[0]
     if "SPICE" not in which:
         return {k: float(v) for k, v in sorted(out.items(), key=lambda kv: CAPTION_METRICS.index(kv[0]))}
+    out.update(_spice(gts, res, spice))
+    return {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in
+            sorted(out.items(), key=lambda kv: (CAPTION_METRICS + ("SPICE_note",)).index(kv[0]))}
+
+
+def _spice(gts: dict, res: dict, spice: Optional[bool]) -> dict:
+    """{"SPICE": score} where SPICE runs, else {"SPICE": None, "SPICE_note": why}."""
     ok, why = spice_available() if spice is not False else (False, "not asked for")
-    out["SPICE"] = None
     if ok:
         from pycocoevalcap.spice.spice import Spice
 
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                out["SPICE"] = Spice().compute_score(gts, res)[0]
+                return {"SPICE": Spice().compute_score(gts, res)[0]}
         except Exception as e:  # the jar fails on some Java versions: report, never invent a number
             why = f"SPICE failed: {first_line(e)}"
-    if out["SPICE"] is None:
-        out["SPICE_note"] = f"SPICE unavailable: {why}"
-    return {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in
-            sorted(out.items(), key=lambda kv: (CAPTION_METRICS + ("SPICE_note",)).index(kv[0]))}
+    return {"SPICE": None, "SPICE_note": f"SPICE unavailable: {why}"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,51 +2,27 @@
 
 Patching replaces ``forward`` on the vision-tower instance (never the class), keeps what it replaced,
 and records the reducers and the last forward's token state on the model. It is idempotent (patching
-again replaces the reducers) and reversible (``unpatch`` restores the original forward exactly).
+again replaces the reducers) and reversible (``unpatch`` restores the original forward exactly). The
+family-specific part is the registered backend's (``vwt.backends``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .encoder import Reducer, TokenState
-
-_ATTR = "_vwt_patch"
-
-
-@dataclass
-class Patch:
-    """What patching changed on a model, and what its last forward did."""
-
-    backend: str
-    reducers: tuple
-    restore: list = field(default_factory=list)  # callables that undo the patch
-    last: Optional[TokenState] = None
-
-
-def _backends():
-    from .backends import hf_blip, hf_clip, open_clip, timm
-
-    return (hf_clip, hf_blip, open_clip, timm)
-
-
-def supported() -> str:
-    return ("Hugging Face CLIPModel / CLIPVisionModel / CLIPVisionModelWithProjection, "
-            "BlipForConditionalGeneration / BlipVisionModel, open_clip CLIP / VisionTransformer, "
-            "timm VisionTransformer")
+from .backends import by_name, family_of
+from .backends.base import PATCH_ATTR, Patch, patch_info  # noqa: F401  (patch_info: re-exported)
+from .encoder import Reducer, check_rule
 
 
 def _check_reducers(reducers) -> tuple:
     for r in reducers:
         if not isinstance(r, Reducer):
             raise TypeError(f"vwt.patch takes reducers such as vwt.ToMe(r=8); got {type(r).__name__}")
-    if sum(r.kind == "input" for r in reducers) > 1:
-        raise ValueError("use at most one input reducer (IntraImage or InterImage) at a time")
-    if sum(r.kind != "input" for r in reducers) > 1:
-        raise ValueError("use at most one in-network reducer (ToMe, EViT or LGTM) at a time")
+    check_rule([(type(r).__name__, r.kind) for r in reducers],
+               {"input": "IntraImage or InterImage", "block": "ToMe, EViT or LGTM"})
     return tuple(reducers)
 
 
@@ -56,45 +32,39 @@ def patch(model: nn.Module, *reducers: Reducer) -> nn.Module:
     With no reducer the outputs equal the unpatched model's. Patching a patched model replaces its
     reducers."""
     reducers = _check_reducers(reducers)
-    if isinstance(getattr(model, _ATTR, None), Patch):
+    if patch_info(model) is not None:
         unpatch(model)
-    for backend in _backends():
-        if backend.matches(model):
-            info = Patch(backend=backend.__name__.rsplit(".", 1)[-1], reducers=reducers)
-            backend.patch(model, info)
-            setattr(model, _ATTR, info)
-            return model
-    raise TypeError(f"vwt.patch does not support {type(model).__module__}.{type(model).__name__}; "
-                    f"supported: {supported()}")
+    backend = family_of(model, "vwt.patch")
+    info = Patch(backend=backend.name, reducers=reducers)
+    backend.patch(model, info)
+    setattr(model, PATCH_ATTR, info)
+    return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo ``patch``; a no-op on a model that is not patched."""
-    info = getattr(model, _ATTR, None)
-    if isinstance(info, Patch):
-        for undo in reversed(info.restore):
-            undo()
-        delattr(model, _ATTR)
+    info = patch_info(model)
+    if info is not None:
+        by_name(info.backend).unpatch(model, info)
+        delattr(model, PATCH_ATTR)
     return model
 
 
-def patch_info(model: nn.Module) -> Optional[Patch]:
-    return getattr(model, _ATTR, None)
+def token_stats(tokens_per_layer: Tensor) -> dict[str, Tensor]:
+    """The per-image token statistics, defined once for every script and results file, from the
+    (B, depth + 1) real-token counts (prefix tokens included; pads never count):
 
-
-def replace_forward(module: nn.Module, forward: Callable, info: Patch, name: str = "forward") -> None:
-    """Give ``module`` an instance-level method ``name`` (default ``forward``), undone by ``unpatch``."""
-    had_own = name in module.__dict__
-    old = module.__dict__.get(name)
-    setattr(module, name, forward)
-
-    def undo():
-        if had_own:
-            setattr(module, name, old)
-        else:
-            delattr(module, name)
-
-    info.restore.append(undo)
+    tokens_first_block: (B,) tokens entering the first block (after any input reducer).
+    tokens_last_block:  (B,) tokens after the last block.
+    tokens_mean:        (B,) the mean over the blocks of the tokens *entering* each block: the sequence
+                        length each block's attention and projections run on, so the average cost of a
+                        block (in-network reducers act after a block's attention, so the tokens after
+                        a block are those entering the next). With no block run (``tokenize``), the
+                        tokens entering the first block.
+    """
+    t = tokens_per_layer.float()
+    entering = t[:, :-1] if t.shape[1] > 1 else t
+    return {"tokens_first_block": t[:, 0], "tokens_last_block": t[:, -1], "tokens_mean": entering.mean(1)}
 
 
 def stats(model: nn.Module) -> dict[str, Any]:
@@ -102,6 +72,7 @@ def stats(model: nn.Module) -> dict[str, Any]:
 
     tokens_per_layer: (B, depth + 1) real tokens per image (prefix included) entering the first
                       block, then after each block.
+    tokens_first_block, tokens_last_block, tokens_mean: (B,) per image, see :func:`token_stats`.
     labels:           (B, P) for each input patch the index of the token that finally holds it
                       (-1: dropped).
     size:             (B, N) patches per final token (0 for pads).
@@ -113,10 +84,19 @@ def stats(model: nn.Module) -> dict[str, Any]:
     if info.last is None:
         raise ValueError("vwt.stats: run a forward pass of the patched model first")
     s = info.last
+    counts = s.layer_counts()
     return {
-        "tokens_per_layer": torch.stack(s.tokens_per_layer, 1),
+        "tokens_per_layer": counts,
+        **token_stats(counts),
         "labels": s.labels,
         "size": s.sizes(),
         "grid": s.grid,
         "reducers": info.reducers,
     }
+
+
+def token_summary(per_image: list) -> dict[str, float]:
+    """The token statistics of a run: the mean over images of each per-image statistic of
+    :func:`token_stats`, from the ``vwt.stats`` (or ``token_stats``) dicts of its batches."""
+    keys = ("tokens_first_block", "tokens_last_block", "tokens_mean")
+    return {k: float(torch.cat([s[k].reshape(-1).float().cpu() for s in per_image]).mean()) for k in keys}

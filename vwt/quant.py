@@ -17,25 +17,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backends import family_of
+
 BACKENDS = ("auto", "bitsandbytes", "torchao")
 THRESHOLD = 6.0  # LLM.int8 outlier threshold, as in the paper
 
 
 def vision_tower(model: nn.Module) -> nn.Module:
     """The module holding the vision tower's layers, as the vwt backends see it."""
-    from .backends import hf_blip, hf_clip, open_clip, timm
-
-    if hf_clip.matches(model):
-        return hf_clip._vision_transformer(model)
-    if hf_blip.matches(model):
-        return hf_blip._vision_model(model)
-    if open_clip.matches(model):
-        return open_clip._visual(model)
-    if timm.matches(model):
-        return model
-    from .patch import supported
-
-    raise TypeError(f"vwt.quantize does not support {type(model).__name__}; supported: {supported()}")
+    return family_of(model, "vwt.quantize").vision(model)
 
 
 def _quantizable(mod: nn.Module) -> bool:

@@ -12,19 +12,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .encoder import InputContext, Reducer, TokenState
+from .backends import family_of
+from .encoder import InputContext, Reducer, TokenState, embed_input, pixel_patches
+from .vocab import Vocabulary
 
-
-def pixel_patches(pixel_values: Tensor, patch_size: int) -> Tensor:
-    """(B, 3, H, W) -> (B, rows * cols, 3 * P * P): patch (i, j) is ``pixel_values[:, :, iP:(i+1)P,
-    jP:(j+1)P]`` flattened in (channel, row, column) order, patches row-major (the patch-projection
-    order, and the layout of the published vocabularies). Pixels beyond the last full patch are ignored,
-    as the patch projection ignores them."""
-    b, c, h, w = pixel_values.shape
-    p = patch_size
-    rows, cols = h // p, w // p
-    x = pixel_values[:, :, : rows * p, : cols * p].reshape(b, c, rows, p, cols, p)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c * p * p)
+__all__ = ["IntraImage", "InterImage", "merge_by_key", "tokenize", "pixel_patches"]
 
 
 def _relabel(state: TokenState, patch_to_token: Tensor) -> Tensor:
@@ -110,8 +102,6 @@ class InterImage(Reducer):
     kind = "input"
 
     def __init__(self, vocab, thresh: float = 0.1, random: bool = False, prop_attn: bool = False):
-        from .vocab import Vocabulary
-
         if isinstance(vocab, Tensor):
             vocab = Vocabulary.from_tensor(vocab)
         if not isinstance(vocab, Vocabulary):
@@ -135,12 +125,9 @@ class InterImage(Reducer):
         return feats
 
     def match(self, feats: Tensor) -> tuple[Tensor, Tensor]:
-        """Nearest word and its cosine distance for every patch: (B, N) long, (B, N) float32.
-
-        With at least ``FAST_MIN_WORDS`` words (and thresh < 0.5) the search is
-        :func:`nearest_within`: the same matched decisions, and where dist <= thresh the same word and
-        dist (to float32 rounding); a patch it reports beyond thresh is beyond it, but its word is
-        a near one, not necessarily the nearest, and dist that word's exact distance."""
+        """Nearest word and its cosine distance for every patch: (B, N) long, (B, N) float32, from
+        :meth:`vwt.Vocabulary.nearest` with ``max_dist=thresh`` (exact wherever dist <= thresh; beyond
+        it, large vocabularies may report a near word instead of the nearest, still beyond thresh)."""
         b, n, d = feats.shape
         v = len(self.vocab)
         if self.random:
@@ -148,10 +135,7 @@ class InterImage(Reducer):
             dist = 2 * (1 - torch.rand(b, n, device=feats.device).pow(1.0 / v))
             return word, dist
         f = torch.nn.functional.normalize(feats.reshape(b * n, d).float(), dim=1)  # a zero patch: cos 0
-        if v >= FAST_MIN_WORDS and self.thresh < 0.5:
-            word, cos = nearest_within(self.vocab, f, self.thresh)
-        else:
-            word, cos = self.vocab.nearest(f)
+        word, cos = self.vocab.nearest(f, max_dist=self.thresh)
         return word.view(b, n), (1 - cos).view(b, n)
 
     def reduce_input(self, state: TokenState, ctx: InputContext) -> TokenState:
@@ -163,90 +147,6 @@ class InterImage(Reducer):
         if not bool(matched.any()):
             return state
         return merge_by_key(state, torch.where(matched, word, len(self.vocab) + torch.arange(n, device=word.device)))
-
-
-FAST_MIN_WORDS = 4096  # below this, one exhaustive matmul is cheaper than the bound-and-refine search
-_SKETCH_RANK = 95  # principal axes of the words in the bound (+ 1 residual column: a 96-wide matmul)
-# Slack on the bound per 768 dimensions, covering float32 rounding: the bound's own matmul (<= 98 u,
-# u = 2^-24, as |[x, |f_perp|]| = |f| = 1 and likewise for the words) plus twice gamma_768 =
-# 768 u / (1 - 768 u) ~ 4.6e-5, the worst-case error of a float32 768-term dot product of unit
-# vectors in any summation order (c0's, and the exhaustive search's), with room: 1.5e-4 < 2e-4.
-_SLACK = 2e-4
-_DENSE_ROW = 1024  # a patch with more candidate words than this gets its whole exact row instead
-_PAIR_CHUNK = 2048  # candidate (patch, word) dot products per gather, to stay in cache
-_CHUNK_FLOATS = 1 << 21  # bounds computed per row chunk: (rows, V) floats, kept near the cache size
-
-
-def nearest_within(vocab, unit_feats: Tensor, max_dist: float) -> tuple[Tensor, Tensor]:
-    """Nearest word and cosine of each L2-normalised row of ``unit_feats`` (n, D) float32, exact
-    wherever 1 - cos <= ``max_dist`` (< 0.5), at a fraction of the exhaustive matmul's cost.
-
-    1. An upper bound U(f, w) >= cos(f, w) for all pairs, from one (n, 96) x (96, V) float32 matmul
-       in the words' principal axes (:meth:`vwt.Vocabulary.sketch`; the patch side projected in
-       float64, so its rounding is negligible), less a slack for float32 rounding (``_SLACK``).
-    2. Per patch, the float32 cosine c0 of the word with the largest bound. A patch with
-       max U < 1 - max_dist - slack cannot match: it keeps that word and c0 (< 1 - max_dist).
-    3. Otherwise the candidates are the words with U >= max(c0, 1 - max_dist) - slack: the nearest
-       word is one of them, and so is every word that could match. Their cosines in float64
-       (gathered dot products) pick the nearest, ties to the lowest index as ``max`` does. A patch
-       with more than ``_DENSE_ROW`` candidates gets its whole row instead (one float64 matmul).
-    The matched words are the exactly nearest ones for the float32 inputs. The exhaustive float32
-    matmul agrees except between words whose cosines differ by less than its own rounding (~1e-6,
-    seen among near-identical flat patches): there it may return either, this one the nearer.
-    Vectorised over patches; row chunks only bound the memory of U.
-    """
-    n, d = unit_feats.shape
-    dev = unit_feats.device
-    unit = vocab.unit(dev)
-    v = unit.shape[0]
-    axes, bound, unit64 = vocab.sketch(_SKETCH_RANK, dev)
-    fd = unit_feats.double()
-    x = fd @ axes
-    resid = (torch.linalg.vecdot(fd, fd) - torch.linalg.vecdot(x, x)).clamp_min_(0).sqrt_()
-    xb = torch.cat([x, resid[:, None]], 1).float()
-    cmin = 1.0 - max_dist - 1e-5  # below every cosine whose float32 distance 1 - cos can be <= max_dist
-    slack = _SLACK * max(1.0, d / 768)
-
-    word = torch.empty(n, dtype=torch.long, device=dev)
-    cos = torch.empty(n, dtype=torch.float32, device=dev)
-    pair_rows, pair_cols, dense = [], [], []
-    step = max(64, _CHUNK_FLOATS // v)
-    for s in range(0, n, step):
-        f = unit_feats[s:s + step]
-        u_chunk = xb[s:s + step] @ bound.T
-        umax, uarg = u_chunk.max(1)
-        c0 = (unit.index_select(0, uarg) * f).sum(1)
-        word[s:s + step], cos[s:s + step] = uarg, c0
-        live = umax >= cmin - slack
-        if not bool(live.any()):
-            continue
-        cut = torch.where(live, c0.clamp_min(cmin) - slack, torch.inf)
-        r, c = (u_chunk >= cut[:, None]).nonzero(as_tuple=True)  # row-major: words ascending per patch
-        many = torch.bincount(r, minlength=f.shape[0]) > _DENSE_ROW
-        if bool(many.any()):
-            dense.append(many.nonzero()[:, 0] + s)
-            keep = ~many[r]
-            r, c = r[keep], c[keep]
-        pair_rows.append(r + s)
-        pair_cols.append(c)
-
-    if pair_rows:
-        rows, cols = torch.cat(pair_rows), torch.cat(pair_cols)
-        vals = torch.empty(rows.shape[0], dtype=torch.float64, device=dev)
-        for s in range(0, rows.shape[0], _PAIR_CHUNK):
-            r, c = rows[s:s + _PAIR_CHUNK], cols[s:s + _PAIR_CHUNK]
-            vals[s:s + _PAIR_CHUNK] = unit64.index_select(0, c).mul_(fd.index_select(0, r)).sum(1)
-        best = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev).scatter_reduce_(0, rows, vals, "amax")
-        top = vals == best[rows]
-        first = torch.full((n,), v, dtype=torch.long, device=dev).scatter_reduce_(0, rows[top], cols[top], "amin")
-        has = first < v
-        word = torch.where(has, first, word)
-        cos = torch.where(has, best.float(), cos)
-    if dense:
-        rows = torch.cat(dense)
-        c, w = (fd.index_select(0, rows) @ unit64.T).max(1)
-        word[rows], cos[rows] = w, c.float()
-    return word, cos
 
 
 def merge_by_key(state: TokenState, key: Tensor) -> TokenState:
@@ -291,48 +191,17 @@ def merge_by_key(state: TokenState, key: Tensor) -> TokenState:
 # --------------------------------------------------------------------------------------------------
 # Running only the embedding and the input reducer
 # --------------------------------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-class _StopAfter(Reducer):
-    """Input reducer that applies ``inner`` (if any), records the state and context, and stops the
-    forward before the first block."""
-
-    kind = "input"
-
-    def __init__(self, inner: Optional[Reducer]):
-        self.inner, self.state, self.ctx = inner, None, None
-
-    def reduce_input(self, state: TokenState, ctx: InputContext) -> TokenState:
-        if self.inner is not None:
-            state = self.inner.reduce_input(state, ctx)
-        self.state, self.ctx = state, ctx
-        raise _Stop
-
-
 def tokenize(vision: torch.nn.Module, reducer: Optional[Reducer], pixel_values: Tensor) -> tuple[TokenState, InputContext]:
     """Embed ``pixel_values`` with a vision tower and apply the input ``reducer`` (None: nothing) without
     running any block: the state entering the first block (tokens, sizes, labels) and the input
-    context (pixel values, patch projections). ``vision`` is the module one calls with pixels (HF
-    CLIPVisionModel / BlipVisionModel or a full model's vision tower, open_clip ``visual``, a timm ViT).
-    A patched tower keeps its own patch afterwards."""
-    from .patch import patch, patch_info, unpatch
-
+    context (pixel values, patch projections). ``vision`` is any model ``vwt.patch`` takes (its
+    backend's embedding runs directly, so a patched model stays as it is). The state's
+    ``tokens_per_layer`` holds one count per image (the tokens entering the first block), so
+    ``vwt.token_stats`` reads it as it reads a patched forward's."""
     if reducer is not None and reducer.kind != "input":
         raise ValueError(f"tokenize runs an input reducer (IntraImage, InterImage); got {type(reducer).__name__}")
-    previous = patch_info(vision)
-    stop = _StopAfter(reducer)
-    patch(vision, stop)
-    try:
-        with torch.no_grad():
-            vision(pixel_values)
-    except _Stop:
-        pass
-    finally:
-        unpatch(vision)
-        if previous is not None:
-            patch(vision, *previous.reducers)
-    if stop.state is None:
-        raise RuntimeError(f"{type(vision).__name__} did not run the vwt block loop")
-    return stop.state, stop.ctx
+    tower = family_of(vision, "vwt.tokenize").tower(vision)
+    with torch.no_grad():
+        state, ctx = embed_input(tower, pixel_values, [reducer] if reducer is not None else [])
+    state.record()
+    return state, ctx

@@ -328,11 +328,3 @@ def save_png(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), "RGB").save(path, optimize=True)
     return path
-
-
-def load_png(path: Path) -> np.ndarray:
-    """A PNG back as an RGB uint8 array."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB")).copy()

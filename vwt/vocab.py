@@ -15,11 +15,24 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
+from .backends import family_of
+from .backends.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .encoder import pixel_patches
 from .errors import first_line
-from .datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from .tokenizer import pixel_patches, tokenize
 
 SPACES = ("pixel", "embed")
+
+# The nearest-word search's tuning (parameters of Vocabulary.nearest; these are the defaults).
+FAST_MIN_WORDS = 4096  # below this, one exhaustive matmul is cheaper than the bound-and-refine search
+SKETCH_RANK = 95  # principal axes of the words in the bound (+ 1 residual column: a 96-wide matmul)
+# Slack on the bound per 768 dimensions, covering float32 rounding: the bound's own matmul (<= 98 u,
+# u = 2^-24, as |[x, |f_perp|]| = |f| = 1 and likewise for the words) plus twice gamma_768 =
+# 768 u / (1 - 768 u) ~ 4.6e-5, the worst-case error of a float32 768-term dot product of unit
+# vectors in any summation order (c0's, and the exhaustive search's), with room: 1.5e-4 < 2e-4.
+SLACK = 2e-4
+DENSE_ROW = 1024  # a patch with more candidate words than this gets its whole exact row instead
+PAIR_CHUNK = 2048  # candidate (patch, word) dot products per gather, to stay in cache
+CHUNK_FLOATS = 1 << 21  # bounds computed per row chunk: (rows, V) floats, kept near the cache size
 
 
 def _pixel_patch_size(dim: int) -> Optional[int]:
@@ -103,11 +116,22 @@ class Vocabulary:
             self._unit[key] = (axes.to(device), bound.to(device), self.unit().double().to(device))
         return self._unit[key]
 
-    def nearest(self, unit_feats: Tensor) -> tuple[Tensor, Tensor]:
+    def nearest(self, unit_feats: Tensor, max_dist: Optional[float] = None, *,
+                fast_min_words: int = FAST_MIN_WORDS, sketch_rank: int = SKETCH_RANK,
+                dense_row: int = DENSE_ROW) -> tuple[Tensor, Tensor]:
         """Nearest word (cosine) of each L2-normalised row of ``unit_feats`` (n, D) float32, and the
-        cosine: one exhaustive matmul against the cached normalised words, one max."""
-        cos, word = (unit_feats @ self.unit(unit_feats.device).T).max(1)
-        return word, cos
+        cosine: the whole nearest-word search.
+
+        Without ``max_dist`` (or with max_dist >= 0.5, or fewer than ``fast_min_words`` words): one
+        exhaustive matmul against the cached normalised words, one max. Otherwise the bound-and-refine
+        search (:func:`nearest_within`, ``sketch_rank`` axes in the bound, whole exact rows for patches
+        with more than ``dense_row`` candidates): the same word and cosine (to float32 rounding)
+        wherever 1 - cos <= max_dist; a patch it reports beyond max_dist is beyond it, but its word is
+        a near one, not necessarily the nearest, and the cosine that word's exact one."""
+        if max_dist is None or max_dist >= 0.5 or len(self) < fast_min_words:
+            cos, word = (unit_feats @ self.unit(unit_feats.device).T).max(1)
+            return word, cos
+        return nearest_within(self, unit_feats, max_dist, sketch_rank=sketch_rank, dense_row=dense_row)
 
     def check(self, feature_shape, patch_size: Optional[int] = None) -> None:
         """Refuse a model whose patch features (B, N, D) do not fit: the message says both shapes."""
@@ -398,13 +422,104 @@ class MiniBatchKMeans:
 
 
 # --------------------------------------------------------------------------------------------------
+# The bound-and-refine nearest-word search for large vocabularies
+# --------------------------------------------------------------------------------------------------
+def nearest_within(vocab: Vocabulary, unit_feats: Tensor, max_dist: float, sketch_rank: int = SKETCH_RANK,
+                   dense_row: int = DENSE_ROW) -> tuple[Tensor, Tensor]:
+    """Nearest word and cosine of each L2-normalised row of ``unit_feats`` (n, D) float32, exact
+    wherever 1 - cos <= ``max_dist`` (< 0.5), at a fraction of the exhaustive matmul's cost.
+
+    1. An upper bound U(f, w) >= cos(f, w) for all pairs, from one (n, r + 1) x (r + 1, V) float32
+       matmul in the words' ``sketch_rank`` principal axes (:meth:`Vocabulary.sketch`; the patch side
+       projected in float64, so its rounding is negligible), less a slack for float32 rounding (``SLACK``).
+    2. Per patch, the float32 cosine c0 of the word with the largest bound. A patch with
+       max U < 1 - max_dist - slack cannot match: it keeps that word and c0 (< 1 - max_dist).
+    3. Otherwise the candidates are the words with U >= max(c0, 1 - max_dist) - slack: the nearest
+       word is one of them, and so is every word that could match. Their cosines in float64
+       (gathered dot products) pick the nearest, ties to the lowest index as ``max`` does. A patch
+       with more than ``dense_row`` candidates gets its whole row instead (one float64 matmul).
+    The matched words are the exactly nearest ones for the float32 inputs. The exhaustive float32
+    matmul agrees except between words whose cosines differ by less than its own rounding (~1e-6,
+    seen among near-identical flat patches): there it may return either, this one the nearer.
+    Vectorised over patches; row chunks only bound the memory of U.
+    """
+    fd = unit_feats.double()
+    word, cos, pairs, dense = _bound(vocab, unit_feats, fd, max_dist, sketch_rank, dense_row)
+    unit64 = vocab.sketch(sketch_rank, unit_feats.device)[2]
+    if pairs is not None:
+        word, cos = _refine_pairs(unit64, fd, pairs, word, cos)
+    if dense is not None:
+        c, w = (fd.index_select(0, dense) @ unit64.T).max(1)
+        word[dense], cos[dense] = w, c.float()
+    return word, cos
+
+
+def _bound(vocab: Vocabulary, unit_feats: Tensor, fd: Tensor, max_dist: float, sketch_rank: int, dense_row: int):
+    """Steps 1 and 2 of :func:`nearest_within`: per patch the word of the largest bound and its float32
+    cosine, the candidate (patch, word) pairs to refine (None: none) and the patches to refine whole."""
+    n, d = unit_feats.shape
+    dev = unit_feats.device
+    unit = vocab.unit(dev)
+    v = unit.shape[0]
+    axes, bound, _ = vocab.sketch(sketch_rank, dev)
+    x = fd @ axes
+    resid = (torch.linalg.vecdot(fd, fd) - torch.linalg.vecdot(x, x)).clamp_min_(0).sqrt_()
+    xb = torch.cat([x, resid[:, None]], 1).float()
+    cmin = 1.0 - max_dist - 1e-5  # below every cosine whose float32 distance 1 - cos can be <= max_dist
+    slack = SLACK * max(1.0, d / 768)
+
+    word = torch.empty(n, dtype=torch.long, device=dev)
+    cos = torch.empty(n, dtype=torch.float32, device=dev)
+    pair_rows, pair_cols, dense = [], [], []
+    step = max(64, CHUNK_FLOATS // v)
+    for s in range(0, n, step):
+        f = unit_feats[s:s + step]
+        u_chunk = xb[s:s + step] @ bound.T
+        umax, uarg = u_chunk.max(1)
+        c0 = (unit.index_select(0, uarg) * f).sum(1)
+        word[s:s + step], cos[s:s + step] = uarg, c0
+        live = umax >= cmin - slack
+        if not bool(live.any()):
+            continue
+        cut = torch.where(live, c0.clamp_min(cmin) - slack, torch.inf)
+        r, c = (u_chunk >= cut[:, None]).nonzero(as_tuple=True)  # row-major: words ascending per patch
+        many = torch.bincount(r, minlength=f.shape[0]) > dense_row
+        if bool(many.any()):
+            dense.append(many.nonzero()[:, 0] + s)
+            keep = ~many[r]
+            r, c = r[keep], c[keep]
+        pair_rows.append(r + s)
+        pair_cols.append(c)
+    pairs = (torch.cat(pair_rows), torch.cat(pair_cols)) if pair_rows else None
+    return word, cos, pairs, (torch.cat(dense) if dense else None)
+
+
+def _refine_pairs(unit64: Tensor, fd: Tensor, pairs: tuple[Tensor, Tensor], word: Tensor, cos: Tensor):
+    """Step 3 of :func:`nearest_within` for the candidate pairs: float64 cosines, the nearest candidate
+    per patch (ties to the lowest word index)."""
+    rows, cols = pairs
+    n, v, dev = word.shape[0], unit64.shape[0], word.device
+    vals = torch.empty(rows.shape[0], dtype=torch.float64, device=dev)
+    for s in range(0, rows.shape[0], PAIR_CHUNK):
+        r, c = rows[s:s + PAIR_CHUNK], cols[s:s + PAIR_CHUNK]
+        vals[s:s + PAIR_CHUNK] = unit64.index_select(0, c).mul_(fd.index_select(0, r)).sum(1)
+    best = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev).scatter_reduce_(0, rows, vals, "amax")
+    top = vals == best[rows]
+    first = torch.full((n,), v, dtype=torch.long, device=dev).scatter_reduce_(0, rows[top], cols[top], "amin")
+    has = first < v
+    return torch.where(has, first, word), torch.where(has, best.float(), cos)
+
+
+# --------------------------------------------------------------------------------------------------
 # Embed-space features
 # --------------------------------------------------------------------------------------------------
 def patch_embedder(vision: torch.nn.Module) -> Callable[[Tensor], Tensor]:
     """``embed(pixels) -> (B, N, C)``: a vision tower's patch projections (before position embeddings),
-    for learning "embed"-space vocabularies; no block runs. ``vision`` as for :func:`vwt.tokenizer.tokenize`."""
+    for learning "embed"-space vocabularies; no block runs. ``vision``: any model ``vwt.patch`` takes."""
+    tower = family_of(vision, "vwt.vocab.patch_embedder").tower(vision)
 
     def embed(pixels: Tensor) -> Tensor:
-        return tokenize(vision, None, pixels)[1].patch_embeds
+        with torch.no_grad():
+            return tower.embed(pixels)[1]
 
     return embed

@@ -1,32 +1,43 @@
-"""One small adapter per model family. Each exposes ``matches(model)`` and ``patch(model, info)``; the
-adapter only translates the family's modules into a :class:`vwt.encoder.Tower` and its output type."""
+"""The backend registry: one :class:`~vwt.backends.base.Backend` per model family, asked everything
+that depends on the family (which module is the vision tower, its dimensions, its preprocessing, how
+to patch it). A new family is one module here and one line in ``REGISTRY``."""
 from __future__ import annotations
 
-from torch import Tensor
+from typing import Optional
 
-from .. import encoder
-from ..encoder import TokenState, Tower
-from ..patch import Patch
+from torch import nn
 
+from . import hf_blip, hf_clip, open_clip, timm
+from .base import Backend
 
-def run_tower(info: Patch, tower: Tower, pixel_values: Tensor) -> TokenState:
-    """Run the block loop with the patch's reducers and keep a light copy of the state for stats."""
-    state = encoder.run(tower, pixel_values, info.reducers)
-    info.last = TokenState(x=None, size=state.sizes(), labels=state.labels, grid=state.grid,
-                           prefix=state.prefix, prop_attn=state.prop_attn,
-                           tokens_per_layer=state.tokens_per_layer)
-    return state
+REGISTRY: tuple[Backend, ...] = (hf_clip.BACKEND, hf_blip.BACKEND, open_clip.BACKEND, timm.BACKEND)
 
 
-def split_heads(t: Tensor, heads: int) -> Tensor:
-    """(B, N, heads * d) -> (B, heads, N, d)."""
-    b, n, _ = t.shape
-    return t.view(b, n, heads, -1).transpose(1, 2)
+def supported() -> str:
+    """The model classes ``vwt.patch`` takes, for error messages."""
+    return ", ".join(b.describes for b in REGISTRY)
 
 
-def grid_of(pixel_values: Tensor, patch: int) -> tuple[int, int]:
-    return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+def find(model: nn.Module) -> Optional[Backend]:
+    """The backend that handles ``model``, or None."""
+    return next((b for b in REGISTRY if b.handles(model)), None)
 
 
-def unsupported(what: str, model) -> ValueError:
-    return ValueError(f"vwt.patch: {type(model).__name__} {what} is not supported")
+def family_of(model: nn.Module, who: str = "vwt") -> Backend:
+    """The backend that handles ``model``; a TypeError naming the supported models otherwise."""
+    backend = find(model)
+    if backend is None:
+        raise TypeError(f"{who} does not support {type(model).__name__} ({type(model).__module__}); "
+                        f"supported: {supported()}")
+    return backend
+
+
+def by_name(name: str) -> Backend:
+    """The registered backend called ``name`` (hf_clip, hf_blip, open_clip, timm)."""
+    for b in REGISTRY:
+        if b.name == name:
+            return b
+    raise KeyError(f"no vwt backend {name!r}; registered: {', '.join(b.name for b in REGISTRY)}")
+
+
+__all__ = ["REGISTRY", "Backend", "supported", "find", "family_of", "by_name"]

@@ -10,19 +10,18 @@ import torch
 from torch import Tensor, nn
 
 from ..encoder import Block, Tower, zero_pads
-from ..patch import Patch, replace_forward
-from . import grid_of, run_tower
+from .base import Patch, grid_of, replace_forward, run_tower
+from .hf_clip import HFClip
 
 
-def _vision_model(model: nn.Module):
+def vision_model(model: nn.Module):
+    """The BlipVisionModel inside ``model`` (or ``model`` itself), or None."""
+    if not type(model).__module__.startswith("transformers"):
+        return None
     for m in (model, getattr(model, "vision_model", None)):
         if m is not None and type(m).__name__ == "BlipVisionModel":
             return m
     return None
-
-
-def matches(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers") and _vision_model(model) is not None
 
 
 def _block(layer) -> Block:
@@ -69,7 +68,7 @@ def _mask_pads(module, args, kwargs):
 def patch(model: nn.Module, info: Patch) -> None:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    vm = _vision_model(model)
+    vm = vision_model(model)
 
     def forward(pixel_values=None, interpolate_pos_encoding=False, output_attentions=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
@@ -89,3 +88,21 @@ def patch(model: nn.Module, info: Patch) -> None:
     if decoder is not None:
         handle = decoder.register_forward_pre_hook(_mask_pads, with_kwargs=True)
         info.restore.append(handle.remove)
+
+
+class HFBlip(HFClip):
+    name = "hf_blip"
+    describes = "BlipForConditionalGeneration / BlipVisionModel"
+    crop = False  # BLIP's processor resizes to size x size
+
+    def vision(self, model):
+        return vision_model(model)
+
+    def tower_of(self, vision: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
+        return tower(vision, interpolate_pos_encoding)
+
+    def patch(self, model, info):
+        patch(model, info)  # the whole model: the text decoder gets the pad mask
+
+
+BACKEND = HFBlip()

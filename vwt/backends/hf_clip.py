@@ -9,21 +9,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..encoder import Block, Tower, zero_pads
-from ..patch import Patch, replace_forward
-from . import grid_of, run_tower, split_heads
+from ..encoder import Block, Tower, TowerDims, zero_pads
+from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Backend, Patch, grid_of, replace_forward, run_tower, split_heads
 
 
-def _vision_transformer(model: nn.Module):
-    for m in (model, getattr(model, "vision_model", None), getattr(getattr(model, "vision_model", None), "vision_model", None)):
+def vision_transformer(model: nn.Module):
+    """The module with embeddings, pre_layrnorm, encoder and post_layernorm inside ``model``, or None."""
+    if not type(model).__module__.startswith("transformers"):
+        return None
+    inner = getattr(model, "vision_model", None)
+    for m in (model, inner, getattr(inner, "vision_model", None)):
         if m is not None and all(hasattr(m, a) for a in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")):
             if type(m.embeddings).__name__ == "CLIPVisionEmbeddings":
                 return m
     return None
-
-
-def matches(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers") and _vision_transformer(model) is not None
 
 
 def _block(layer) -> Block:
@@ -56,10 +55,8 @@ def tower(vt: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
                  patch_size=emb.patch_size)
 
 
-def patch(model: nn.Module, info: Patch) -> None:
+def patch(vt: nn.Module, info: Patch) -> None:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    vt = _vision_transformer(model)
 
     def forward(pixel_values=None, interpolate_pos_encoding=False, output_attentions=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
@@ -75,3 +72,37 @@ def patch(model: nn.Module, info: Patch) -> None:
         return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
 
     replace_forward(vt, forward, info)
+
+
+class HFClip(Backend):
+    """Hugging Face CLIP; :class:`vwt.backends.hf_blip.HFBlip` differs only in the module it finds,
+    the embedding, the preprocessing's crop and the decoder hook."""
+
+    name = "hf_clip"
+    describes = "Hugging Face CLIPModel / CLIPVisionModel / CLIPVisionModelWithProjection"
+    crop = True  # CLIP's processor resizes the short side, then centre-crops
+
+    def vision(self, model):
+        return vision_transformer(model)
+
+    def tower_of(self, vision: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
+        return tower(vision, interpolate_pos_encoding)
+
+    def tower(self, model, interpolate_pos_encoding: bool = False):
+        return self.tower_of(self.vision(model), interpolate_pos_encoding)
+
+    def dims(self, model):
+        vt = self.vision(model)
+        emb, layer = vt.embeddings, vt.encoder.layers[0]
+        return TowerDims(width=emb.embed_dim, mlp=layer.mlp.fc1.out_features, depth=len(vt.encoder.layers),
+                         heads=layer.self_attn.num_heads, patch_size=emb.patch_size, num_patches=emb.num_patches)
+
+    def preprocess(self, model):
+        return dict(size=self.vision(model).embeddings.image_size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                    crop=self.crop)
+
+    def patch(self, model, info):
+        patch(self.vision(model), info)
+
+
+BACKEND = HFClip()

@@ -10,20 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..encoder import Block, Tower, pooled_mean, zero_pads
-from ..patch import Patch, replace_forward
-from . import grid_of, run_tower, split_heads
+from ..encoder import Block, Tower, TowerDims, pooled_mean, zero_pads
+from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Backend, Patch, grid_of, replace_forward, run_tower, split_heads
 
 
-def _visual(model: nn.Module):
+def find_visual(model: nn.Module):
+    """The open_clip VisionTransformer inside ``model`` (or ``model`` itself), or None."""
     for m in (model, getattr(model, "visual", None)):
         if m is not None and type(m).__name__ == "VisionTransformer" and type(m).__module__.startswith("open_clip"):
             return m
     return None
-
-
-def matches(model: nn.Module) -> bool:
-    return _visual(model) is not None
 
 
 def _block(blk) -> Block:
@@ -65,8 +61,7 @@ def tower(visual: nn.Module) -> Tower:
                  patch_size=patch_size)
 
 
-def patch(model: nn.Module, info: Patch) -> None:
-    visual = _visual(model)
+def patch(visual: nn.Module, info: Patch) -> None:
     if visual.attn_pool is not None:
         raise ValueError("vwt.patch: open_clip VisionTransformer with attentional pooling is not supported")
     if visual.pool_type not in ("tok", "avg"):
@@ -87,3 +82,34 @@ def patch(model: nn.Module, info: Patch) -> None:
         return pooled
 
     replace_forward(visual, forward, info)
+
+
+class OpenClip(Backend):
+    name = "open_clip"
+    describes = "open_clip CLIP / VisionTransformer"
+
+    def vision(self, model):
+        return find_visual(model)
+
+    def tower(self, model):
+        return tower(self.vision(model))
+
+    def dims(self, model):
+        v = self.vision(model)
+        blk = v.transformer.resblocks[0]
+        return TowerDims(width=v.conv1.out_channels, mlp=blk.mlp.c_fc.out_features,
+                         depth=len(v.transformer.resblocks), heads=blk.attn.num_heads,
+                         patch_size=v.conv1.kernel_size[0], num_patches=v.grid_size[0] * v.grid_size[1])
+
+    def preprocess(self, model):
+        v = self.vision(model)
+        size = v.image_size[0] if isinstance(v.image_size, (tuple, list)) else v.image_size
+        mean = getattr(v, "image_mean", None) or OPENAI_CLIP_MEAN
+        std = getattr(v, "image_std", None) or OPENAI_CLIP_STD
+        return dict(size=int(size), mean=tuple(mean), std=tuple(std), crop=True)
+
+    def patch(self, model, info):
+        patch(self.vision(model), info)
+
+
+BACKEND = OpenClip()

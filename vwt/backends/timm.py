@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..encoder import Block, Tower, pooled_mean, zero_pads
-from ..patch import Patch, replace_forward
-from . import run_tower
+from ..encoder import Block, Tower, TowerDims, pooled_mean, zero_pads
+from .base import Backend, Patch, replace_forward, run_tower
 
 
 def matches(model: nn.Module) -> bool:
@@ -75,3 +74,31 @@ def patch(model: nn.Module, info: Patch) -> None:
 
     replace_forward(model, forward, info)
     replace_forward(model, forward_features, info, name="forward_features")
+
+
+class Timm(Backend):
+    name = "timm"
+    describes = "timm VisionTransformer"
+
+    def vision(self, model):
+        return model if matches(model) else None
+
+    def tower(self, model):
+        return tower(model)
+
+    def dims(self, model):
+        blk = model.blocks[0]
+        return TowerDims(width=model.embed_dim, mlp=blk.mlp.fc1.out_features, depth=len(model.blocks),
+                         heads=blk.attn.num_heads, patch_size=model.patch_embed.patch_size[0],
+                         num_patches=model.patch_embed.num_patches, prefix=model.num_prefix_tokens)
+
+    def preprocess(self, model):
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        return dict(size=int(model.patch_embed.img_size[0]), mean=tuple(cfg.get("mean", (0.5, 0.5, 0.5))),
+                    std=tuple(cfg.get("std", (0.5, 0.5, 0.5))), crop=True)
+
+    def patch(self, model, info):
+        patch(model, info)
+
+
+BACKEND = Timm()
