@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .encoder import Reducer, TokenState
+from .encoder import PACKING, Reducer, TokenState
 
 _ATTR = "_vwt_patch"
 
@@ -23,6 +23,7 @@ class Patch:
 
     backend: str
     reducers: tuple
+    packing: str = "auto"
     restore: list = field(default_factory=list)  # callables that undo the patch
     last: Optional[TokenState] = None
 
@@ -50,17 +51,20 @@ def _check_reducers(reducers) -> tuple:
     return tuple(reducers)
 
 
-def patch(model: nn.Module, *reducers: Reducer) -> nn.Module:
+def patch(model: nn.Module, *reducers: Reducer, packing: str = "auto") -> nn.Module:
     """Run ``model``'s vision tower through the vwt block loop with ``reducers``; returns the model.
 
     With no reducer the outputs equal the unpatched model's. Patching a patched model replaces its
-    reducers."""
+    reducers. ``packing`` (auto, on, off): whether a batch that an input reducer left padded runs its
+    blocks on the real tokens only (see :func:`vwt.encoder.packs`); outputs are the same either way."""
     reducers = _check_reducers(reducers)
+    if packing not in PACKING:
+        raise ValueError(f"vwt.patch: packing must be one of {PACKING}, got {packing!r}")
     if isinstance(getattr(model, _ATTR, None), Patch):
         unpatch(model)
     for backend in _backends():
         if backend.matches(model):
-            info = Patch(backend=backend.__name__.rsplit(".", 1)[-1], reducers=reducers)
+            info = Patch(backend=backend.__name__.rsplit(".", 1)[-1], reducers=reducers, packing=packing)
             backend.patch(model, info)
             setattr(model, _ATTR, info)
             return model
@@ -106,6 +110,7 @@ def stats(model: nn.Module) -> dict[str, Any]:
                       (-1: dropped).
     size:             (B, N) patches per final token (0 for pads).
     grid:             the patch grid (rows, cols).
+    execution:        how the blocks ran: "dense" (nothing padded), "padded" or "packed".
     """
     info = patch_info(model)
     if info is None:
@@ -118,5 +123,6 @@ def stats(model: nn.Module) -> dict[str, Any]:
         "labels": s.labels,
         "size": s.sizes(),
         "grid": s.grid,
+        "execution": s.execution,
         "reducers": info.reducers,
     }
