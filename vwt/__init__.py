@@ -7,6 +7,7 @@ One block loop (``vwt.encoder``) runs every method on every supported model fami
     ...
     vwt.unpatch(model)
 """
+from .batching import buckets
 from .encoder import Reducer, TokenState
 from .merge import EViT, LGTM, ToMe
 from .patch import patch, stats, token_stats, token_summary, unpatch
@@ -15,5 +16,5 @@ from .tokenizer import InterImage, IntraImage
 from .vocab import Vocabulary
 
 __all__ = ["patch", "unpatch", "stats", "token_stats", "token_summary", "IntraImage", "InterImage", "ToMe", "EViT", "LGTM",
-           "Vocabulary", "quantize", "Reducer", "TokenState"]
+           "Vocabulary", "quantize", "Reducer", "TokenState", "buckets"]
 __version__ = "0.1.0"

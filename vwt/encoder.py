@@ -43,6 +43,7 @@ class TokenState:
     prefix: int = 1
     prop_attn: bool = False
     tokens_per_layer: list = field(default_factory=list)
+    execution: str = "dense"  # how the blocks ran: dense (nothing padded), padded or packed
 
     @property
     def batch(self) -> int:
@@ -260,12 +261,34 @@ def embed_input(tower: Tower, pixel_values: Tensor, inputs: Sequence[Reducer] = 
     return state, ctx
 
 
-def run(tower: Tower, pixel_values: Tensor, reducers: Sequence[Reducer] = ()) -> TokenState:
+PACKING = ("auto", "on", "off")
+
+
+def packs(state: TokenState, in_network: Sequence[Reducer], packing: str = "auto") -> bool:
+    """Whether the blocks run packed (:func:`run_blocks_packed`) rather than padded.
+
+    Only a padded batch can pack, and only while no in-network reducer follows (they work on the
+    padded layout). ``auto`` packs on the CPU, where the padded batch spends its time on pads and
+    per-image attention calls cost nothing extra (``benchmarks/bench_packed.py``). On CUDA it stays
+    padded: one fused kernel over the batch against one launch per image and block has not been
+    measured on a GPU yet (``packing="on"`` runs the packed path there too)."""
+    if packing not in PACKING:
+        raise ValueError(f"packing must be one of {PACKING}, got {packing!r}")
+    mask = state.real_mask()
+    if packing == "off" or in_network or mask is None or bool(mask.all()):
+        return False
+    return packing == "on" or state.x.device.type == "cpu"
+
+
+def run(tower: Tower, pixel_values: Tensor, reducers: Sequence[Reducer] = (), packing: str = "auto") -> TokenState:
     """Embed, reduce and run every block; returns the final state (tokens before the final norm)."""
     state, _ = embed_input(tower, pixel_values, [r for r in reducers if r.kind == "input"])
     in_network = [r for r in reducers if r.kind != "input"]
     state.x = tower.pre_norm(state.x)
     state.record()
+    if packs(state, in_network, packing):
+        return run_blocks_packed(tower, state)
+    state.execution = "dense" if state.size is None else "padded"
 
     depth = len(tower.blocks)
     for i, blk in enumerate(tower.blocks):
@@ -282,6 +305,35 @@ def run(tower: Tower, pixel_values: Tensor, reducers: Sequence[Reducer] = ()) ->
         x = state.x
         state.x = x + blk.ls2(blk.mlp(blk.norm2(x)))
         state.record()
+    return state
+
+
+def run_blocks_packed(tower: Tower, state: TokenState) -> TokenState:
+    """Run every block on the real tokens of a padded batch only, then pad the result again.
+
+    The real tokens of all images are packed into one (1, T, C) sequence: norms, q/k/v, the output
+    projection and the MLP act on each token alone, so they run on all T at once; attention runs per
+    image on views of the packed q/k/v (no pads, so no mask; ``log(size)`` where proportional attention
+    is on). Pads come back as exact zeros. Sizes and labels do not change (no in-network reducer)."""
+    mask = state.real_mask()                                   # (B, N) bool, pads at the end of each row
+    lengths = state.real_counts().tolist()                     # B real-token counts
+    x = state.x[mask].unsqueeze(0)                             # (1, T, C) real tokens, image after image
+    bounds = torch.tensor([0] + lengths).cumsum(0).tolist()    # image i is packed tokens bounds[i]:bounds[i+1]
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    log_size = state.size[mask].log()[None] if state.prop_attn else None  # (1, T) proportional-attention bias
+    for blk in tower.blocks:
+        q, k, v = blk.qkv(blk.norm1(x))                        # each (1, H, T, d)
+        bias = None if log_size is None else log_size.to(q.dtype)
+        heads = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+                                                attn_mask=None if bias is None else bias[:, s:e],
+                                                scale=blk.scale)
+                 for s, e in spans]                            # B x (1, H, L_i, d)
+        o = torch.cat(heads, 2).transpose(1, 2).flatten(2)     # (1, T, H * d)
+        x = x + blk.ls1(blk.out_proj(o))
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        state.record()
+    state.x = state.x.new_zeros(state.x.shape).masked_scatter_(mask.unsqueeze(-1), x)  # (B, N, C), pads 0
+    state.execution = "packed"
     return state
 
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .backends import by_name, family_of
 from .backends.base import PATCH_ATTR, Patch, patch_info  # noqa: F401  (patch_info: re-exported)
-from .encoder import Reducer, check_rule
+from .encoder import PACKING, Reducer, check_rule
 
 
 def _check_reducers(reducers) -> tuple:
@@ -26,16 +26,19 @@ def _check_reducers(reducers) -> tuple:
     return tuple(reducers)
 
 
-def patch(model: nn.Module, *reducers: Reducer) -> nn.Module:
+def patch(model: nn.Module, *reducers: Reducer, packing: str = "auto") -> nn.Module:
     """Run ``model``'s vision tower through the vwt block loop with ``reducers``; returns the model.
 
     With no reducer the outputs equal the unpatched model's. Patching a patched model replaces its
-    reducers."""
+    reducers. ``packing`` (auto, on, off): whether a batch that an input reducer left padded runs its
+    blocks on the real tokens only (see :func:`vwt.encoder.packs`); outputs are the same either way."""
     reducers = _check_reducers(reducers)
+    if packing not in PACKING:
+        raise ValueError(f"vwt.patch: packing must be one of {PACKING}, got {packing!r}")
     if patch_info(model) is not None:
         unpatch(model)
     backend = family_of(model, "vwt.patch")
-    info = Patch(backend=backend.name, reducers=reducers)
+    info = Patch(backend=backend.name, reducers=reducers, packing=packing)
     backend.patch(model, info)
     setattr(model, PATCH_ATTR, info)
     return model
@@ -77,6 +80,7 @@ def stats(model: nn.Module) -> dict[str, Any]:
                       (-1: dropped).
     size:             (B, N) patches per final token (0 for pads).
     grid:             the patch grid (rows, cols).
+    execution:        how the blocks ran: "dense" (nothing padded), "padded" or "packed".
     """
     info = patch_info(model)
     if info is None:
@@ -91,6 +95,7 @@ def stats(model: nn.Module) -> dict[str, Any]:
         "labels": s.labels,
         "size": s.sizes(),
         "grid": s.grid,
+        "execution": s.execution,
         "reducers": info.reducers,
     }
 

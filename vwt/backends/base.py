@@ -27,6 +27,7 @@ class Patch:
 
     backend: str
     reducers: tuple
+    packing: str = "auto"
     restore: list = field(default_factory=list)  # callables that undo the patch
     last: Optional[TokenState] = None
 
@@ -97,10 +98,10 @@ def replace_forward(module: nn.Module, forward: Callable, info: Patch, name: str
 
 def run_tower(info: Patch, tower: Tower, pixel_values: Tensor) -> TokenState:
     """Run the block loop with the patch's reducers and keep a light copy of the state for stats."""
-    state = encoder.run(tower, pixel_values, info.reducers)
+    state = encoder.run(tower, pixel_values, info.reducers, info.packing)
     info.last = TokenState(x=None, size=state.sizes(), labels=state.labels, grid=state.grid,
                            prefix=state.prefix, prop_attn=state.prop_attn,
-                           tokens_per_layer=state.tokens_per_layer)
+                           tokens_per_layer=state.tokens_per_layer, execution=state.execution)
     return state
 
 

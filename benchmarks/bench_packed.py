@@ -1,0 +1,114 @@
+"""Inter-image at batch > 1: packed against padded execution, with and without length bucketing.
+
+CLIP ViT-B/16 vision tower (random weights: weights do not change runtime), the 12 sample photographs
+cycled to fill the batches, a 1000-word vocabulary learned on them (as eff.py does), threshold 0.1.
+Every configuration and the unpatched base model time the same pool of images once per round,
+round-robin in a shuffled order; the speed-up is the median of the per-round ratios base / method,
+beside the analytic FLOPs ratio (dense / inter-image; pads cost no FLOPs), so "fraction" is how much
+of what the FLOPs allow a configuration reaches.
+
+    python benchmarks/bench_packed.py                      # batch 8 and 32, 5 rounds
+    python benchmarks/bench_packed.py --batch 8 --rounds 2 --batches 2
+"""
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vwt  # noqa: E402
+from vwt import datasets  # noqa: E402
+from vwt.flops import dense_flops, dims_of, flops_of_last_forward  # noqa: E402
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 32], help="batch sizes (default 8 32)")
+    p.add_argument("--batches", type=int, default=3, help="batches per pool of images (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (default 5)")
+    p.add_argument("--vocab", type=int, default=1000, help="words (default 1000)")
+    p.add_argument("--thresh", type=float, default=0.1, help="inter-image threshold (default 0.1)")
+    p.add_argument("--out", type=Path, default=Path("results/bench_packed.json"), help="results JSON file")
+    return p.parse_args()
+
+
+def forward_all(model, pool, batches):
+    for idx in batches:
+        model(pixel_values=pool[idx])
+
+
+def main():
+    args = parse()
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(patch_size=16, image_size=224)
+    base = CLIPVisionModel(config).eval()
+    inter = CLIPVisionModel(config).eval()
+    inter.load_state_dict(base.state_dict())
+    prep = datasets.preprocess_for(base)
+    photos = torch.stack([datasets.Samples(prep)[i][0] for i in range(len(datasets.Samples(prep)))])
+    vocab = vwt.Vocabulary.learn([photos], size=args.vocab, space="pixel", patch_size=16, data="samples",
+                                 image_size=224, mean=prep.mean, std=prep.std)
+    reducer = vwt.InterImage(vocab, thresh=args.thresh)
+    print(f"CLIP ViT-B/16 vision tower, random weights, {len(photos)} sample photographs, {args.vocab} words, "
+          f"threshold {args.thresh:g}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    with torch.inference_mode():
+        for b in args.batch:
+            pool = photos[torch.arange(b * args.batches) % len(photos)]
+            vwt.patch(inter, reducer, packing="off")
+            inter(pixel_values=pool)
+            counts = vwt.stats(inter)["tokens_per_layer"][:, 0]
+            flops_ratio = dense_flops(dims_of(inter)) / flops_of_last_forward(inter).mean().item()
+            plain = [torch.arange(i, i + b) for i in range(0, len(pool), b)]
+            bucketed = [idx for idx in vwt.buckets(counts, b)]
+            configs = {"padded": ("off", plain), "padded+bucket": ("off", bucketed),
+                       "packed": ("auto", plain), "packed+bucket": ("auto", bucketed)}
+            times = {name: [] for name in ["base", *configs]}
+            for _ in range(1):  # warm-up at the measured shapes
+                forward_all(base, pool, plain)
+                for packing, batches in configs.values():
+                    vwt.patch(inter, reducer, packing=packing)
+                    forward_all(inter, pool, batches)
+            rng = random.Random(b)
+            for _ in range(args.rounds):
+                order = ["base", *configs]
+                rng.shuffle(order)
+                for name in order:
+                    if name == "base":
+                        model, batches = base, plain
+                    else:
+                        packing, batches = configs[name]
+                        model = vwt.patch(inter, reducer, packing=packing)
+                    t = time.perf_counter()
+                    forward_all(model, pool, batches)
+                    times[name].append(time.perf_counter() - t)
+            for name in configs:
+                ratios = [tb / tm for tb, tm in zip(times["base"], times[name])]
+                speedup = statistics.median(ratios)
+                rows.append(dict(batch=b, config=name, images=len(pool), tokens_mean=counts.float().mean().item(),
+                                 tokens_min=int(counts.min()), tokens_max=int(counts.max()),
+                                 base_ms_per_image=1e3 * statistics.median(times["base"]) / len(pool),
+                                 ms_per_image=1e3 * statistics.median(times[name]) / len(pool),
+                                 speedup=speedup, speedup_min=min(ratios), speedup_max=max(ratios),
+                                 flops_ratio=flops_ratio, fraction=speedup / flops_ratio))
+    print(f"{'batch':>5s} {'config':14s} {'base ms/img':>11s} {'ms/img':>7s} {'speed-up':>8s} {'(min-max)':>13s} "
+          f"{'FLOPs ratio':>11s} {'fraction':>8s}")
+    for r in rows:
+        print(f"{r['batch']:5d} {r['config']:14s} {r['base_ms_per_image']:11.1f} {r['ms_per_image']:7.1f} "
+              f"{r['speedup']:8.3f} {r['speedup_min']:6.2f}-{r['speedup_max']:<6.2f} {r['flops_ratio']:11.3f} "
+              f"{r['fraction']:8.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "rounds": args.rounds, "torch": torch.__version__,
+                                    "threads": torch.get_num_threads()}, indent=2))
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
