@@ -125,6 +125,8 @@ def test_turns_last_about_min_seconds():
     turns = bench.interleave([machine.method("base")], [torch.zeros(1, 1)], rounds=2, min_seconds=0.1,
                              warmup=1, stopwatch=stopwatch)
     assert len(turns["base"][0].seconds) == pytest.approx(10, abs=1)
+    summary = bench.summarise(turns)
+    assert not summary.judged and not summary.busy and "too few" in summary.line()
     with pytest.raises(ValueError, match="base"):
         bench.summarise({"tome": turns["base"]})
 

@@ -128,11 +128,13 @@ def run_turn(m: Method, indices: Sequence[int], batches: Sequence, rnd: int, pos
 
 def interleave(methods: Sequence[Method], batches: Sequence, rounds: int = 7, min_seconds: float = 0.0,
                min_calls: int = 1, warmup: int = 1, meter: Optional[energy.Meter] = None,
-               stopwatch: Optional[energy.Stopwatch] = None, seed: int = 0) -> dict[str, list[Turn]]:
+               stopwatch: Optional[energy.Stopwatch] = None, seed: int = 0,
+               progress: Optional[Callable[[int], Any]] = None) -> dict[str, list[Turn]]:
     """Time every method once per round, in an order shuffled each round, after ``warmup`` calls of
     each. Every turn of a round runs the same batches: ``min_calls`` calls, or more so that a turn
     lasts about ``min_seconds`` (sized from the warm-up's median call); successive rounds move on
-    through the batches. Returns each method's turns, in round order."""
+    through the batches. ``progress(round)`` is called after each round. Returns each method's turns,
+    in round order."""
     if not methods or not batches or rounds < 1:
         raise ValueError("interleave needs methods, batches and at least one round")
     stopwatch = stopwatch or energy.Stopwatch()
@@ -148,6 +150,8 @@ def interleave(methods: Sequence[Method], batches: Sequence, rounds: int = 7, mi
         for position, j in enumerate(order):
             turns[methods[j].name].append(run_turn(methods[j], indices, batches, r, position, stopwatch, meter))
         start = (start + calls) % len(batches)
+        if progress is not None:
+            progress(r)
     return turns
 
 
@@ -232,6 +236,8 @@ class Summary:
 
     figures: dict
     reasons: list
+    rounds: int = 0
+    judged: bool = True  # False: too few rounds to tell
 
     @property
     def busy(self) -> bool:
@@ -239,6 +245,8 @@ class Summary:
 
     def line(self) -> str:
         """One line for the console."""
+        if not self.judged:
+            return f"{self.rounds} rounds are too few to tell whether the machine was busy (use 3 or more)"
         if self.busy:
             return "busy machine: the figures are unreliable (" + "; ".join(self.reasons) + ")"
         return "machine looked quiet: every ratio to base held steady over the rounds"
@@ -248,8 +256,9 @@ def summarise(turns: dict[str, list[Turn]], base: str = "base", limits: Limits =
     """Figures of every method against ``base`` (which must be among them), and the busy flag."""
     if base not in turns:
         raise ValueError(f"the interleaved rounds need the base method {base!r} to compute ratios")
+    rounds = len(turns[base])
     return Summary({name: figures(ts, turns[base]) for name, ts in turns.items()},
-                   busy_reasons(turns, base, limits))
+                   busy_reasons(turns, base, limits), rounds, rounds >= limits.min_rounds)
 
 
 # --------------------------------------------------------------------------------------------------
