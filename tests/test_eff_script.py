@@ -225,7 +225,7 @@ def test_paper_protocol_per_group_with_a_fake_nvml(tmp_path, monkeypatch, capsys
     assert len(reason) == 1 and "NVML" in reason[0] and table["note"].str.contains("power: ").all()
 
 
-def test_runs_that_differ_in_dtype_or_vocabulary_file_write_different_files(tmp_path, monkeypatch):
+def test_runs_that_differ_in_dtype_or_vocabulary_file_write_different_files(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     no_rapl(monkeypatch, tmp_path)
     vocab = vwt.Vocabulary(torch.randn(8, 3 * 8 * 8), patch_size=8)
@@ -238,8 +238,9 @@ def test_runs_that_differ_in_dtype_or_vocabulary_file_write_different_files(tmp_
     files = written(tmp_path / "res")
     assert len(files) == 3 and len({f.name.rsplit("__", 1)[0] for f in files}) == 1  # same readable part
     assert not list((tmp_path / "res").glob(".*"))  # no temporary file left behind
-    eff.main(argv + ["--vocab-path", "b/vocab.pt"], loaded=tiny_loaded())  # the same run again: same name
-    assert len(written(tmp_path / "res")) == 3
+    assert "replacing" not in capsys.readouterr().out
+    eff.main(argv + ["--vocab-path", "b/vocab.pt"], loaded=tiny_loaded())  # the same run again: same name, said
+    assert len(written(tmp_path / "res")) == 3 and "replacing the results" in capsys.readouterr().out
 
 
 def closed_port() -> int:

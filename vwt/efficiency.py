@@ -447,7 +447,10 @@ def plot(df, path: Path, title: str) -> Path:
 
 
 def write(df, meta: dict, out: Path, name: str, title: str) -> list[Path]:
-    """CSV, JSON (configuration, machine, busy verdicts, every row) and PNG, each written atomically."""
+    """CSV, JSON (configuration, machine, busy verdicts, every row) and PNG, each written atomically.
+    Only a run of the very same configuration has the same name: replacing its files is said aloud."""
+    if (out / f"{name}.csv").exists():
+        print(f"replacing the results of an earlier run of the same configuration: {out / name}.*")
     csv = results.atomic_write_text(out / f"{name}.csv", df.to_csv(index=False))
     js = results.write_json(out / f"{name}.json", dict(meta, results=df.to_dict(orient="records")))
     return [csv, js, plot(df, out / f"{name}.png", title)]
