@@ -170,3 +170,40 @@ def test_paper_power_is_empty_with_a_reason_without_nvml(tmp_path):
     runs = bench.paper_runs(lambda x: None, loader(), torch.device("cpu"), torch.float32, (3, 4, 4),
                             energy.Stopwatch(), power=power, warmup=1)
     assert set(runs) == {"time_ms"}
+
+
+def test_paper_time_on_cuda_brackets_the_copy_and_the_forward_with_events(monkeypatch):
+    """No GPU here: stand-in CUDA events and a stand-in batch record the order of things. Each batch's
+    time is the events' elapsed time, and the events enclose the host-to-device copy and the call; in
+    the power run the reading comes after the device has finished the batch."""
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            log.append("wait")
+
+        def elapsed_time(self, other):
+            return 7.0  # ms
+
+    class Batch:
+        def __len__(self):
+            return 2
+
+        def to(self, device, dtype):
+            log.append(f"copy to {device}")
+            return self
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(energy, "synchronize", lambda device: log.append(f"sync {device}"))
+    runs = bench.paper_runs(lambda x: log.append("forward"), lambda: iter([(Batch(), [{"group": 1}] * 2)]),
+                            torch.device("cuda"), torch.float16, (3, 4, 4), energy.Stopwatch(torch.device("cuda")),
+                            power=lambda: log.append("power") or 90.0, warmup=0)
+    assert runs["time_ms"] == [(pytest.approx(7.0), [1, 1])] and runs["power_w"] == [(90.0, [1, 1])]
+    assert log == ["sync cuda", "record", "copy to cuda", "forward", "record", "wait",  # time run
+                   "sync cuda", "copy to cuda", "forward", "sync cuda", "power"]  # power run: read when done
