@@ -279,6 +279,32 @@ def test_unreachable_hub_is_found_out_at_once(monkeypatch, kind):
     assert cli.hub_reachable() is False
 
 
+def test_load_model_falls_back_to_random_weights_with_one_note(monkeypatch, capsys):
+    asked = []
+
+    def fake_load(name, random_weights):
+        asked.append(random_weights)
+        if not random_weights:
+            raise cli.UserError(f"cannot load model {name!r}: no connection")
+        return tiny_loaded()
+
+    monkeypatch.setattr(cli, "_load", fake_load)
+    monkeypatch.setattr(cli, "hub_reachable", lambda: False)
+    with pytest.raises(cli.UserError, match="no connection"):
+        cli.load_model("some/model", torch.device("cpu"))
+    loaded = cli.load_model("some/model", torch.device("cpu"), fallback_random=True)
+    out = capsys.readouterr().out.splitlines()
+    assert asked == [False, False, True] and not loaded.pretrained and "no connection" in loaded.note
+    assert len(out) == 1 and out[0].startswith("note: some/model: ") and "random weights" in out[0]
+
+
+def test_fast_random_weights_are_finite_seeded_and_not_constant():
+    a, b = cli.fill_random(hf_clip()), cli.fill_random(hf_clip())
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.isfinite(p).all() and torch.equal(p, q), name
+        assert p.numel() == 1 or p.std() > 0.01, name
+
+
 def time_to_measuring(tmp_path, env: dict) -> tuple[float, str]:
     """Seconds from starting `python eff.py` (the default run) to its "measuring" line, less the
     first-use vocabulary learning it reports; and its output up to there."""
