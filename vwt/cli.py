@@ -130,11 +130,13 @@ class Loaded:
 
 
 def _hf_random_config(name: str):
-    from transformers import BlipConfig, CLIPConfig
-
     low = name.lower()
     if "blip" in low:
+        from transformers import BlipConfig
+
         return BlipConfig()  # defaults are BLIP base: ViT-B/16 at 384 px
+    from transformers import CLIPConfig
+
     patch = 14 if "patch14" in low else 32 if "patch32" in low else 16
     size = 336 if "336" in low else 224
     if "large" in low:
@@ -263,10 +265,11 @@ def fill_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module
 
 
 def _load_hf(name: str, random_weights: bool) -> Loaded:
-    from transformers import BlipForConditionalGeneration, CLIPModel
-
     is_blip = "blip" in name.lower()
-    cls = BlipForConditionalGeneration if is_blip else CLIPModel
+    if is_blip:  # import only the family asked for: each costs seconds on a small CPU
+        from transformers import BlipForConditionalGeneration as cls
+    else:
+        from transformers import CLIPModel as cls
     if random_weights:
         from transformers.initialization import no_init_weights
 
