@@ -155,8 +155,8 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
         print(f"energy: {meter.note}: energy and power columns are empty (NaN)")
     if args.protocol == "paper" and args.metric in ("watt", "all") and bench.paper_power_reader(meter)[1]:
         print(bench.paper_power_reader(meter)[1])
-    for verdict in verdicts:
-        print(verdict)
+    for verdict in verdicts.values():
+        print(verdict["line"])
     print(f"weights: {weights}")
     print(f"wrote {', '.join(str(p) for p in paths)} in {wall:.0f} s")
     return df

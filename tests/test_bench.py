@@ -87,6 +87,7 @@ def test_a_burst_on_one_turn_leaves_the_ratios_and_raises_the_flag(victim):
     named = ["tome"] if victim == "tome" else ["tome", "intra"]  # a slow base turn skews every ratio of its round
     assert summary.busy and all(any(m in r for r in summary.reasons) for m in named)
     assert summary.line().startswith("busy machine") and "\n" not in summary.line()
+    assert summary.line().count(";") <= 3  # at most three reasons on the console, all in the results
 
 
 def test_without_a_burst_the_flag_stays_down():

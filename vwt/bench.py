@@ -248,7 +248,8 @@ class Summary:
         if not self.judged:
             return f"{self.rounds} rounds are too few to tell whether the machine was busy (use 3 or more)"
         if self.busy:
-            return "busy machine: the figures are unreliable (" + "; ".join(self.reasons) + ")"
+            more = f"; {len(self.reasons) - 3} more in the results" if len(self.reasons) > 3 else ""
+            return "busy machine: the figures are unreliable (" + "; ".join(self.reasons[:3]) + more + ")"
         return "machine looked quiet: every ratio to base held steady over the rounds"
 
 

@@ -358,13 +358,13 @@ def paper_fields(p: Prepared, b: int, run: Run) -> dict:
     return out
 
 
-def measure(preps: list[Prepared], run: Run, common: dict) -> tuple[list[dict], list[str]]:
-    """Every configuration at every --batch: rows in (configuration, batch) order, and the one-line
-    busy-machine verdict of each batch size's rounds."""
-    args, by_batch, verdicts = run.args, {}, []
+def measure(preps: list[Prepared], run: Run, common: dict) -> tuple[list[dict], dict]:
+    """Every configuration at every --batch: rows in (configuration, batch) order, and per batch size
+    the rounds' one-line verdict and every reason they gave for calling the machine busy."""
+    args, by_batch, verdicts = run.args, {}, {}
     for b in args.batch:
         rows, summary = measure_batch_size(preps, b, run)
-        verdicts.append(f"batch {b}: {summary.line()}")
+        verdicts[b] = dict(line=f"batch {b}: {summary.line()}", busy=summary.busy, reasons=summary.reasons)
         if args.protocol == "paper":
             for p in preps:
                 if not p.skip:
