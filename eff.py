@@ -98,8 +98,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None, loaded: Optional[cli.Loaded] = None):
     """Run the measurements; ``loaded`` replaces --model (tests pass a tiny model). Returns the table."""
-    import pandas as pd
-
     from vwt import efficiency as fx
 
     started = _LOADED_AT if __name__ == "__main__" else time.perf_counter()  # the script: since it started
@@ -148,18 +146,26 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
             "meter_after": info_end, "environment": cli.environment(device), "wall_seconds": wall}
     title = f"{loaded.name} ({weights.split(':')[0]} weights), {args.data}, {device}"
     paths = fx.write(df, meta, args.out, name, title)
+    show(df, args, meter, verdicts)
+    print(f"weights: {weights}")
+    print(f"wrote {', '.join(str(p) for p in paths)} in {wall:.0f} s")
+    return df
+
+
+def show(df, args, meter: energy.Meter, verdicts: dict) -> None:
+    """The table, then one line for each thing it cannot show: no energy here, no NVML power, and the
+    rounds' verdict on the machine per batch size."""
+    import pandas as pd
 
     with pd.option_context("display.width", 220, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(df[SHOW].to_string(index=False))
     if not meter.measurable:
         print(f"energy: {meter.note}: energy and power columns are empty (NaN)")
-    if args.protocol == "paper" and args.metric in ("watt", "all") and bench.paper_power_reader(meter)[1]:
-        print(bench.paper_power_reader(meter)[1])
+    reason = bench.paper_power_reader(meter)[1]
+    if args.protocol == "paper" and args.metric in ("watt", "all") and reason:
+        print(reason)
     for verdict in verdicts.values():
         print(verdict["line"])
-    print(f"weights: {weights}")
-    print(f"wrote {', '.join(str(p) for p in paths)} in {wall:.0f} s")
-    return df
 
 
 if __name__ == "__main__":
