@@ -232,7 +232,8 @@ def test_runs_that_differ_in_dtype_or_vocabulary_file_write_different_files(tmp_
     vocab.save(tmp_path / "a")
     vocab.save(tmp_path / "b")
     argv = ["--methods", "inter", "--batch", "2", "--metric", "time", "--protocol", "standard", "--out", "res"] + FAST
-    eff.main(argv + ["--vocab-path", "a/vocab.pt"], loaded=tiny_loaded())
+    table = eff.main(argv + ["--vocab-path", "a/vocab.pt"], loaded=tiny_loaded())
+    assert table["time_ms_paper"].isna().all() and (table["protocol"] == "standard").all()  # ours only
     eff.main(argv + ["--vocab-path", "b/vocab.pt"], loaded=tiny_loaded())
     eff.main(argv + ["--vocab-path", "b/vocab.pt", "--dtype", "bfloat16"], loaded=tiny_loaded())
     files = written(tmp_path / "res")
