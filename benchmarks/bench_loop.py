@@ -1,24 +1,18 @@
 """Overhead of the vwt block loop with no reducer: patched / unpatched runtime of the CLIP ViT-B/16
-vision tower (random weights: weights do not change runtime), measured side by side, interleaved.
+vision tower (random weights: weights do not change runtime), in interleaved rounds (vwt.bench: order
+shuffled every round, the median of the per-round ratios, a busy-machine flag).
 
     python benchmarks/bench_loop.py [--batch 1 8] [--rounds 15]
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vwt  # noqa: E402
-
-
-def timed(fn, x):
-    t = time.perf_counter()
-    fn(x)
-    return time.perf_counter() - t
+from vwt import bench  # noqa: E402
 
 
 def main():
@@ -35,20 +29,17 @@ def main():
     patched.load_state_dict(base.state_dict())
     vwt.patch(patched)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, attention: {base.config._attn_implementation}")
-    print("batch  unpatched_ms  patched_ms  ratio(median of per-round ratios)")
+    print("batch  unpatched_ms  patched_ms  speed-up (median of per-round unpatched/patched)  IQR")
     for b in args.batch:
         x = torch.randn(b, 3, 224, 224)
         with torch.inference_mode():
-            for _ in range(3):
-                base(pixel_values=x), patched(pixel_values=x)
-            ratios, tb, tp = [], [], []
-            for i in range(args.rounds):
-                order = [(base, tb), (patched, tp)] if i % 2 == 0 else [(patched, tp), (base, tb)]
-                for m, acc in order:
-                    acc.append(timed(lambda v: m(pixel_values=v), x))
-                ratios.append(tp[-1] / tb[-1])
-        print(f"{b:5d}  {1e3 * statistics.median(tb):12.1f}  {1e3 * statistics.median(tp):10.1f}  "
-              f"{statistics.median(ratios):.3f}")
+            methods = [bench.Method("base", lambda v: base(pixel_values=v)),
+                       bench.Method("patched", lambda v: patched(pixel_values=v))]
+            summary = bench.summarise(bench.interleave(methods, [x], rounds=args.rounds, warmup=3))
+        f, p = summary.figures["base"], summary.figures["patched"]
+        print(f"{b:5d}  {f['batch_ms_median']:12.1f}  {p['batch_ms_median']:10.1f}  {p['speedup_median']:47.3f}"
+              f"  {p['speedup_iqr']:.3f}")
+        print(f"       {summary.line()}")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,23 @@
 """Measured speed-up of ToMe, EViT and DFE + LGTM beside their analytic FLOPs ratio (vwt/flops.py).
 
 CLIP ViT-B/16 vision tower (transformers CLIPVisionModel, random weights: weights do not change the
-runtime) on this machine's CPU. Each method's patched model and the unpatched base model run side by
-side, interleaved (alternating order every round); the speed-up is the median of the per-round ratios
-base / method. A method "passes" when its speed-up reaches --target (default 0.8) of its FLOPs ratio.
+runtime) on this machine's CPU. Every method and the unpatched base model run in interleaved rounds
+(vwt.bench: each round times each once, in a shuffled order); the speed-up is the median of the
+per-round ratios base / method, and a busy machine is flagged. A method "passes" when its speed-up
+reaches --target (default 0.8) of its FLOPs ratio.
 
     python benchmarks/bench_reducers.py                    # batch 32, 5 rounds (slow on 2 cores)
     python benchmarks/bench_reducers.py --batch 2 --rounds 2
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vwt  # noqa: E402
-from vwt import cli  # noqa: E402
+from vwt import bench, cli  # noqa: E402
 from vwt.flops import dense_flops, dims_of, flops_of_last_forward  # noqa: E402
 
 
@@ -40,12 +38,6 @@ def parse():
     return args
 
 
-def timed(model, x):
-    t = time.perf_counter()
-    model(pixel_values=x)
-    return time.perf_counter() - t
-
-
 def run():
     args = parse()
     if args.threads:
@@ -54,45 +46,44 @@ def run():
 
     torch.manual_seed(0)
     config = CLIPVisionConfig(patch_size=16, image_size=224)
-    base = CLIPVisionModel(config).eval()
     model = CLIPVisionModel(config).eval()
-    model.load_state_dict(base.state_dict())
     x = torch.randn(args.batch, 3, 224, 224)
     dims = dims_of(model)
-    methods = {f"tome{args.tome}": vwt.ToMe(r=args.tome), f"evit{args.evit:g}": vwt.EViT(keep=args.evit),
-               f"lgtm{args.lgtm}": vwt.LGTM(r=args.lgtm)}
+    reducers = {f"tome{args.tome}": vwt.ToMe(r=args.tome), f"evit{args.evit:g}": vwt.EViT(keep=args.evit),
+                f"lgtm{args.lgtm}": vwt.LGTM(r=args.lgtm)}
 
     print(f"CLIP ViT-B/16 vision tower, random weights, batch {args.batch}, {args.rounds} rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = []
+    counts = {}
     with torch.inference_mode():
-        for name, reducer in methods.items():
+        for name, reducer in reducers.items():  # one patched forward each: FLOPs and final tokens
             vwt.patch(model, reducer)
-            for _ in range(args.warmup):
-                base(pixel_values=x), model(pixel_values=x)
             model(pixel_values=x)
-            flops_ratio = dense_flops(dims) / flops_of_last_forward(model).mean().item()
-            final_tokens = vwt.stats(model)["tokens_per_layer"][:, -1].float().mean().item()
-            tb, tm, ratios = [], [], []
-            for i in tqdm(range(args.rounds), desc=name, leave=False):
-                order = [(base, tb), (model, tm)] if i % 2 == 0 else [(model, tm), (base, tb)]
-                for m, acc in order:
-                    acc.append(timed(m, x))
-                ratios.append(tb[-1] / tm[-1])
-            speedup = statistics.median(ratios)
-            rows.append(dict(method=name, reducer=repr(reducer), final_tokens=final_tokens,
-                             base_s=statistics.median(tb), method_s=statistics.median(tm), speedup=speedup,
-                             flops_ratio=flops_ratio, fraction=speedup / flops_ratio,
-                             passed=speedup >= args.target * flops_ratio))
-    vwt.unpatch(model)
+            counts[name] = (dense_flops(dims) / flops_of_last_forward(model).mean().item(),
+                            vwt.stats(model)["tokens_per_layer"][:, -1].float().mean().item())
+            vwt.unpatch(model)
+        methods = [bench.Method("base", lambda v: model(pixel_values=v))]
+        methods += [bench.Method(name, lambda v: model(pixel_values=v), enter=lambda r=r: vwt.patch(model, r),
+                                 leave=lambda: vwt.unpatch(model)) for name, r in reducers.items()]
+        summary = bench.summarise(bench.interleave(methods, [x], rounds=args.rounds, warmup=args.warmup))
+    base_s = summary.figures["base"]["batch_ms_median"] / 1e3
+    rows = []
+    for name, reducer in reducers.items():
+        f, (flops_ratio, final_tokens) = summary.figures[name], counts[name]
+        rows.append(dict(method=name, reducer=repr(reducer), final_tokens=final_tokens, base_s=base_s,
+                         method_s=f["batch_ms_median"] / 1e3, speedup=f["speedup_median"], speedup_iqr=f["speedup_iqr"],
+                         flops_ratio=flops_ratio, fraction=f["speedup_median"] / flops_ratio,
+                         passed=f["speedup_median"] >= args.target * flops_ratio))
 
     print(f"{'method':10s} {'tokens@end':>10s} {'base_s':>8s} {'method_s':>8s} {'speed-up':>8s} "
           f"{'FLOPs ratio':>11s} {'fraction':>8s}  pass(>={args.target:g})")
     for r in rows:
         print(f"{r['method']:10s} {r['final_tokens']:10.1f} {r['base_s']:8.3f} {r['method_s']:8.3f} "
               f"{r['speedup']:8.3f} {r['flops_ratio']:11.3f} {r['fraction']:8.3f}  {'yes' if r['passed'] else 'NO'}")
+    print(summary.line())
     cli.write_json(args.out, dict(config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                   model="CLIPVisionModel(CLIPVisionConfig(patch_size=16)), random weights",
+                                  busy=summary.busy, busy_reasons=summary.reasons,
                                   environment=cli.environment(), results=rows))
     print(f"results: {args.out}")
 

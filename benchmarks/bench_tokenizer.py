@@ -1,8 +1,8 @@
 """Cost of the VWT inter-image tokenizer as a fraction of the CLIP ViT-B/16 vision forward it shortens.
 
 Times ``InterImage.reduce_input`` (match every patch to the vocabulary, merge, pad) against the whole
-unpatched vision forward (random weights: weights do not change runtime), side by side, interleaved;
-prints medians and the median of per-round ratios. Inputs are the real ``samples`` photographs with
+unpatched vision forward (random weights: weights do not change runtime), in interleaved rounds
+(vwt.bench: order shuffled every round); prints medians and the median of per-round ratios. Inputs are the real ``samples`` photographs with
 CLIP preprocessing; the words are distinct pixel patches of random crops of those photographs (so a
 realistic share of patches matches and the merge path runs; real vocabularies are k-means centres).
 "search" says which nearest-word search ran: one exhaustive matmul, or for vocabularies of at least
@@ -12,26 +12,19 @@ realistic share of patches matches and the merge path runs; real vocabularies ar
     python benchmarks/bench_tokenizer.py [--batch 1 32] [--vocab 1000 10000] [--rounds 15] [--thresh 0.1]
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vwt  # noqa: E402
+from vwt import bench  # noqa: E402
 from vwt.backends import family_of  # noqa: E402
 from vwt.datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess, sample_images  # noqa: E402
 from vwt.vocab import FAST_MIN_WORDS  # noqa: E402
 from vwt.encoder import InputContext, initial_state  # noqa: E402
 from bench_kmeans import patches as crop_patches  # noqa: E402
-
-
-def timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def main():
@@ -73,17 +66,12 @@ def main():
                 def forward():
                     return model(pixel_values=x)
 
-                for _ in range(2):
-                    forward(), tokenize()
-                tf, tt, ratios = [], [], []
-                for i in range(args.rounds):
-                    pair = [(forward, tf), (tokenize, tt)]
-                    for fn, acc in (pair if i % 2 == 0 else pair[::-1]):
-                        acc.append(timed(fn))
-                    ratios.append(tt[-1] / tf[-1])
+                methods = [bench.Method("base", lambda _: forward()), bench.Method("tokenizer", lambda _: tokenize())]
+                summary = bench.summarise(bench.interleave(methods, [x], rounds=args.rounds, warmup=2))
                 tokens = tokenize().real_counts().float().mean().item()
-            print(f"{b:5d}  {v:5d}  {1e3 * statistics.median(tf):10.1f}  {1e3 * statistics.median(tt):12.2f}  "
-                  f"{100 * statistics.median(ratios):5.2f}%  {tokens:21.1f}  {search}")
+            f, t = summary.figures["base"], summary.figures["tokenizer"]
+            print(f"{b:5d}  {v:5d}  {f['batch_ms_median']:10.1f}  {t['batch_ms_median']:12.2f}  "
+                  f"{100 / t['speedup_median']:5.2f}%  {tokens:21.1f}  {search}" + ("  (busy machine)" if summary.busy else ""))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
 """eff.py end to end on a tiny model with very short windows: the table, CSV, JSON and PNG, the honest
 "not measurable" statement on a machine without an energy counter, energy accounting with a meter
-that can measure, FLOPs consistent with vwt.flops, and one-line errors for bad input."""
+that can measure, FLOPs consistent with vwt.flops, the paper's protocol per group (with a fake NVML),
+results names that never collide, the start without waiting for an unreachable hub, and one-line
+errors for bad input."""
 import functools
 import json
 import math
+import os
+import socket
+import statistics
 import subprocess
 import time
 import sys
@@ -15,12 +20,19 @@ import torch
 
 import eff
 import vwt
-from tiny import NUM_PATCHES, open_clip_model, timm_vit
+from tiny import NUM_PATCHES, hf_clip, open_clip_model, timm_vit
 from tiny import loaded as tiny_loaded
 from vwt import cli, datasets, energy, flops
+from vwt import efficiency as fx
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--seconds", "0.001", "--min-iters", "2", "--warmup", "0", "--limit", "4", "--device", "cpu"]
+FAST = ["--seconds", "0.001", "--min-iters", "2", "--warmup", "0", "--rounds", "2", "--paper-warmup", "1",
+        "--limit", "4", "--device", "cpu"]
+
+
+def written(folder, suffix=".csv"):
+    """The results files eff.py wrote in ``folder``."""
+    return sorted(Path(folder).glob(f"eff__*{suffix}"))
 
 
 _sample_images = functools.lru_cache(maxsize=1)(datasets.sample_images)
@@ -47,12 +59,14 @@ def test_default_methods_end_to_end(tmp_path, monkeypatch, capsys):
     df = eff.main(["--methods", methods, "--batch", "1", "2", "--vocab", "8", "--out", "res"] + FAST, loaded=loaded)
     out = capsys.readouterr().out
 
-    csv = tmp_path / "res" / "eff_samples_tiny-clip.csv"
+    [csv] = written(tmp_path / "res")
+    assert csv.name.startswith("eff__samples__tiny-clip__base-intra-inter-tome-evit-lgtm-int8-inter-tome__")
     table = pd.read_csv(csv)
-    assert list(table.columns) == eff.COLUMNS
-    assert (tmp_path / "res" / "eff_samples_tiny-clip.png").stat().st_size > 0
-    meta = json.loads((tmp_path / "res" / "eff_samples_tiny-clip.json").read_text())
+    assert list(table.columns) == fx.COLUMNS  # the samples have no groups: no per-group columns
+    assert csv.with_suffix(".png").stat().st_size > 0
+    meta = json.loads(csv.with_suffix(".json").read_text())
     assert meta["weights"] == "random" and "torch" in meta["environment"]["versions"]
+    assert meta["busy"] in (True, False) and list(meta["rounds_verdict"]) == ["1", "2"]
     assert (tmp_path / "tokenizers" / "samples" / "v8-p8-32px" / "vocab.pt").exists()
 
     assert len(table) == 8 * 2
@@ -66,7 +80,10 @@ def test_default_methods_end_to_end(tmp_path, monkeypatch, capsys):
     assert set(skipped["method"]) <= {"int8"} and skipped["note"].str.startswith("not run").all()
     assert (ran["note"].str.contains(energy.NOT_MEASURABLE)).all()
     assert (ran["latency_ms_p90"] >= ran["latency_ms_median"]).all() and (ran["throughput_img_s"] > 0).all()
-    assert (ran["calls"] >= 2).all() and (ran["images"] == ran["calls"] * ran["batch"]).all()
+    assert (ran["calls"] >= 2 * 2).all() and (ran["images"] == ran["calls"] * ran["batch"]).all()
+    assert (ran["rounds"] == 2).all() and (ran["time_ms_paper"] > 0).all() and ran["power_w_paper"].isna().all()
+    assert (table.loc[table["method"] == "base", "speedup_median"] == 1).all() and (ran["speedup_median"] > 0).all()
+    assert sum("machine" in line for line in out.splitlines() if line.startswith("batch ")) == 2
 
     # token counts and FLOPs agree with the model and with vwt.flops
     dims = flops.dims_of(loaded.vision)
@@ -75,7 +92,7 @@ def test_default_methods_end_to_end(tmp_path, monkeypatch, capsys):
     assert list(base["gflops_per_image"] * 1e9) == pytest.approx([flops.dense_flops(dims)] * 2)
     assert (base["flops_ratio"] == 1).all()
     intra = table[table["method"] == "intra"]
-    kept = 1 + int(NUM_PATCHES * (1 - eff.PAPER["top_k"]))
+    kept = 1 + int(NUM_PATCHES * (1 - fx.PAPER["top_k"]))
     assert (intra["tokens_in"] == kept).all()
     assert list(intra["gflops_per_image"] * 1e9) == pytest.approx([flops.tower_flops(dims, [kept] * (dims.depth + 1))] * 2)
     for m in ("intra", "tome", "evit", "lgtm", "inter+tome"):
@@ -98,12 +115,14 @@ def test_inter_flops_match_vwt_flops_and_the_vocabulary_is_reused(tmp_path, monk
     monkeypatch.setattr(vwt.Vocabulary, "learn", refuse)
     loaded = tiny_loaded()
     table = eff.main(argv, loaded=loaded)
+    assert list(table["method"]) == ["base", "inter"]  # base is always measured: ratios are to it
+    table = table.iloc[1:].reset_index(drop=True)
     # recompute from the same vocabulary and images, one image at a time (FLOPs count real tokens only)
     vocab = vwt.Vocabulary.load(tmp_path / "tokenizers" / "samples" / "v8-p8-32px" / "vocab.pt")
     pre = datasets.preprocess_for(loaded.model)
     images = torch.stack([datasets.Samples(pre, limit=4)[i][0] for i in range(4)])
     vision = loaded.vision
-    vwt.patch(vision, vwt.InterImage(vocab, thresh=eff.PAPER["thresh"]))
+    vwt.patch(vision, vwt.InterImage(vocab, thresh=fx.PAPER["thresh"]))
     with torch.inference_mode():
         per_image, tokens = [], []
         for x in images:
@@ -140,25 +159,199 @@ class CountingMeter(energy.Meter):
         return 42.0
 
 
-@pytest.mark.parametrize("metric", ["all", "energy", "watt"])
+@pytest.mark.parametrize("metric", ["all", "energy", "watt", "time"])
 def test_energy_accounting_with_a_measurable_meter(tmp_path, monkeypatch, metric):
     meter = CountingMeter()
     monkeypatch.setattr(energy, "best_meter", lambda device, interval=0.05: meter)
     row = eff.main(["--methods", "base", "--batch", "2", "--metric", metric, "--out", str(tmp_path)] + FAST,
                    loaded=tiny_loaded()).iloc[0]
-    window = meter.readings[0]  # the timed window (or, for watt, the per-batch power window)
-    if metric == "watt":
-        assert math.isnan(row["latency_ms_median"])
-        assert row["energy_j_per_image"] == pytest.approx(window.joules / (meter.powers * 2))
-    else:
-        assert row["energy_j_per_image"] == pytest.approx(window.joules / row["images"])
-        assert row["energy_window_s"] == pytest.approx(window.seconds)
-    assert row["power_w_mean"] == 25.0 and row["energy_source"] == "fake"
-    if metric == "energy":
-        assert meter.powers == 0 and math.isnan(row["power_w_paper"])
-    else:
-        assert meter.powers >= 2 and row["power_w_paper"] == 42.0
-    assert len(meter.readings) == (2 if metric == "all" else 1)
+    assert row["latency_ms_median"] > 0 and row["rounds"] == 2
+    if metric == "time":  # no energy asked for: no meter read, no note claiming anything about it
+        assert meter.readings == [] and math.isnan(row["energy_j_per_image"]) and row["note"] == ""
+        return
+    # one energy window per turn (2 rounds of base), each turn's joules over its images, median over turns
+    assert len(meter.readings) == 2
+    per_turn = row["images"] / row["rounds"]
+    assert row["energy_j_per_image"] == pytest.approx(statistics.median(r.joules / per_turn for r in meter.readings))
+    assert row["energy_window_s"] == pytest.approx(sum(r.seconds for r in meter.readings))
+    assert row["power_w_mean"] == 25.0 and row["energy_source"] == "fake" and row["energy_ratio_median"] == 1
+    # the paper's power figure is NVML's: this meter is not, so none is read and the row says why
+    assert meter.powers == 0 and math.isnan(row["power_w_paper"])
+    assert (metric != "energy") == str(row["note"]).startswith("power: ")
+
+
+def test_paper_protocol_per_group_with_a_fake_nvml(tmp_path, monkeypatch, capsys):
+    """--protocol paper on a grouped data set: per-group time and power columns; with NVML (fake) the
+    power is one reading per batch; on a CPU without it, power is empty with a one-line reason."""
+    from fixtures import write_waterbirds
+    from test_energy import FakeNVML
+
+    root = write_waterbirds(tmp_path / "data")
+    argv = ["--data", "waterbirds", "--data-root", str(root), "--batch", "3", "--methods", "base,tome",
+            "--metric", "watt", "--out", str(tmp_path / "res")] + [a for a in FAST if a not in ("--limit", "4")]
+    nvml = FakeNVML(energy=range(0, 10 ** 7, 997), watts=lambda i: 50.0 + i % 7)
+    monkeypatch.setattr(energy, "best_meter", lambda device, interval=0.05: energy.NvmlMeter(interval=0.5, nvml=nvml))
+    power_calls = []
+    real = energy.NvmlMeter.power
+    monkeypatch.setattr(energy.NvmlMeter, "power", lambda self: power_calls.append(1) or real(self))
+    before = []
+    real_runs = fx.bench.paper_runs
+
+    def counting_runs(*a, **k):
+        before.append(len(power_calls))
+        out = real_runs(*a, **k)
+        before.append(len(power_calls))
+        return out
+
+    monkeypatch.setattr(fx.bench, "paper_runs", counting_runs)
+    table = eff.main(argv, loaded=tiny_loaded())
+    groups = [f"power_w_paper_group{g}" for g in range(4)]
+    assert set(groups + [f"time_ms_paper_group{g}" for g in range(4)]) <= set(table.columns)
+    assert table[groups + ["power_w_paper"]].notna().all().all() and table["time_ms_paper"].isna().all()
+    # 8 test images at batch 3: three batches, one NVML reading after each, per configuration
+    assert [b - a for a, b in zip(before[::2], before[1::2])] == [3, 3]
+
+    monkeypatch.undo()
+    monkeypatch.setattr(datasets, "sample_images", _sample_images)
+    no_rapl(monkeypatch, tmp_path)
+    table = eff.main([a if a != "watt" else "all" for a in argv], loaded=tiny_loaded())
+    times = [f"time_ms_paper_group{g}" for g in range(4)]
+    assert (table[times + ["time_ms_paper"]] > 0).all().all()
+    assert table[groups + ["power_w_paper"]].isna().all().all()
+    reason = [l for l in capsys.readouterr().out.splitlines() if l.startswith("power: ")]
+    assert len(reason) == 1 and "NVML" in reason[0] and table["note"].str.contains("power: ").all()
+
+
+def test_runs_that_differ_in_dtype_or_vocabulary_file_write_different_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    no_rapl(monkeypatch, tmp_path)
+    vocab = vwt.Vocabulary(torch.randn(8, 3 * 8 * 8), patch_size=8)
+    vocab.save(tmp_path / "a")
+    vocab.save(tmp_path / "b")
+    argv = ["--methods", "inter", "--batch", "2", "--metric", "time", "--protocol", "standard", "--out", "res"] + FAST
+    table = eff.main(argv + ["--vocab-path", "a/vocab.pt"], loaded=tiny_loaded())
+    assert table["time_ms_paper"].isna().all() and (table["protocol"] == "standard").all()  # ours only
+    eff.main(argv + ["--vocab-path", "b/vocab.pt"], loaded=tiny_loaded())
+    eff.main(argv + ["--vocab-path", "b/vocab.pt", "--dtype", "bfloat16"], loaded=tiny_loaded())
+    files = written(tmp_path / "res")
+    assert len(files) == 3 and len({f.name.rsplit("__", 1)[0] for f in files}) == 1  # same readable part
+    assert not list((tmp_path / "res").glob(".*"))  # no temporary file left behind
+    assert "replacing" not in capsys.readouterr().out
+    eff.main(argv + ["--vocab-path", "b/vocab.pt"], loaded=tiny_loaded())  # the same run again: same name, said
+    assert len(written(tmp_path / "res")) == 3 and "replacing the results" in capsys.readouterr().out
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["closed port", "silent server"])
+def test_unreachable_hub_is_found_out_at_once(monkeypatch, kind):
+    """A refused connection, or a server that accepts and never answers (a firewall that drops): no
+    answer within cli.HUB_TIMEOUT, the hub clients go offline; under HF_HUB_OFFLINE nothing is asked."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1] if kind == "silent server" else closed_port()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(cli, "_hub_answered", None)
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    try:
+        t = time.perf_counter()
+        assert cli.hub_reachable() is False
+        assert time.perf_counter() - t < cli.HUB_TIMEOUT + 0.5
+    finally:
+        silent.close()
+    assert hub_constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert cli.hub_reachable() is False  # found out once: not asked again
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(cli, "_answers", lambda *a: pytest.fail("HF_HUB_OFFLINE set: the hub is not asked"))
+    monkeypatch.setattr(cli, "_hub_answered", None)
+    assert cli.hub_reachable() is False
+
+
+def test_load_model_falls_back_to_random_weights_with_one_note(monkeypatch, capsys):
+    asked = []
+
+    def fake_load(name, random_weights):
+        asked.append(random_weights)
+        if not random_weights:
+            raise cli.UserError(f"cannot load model {name!r}: no connection")
+        return tiny_loaded()
+
+    monkeypatch.setattr(cli, "_load", fake_load)
+    monkeypatch.setattr(cli, "hub_reachable", lambda: False)
+    with pytest.raises(cli.UserError, match="no connection"):
+        cli.load_model("some/model", torch.device("cpu"))
+    loaded = cli.load_model("some/model", torch.device("cpu"), fallback_random=True)
+    out = capsys.readouterr().out.splitlines()
+    assert asked == [False, False, True] and not loaded.pretrained and "no connection" in loaded.note
+    assert len(out) == 1 and out[0].startswith("note: some/model: ") and "random weights" in out[0]
+
+
+def test_fast_random_weights_are_finite_seeded_and_not_constant():
+    a, b = cli.fill_random(hf_clip()), cli.fill_random(hf_clip())
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.isfinite(p).all() and torch.equal(p, q), name
+        assert p.numel() == 1 or p.std() > 0.01, name
+
+
+def time_to_measuring(tmp_path, env: dict) -> tuple[float, str]:
+    """Seconds from starting `python eff.py` (the default run) to its "measuring" line, less the
+    first-use vocabulary learning it reports; and its output up to there."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "eff.py"), "--out", str(tmp_path / "res")], cwd=tmp_path,
+                            env=dict(env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines, learning, elapsed = [], 0.0, math.inf
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("learned the vocabulary in "):
+                learning = float(line.split()[4])
+            if line.startswith("measuring "):
+                elapsed = time.perf_counter() - started - learning
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    return elapsed, "".join(lines)
+
+
+@pytest.mark.slow
+def test_default_run_starts_measuring_soon_with_the_hub_unreachable(tmp_path):
+    """The default `python eff.py`, no offline flag, an empty cache, HF_ENDPOINT on a server that
+    accepts connections and never answers (a network that drops packets: the hub clients' own
+    timeouts and retries wait for tens of seconds) or on a closed port: random weights with a
+    one-line note, at most the 2 s hub check (plus a margin for the shared machine's noise) later
+    than the same run under HF_HUB_OFFLINE, and measuring within 5 s of starting, vocabulary
+    learning aside, where the machine is not overloaded (the lead checks the 5 s on a quiet one)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    try:
+        runs = {endpoint: time_to_measuring(tmp_path, dict(env, HF_ENDPOINT=f"http://127.0.0.1:{port}"))
+                for endpoint, port in (("silent", silent.getsockname()[1]), ("closed", closed_port()))}
+    finally:
+        silent.close()
+    offline, _ = time_to_measuring(tmp_path, dict(env, HF_HUB_OFFLINE="1"))
+    quiet = os.getloadavg()[0] <= (os.cpu_count() or 1)
+    for endpoint, (elapsed, text) in runs.items():
+        notes = [l for l in text.splitlines() if l.startswith("note: ")]
+        assert len(notes) == 1 and "random weights" in notes[0], text
+        assert elapsed < offline + cli.HUB_TIMEOUT + max(1.0, 0.25 * offline), \
+            f"{endpoint}: {elapsed:.1f} s against {offline:.1f} s offline:\n{text}"
+        if quiet:
+            assert elapsed < 5.0, f"{endpoint}: {elapsed:.1f} s to the first measurement:\n{text}"
 
 
 @pytest.mark.parametrize("family", ["open_clip", "timm"])
@@ -181,7 +374,7 @@ def test_real_data_set_layout_and_its_errors(tmp_path, monkeypatch):
     fast = [a for a in FAST if a not in ("--limit", "4")]
     table = eff.main(argv + ["--methods", "base,intra"] + fast, loaded=tiny_loaded())
     assert list(table["method"]) == ["base", "intra"] and (table["data"] == "waterbirds").all()
-    assert (tmp_path / "res" / "eff_waterbirds_tiny-clip.csv").exists()
+    assert [f.name.split("__")[:4] for f in written(tmp_path / "res")] == [["eff", "waterbirds", "tiny-clip", "base-intra"]]
     # no in-domain vocabulary learned yet: say how to get one
     with pytest.raises(cli.UserError, match="process.py"):
         eff.main(argv + ["--methods", "inter", "--vocab", "8"] + fast, loaded=tiny_loaded())
@@ -195,27 +388,28 @@ def test_real_data_set_layout_and_its_errors(tmp_path, monkeypatch):
 
 
 def test_plan_from_flags_and_methods():
-    names = lambda argv: [c.name for c in eff.plan(eff.parse_args(argv))]  # noqa: E731
-    assert names([]) == eff.DEFAULT_METHODS.split(",")
-    assert names(["--methods", "all"]) == eff.DEFAULT_METHODS.split(",")
+    names = lambda argv: [c.name for c in fx.plan(eff.parse_args(argv))]  # noqa: E731
+    assert names([]) == fx.DEFAULT_METHODS.split(",")
+    assert names(["--methods", "all"]) == fx.DEFAULT_METHODS.split(",")
     assert names(["--tome", "8"]) == ["base", "tome"]
     assert names(["--vocab-path", "v.pt", "--tome", "13", "--quant"]) == ["base", "inter+tome+int8"]
-    assert names(["--vocab-path", "v.pt"]) == eff.DEFAULT_METHODS.split(",")  # a vocabulary, not a choice
+    assert names(["--vocab-path", "v.pt"]) == fx.DEFAULT_METHODS.split(",")  # a vocabulary, not a choice
     assert names(["--methods", "inter+tome, int8+evit,base"]) == ["inter+tome", "evit+int8", "base"]
-    s = eff.settings(eff.parse_args(["--methods", "tome", "--tome", "4"]))
-    assert s["tome"] == 4 and s["evit"] == eff.PAPER["evit"] and s["top_k"] == eff.PAPER["top_k"]
+    assert names(["--methods", "tome,evit"]) == ["base", "tome", "evit"]  # ratios need base
+    s = fx.settings(eff.parse_args(["--methods", "tome", "--tome", "4"]))
+    assert s["tome"] == 4 and s["evit"] == fx.PAPER["evit"] and s["top_k"] == fx.PAPER["top_k"]
 
 
 @pytest.mark.parametrize("argv", [["--methods", "bogus"], ["--methods", "intra+inter"], ["--methods", "tome+evit"],
                                   ["--methods", "base+int8"], ["--top_k", "0.5", "--vocab", "10"],
-                                  ["--tome", "2", "--evit", "0.5"]])
+                                  ["--tome", "2", "--evit", "0.5"], ["--methods", "intra", "--top_k", "1.5"]])
 def test_bad_configurations_are_user_errors(argv):
     with pytest.raises(cli.UserError):
-        eff.plan(eff.parse_args(argv))
+        fx.plan(eff.parse_args(argv))
 
 
 def test_bad_numbers_are_user_errors(tmp_path):
-    for argv in (["--batch", "0"], ["--seconds", "0"], ["--interval", "5"]):
+    for argv in (["--batch", "0"], ["--seconds", "0"], ["--interval", "5"], ["--rounds", "0"], ["--limit", "0"]):
         with pytest.raises(cli.UserError):
             eff.main(argv + ["--out", str(tmp_path)], loaded=tiny_loaded())
 

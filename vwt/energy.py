@@ -46,10 +46,13 @@ def synchronize(device: torch.device) -> None:
 
 class Stopwatch:
     """Seconds taken by one call of ``fn`` on ``device``, the work on the device included: CUDA events
-    around the call on a GPU (the device's own clock), else a synchronised ``perf_counter``."""
+    around the call on a GPU (the device's own clock), else ``clock`` (default ``perf_counter``) read
+    around a synchronised call. The project's one timer: eff.py, vwt.bench and benchmarks/ use it;
+    tests pass a fake ``clock``."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device = torch.device("cpu"), clock: Callable[[], float] = time.perf_counter):
         self.device = torch.device(device)
+        self.clock = clock
 
     def __call__(self, fn: Callable[[], object]) -> float:
         if self.device.type == "cuda":
@@ -61,10 +64,10 @@ class Stopwatch:
             end.synchronize()
             return start.elapsed_time(end) / 1e3
         synchronize(self.device)
-        t = time.perf_counter()
+        t = self.clock()
         fn()
         synchronize(self.device)
-        return time.perf_counter() - t
+        return self.clock() - t
 
 
 def percentile(values, q: float) -> float:
@@ -181,15 +184,16 @@ class Meter:
 class NullMeter(Meter):
     """No energy counter on this machine: runtime only; readings carry no number and say why."""
 
-    def __init__(self, reason: str = ""):
+    def __init__(self, reason: str = "", clock: Callable[[], float] = time.perf_counter):
         self.note = NOT_MEASURABLE + (f" ({reason})" if reason else "")
+        self.clock = clock
         self._t0: Optional[float] = None
 
     def start(self) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
 
     def stop(self) -> Reading:
-        seconds = time.perf_counter() - self._t0 if self._t0 is not None else math.nan
+        seconds = self.clock() - self._t0 if self._t0 is not None else math.nan
         return Reading(seconds=seconds, joules=None, source="none", note=self.note)
 
 

@@ -1,0 +1,456 @@
+"""The efficiency experiment eff.py runs, as a library: which configurations (the ``--methods``
+language), the images and the inter-image vocabulary, the measurement of every configuration in
+interleaved rounds (vwt.bench) with tokens and analytic FLOPs, the paper's own protocol beside it,
+the table, the plot and collision-free results files (vwt.results).
+
+A configuration is at most one input reducer (intra, inter), one in-network reducer (tome, evit,
+lgtm) and int8; the rule itself is cli.build_reducers's. The base model is always measured: every
+ratio is to it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import bench, cli, datasets, energy, flops, results
+from .patch import patch, stats, token_stats, unpatch
+from .vocab import Vocabulary
+
+PAPER = {"top_k": 0.5, "vocab": 1000, "thresh": 0.1, "tome": 13, "evit": 0.7}
+INPUT_METHODS = ("intra", "inter")
+BLOCK_METHODS = ("tome", "evit", "lgtm")
+METHODS = ("base",) + INPUT_METHODS + BLOCK_METHODS + ("int8",)
+DEFAULT_METHODS = "base,intra,inter,tome,evit,lgtm,int8"
+COLUMNS = ["model", "weights", "device", "dtype", "data", "protocol", "method", "config", "batch", "rounds", "calls",
+           "images", "tokens_in", "tokens_mean", "gflops_per_image", "flops_ratio", "latency_ms_median",
+           "latency_ms_p90", "batch_ms_median", "throughput_img_s", "speedup_median", "speedup_iqr", "power_w_mean",
+           "energy_j_per_image", "energy_ratio_median", "energy_ratio_iqr", "energy_source", "energy_window_s",
+           "busy", "time_ms_paper", "power_w_paper", "note"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """One configuration: at most one input reducer, one in-network reducer, and int8."""
+
+    input: Optional[str] = None
+    block: Optional[str] = None
+    quant: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = [p for p in (self.input, self.block) if p] + (["int8"] if self.quant else [])
+        return "+".join(parts) or "base"
+
+
+def settings(args) -> dict:
+    """Each method's setting: the flag where given, else the paper's."""
+    s = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PAPER.items()}
+    from .merge import LGTM
+
+    s["lgtm"] = args.lgtm if args.lgtm is not None else LGTM().r
+    return s
+
+
+def reducer_settings(names, s: dict) -> dict:
+    """cli.build_reducers's keyword settings for the named methods (None for the others)."""
+    return dict(top_k=s["top_k"] if "intra" in names else None, tome=s["tome"] if "tome" in names else None,
+                evit=s["evit"] if "evit" in names else None, lgtm=s["lgtm"] if "lgtm" in names else None)
+
+
+def parse_config(text: str, s: dict) -> Config:
+    """One '+'-joined item of --methods. Names are checked here; the combination rule (one input + one
+    in-network reducer) and the settings by cli.build_reducers, with a stand-in vocabulary."""
+    parts = [t.strip().lower() for t in text.split("+") if t.strip()]
+    unknown = [t for t in parts if t not in METHODS]
+    if not parts or unknown:
+        raise cli.UserError(f"unknown method {text!r} in --methods; use {', '.join(METHODS)}, joined with '+'")
+    if ("base" in parts and len(parts) > 1) or len(set(parts)) < len(parts):
+        raise cli.UserError(f"--methods {text!r}: 'base' stands alone and a method appears once")
+    stand_in = Vocabulary(torch.ones(1, 3), space="embed") if "inter" in parts else None
+    try:
+        cli.build_reducers(**reducer_settings(parts, s), vocab=stand_in, thresh=s["thresh"])
+    except cli.UserError as e:
+        raise cli.UserError(f"--methods {text!r}: {e}") from None
+    return Config(next((t for t in parts if t in INPUT_METHODS), None),
+                  next((t for t in parts if t in BLOCK_METHODS), None), "int8" in parts)
+
+
+def plan(args) -> list[Config]:
+    """The configurations to measure, from --methods or from the method flags; base always first
+    (every ratio is to it)."""
+    s = settings(args)
+    flags = {"intra": args.top_k is not None, "inter": args.vocab is not None or args.vocab_path is not None,
+             "tome": args.tome is not None, "evit": args.evit is not None, "lgtm": args.lgtm is not None}
+    if args.methods is None and (any(flags[k] for k in ("intra",) + BLOCK_METHODS) or args.vocab is not None
+                                 or args.quant):
+        text = "base," + ("+".join([k for k in METHODS if flags.get(k)] + (["int8"] if args.quant else [])) or "base")
+    else:
+        text = DEFAULT_METHODS if args.methods in (None, "all") else args.methods
+    configs = []
+    for item in text.split(","):
+        c = parse_config(item, s) if item.strip() else None
+        if c is not None and c not in configs:
+            configs.append(c)
+    if not configs:
+        raise cli.UserError("--methods names no configuration")
+    return configs if Config() in configs else [Config()] + configs
+
+
+def check_numbers(args) -> None:
+    """One-line errors for measurement settings out of range."""
+    if any(b < 1 for b in args.batch):
+        raise cli.UserError(f"--batch sizes must be at least 1; got {args.batch}")
+    if args.seconds <= 0 or args.min_iters < 1 or args.warmup < 0 or args.rounds < 1 or args.paper_warmup < 0:
+        raise cli.UserError("--seconds must be positive, --min-iters and --rounds at least 1, --warmup and "
+                            "--paper-warmup at least 0")
+    if not 0.01 <= args.interval <= 1:
+        raise cli.UserError(f"--interval is the power sampling period, between 0.01 and 1 s; got {args.interval}")
+    if args.limit is not None and args.limit < 1:
+        raise cli.UserError(f"--limit must be at least 1; got {args.limit}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, images, vocabulary
+# --------------------------------------------------------------------------------------------------
+def load(args, device, dtype) -> tuple[cli.Loaded, str]:
+    """The model (random weights where the pretrained ones cannot be had), and a sentence saying which."""
+    loaded = cli.load_model(args.model, device, dtype, random_weights=args.random_weights, fallback_random=True)
+    if args.random_weights:
+        return loaded, "random (--random-weights)"
+    return loaded, "pretrained" if loaded.pretrained else f"random: {loaded.note}"
+
+
+def dataset(args, preprocess, limit: Optional[int]):
+    """The data set's evaluation split (its first ``limit`` images), preprocessed on the fly."""
+    if args.data == "samples":
+        ds = datasets.Samples(preprocess, limit=limit)
+    else:
+        ds = datasets.load(args.data, args.data_root, preprocess, split=args.split, limit=limit)
+    if len(ds) == 0:
+        raise cli.UserError(f"{args.data}: no images found")
+    return ds
+
+
+def load_images(ds) -> torch.Tensor:
+    """(N, 3, H, W) preprocessed images, on the CPU."""
+    from tqdm import tqdm
+
+    return torch.stack([ds[i][0] for i in tqdm(range(len(ds)), desc=f"loading {ds.name}", leave=False)])
+
+
+def _fitting(vocab, patch_size: int, path: Path):
+    """Refuse a pixel-space vocabulary made for another patch size, before any forward."""
+    if vocab.space == "pixel" and vocab.patch_size != patch_size:
+        raise cli.UserError(f"vocabulary {path} holds {vocab.patch_size}x{vocab.patch_size} pixel patches; the "
+                            f"model's patches are {patch_size}x{patch_size}")
+    return vocab
+
+
+def vocabulary(args, s: dict, images: torch.Tensor, vision, preprocess) -> tuple[Vocabulary, str, Path]:
+    """The inter-image vocabulary, its short name and its file: --vocab-path; else process.py's
+    tokenizers/<vocab-data or data>/v<size>/vocab.pt; for the samples, learned on them and cached in
+    tokenizers/samples/ (relearned when the cache does not fit the model)."""
+    patch_size = flops.dims_of(vision).patch_size
+    if args.vocab_path is not None:
+        path = Path(args.vocab_path)
+        return _fitting(cli.read_vocabulary(path), patch_size, path), path.parent.name or path.stem, path
+    data, name = args.vocab_data or args.data, f"v{s['vocab']}"
+    if data != "samples":
+        path = cli.tokenizer_dir(data, s["vocab"]) / "vocab.pt"
+        hint = (f"; learn it with `python process.py --data {data} --vocab {s['vocab']}`, or pass --vocab-path "
+                "(e.g. a published ImageNet vocab.pt)")
+        return _fitting(cli.read_vocabulary(path, hint), patch_size, path), name, path
+    size = images.shape[-1]
+    cache = cli.tokenizer_dir("samples", s["vocab"])
+    path = (cache if (patch_size, size) == (16, 224) else cache.with_name(f"{name}-p{patch_size}-{size}px")) / "vocab.pt"
+    if path.exists():
+        vocab = cli.read_vocabulary(path)
+        if (vocab.space, vocab.patch_size, tuple(vocab.meta.get("mean", ())), tuple(vocab.meta.get("std", ()))) == \
+                ("pixel", patch_size, tuple(preprocess.mean), tuple(preprocess.std)):
+            return vocab, name, path
+    n = images.shape[0] * (images.shape[-1] // patch_size) * (images.shape[-2] // patch_size)
+    if n < s["vocab"]:
+        raise cli.UserError(f"cannot learn {s['vocab']} visual words from the {n} patches of the samples; use a "
+                            "smaller --vocab or pass --vocab-path")
+    started = time.perf_counter()
+    print(f"learning a {s['vocab']}-word vocabulary on the {images.shape[0]} sample images -> {path}", flush=True)
+    vocab = Vocabulary.learn([images[i:i + 64] for i in range(0, len(images), 64)], size=s["vocab"], space="pixel",
+                             patch_size=patch_size, data="samples", image_size=size, mean=preprocess.mean,
+                             std=preprocess.std)
+    vocab.save(path.parent)
+    vocab.meta["learned_in_s"] = time.perf_counter() - started
+    print(f"learned the vocabulary in {vocab.meta['learned_in_s']:.1f} s", flush=True)
+    return vocab, name, path
+
+
+# --------------------------------------------------------------------------------------------------
+# One configuration
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """A configuration ready to run: its tower (the int8 copy for int8), reducers and label, or the
+    reason it cannot run on this install."""
+
+    config: Config
+    label: str
+    tower: Optional[torch.nn.Module] = None
+    reducers: list = field(default_factory=list)
+    skip: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def enter(self) -> None:
+        if self.reducers:
+            patch(self.tower, *self.reducers)
+
+    def leave(self) -> None:
+        unpatch(self.tower)
+
+    def call(self, x) -> None:
+        with torch.inference_mode():
+            self.tower(x)
+
+
+def float_dtype(module) -> torch.dtype:
+    """The floating dtype the tower computes in (its first floating parameter; int8 on CUDA: float16)."""
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def quantized(vision):
+    """An int8 copy of the vision tower, or the reason this install cannot make one."""
+    from .quant import quantize
+
+    try:
+        return quantize(copy.deepcopy(vision))
+    except Exception as e:
+        return f"not run: {type(e).__name__}: {cli.first_line(e, 200)}"
+
+
+def prepare(configs: list[Config], args, s: dict, vision, vocab, vocab_name: str) -> list[Prepared]:
+    """Reducers (built by cli.build_reducers) and towers of every configuration."""
+    out, int8 = [], None
+    for cfg in configs:
+        names = [n for n in (cfg.input, cfg.block) if n]
+        chosen = reducer_settings(names, s)
+        inter = dict(thresh=s["thresh"], random=args.random)
+        label = cli.method_label(**chosen, **inter, vocab=vocab_name if cfg.input == "inter" else None, quant=cfg.quant)
+        try:
+            reducers = cli.build_reducers(**chosen, **inter, vocab=vocab if cfg.input == "inter" else None,
+                                          prop_attn=args.prop_attn)
+        except cli.UserError as e:
+            raise cli.UserError(f"{cfg.name}: {e}") from None
+        if cfg.quant and int8 is None:
+            int8 = quantized(vision)
+        if cfg.quant and isinstance(int8, str):  # this install cannot run int8 (e.g. no backend for it)
+            out.append(Prepared(cfg, label, skip=int8))
+        else:
+            out.append(Prepared(cfg, label, int8 if cfg.quant else vision, reducers))
+    return out
+
+
+def make_batches(images: torch.Tensor, b: int, device, dtype) -> list:
+    """Every image once, in batches of ``b`` (cycling the images to fill the last batch), on the device."""
+    n = images.shape[0]
+    count = max(1, math.ceil(n / b))
+    return [images[torch.arange(j * b, (j + 1) * b) % n].to(device=device, dtype=dtype) for j in range(count)]
+
+
+def tokens_and_flops(p: Prepared, batches: list, images: int) -> dict:
+    """Mean per image over the first ``images`` slots (each image once, whatever the batch size), from
+    one patched pass over every batch (which also warms every input shape up): tokens entering the
+    first block, tokens entering a block (mean over blocks), analytic FLOPs (vwt.flops)."""
+    counts, fl = [], []
+    patch(p.tower, *p.reducers)
+    try:
+        with torch.inference_mode():
+            for x in batches:
+                p.tower(x)
+                counts.append(stats(p.tower)["tokens_per_layer"].float().cpu())
+                fl.append(flops.flops_of_last_forward(p.tower))
+    finally:
+        unpatch(p.tower)
+    tokens, fl = token_stats(torch.cat(counts)[:images]), torch.cat(fl)[:images]
+    return dict(tokens_in=tokens["tokens_first_block"].mean().item(), tokens_mean=tokens["tokens_mean"].mean().item(),
+                gflops_per_image=fl.mean().item() / 1e9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What the measurement needs besides the configurations."""
+
+    args: object
+    device: torch.device
+    meter: energy.Meter
+    images: torch.Tensor
+    dense_flops: float
+    paper_data: object = None  # the data set the paper's protocol runs through its loader
+
+
+def measure_batch_size(preps: list[Prepared], b: int, run: Run) -> tuple[dict, bench.Summary]:
+    """Token pass, then interleaved rounds of every runnable configuration at batch ``b``: a row per
+    configuration and the rounds' summary (figures and busy flag)."""
+    from tqdm import tqdm
+
+    args, by_dtype, rows, methods = run.args, {}, {}, []
+    for p in preps:
+        if p.skip:
+            rows[p.name] = dict(note=p.skip)
+            continue
+        dtype = float_dtype(p.tower)
+        if dtype not in by_dtype:
+            by_dtype[dtype] = make_batches(run.images, b, run.device, dtype)
+        rows[p.name] = tokens_and_flops(p, by_dtype[dtype], len(run.images))
+        rows[p.name].update(flops_ratio=rows[p.name]["gflops_per_image"] * 1e9 / run.dense_flops,
+                            dtype=str(dtype).replace("torch.", ""))
+        methods.append(bench.Method(p.name, p.call, p.enter, p.leave, inputs=by_dtype[dtype]))
+    meter = run.meter if args.metric != "time" and run.meter.measurable else None
+    bar = tqdm(total=args.rounds, desc=f"rounds, batch {b}", leave=False)
+    turns = bench.interleave(methods, methods[0].inputs, rounds=args.rounds, min_seconds=args.seconds,
+                             min_calls=args.min_iters, warmup=args.warmup, meter=meter,
+                             stopwatch=energy.Stopwatch(run.device), progress=lambda r: bar.update())
+    bar.close()
+    summary = bench.summarise(turns, base="base")
+    for name, f in summary.figures.items():
+        rows[name].update(f, busy=summary.busy)
+    return rows, summary
+
+
+def paper_fields(p: Prepared, b: int, run: Run) -> dict:
+    """The paper's figures of one configuration at batch ``b`` (--protocol paper): mean per-batch ms
+    with the host-to-device copy, and one NVML power reading per batch in a separate run, overall and
+    per group; power empty with a one-line reason where there is no NVML."""
+    args, ds = run.args, run.paper_data
+    power, reason = bench.paper_power_reader(run.meter) if args.metric in ("watt", "all") else (None, "")
+    loader = lambda: datasets.batches(ds, b)  # noqa: E731
+    dtype = float_dtype(p.tower)
+    p.enter()
+    try:
+        runs = bench.paper_runs(p.call, loader, run.device, dtype, tuple(run.images.shape[1:]),
+                                energy.Stopwatch(run.device), power, warmup=args.paper_warmup,
+                                measure_time=args.metric in ("time", "all"))
+    finally:
+        p.leave()
+    groups = sorted({r["group"] for r in ds.records if r.get("group") is not None})
+    out = {f"{k}_paper{suffix}": math.nan for k in ("time_ms", "power_w") for suffix in [""] + [f"_group{g}" for g in groups]}
+    for key, per_batch in runs.items():
+        mean, by_group = bench.paper_means(per_batch)
+        out[f"{key}_paper"] = mean
+        out.update({f"{key}_paper_group{g}": v for g, v in by_group.items()})
+    if reason:
+        out["note"] = reason
+    return out
+
+
+def measure(preps: list[Prepared], run: Run, common: dict) -> tuple[list[dict], dict]:
+    """Every configuration at every --batch: rows in (configuration, batch) order, and per batch size
+    the rounds' one-line verdict and every reason they gave for calling the machine busy."""
+    args, by_batch, verdicts = run.args, {}, {}
+    for b in args.batch:
+        rows, summary = measure_batch_size(preps, b, run)
+        verdicts[b] = dict(line=f"batch {b}: {summary.line()}", busy=summary.busy, reasons=summary.reasons)
+        if args.protocol == "paper":
+            for p in preps:
+                if not p.skip:
+                    rows[p.name].update(paper_fields(p, b, run))
+        by_batch[b] = rows
+    out = []
+    for p in preps:
+        for b in args.batch:
+            row = dict(common, method=p.name, config=p.label, batch=b, note="")
+            row.update(by_batch[b][p.name])
+            notes = [row["note"]] if row["note"] else []
+            if not p.skip and args.metric != "time" and not run.meter.measurable:
+                notes.insert(0, run.meter.note)
+            row["note"] = "; ".join(notes)
+            out.append(row)
+    return out, verdicts
+
+
+def table(rows: list[dict]):
+    """The results as a DataFrame: the standard columns, then any per-group columns of the paper."""
+    import pandas as pd
+
+    extra = sorted({k for r in rows for k in r if k not in COLUMNS})
+    return pd.DataFrame(rows).reindex(columns=COLUMNS + extra)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+def stem(args, model: str, configs: list[Config], config: dict) -> str:
+    """``eff__<data>__<model>__<methods>__<hash of the whole configuration>``: runs that differ in
+    anything (dtype, vocabulary file, protocol, batch, limit, weights, ...) never share a name."""
+    return results.run_stem(["eff", args.data, model, "-".join(c.name for c in configs)], config)
+
+
+def _atomic_savefig(fig, path: Path) -> Path:
+    """Save a figure through a temporary file in the same folder and a rename (never half a PNG)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def plot(df, path: Path, title: str) -> Path:
+    """Energy (or, where not measurable, latency) per image against tokens per image, one marker per
+    batch size, each point labelled with its method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_energy = df["energy_j_per_image"].notna().any()
+    y, ylabel = (("energy_j_per_image", "energy per image (J)") if has_energy else
+                 ("latency_ms_median", "latency per image, median (ms)"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^v<>p*"
+    for k, (b, part) in enumerate(df.groupby("batch")):
+        part = part[part[y].notna()]
+        ax.scatter(part["tokens_mean"], part[y], marker=markers[k % len(markers)], label=f"batch {b}")
+        for _, r in part.iterrows():
+            ax.annotate(r["method"], (r["tokens_mean"], r[y]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlabel("tokens per image (mean over blocks)")
+    ax.set_ylabel(ylabel)
+    if not has_energy:
+        title += "\nenergy not measurable on this machine: latency shown"
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        return _atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def write(df, meta: dict, out: Path, name: str, title: str) -> list[Path]:
+    """CSV, JSON (configuration, machine, busy verdicts, every row) and PNG, each written atomically.
+    Only a run of the very same configuration has the same name: replacing its files is said aloud."""
+    if (out / f"{name}.csv").exists():
+        print(f"replacing the results of an earlier run of the same configuration: {out / name}.*")
+    csv = results.atomic_write_text(out / f"{name}.csv", df.to_csv(index=False))
+    js = results.write_json(out / f"{name}.json", dict(meta, results=df.to_dict(orient="records")))
+    return [csv, js, plot(df, out / f"{name}.png", title)]
