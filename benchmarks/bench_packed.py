@@ -11,18 +11,14 @@ of what the FLOPs allow a configuration reaches.
     python benchmarks/bench_packed.py --batch 8 --rounds 2 --batches 2
 """
 import argparse
-import json
-import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vwt  # noqa: E402
-from vwt import datasets  # noqa: E402
+from vwt import bench, cli, datasets  # noqa: E402
 from vwt.flops import dense_flops, dims_of, flops_of_last_forward  # noqa: E402
 
 
@@ -37,9 +33,29 @@ def parse():
     return p.parse_args()
 
 
-def forward_all(model, pool, batches):
-    for idx in batches:
-        model(pixel_values=pool[idx])
+def measure(base, inter, reducer, pool, b: int, rounds: int) -> list[dict]:
+    """Base, padded and packed inter-image, each with and without bucketing, over the whole pool once
+    per round (interleaved); one row per inter-image configuration."""
+    vwt.patch(inter, reducer, packing="off")
+    inter(pixel_values=pool)
+    counts = vwt.stats(inter)["tokens_per_layer"][:, 0]
+    flops_ratio = dense_flops(dims_of(inter)) / flops_of_last_forward(inter).mean().item()
+    plain = [pool[i:i + b] for i in range(0, len(pool), b)]
+    bucketed = [pool[idx] for idx in vwt.buckets(counts, b)]
+    methods = [bench.Method("base", lambda x: base(pixel_values=x))]
+    for name, packing, batches in (("padded", "off", plain), ("padded+bucket", "off", bucketed),
+                                   ("packed", "auto", plain), ("packed+bucket", "auto", bucketed)):
+        methods.append(bench.Method(name, lambda x: inter(pixel_values=x), inputs=batches,
+                                    enter=lambda p=packing: vwt.patch(inter, reducer, packing=p)))
+    summary = bench.summarise(bench.interleave(methods, plain, rounds=rounds, min_calls=len(plain), seed=b))
+    print(f"batch {b}: {summary.line()}")
+    base_ms = summary.figures["base"]["latency_ms_median"]
+    return [dict(batch=b, config=m.name, images=len(pool), tokens_mean=counts.float().mean().item(),
+                 tokens_min=int(counts.min()), tokens_max=int(counts.max()), base_ms_per_image=base_ms,
+                 ms_per_image=summary.figures[m.name]["latency_ms_median"],
+                 speedup=summary.figures[m.name]["speedup_median"], speedup_iqr=summary.figures[m.name]["speedup_iqr"],
+                 flops_ratio=flops_ratio, fraction=summary.figures[m.name]["speedup_median"] / flops_ratio,
+                 busy=summary.busy) for m in methods[1:]]
 
 
 def main():
@@ -52,7 +68,8 @@ def main():
     inter = CLIPVisionModel(config).eval()
     inter.load_state_dict(base.state_dict())
     prep = datasets.preprocess_for(base)
-    photos = torch.stack([datasets.Samples(prep)[i][0] for i in range(len(datasets.Samples(prep)))])
+    samples = datasets.Samples(prep)
+    photos = torch.stack([samples[i][0] for i in range(len(samples))])
     vocab = vwt.Vocabulary.learn([photos], size=args.vocab, space="pixel", patch_size=16, data="samples",
                                  image_size=224, mean=prep.mean, std=prep.std)
     reducer = vwt.InterImage(vocab, thresh=args.thresh)
@@ -62,53 +79,15 @@ def main():
     with torch.inference_mode():
         for b in args.batch:
             pool = photos[torch.arange(b * args.batches) % len(photos)]
-            vwt.patch(inter, reducer, packing="off")
-            inter(pixel_values=pool)
-            counts = vwt.stats(inter)["tokens_per_layer"][:, 0]
-            flops_ratio = dense_flops(dims_of(inter)) / flops_of_last_forward(inter).mean().item()
-            plain = [torch.arange(i, i + b) for i in range(0, len(pool), b)]
-            bucketed = [idx for idx in vwt.buckets(counts, b)]
-            configs = {"padded": ("off", plain), "padded+bucket": ("off", bucketed),
-                       "packed": ("auto", plain), "packed+bucket": ("auto", bucketed)}
-            times = {name: [] for name in ["base", *configs]}
-            for _ in range(1):  # warm-up at the measured shapes
-                forward_all(base, pool, plain)
-                for packing, batches in configs.values():
-                    vwt.patch(inter, reducer, packing=packing)
-                    forward_all(inter, pool, batches)
-            rng = random.Random(b)
-            for _ in range(args.rounds):
-                order = ["base", *configs]
-                rng.shuffle(order)
-                for name in order:
-                    if name == "base":
-                        model, batches = base, plain
-                    else:
-                        packing, batches = configs[name]
-                        model = vwt.patch(inter, reducer, packing=packing)
-                    t = time.perf_counter()
-                    forward_all(model, pool, batches)
-                    times[name].append(time.perf_counter() - t)
-            for name in configs:
-                ratios = [tb / tm for tb, tm in zip(times["base"], times[name])]
-                speedup = statistics.median(ratios)
-                rows.append(dict(batch=b, config=name, images=len(pool), tokens_mean=counts.float().mean().item(),
-                                 tokens_min=int(counts.min()), tokens_max=int(counts.max()),
-                                 base_ms_per_image=1e3 * statistics.median(times["base"]) / len(pool),
-                                 ms_per_image=1e3 * statistics.median(times[name]) / len(pool),
-                                 speedup=speedup, speedup_min=min(ratios), speedup_max=max(ratios),
-                                 flops_ratio=flops_ratio, fraction=speedup / flops_ratio))
-    print(f"{'batch':>5s} {'config':14s} {'base ms/img':>11s} {'ms/img':>7s} {'speed-up':>8s} {'(min-max)':>13s} "
+            rows += measure(base, inter, reducer, pool, b, args.rounds)
+    print(f"{'batch':>5s} {'config':14s} {'base ms/img':>11s} {'ms/img':>7s} {'speed-up':>8s} {'IQR':>6s} "
           f"{'FLOPs ratio':>11s} {'fraction':>8s}")
     for r in rows:
         print(f"{r['batch']:5d} {r['config']:14s} {r['base_ms_per_image']:11.1f} {r['ms_per_image']:7.1f} "
-              f"{r['speedup']:8.3f} {r['speedup_min']:6.2f}-{r['speedup_max']:<6.2f} {r['flops_ratio']:11.3f} "
-              f"{r['fraction']:8.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "rounds": args.rounds, "torch": torch.__version__,
-                                    "threads": torch.get_num_threads()}, indent=2))
+              f"{r['speedup']:8.3f} {r['speedup_iqr']:6.3f} {r['flops_ratio']:11.3f} {r['fraction']:8.3f}")
+    cli.write_json(args.out, dict(config=vars(args), environment=cli.environment(), rows=rows))
     print(f"results: {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)
