@@ -392,7 +392,7 @@ def _read_json(name: str, path: Path):
 
 
 def load(name: str, root, transform: Optional[Callable], split: Optional[str] = None,
-         limit: Optional[int] = None) -> torch.utils.data.Dataset:
+         limit: Optional[int] = None, seed: Optional[int] = None, protocol: str = "paper") -> torch.utils.data.Dataset:
     """The data set ``name`` (see NAMES) under the data root, yielding (transform(image), record).
 
     Records carry what the tasks need: "path", "image_id", and "label" + "group" (grouped data),
@@ -412,6 +412,12 @@ def load(name: str, root, transform: Optional[Callable], split: Optional[str] = 
     if limit is not None:
         ds.records = ds.records[:limit]
     return ds
+
+
+def transform_for(name: str, protocol: str = "paper", image_size: Optional[int] = None) -> Callable:
+    """Stand-in until i11a's lands: the data set's preprocessing under the protocol."""
+    size = image_size or (384 if name in ("coco", "nocaps") else 224)
+    return Preprocess(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, crop=name not in ("coco", "nocaps"))
 
 
 def batches(dataset, batch: int, workers: int = 0):
