@@ -145,9 +145,15 @@ def _hf_random_config(name: str):
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
-               random_weights: bool = False) -> Loaded:
+               random_weights: bool = False, fallback_random: bool = False) -> Loaded:
     """Load a model by name. ``random_weights`` builds the same architecture with random weights
     (for runtime and energy only: weights do not change them)."""
+    if fallback_random and not random_weights:  # stand-in until i12's load_model lands
+        try:
+            return load_model(name, device, dtype)
+        except UserError as e:
+            print(f"note: {e}; using random weights of its architecture (pixel-space work does not depend on weights)")
+            return load_model(name, device, dtype, random_weights=True)
     try:
         if name.startswith("open_clip:"):
             import open_clip
