@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--space", default="pixel", choices=("pixel", "embed"),
                    help="pixel: normalised pixel patches (the paper); embed: the model's patch projections")
     cli.add_model_args(p, default=None)
+    for action in p._actions:
+        if action.dest == "model":
+            action.help = action.help.replace("(default None)", f"(default {cli.DEFAULT_BLIP} for coco, else {cli.DEFAULT_CLIP})")
     cli.add_protocol_arg(p)
     p.add_argument("--kmeans", default=None, choices=("paper", "fast"),
                    help="paper: scikit-learn's MiniBatchKMeans as the paper ran it (default under --protocol paper); "
