@@ -306,3 +306,9 @@ def test_pixel_space_process_and_len_run_offline_without_a_model_cache(tmp_path)
     assert words.words.shape == (100, 768) and words.meta["pretrained"] is False
     saved = json.loads(next((tmp_path / "results" / "len").glob("*.json")).read_text())
     assert saved["tokens"]["images"] == 12 and len(saved["word_counts"]) == 100
+
+
+def test_method_name_says_whose_vocabulary():
+    assert cli.method_name(method_args(["--vocab", "100"])) == "inter-v100-t0.1"  # in-domain
+    assert cli.method_name(method_args(["--vocab", "100", "--imgnet"])) == "inter-v100-imgnet-t0.1"
+    assert cli.method_name(method_args(["--vocab", "100", "--protocol", "standard"])) == "inter-v100-imgnet-t0.1"

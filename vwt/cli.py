@@ -230,8 +230,9 @@ def method_label(top_k: Optional[float] = None, vocab: Optional[str] = None, thr
 def method_name(args) -> str:
     """The label of the configuration the method flags ask for (see :func:`method_label`)."""
     vocab = None
-    if getattr(args, "vocab", None) is not None:
-        vocab = f"v{args.vocab}"
+    if getattr(args, "vocab", None) is not None:  # another data set's vocabulary is named, as the paper's v<SIZE>-imgnet
+        source = vocab_data(args)
+        vocab = f"v{args.vocab}" + ("" if source == (getattr(args, "data", None) or source) else f"-{source}")
     elif getattr(args, "vocab_path", None) is not None:
         vocab = Path(args.vocab_path).parent.name
     return method_label(getattr(args, "top_k", None), vocab, getattr(args, "thresh", 0.1),
