@@ -97,7 +97,8 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
     data = datasets.load(args.data, args.data_root, None, split=args.split, limit=args.max_images)
     if loaded is None:
-        loaded = cli.load_model(args.model, device, dtype)
+        pixel = getattr(getattr(reducer, "vocab", None), "space", "pixel") == "pixel"  # counts need no weights
+        loaded = cli.load_model(args.model, device, dtype, fallback_random=pixel)
     pre = datasets.preprocess_for(loaded.model)
     data = data_for(args, pre)
     if len(data) == 0:

@@ -1,14 +1,23 @@
-"""Learn a VWT visual-word vocabulary by mini-batch k-means over the patches of a data set.
+"""Learn a VWT visual-word vocabulary by mini-batch k-means over the patches of a data set's train split.
 
-    python process.py --data imgnet --vocab 1000                  # tokenizers/imgnet/v1000/vocab.pt
-    python process.py --data waterbirds --vocab 100 --seed 1      # in-domain, another seed
-    python process.py --data samples --vocab 100 --space embed    # words on the patch projections
+    python process.py --data imgnet --vocab 1000         # tokenizers/imgnet/v1000/vocab.pt
+    python process.py --data waterbirds --vocab 100      # tokenizers/waterbirds/v100/seed_{1,2,3}/vocab.pt
+    python process.py --data coco --vocab 1000           # BLIP's 384 px preprocessing, one entry per caption
+    python process.py --data samples --vocab 100 --kmeans fast
 
-Images are read in a seeded random order (mini-batch k-means needs shuffled batches), with the model's
-own preprocessing; every batch is one k-means update. Writes ``vocab.pt`` (raw centres, the published
-format) and ``vocab.json`` (patch size, image size, normalisation, space, data, patches seen, inertia,
-the configuration, library versions and machine). clip.py, blip.py, len.py and eff.py read it back
-with ``--vocab SIZE --vocab-data DATA`` (pixel space, seed 0) or ``--vocab-path``.
+--protocol paper (default) learns as the paper's process.py: scikit-learn's MiniBatchKMeans(V,
+batch_size=1024, n_init="auto") seeded 0, one partial_fit per batch of 1024 images in loader order, one
+pass, on the data set's train split with its own preprocessing; Waterbirds, CelebA and MetaShift once per
+seed 1-3 (each on that seed's re-split train data, into seed_<N>/), COCO and ImageNet once. Only one
+batch's patches are held at a time. --kmeans fast is this project's k-means (32-image updates in a
+seeded random order, then --refine Lloyd passes; the README compares the two); --protocol standard uses
+it by default, with the model's own preprocessing and images (not captions) once.
+
+Writes ``vocab.pt`` (raw centres, the published format) and ``vocab.json`` (patch size, image size,
+normalisation, space, data, seed, k-means, patches seen, inertia, configuration, versions, machine); an
+existing vocabulary is kept unless --overwrite. Pixel-space words need no weights: without the model
+(offline, no cache) its architecture is built with random weights. clip.py, blip.py, len.py and eff.py
+read these folders with ``--vocab SIZE`` (in-domain by default, ``--imgnet``) or ``--vocab-path``.
 """
 from __future__ import annotations
 
@@ -21,10 +30,12 @@ import torch
 import vwt
 from vwt import cli, datasets
 from vwt.cli import UserError
+from vwt.results import slug
 from vwt.tokenizer import tokenize
 from vwt.vocab import patch_embedder
 
-DATA = ("imgnet", "waterbirds", "celeba", "meta", "coco", "samples")
+DATA = cli.PROCESS_DATA
+PER_SEED = ("waterbirds", "celeba", "meta")  # learned once per seed (the paper's seeds 1-3) under paper
 
 
 def parse_args(argv=None):
@@ -36,31 +47,47 @@ def parse_args(argv=None):
     p.add_argument("--vocab", default=1000, type=int, metavar="SIZE", help="number of visual words (default 1000)")
     p.add_argument("--space", default="pixel", choices=("pixel", "embed"),
                    help="pixel: normalised pixel patches (the paper); embed: the model's patch projections")
-    cli.add_model_args(p)
-    p.add_argument("--seed", default=0, type=int, help="seed of the image order and of k-means (default 0)")
-    p.add_argument("--batch", default=32, type=int, help="images per k-means update (default 32)")
-    p.add_argument("--max-images", default=None, type=int, help="use at most this many images (a seeded random subset)")
-    p.add_argument("--passes", default=1, type=int, help="mini-batch k-means passes over the images (default 1, as the paper)")
-    p.add_argument("--refine", default=2, type=int,
-                   help="then this many Lloyd passes, each one more pass over the images (default 2: better words "
-                        "than scikit-learn's mini-batch k-means; 0 for the single mini-batch pass)")
+    cli.add_model_args(p, default=None)
+    for action in p._actions:
+        if action.dest == "model":
+            action.help = action.help.replace("(default None)", f"(default {cli.DEFAULT_BLIP} for coco, else {cli.DEFAULT_CLIP})")
+    cli.add_protocol_arg(p)
+    p.add_argument("--kmeans", default=None, choices=("paper", "fast"),
+                   help="paper: scikit-learn's MiniBatchKMeans as the paper ran it (default under --protocol paper); "
+                        "fast: this project's k-means (default under standard)")
+    p.add_argument("--seeds", default=None, type=int, nargs="+",
+                   help="data seeds, one vocabulary each (default under paper: 1 2 3 for waterbirds, celeba, meta, "
+                        "else 0; under standard 0). Seeds other than 0 re-split the data as the paper's code and, "
+                        "for --kmeans fast, also seed its order and k-means")
+    p.add_argument("--batch", default=None, type=int,
+                   help="images per k-means update (default 1024 for --kmeans paper, as the paper; 32 for fast)")
+    p.add_argument("--max-images", default=None, type=int,
+                   help="use at most this many images (paper: the first in loader order; fast: a seeded random subset)")
+    p.add_argument("--passes", default=None, type=int, help="--kmeans fast: mini-batch passes (default 1)")
+    p.add_argument("--refine", default=None, type=int,
+                   help="--kmeans fast: then this many Lloyd passes, each one more pass over the images (default 2; "
+                        "0 for the single mini-batch pass)")
     p.add_argument("--workers", default=4, type=int, help="data-loading worker processes (default 4; 0 = none)")
+    p.add_argument("--overwrite", action="store_true", help="learn again where the vocabulary already exists")
     p.add_argument("--out", default=None, type=Path,
-                   help="output folder (default tokenizers/<data>/v<SIZE>, with -embed for --space embed "
-                        "and -seed<N> for a seed other than 0)")
+                   help="output folder in place of tokenizers/<data>/v<SIZE> (seed_<N>/ and, for --space embed, "
+                        "<model>/ are made below it as the paper's code does)")
     return p.parse_args(argv)
 
 
-def out_dir(args) -> Path:
-    if args.out is not None:
-        return Path(args.out)
-    base = cli.tokenizer_dir(args.data, args.vocab)
-    return base.with_name(base.name + ("-embed" if args.space == "embed" else "") + (f"-seed{args.seed}" if args.seed else ""))
-
-
-def main(argv=None, loaded: cli.Loaded | None = None) -> vwt.Vocabulary:
-    """Run process.py. ``loaded`` (tests only) replaces --model with an already-loaded model."""
-    args = parse_args(argv)
+def settle(args) -> None:
+    """Fill the defaults that depend on the protocol, the k-means and the data; refuse bad values."""
+    args.kmeans = args.kmeans or ("paper" if args.protocol == "paper" else "fast")
+    fast = args.kmeans == "fast"
+    for flag in ("passes", "refine"):
+        if getattr(args, flag) is not None and not fast:
+            raise UserError(f"--{flag} belongs to --kmeans fast; the paper's recipe is one scikit-learn pass")
+    args.passes = 1 if args.passes is None else args.passes
+    args.refine = 2 if args.refine is None else args.refine
+    args.batch = args.batch or (32 if fast else 1024)
+    if args.seeds is None:
+        args.seeds = [1, 2, 3] if args.protocol == "paper" and args.data in PER_SEED else [0]
+    args.model = args.model or (cli.DEFAULT_BLIP if args.data == "coco" else cli.DEFAULT_CLIP)
     for flag in ("vocab", "batch", "passes"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1; got {getattr(args, flag)}")
@@ -68,48 +95,107 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> vwt.Vocabulary:
         raise UserError(f"--refine must be 0 or more; got {args.refine}")
     if args.max_images is not None and args.max_images < 1:
         raise UserError(f"--max-images must be at least 1; got {args.max_images}")
+    if min(args.seeds) < 0:
+        raise UserError(f"--seeds must be 0 or more; got {' '.join(map(str, args.seeds))}")
+
+
+def out_dir(args, seed: int, family: str) -> Path:
+    """The paper's layout: <base>/[seed_<N>/][<model>/] with <base> = --out or tokenizers/<data>/v<SIZE>."""
+    out = Path(args.out) if args.out is not None else cli.tokenizer_dir(args.data, args.vocab)
+    if seed:
+        out = out / f"seed_{seed}"
+    if args.space == "embed":
+        out = out / {"hf_clip": "clip", "hf_blip": "blip"}.get(family, slug(args.model))
+    return out
+
+
+def per_caption(data):
+    """COCO under the paper: one entry per caption (its train file lists each image once per caption)."""
+    records = getattr(data, "records", None)
+    if not records or "captions" not in records[0]:
+        return data
+    data.records = [r for r in records for _ in range(max(1, len(r["captions"])))]
+    return data
+
+
+def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
+    """Run process.py; returns {seed: Vocabulary}. ``loaded`` (tests only) replaces --model."""
+    args = parse_args(argv)
+    settle(args)
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
     split = None if args.data == "samples" else (args.split or "train")
-    data = datasets.load(args.data, args.data_root, None, split=split)  # a missing data set fails before the model loads
-    if loaded is None:
-        loaded = cli.load_model(args.model, device, dtype)
-    pre = datasets.preprocess_for(loaded.model)
-    data.transform = pre
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
+    sets = {s: datasets.load(args.data, args.data_root, None, split=split, seed=s, protocol=args.protocol)
+            for s in args.seeds}  # a missing data set fails before the model loads
+    if loaded is None:  # pixel-space words do not depend on the weights
+        loaded = cli.load_model(args.model, device, dtype, fallback_random=args.space == "pixel")
+    own = datasets.preprocess_for(loaded.model)
+    pre = own if args.protocol == "standard" else datasets.transform_for(args.data, args.protocol, image_size=own.size)
+    blank = torch.zeros(1, 3, own.size, own.size, device=device, dtype=dtype)
+    patch_size = tokenize(loaded.vision, None, blank)[1].patch_size
+    vocabs = {}
+    for seed in args.seeds:
+        path = out_dir(args, seed, loaded.family) / "vocab.pt"
+        if path.exists() and not args.overwrite:
+            print(f"seed {seed}: {path} exists; kept (--overwrite learns it again)")
+            vocabs[seed] = cli.read_vocabulary(path)
+            continue
+        data = sets[seed]
+        data.transform = pre
+        if args.protocol == "paper" and args.data == "coco":
+            data = per_caption(data)
+        with torch.inference_mode():
+            vocabs[seed] = learn(args, seed, data, split, loaded, pre, patch_size, device, dtype)
+        vocab = vocabs[seed]
+        vocab.save(path.parent)
+        per_patch = vocab.meta["inertia"] / max(vocab.meta["inertia_patches"], 1)
+        print(f"seed {seed}: {len(vocab)} {args.space}-space words of {vocab.dim} values from "
+              f"{vocab.meta['patches_seen']} patches ({vocab.meta['images']} images, --kmeans {args.kmeans}); "
+              f"inertia {per_patch:.4g} per patch; written: {path}")
+    return vocabs
+
+
+def learn(args, seed, data, split, loaded, pre, patch_size, device, dtype) -> vwt.Vocabulary:
+    """One vocabulary: the paper's recipe in loader order, or ours in a seeded random order."""
+    from tqdm import tqdm
+
+    paper = args.kmeans == "paper"
+    order = torch.arange(len(data)) if paper else torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     if args.max_images is not None:
         order = order[: args.max_images]
     data = torch.utils.data.Subset(data, order.tolist())
-    blank = torch.zeros(1, 3, pre.size, pre.size, device=device, dtype=dtype)
-    patch_size = tokenize(loaded.vision, None, blank)[1].patch_size
-    patches = len(data) * (pre.size // patch_size) ** 2
-    if patches < args.vocab:
-        raise UserError(f"{len(data)} images give {patches} patches, fewer than --vocab {args.vocab} words")
-
-    from tqdm import tqdm
-
+    size = getattr(pre, "size", None) or data[0][0].shape[-1]
+    per_image = (size // patch_size) ** 2
+    first = min(args.batch, len(data)) if paper else len(data)
+    if first * per_image < args.vocab:
+        what = "the first batch" if paper and first < len(data) else "the images"
+        raise UserError(f"{what} ({first} images) give {first * per_image} patches, fewer than --vocab {args.vocab} "
+                        "words" + ("; use a bigger --batch or fewer words" if what == "the first batch" else ""))
     embed = patch_embedder(loaded.vision) if args.space == "embed" else None
     steps = -(-len(data) // args.batch)
+    desc = f"k-means {args.data} v{args.vocab} seed {seed}"
 
-    def progress(it):
-        return tqdm(it, total=steps, desc=f"k-means {args.data} v{args.vocab}", unit="batch")
+    def pixels():  # streamed, one batch at a time (map keeps no reference to a batch once it is handed on)
+        return map(lambda b: b[0].to(device, dtype), datasets.batches(data, args.batch, args.workers))
 
-    class Pixels:  # re-iterable for --passes > 1; pixels moved to the model's device and dtype
-        def __iter__(self):
-            for pixels, _ in datasets.batches(data, args.batch, args.workers):
-                yield pixels.to(device, dtype)
-
+    meta = dict(data=args.data, split=split, data_seed=seed, protocol=args.protocol, images=len(data),
+                image_size=size, mean=list(getattr(pre, "mean", datasets.OPENAI_CLIP_MEAN)),
+                std=list(getattr(pre, "std", datasets.OPENAI_CLIP_STD)), model=loaded.name,
+                pretrained=loaded.pretrained, config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                environment=cli.environment(device))
     started = time.time()
-    vocab = vwt.Vocabulary.learn(
-        Pixels(), size=args.vocab, space=args.space, patch_size=patch_size, embed=embed, passes=args.passes,
-        refine=args.refine, seed=args.seed, device=device, progress=progress,
-        data=args.data, split=split, images=len(data), image_size=pre.size, mean=list(pre.mean), std=list(pre.std),
-        model=loaded.name, config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        environment=cli.environment(device))
+    if paper:
+        with tqdm(total=steps, desc=desc, unit="batch") as bar:
+            vocab = vwt.Vocabulary.learn_paper(pixels(), size=args.vocab, space=args.space, patch_size=patch_size,
+                                               embed=embed, batch_size=args.batch, seed=0, progress=bar, **meta)
+    else:
+        class Pixels:  # re-iterable for --passes > 1 and the Lloyd passes
+            __iter__ = staticmethod(pixels)
+
+        vocab = vwt.Vocabulary.learn(
+            Pixels(), size=args.vocab, space=args.space, patch_size=patch_size, embed=embed, passes=args.passes,
+            refine=args.refine, seed=seed, device=device, kmeans="fast",
+            progress=lambda it: tqdm(it, total=steps, desc=desc, unit="batch"), **meta)
     vocab.meta["seconds"] = round(time.time() - started, 1)
-    path = vocab.save(out_dir(args))
-    per_patch = vocab.meta["inertia"] / max(vocab.meta["inertia_patches"], 1)
-    print(f"{len(vocab)} {args.space}-space words of {vocab.dim} values from {vocab.meta['patches_seen']} patches "
-          f"({len(data)} images, {args.passes} mini-batch + {args.refine} Lloyd pass(es)); inertia {per_patch:.4g} per patch; written: {path}")
     return vocab
 
 

@@ -325,33 +325,41 @@ def time_to_measuring(tmp_path, env: dict) -> tuple[float, str]:
     return elapsed, "".join(lines)
 
 
+def accepted(server: socket.socket) -> int:
+    """How many connections reached ``server`` (a listening socket nobody accepted on): drains them."""
+    server.setblocking(False)
+    count = 0
+    while True:
+        try:
+            conn, _ = server.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
+
+
 @pytest.mark.slow
-def test_default_run_starts_measuring_soon_with_the_hub_unreachable(tmp_path):
+def test_default_run_goes_offline_at_once_with_the_hub_unreachable(tmp_path):
     """The default `python eff.py`, no offline flag, an empty cache, HF_ENDPOINT on a server that
     accepts connections and never answers (a network that drops packets: the hub clients' own
-    timeouts and retries wait for tens of seconds) or on a closed port: random weights with a
-    one-line note, at most the 2 s hub check (plus a margin for the shared machine's noise) later
-    than the same run under HF_HUB_OFFLINE, and measuring within 5 s of starting, vocabulary
-    learning aside, where the machine is not overloaded (the lead checks the 5 s on a quiet one)."""
+    timeouts and retries would wait for tens of seconds) or on a closed port: it reaches its first
+    measurement with random weights and a one-line note, and the silent server sees exactly one
+    connection, the 2 s reachability check: every hub client after it works offline. (Seconds to the
+    first measurement are noise on a shared machine; results/benchmarks.md gives them from a quiet one.)"""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env["HF_HOME"] = str(tmp_path / "hf")
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(64)
     try:
-        runs = {endpoint: time_to_measuring(tmp_path, dict(env, HF_ENDPOINT=f"http://127.0.0.1:{port}"))
-                for endpoint, port in (("silent", silent.getsockname()[1]), ("closed", closed_port()))}
+        for endpoint, port in (("silent", silent.getsockname()[1]), ("closed", closed_port())):
+            elapsed, text = time_to_measuring(tmp_path, dict(env, HF_ENDPOINT=f"http://127.0.0.1:{port}"))
+            assert math.isfinite(elapsed), f"{endpoint}: never started measuring:\n{text}"
+            notes = [l for l in text.splitlines() if l.startswith("note: ")]
+            assert len(notes) == 1 and "random weights" in notes[0], text
+        assert accepted(silent) == 1
     finally:
         silent.close()
-    offline, _ = time_to_measuring(tmp_path, dict(env, HF_HUB_OFFLINE="1"))
-    quiet = os.getloadavg()[0] <= (os.cpu_count() or 1)
-    for endpoint, (elapsed, text) in runs.items():
-        notes = [l for l in text.splitlines() if l.startswith("note: ")]
-        assert len(notes) == 1 and "random weights" in notes[0], text
-        assert elapsed < offline + cli.HUB_TIMEOUT + max(1.0, 0.25 * offline), \
-            f"{endpoint}: {elapsed:.1f} s against {offline:.1f} s offline:\n{text}"
-        if quiet:
-            assert elapsed < 5.0, f"{endpoint}: {elapsed:.1f} s to the first measurement:\n{text}"
 
 
 @pytest.mark.parametrize("family", ["open_clip", "timm"])

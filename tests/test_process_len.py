@@ -20,6 +20,7 @@ import vwt
 from vwt import cli
 from vwt import datasets as D
 from vwt.tokenizer import pixel_patches
+from test_vocab import sklearn_by_hand
 
 len_script = importlib.import_module("len")
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +38,10 @@ def clip_loaded():
     return cli.Loaded(tiny.hf_clip(), "hf_clip", "tiny-hf-clip", False)
 
 
+def blip_loaded():
+    return cli.Loaded(tiny.hf_blip(), "hf_blip", "tiny-hf-blip", False)
+
+
 def learn(argv, loaded=None):
     return process_script.main(argv + ["--workers", "0", "--device", "cpu"], loaded or clip_loaded())
 
@@ -45,30 +50,115 @@ def count(argv, loaded=None):
     return len_script.main(argv + ["--workers", "0", "--device", "cpu"], loaded or clip_loaded())
 
 
-def test_process_on_samples_writes_the_default_folder(tmp_path, monkeypatch):
+def test_process_on_samples_writes_the_default_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    vocab = learn(["--data", "samples", "--vocab", "12", "--batch", "4"])
+    vocab = learn(["--data", "samples", "--vocab", "12", "--batch", "4"])[0]
     path = tmp_path / "tokenizers" / "samples" / "v12" / "vocab.pt"
     loaded = vwt.Vocabulary.load(path)
     assert torch.equal(loaded.words, vocab.words) and loaded.words.shape == (12, 3 * tiny.PATCH ** 2)
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["patch_size"] == tiny.PATCH and info["image_size"] == tiny.IMAGE and info["space"] == "pixel"
     assert info["patches_seen"] == 12 * tiny.NUM_PATCHES and info["data"] == "samples"
+    assert info["kmeans"] == "paper" and info["protocol"] == "paper" and info["data_seed"] == 0
     assert info["mean"] == list(D.OPENAI_CLIP_MEAN) and "torch" in info["environment"]["versions"]
-    # the inertia it records is the k-means' own, on the same patches
     assert info["inertia"] > 0 and info["inertia_patches"] == 12 * tiny.NUM_PATCHES
-    # the same seed gives the same words; embed space goes to its own folder
-    assert torch.equal(learn(["--data", "samples", "--vocab", "12", "--batch", "4"]).words, vocab.words)
-    learn(["--data", "samples", "--vocab", "12", "--batch", "4", "--space", "embed"])
-    assert vwt.Vocabulary.load(tmp_path / "tokenizers" / "samples" / "v12-embed").dim == tiny.WIDTH
+    # an existing vocabulary is kept (as the paper's --ovr False); --overwrite learns it again, the same
+    def fail(*a, **k):
+        raise AssertionError("learned again")
+
+    with monkeypatch.context() as m:
+        m.setattr(vwt.Vocabulary, "learn_paper", fail)
+        assert torch.equal(learn(["--data", "samples", "--vocab", "12", "--batch", "4"])[0].words, vocab.words)
+    assert "exists; kept" in capsys.readouterr().out
+    again = learn(["--data", "samples", "--vocab", "12", "--batch", "4", "--overwrite"])[0]
+    assert torch.equal(again.words, vocab.words)
+    # our k-means and embed space: the paper's embed folder is the model's name below v<SIZE>/
+    fast = learn(["--data", "samples", "--vocab", "12", "--kmeans", "fast", "--space", "embed", "--out", "f"])[0]
+    assert fast.meta["kmeans"] == "fast" and fast.meta["refine"] == 2
+    assert vwt.Vocabulary.load(tmp_path / "f" / "clip").dim == tiny.WIDTH
 
 
-@pytest.mark.parametrize("data,split", [("waterbirds", "train"), ("coco", "train")])
-def test_process_on_fixtures(root, tmp_path, data, split):
-    vocab = learn(["--data", data, "--data-root", str(root), "--vocab", "6", "--batch", "2", "--out", str(tmp_path)])
-    ds = D.load(data, root, None, split=split)
-    assert vocab.meta["patches_seen"] == len(ds) * tiny.NUM_PATCHES and vocab.meta["split"] == split
-    assert vwt.Vocabulary.load(tmp_path).words.shape == (6, 3 * tiny.PATCH ** 2)
+def patches_of(ds, batch):
+    """The pixel batches of ``ds`` in loader order, as the paper's DataLoader gives them."""
+    for s in range(0, len(ds), batch):
+        yield torch.stack([ds[i][0] for i in range(s, min(s + batch, len(ds)))])
+
+
+@pytest.mark.parametrize("data,seed,batch,per_item", [("samples", 0, 4, 1), ("waterbirds", 2, 2, 1), ("coco", 0, 3, 5)])
+def test_paper_recipe_is_sklearn_partial_fit_over_the_loader_batches(root, tmp_path, data, seed, batch, per_item):
+    """process.py (paper) = scikit-learn's MiniBatchKMeans(V, batch_size, n_init="auto") after
+    np.random.seed(0), one partial_fit per loader batch of the seed's train split, its own preprocessing;
+    COCO with BLIP's model, one entry per caption."""
+    loaded = blip_loaded() if data == "coco" else clip_loaded()
+    vocab = learn(["--data", data, "--data-root", str(root), "--vocab", "7", "--batch", str(batch),
+                   "--seeds", str(seed), "--out", str(tmp_path)], loaded)[seed]
+    split = None if data == "samples" else "train"
+    ds = D.load(data, root, D.transform_for(data, "paper", image_size=tiny.IMAGE), split=split, seed=seed,
+                protocol="paper")
+    if data == "coco":  # the paper's train file: each image once per caption, in a row
+        ds.records = [r for r in ds.records for _ in r["captions"]]
+    assert len(ds) == per_item * len(D.load(data, root, None, split=split))
+    words = sklearn_by_hand(patches_of(ds, batch), 7, batch)
+    assert torch.equal(vocab.words, words)
+    assert vocab.meta["patches_seen"] == len(ds) * tiny.NUM_PATCHES and vocab.meta["images"] == len(ds)
+    path = tmp_path / (f"seed_{seed}" if seed else "") / "vocab.pt"
+    assert torch.equal(vwt.Vocabulary.load(path).words, words)
+
+
+def test_paper_recipe_streams_one_batch_at_a_time(tmp_path, monkeypatch):
+    """Instrumented through the whole script (loader, patches, k-means): when a batch of patches reaches
+    partial_fit, no earlier batch's patches are alive."""
+    import weakref
+
+    from sklearn.cluster import MiniBatchKMeans as SK
+
+    refs, alive, rows = [], [], []
+    real = SK.partial_fit
+
+    def watched(self, X, *a, **k):
+        alive.append(sum(r() is not None for r in refs))
+        refs.append(weakref.ref(X))
+        rows.append(X.shape[0])
+        return real(self, X, *a, **k)
+
+    monkeypatch.setattr(SK, "partial_fit", watched)
+    learn(["--data", "samples", "--vocab", "8", "--batch", "3", "--out", str(tmp_path)])
+    assert rows == [3 * tiny.NUM_PATCHES] * 4 and alive == [0] * 4
+
+
+def test_confounder_sets_get_one_vocabulary_per_seed_and_coco_one(root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = learn(["--data", "waterbirds", "--data-root", str(root), "--vocab", "6", "--batch", "2"])
+    assert sorted(out) == [1, 2, 3]
+    base = tmp_path / "tokenizers" / "waterbirds" / "v6"
+    assert sorted(p.relative_to(base).as_posix() for p in base.rglob("vocab.pt")) == \
+        [f"seed_{s}/vocab.pt" for s in (1, 2, 3)]
+    for s in (1, 2, 3):
+        info = json.loads((base / f"seed_{s}" / "vocab.json").read_text())
+        train = D.load("waterbirds", root, None, split="train", seed=s, protocol="paper")
+        assert info["data_seed"] == s and info["patches_seen"] == len(train) * tiny.NUM_PATCHES
+        assert info["kmeans_seed"] == 0  # the paper seeds k-means 0 for every split seed
+    learn(["--data", "coco", "--data-root", str(root), "--vocab", "6", "--batch", "4"], blip_loaded())
+    assert [p.relative_to(tmp_path).as_posix() for p in (tmp_path / "tokenizers" / "coco").rglob("vocab.pt")] == \
+        ["tokenizers/coco/v6/vocab.pt"]
+    # under standard: our k-means, one vocabulary (seed 0), COCO's images once
+    std = learn(["--data", "coco", "--data-root", str(root), "--vocab", "6", "--protocol", "standard", "--out", "s"],
+                blip_loaded())[0]
+    assert std.meta["kmeans"] == "fast" and std.meta["images"] == len(D.load("coco", root, None, split="train"))
+
+
+def test_defaults_follow_the_protocol_and_the_data():
+    args = process_script.parse_args(["--data", "coco"])
+    process_script.settle(args)
+    assert (args.model, args.kmeans, args.batch, args.seeds) == (cli.DEFAULT_BLIP, "paper", 1024, [0])
+    args = process_script.parse_args(["--data", "meta"])
+    process_script.settle(args)
+    assert (args.model, args.seeds) == (cli.DEFAULT_CLIP, [1, 2, 3])
+    args = process_script.parse_args(["--data", "meta", "--protocol", "standard"])
+    process_script.settle(args)
+    assert (args.kmeans, args.batch, args.seeds, args.refine) == ("fast", 32, [0], 2)
+    with pytest.raises(cli.UserError, match="--refine belongs to --kmeans fast"):
+        process_script.settle(process_script.parse_args(["--refine", "1"]))
 
 
 def _direct_counts(loaded, ds, reducer):
@@ -82,7 +172,7 @@ def _direct_counts(loaded, ds, reducer):
 
 
 def test_len_on_waterbirds_counts_per_group_and_words(root, tmp_path):
-    learn(["--data", "waterbirds", "--data-root", str(root), "--vocab", "8", "--batch", "2",
+    learn(["--data", "waterbirds", "--data-root", str(root), "--vocab", "8", "--batch", "2", "--seeds", "0",
            "--out", str(tmp_path / "v8")])
     out = tmp_path / "results"
     res = count(["--data", "waterbirds", "--data-root", str(root), "--vocab-path", str(tmp_path / "v8" / "vocab.pt"),
@@ -133,3 +223,92 @@ def test_missing_data_set_is_one_line_naming_the_layout(tmp_path, script, argv):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "expected layout" in lines[0], proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Which vocabulary a run reads: the paper's folders, in-domain by default, --imgnet, ours still accepted
+# --------------------------------------------------------------------------------------------------
+def method_args(argv):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default="waterbirds")
+    cli.add_method_args(p)
+    cli.add_protocol_arg(p)
+    return p.parse_args(argv)
+
+
+def touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_vocab_path_reads_the_papers_folders_in_domain_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    T = Path("tokenizers")
+    for s in (1, 2, 3):
+        touch(T / "waterbirds" / "v100" / f"seed_{s}" / "vocab.pt")
+    touch(T / "imgnet" / "v100" / "vocab.pt")
+    touch(T / "coco" / "v100" / "vocab.pt")
+    args = method_args(["--vocab", "100"])
+    assert [cli.vocab_path(args, s) for s in (1, 2, 3)] == [T / "waterbirds" / "v100" / f"seed_{s}" / "vocab.pt"
+                                                          for s in (1, 2, 3)]
+    assert cli.vocab_path(args) == T / "waterbirds" / "v100" / "seed_1" / "vocab.pt"  # no seed: the first
+    imgnet = T / "imgnet" / "v100" / "vocab.pt"
+    assert cli.vocab_path(method_args(["--vocab", "100", "--imgnet"]), 2) == imgnet
+    assert cli.vocab_path(method_args(["--vocab", "100", "--protocol", "standard"]), 2) == imgnet
+    assert cli.vocab_path(method_args(["--data", "nocaps", "--vocab", "100"]), 0) == T / "coco" / "v100" / "vocab.pt"
+    assert cli.vocab_path(method_args(["--data", "openimages-rare", "--vocab", "100"])) == imgnet
+    assert cli.vocab_path(method_args(["--vocab", "100", "--vocab-data", "coco"]), 3) == T / "coco" / "v100" / "vocab.pt"
+    # ours: v<SIZE>-seed<N> where the paper's seed folder is missing, v<SIZE> for seed 0
+    touch(T / "celeba" / "v10" / "vocab.pt")
+    touch(T / "celeba" / "v10-seed2" / "vocab.pt")
+    celeba = method_args(["--data", "celeba", "--vocab", "10"])
+    assert [cli.vocab_path(celeba, s) for s in (0, 1, 2)] == [T / "celeba" / "v10" / "vocab.pt"] * 2 + \
+        [T / "celeba" / "v10-seed2" / "vocab.pt"]
+    # --vocab-path wins; '{seed}' picks one per seed
+    assert cli.vocab_path(method_args(["--vocab-path", "x/s{seed}/vocab.pt"]), 2) == Path("x/s2/vocab.pt")
+    with pytest.raises(cli.UserError, match="--imgnet .* contradicts --vocab-data celeba"):
+        cli.vocab_path(method_args(["--vocab", "10", "--imgnet", "--vocab-data", "celeba"]))
+
+
+def test_missing_vocabulary_hints_name_the_fix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cli.UserError) as e:
+        cli.reducers_from_args(method_args(["--vocab-path", "nowhere/vocab.pt"]))
+    assert str(e.value) == "vocabulary nowhere/vocab.pt not found; check --vocab-path"
+    with pytest.raises(cli.UserError) as e:
+        cli.reducers_from_args(method_args(["--data", "meta", "--vocab", "100"]), seed=2)
+    assert str(e.value).startswith("vocabulary tokenizers/meta/v100/seed_2/vocab.pt not found; learn it with "
+                                   "`python process.py --data meta --vocab 100`")
+
+
+def test_len_reads_the_in_domain_vocabulary_process_wrote(root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    learn(["--data", "waterbirds", "--data-root", str(root), "--vocab", "8", "--batch", "2", "--seeds", "2"])
+    res = count(["--data", "waterbirds", "--data-root", str(root), "--vocab", "8", "--thresh", "0.3"])
+    assert len(res["word_counts"]) == 8  # found tokenizers/waterbirds/v8/seed_2/vocab.pt without --vocab-data
+
+
+def test_pixel_space_process_and_len_run_offline_without_a_model_cache(tmp_path):
+    """The issue's two commands, offline with an empty Hugging Face cache: random weights of the
+    architecture, said in one line; words and token counts do not depend on weights."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_CACHE", None), env.pop("TRANSFORMERS_CACHE", None)
+    for argv in (["process.py", "--data", "samples", "--vocab", "100"],
+                 ["len.py", "--data", "samples", "--vocab", "100", "--vocab-data", "samples"]):
+        proc = subprocess.run([sys.executable, str(REPO / argv[0])] + argv[1:], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert sum("using random weights" in l for l in proc.stdout.splitlines()) == 1, proc.stdout
+    words = vwt.Vocabulary.load(tmp_path / "tokenizers" / "samples" / "v100")
+    assert words.words.shape == (100, 768) and words.meta["pretrained"] is False
+    saved = json.loads(next((tmp_path / "results" / "len").glob("*.json")).read_text())
+    assert saved["tokens"]["images"] == 12 and len(saved["word_counts"]) == 100
+
+
+def test_method_name_says_whose_vocabulary():
+    assert cli.method_name(method_args(["--vocab", "100"])) == "inter-v100-t0.1"  # in-domain
+    assert cli.method_name(method_args(["--vocab", "100", "--imgnet"])) == "inter-v100-imgnet-t0.1"
+    assert cli.method_name(method_args(["--vocab", "100", "--protocol", "standard"])) == "inter-v100-imgnet-t0.1"

@@ -142,3 +142,79 @@ def test_learn_in_embed_space():
     with torch.no_grad():
         model(images(4))
     assert (vwt.stats(model)["tokens_per_layer"][:, 0] < 1 + NUM_PATCHES).any()
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's recipe: scikit-learn's MiniBatchKMeans, one partial_fit per batch, NumPy seeded 0
+# --------------------------------------------------------------------------------------------------
+def official_patches(pixels, p):
+    """(B, N, 3·P·P) as the paper's pretokenize: row-major patches, each channel-major (c, y, x)."""
+    b, c, h, w = pixels.shape
+    x = pixels.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def sklearn_by_hand(batches, size, batch_size):
+    """The paper's learn_words driven by hand: global NumPy seed 0, default random_state."""
+    import numpy as np
+    from sklearn.cluster import MiniBatchKMeans as SK
+
+    np.random.seed(0)
+    km = SK(n_clusters=size, n_init="auto", batch_size=batch_size)
+    for x in batches:
+        km.partial_fit(official_patches(x, PATCH).reshape(-1, D).numpy())
+    return torch.from_numpy(km.cluster_centers_)
+
+
+def test_learn_paper_is_sklearn_partial_fit_per_batch():
+    import numpy as np
+
+    batches = [images(5, seed=s) for s in range(4)]
+    np.random.seed(123)  # the recipe's seeding does not depend on (or change) NumPy's global state
+    state = np.random.get_state()[1].copy()
+    vocab = vwt.Vocabulary.learn_paper(batches, size=9, patch_size=PATCH, batch_size=5, data="random")
+    assert np.array_equal(np.random.get_state()[1], state)
+    assert torch.equal(vocab.words, sklearn_by_hand(batches, 9, 5))
+    assert vocab.meta["patches_seen"] == 4 * 5 * NUM_PATCHES and vocab.meta["kmeans"] == "paper"
+    assert vocab.meta["inertia"] > 0 and vocab.meta["data"] == "random"
+    # a different batching is a different run of the recipe
+    assert not torch.equal(vocab.words, sklearn_by_hand([torch.cat(batches)], 9, 5))
+
+
+def test_learn_paper_holds_one_batch_at_a_time(monkeypatch):
+    """Instrumented: when each batch of pixels is read, no earlier batch's pixels or patches are alive;
+    when each batch of patches reaches partial_fit, no earlier batch's patches are."""
+    import weakref
+
+    from sklearn.cluster import MiniBatchKMeans as SK
+
+    pixels_refs, patch_refs, alive_pixels, alive_patches, rows = [], [], [], [], []
+
+    def make(seed):  # the next batch is read while nothing of the earlier ones is held
+        alive_pixels.append(sum(r() is not None for r in pixels_refs) + sum(r() is not None for r in patch_refs))
+        x = images(3, seed=seed)
+        pixels_refs.append(weakref.ref(x))
+        return x
+
+    def stream(n):
+        for s in range(n):
+            yield make(s)  # the generator keeps no reference to what it handed on
+
+    real = SK.partial_fit
+
+    def watched(self, X, *a, **k):
+        alive_patches.append(sum(r() is not None for r in patch_refs))
+        patch_refs.append(weakref.ref(X))
+        rows.append(X.shape[0])
+        return real(self, X, *a, **k)
+
+    monkeypatch.setattr(SK, "partial_fit", watched)
+    vocab = vwt.Vocabulary.learn_paper(stream(6), size=8, patch_size=PATCH, batch_size=3)
+    assert rows == [3 * NUM_PATCHES] * 6 and vocab.meta["patches_seen"] == sum(rows)
+    assert alive_pixels == [0] * 6 and alive_patches == [0] * 6  # peak: one batch's patches
+    assert torch.equal(vocab.words, sklearn_by_hand([images(3, seed=s) for s in range(6)], 8, 3))
+
+
+def test_learn_paper_refuses_a_first_batch_smaller_than_the_vocabulary():
+    with pytest.raises(ValueError, match="first batch gives 16 patches, fewer than the 20 words"):
+        vwt.Vocabulary.learn_paper([images(1), images(4)], size=20, patch_size=PATCH)

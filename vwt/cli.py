@@ -74,11 +74,17 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top_k", type=float, default=None, metavar="DROP",
                    help="VWT intra-image: fraction of patches to drop (lowest pixel variance)")
     g.add_argument("--vocab", type=int, default=None, metavar="SIZE",
-                   help="VWT inter-image: vocabulary size, read from tokenizers/<data>/v<SIZE>/vocab.pt")
+                   help="VWT inter-image: vocabulary size, read from process.py's folders "
+                        "tokenizers/<vocab data>/v<SIZE>/[seed_<N>/]vocab.pt")
     g.add_argument("--vocab-path", type=Path, default=None,
-                   help="VWT inter-image: a vocab.pt (ours or the published ones) instead of --vocab")
-    g.add_argument("--vocab-data", default=None, help="data set the --vocab vocabulary was learned on "
-                                                        "(default: --data under paper, imgnet under standard)")
+                   help="VWT inter-image: a vocab.pt (ours or the published ones) instead of --vocab; "
+                        "'{seed}' in it picks one per seed")
+    g.add_argument("--vocab-data", default=None,
+                   help="data set the --vocab vocabulary was learned on (default: under --protocol paper the "
+                        "evaluated data set's own, COCO's for NoCaps, ImageNet's for OpenImages; under "
+                        "--protocol standard imgnet)")
+    g.add_argument("--imgnet", action="store_true",
+                   help="use the ImageNet vocabulary (tokenizers/imgnet/v<SIZE>/), as the paper's --imgnet True")
     g.add_argument("--thresh", type=float, default=0.1, help="VWT inter-image: cosine-distance threshold")
     g.add_argument("--random", action="store_true", help="VWT ablation: random drop / random matching scores")
     g.add_argument("--prop-attn", action="store_true", help="VWT inter-image: proportional attention")
@@ -320,8 +326,9 @@ def method_label(top_k: Optional[float] = None, vocab: Optional[str] = None, thr
 def method_name(args) -> str:
     """The label of the configuration the method flags ask for (see :func:`method_label`)."""
     vocab = None
-    if getattr(args, "vocab", None) is not None:
-        vocab = f"v{args.vocab}"
+    if getattr(args, "vocab", None) is not None:  # another data set's vocabulary is named, as the paper's v<SIZE>-imgnet
+        source = vocab_data(args)
+        vocab = f"v{args.vocab}" + ("" if source == (getattr(args, "data", None) or source) else f"-{source}")
     elif getattr(args, "vocab_path", None) is not None:
         vocab = Path(args.vocab_path).parent.name
     return method_label(getattr(args, "top_k", None), vocab, getattr(args, "thresh", 0.1),
@@ -330,26 +337,59 @@ def method_name(args) -> str:
 
 
 def tokenizer_dir(data: str, size: int) -> Path:
-    """Where process.py puts a vocabulary of ``size`` words learned on ``data`` (and the scripts look)."""
+    """Where process.py puts the vocabularies of ``size`` words learned on ``data``, as the paper's code:
+    ``vocab.pt`` here for data sets learned once (COCO, ImageNet), ``seed_<N>/vocab.pt`` below it for
+    those learned once per seed (Waterbirds, CelebA, MetaShift)."""
     return Path("tokenizers") / data / f"v{size}"
 
 
-def vocab_path(args, seed=None) -> Optional[Path]:
-    """STAND-IN (i11b provides the real one): --vocab-path, or for --vocab the in-domain vocabulary under
-    paper (--vocab-data, else --data), ImageNet's under standard; for ``seed`` the official
-    v<V>/seed_<i>/ or our v<V>-seed<N>/ where it exists."""
+# The in-domain vocabulary of a data set where it is not the data set's own (the paper's blip.py reads
+# COCO's for NoCaps; no vocabulary is learned on OpenImages, whose runs use ImageNet's).
+IN_DOMAIN = {"nocaps": "coco", "openimages-common": "imgnet", "openimages-rare": "imgnet"}
+
+
+def vocab_data(args) -> str:
+    """The data set whose --vocab vocabulary a run reads: --imgnet, --vocab-data, or by default the
+    in-domain one under --protocol paper (as the paper's scripts) and ImageNet's under standard."""
+    chosen = getattr(args, "vocab_data", None)
+    if getattr(args, "imgnet", False):
+        if chosen not in (None, "imgnet"):
+            raise UserError(f"--imgnet reads the ImageNet vocabulary; it contradicts --vocab-data {chosen}: drop one")
+        return "imgnet"
+    if chosen:
+        return chosen
+    if getattr(args, "protocol", "paper") == "standard":
+        return "imgnet"
+    data = getattr(args, "data", None) or "imgnet"
+    return IN_DOMAIN.get(data, data)
+
+
+def vocab_candidates(data: str, size: int, seed: Optional[int] = None) -> list:
+    """The vocab.pt files that may hold ``data``'s ``size``-word vocabulary for ``seed``, best first:
+    the paper's ``v<SIZE>/seed_<N>/`` and ours ``v<SIZE>-seed<N>/`` for a seed other than 0, then the
+    seed-less ``v<SIZE>/`` (data sets learned once), then for no seed the lowest ``v<SIZE>/seed_<N>/``."""
+    base = tokenizer_dir(data, size)
+    found = []
+    if seed:
+        found += [base / f"seed_{seed}" / "vocab.pt", base.with_name(f"{base.name}-seed{seed}") / "vocab.pt"]
+    found += [base / "vocab.pt", base / "seed_0" / "vocab.pt"]
+    if seed is None and base.is_dir():
+        seeds = sorted(int(d.name[5:]) for d in base.glob("seed_*") if d.name[5:].isdigit())
+        found += [base / f"seed_{s}" / "vocab.pt" for s in seeds]
+    return found
+
+
+def vocab_path(args, seed: Optional[int] = None) -> Optional[Path]:
+    """The vocabulary file a run uses for ``seed`` (None: the data set's one, or its first seed's):
+    --vocab-path ('{seed}' in it replaced by the seed, 0 for none), or for --vocab SIZE the first
+    existing of :func:`vocab_candidates` (the first candidate when none exists, for the error)."""
     if getattr(args, "vocab_path", None) is not None:
-        return Path(args.vocab_path)
-    if getattr(args, "vocab", None) is not None:
-        data = getattr(args, "vocab_data", None) or (
-            getattr(args, "data", None) if getattr(args, "protocol", "paper") == "paper" else "imgnet") or "imgnet"
-        base = tokenizer_dir(data, args.vocab)
-        if seed:
-            for own in (base / f"seed_{seed}" / "vocab.pt", base.with_name(f"{base.name}-seed{seed}") / "vocab.pt"):
-                if own.exists():
-                    return own
-        return base / "vocab.pt"
-    return None
+        path = str(args.vocab_path)
+        return Path(path.format(seed=seed or 0) if "{seed}" in path else path)
+    if getattr(args, "vocab", None) is None:
+        return None
+    candidates = vocab_candidates(vocab_data(args), args.vocab, seed)
+    return next((c for c in candidates if c.exists()), candidates[0])
 
 
 def read_vocabulary(path: Path, missing_hint: str = ""):
@@ -377,6 +417,18 @@ def check_methods(**chosen) -> None:
                             "block": "--tome, --evit or --lgtm"})
     except ValueError as e:
         raise UserError(str(e)) from None
+def missing_vocab_hint(args) -> str:
+    """What to do when the vocabulary the flags name does not exist (appended to 'not found')."""
+    if getattr(args, "vocab_path", None) is not None:
+        return "; check --vocab-path"
+    data = vocab_data(args)
+    if data not in PROCESS_DATA:
+        return f"; process.py does not learn on {data}: pass --vocab-data, --imgnet or --vocab-path"
+    return (f"; learn it with `python process.py --data {data} --vocab {args.vocab}`, or pass --vocab-data, "
+            "--imgnet or --vocab-path")
+
+
+PROCESS_DATA = ("imgnet", "waterbirds", "celeba", "meta", "coco", "samples")  # what process.py learns on
 
 
 def build_reducers(top_k: Optional[float] = None, vocab=None, thresh: float = 0.1, random: bool = False,
@@ -403,13 +455,12 @@ def build_reducers(top_k: Optional[float] = None, vocab=None, thresh: float = 0.
     return reducers
 
 
-def reducers_from_args(args) -> list:
-    """The reducers the method flags ask for (the vocabulary is loaded and checked here)."""
-    path = vocab_path(args)
+def reducers_from_args(args, seed: Optional[int] = None) -> list:
+    """The reducers the method flags ask for, with ``seed``'s vocabulary (see :func:`vocab_path`;
+    loaded and checked here)."""
+    path = vocab_path(args, seed)
     check_methods(top_k=getattr(args, "top_k", None), vocab=path, **{k: getattr(args, k, None) for k in IN_NETWORK})
-    vocab = None if path is None else read_vocabulary(
-        path, f"; learn it with `python process.py --data {getattr(args, 'vocab_data', 'imgnet')} --vocab "
-              f"{args.vocab}` or pass --vocab-path")
+    vocab = None if path is None else read_vocabulary(path, missing_vocab_hint(args))
     return build_reducers(getattr(args, "top_k", None), vocab, getattr(args, "thresh", 0.1),
                           getattr(args, "random", False), getattr(args, "prop_attn", False),
                           getattr(args, "tome", None), getattr(args, "evit", None), getattr(args, "lgtm", None))

@@ -202,17 +202,12 @@ class Vocabulary:
         centre, each measured as its batch was assigned (before that batch's update; for a Lloyd pass,
         before the pass's update), as scikit-learn's mini-batch k-means reports it.
         """
-        if space not in SPACES:
-            raise ValueError(f"space must be one of {SPACES}; got {space!r}")
-        if space == "embed" and embed is None:
-            raise ValueError("space='embed' needs embed(pixels) -> (B, N, C), e.g. vwt.vocab.patch_embedder(model)")
+        _check_space(space, embed)
         km = MiniBatchKMeans(size, seed=seed, device=device, init_size=init_size)
 
         def features():
             for batch in (progress(batches) if progress else batches):
-                pixels = batch[0] if isinstance(batch, (tuple, list)) else batch
-                feats = embed(pixels) if space == "embed" else pixel_patches(pixels, patch_size)
-                yield feats.reshape(-1, feats.shape[-1])
+                yield batch_features(batch, space, patch_size, embed)
 
         for _ in range(passes):
             km.start_pass()
@@ -225,6 +220,72 @@ class Vocabulary:
         info.update(patches_seen=km.seen, passes=passes, refine=refine, seed=seed, inertia=km.pass_inertia,
                     inertia_patches=km.pass_patches)
         return cls(km.centres.cpu(), space=space, patch_size=patch_size, **info)
+
+    @classmethod
+    def learn_paper(cls, batches: Iterable, size: int = 1000, space: str = "pixel", patch_size: Optional[int] = 16,
+                    embed: Optional[Callable[[Tensor], Tensor]] = None, batch_size: int = 1024, seed: int = 0,
+                    progress=None, **meta) -> "Vocabulary":
+        """Learn ``size`` words with the VWT paper's recipe (its ``process.py`` + ``learn_words``):
+        scikit-learn's ``MiniBatchKMeans(size, n_init="auto", batch_size=batch_size)`` with NumPy's
+        generator seeded ``seed`` (the paper: ``set_seed(0)`` just before), one ``partial_fit`` per
+        batch of ``batches`` (the paper: data-loader batches of 1024 images, loader order), one pass.
+
+        batches: an iterable of normalised pixels (B, 3, H, W) or (pixels, anything) pairs, read once.
+        Memory holds one batch's patches at a time: each batch is dropped before the next is read.
+        progress: an object with ``update(1)`` (e.g. ``tqdm(total=batches)``), told after each batch
+        (it never holds one). The recorded inertia sums scikit-learn's ``inertia_`` of each batch
+        (measured after that batch's update).
+        """
+        _check_space(space, embed)
+        km = paper_kmeans(size, batch_size, seed)
+        seen, total = 0, 0.0
+        for batch in batches:
+            feats = batch_features(batch, space, patch_size, embed)
+            batch = None  # noqa: F841  (drop the pixels before k-means runs)
+            x, feats = feats.detach().to("cpu", torch.float32).numpy(), None
+            if seen == 0 and x.shape[0] < size:
+                raise ValueError(f"the first batch gives {x.shape[0]} patches, fewer than the {size} words: "
+                                 "scikit-learn initialises k-means on the first batch; use bigger batches or fewer words")
+            km.partial_fit(x)
+            seen, total = seen + x.shape[0], total + float(km.inertia_)
+            x = None
+            if progress is not None:
+                progress.update(1)
+        if seen == 0:
+            raise ValueError("k-means got no data")
+        import sklearn
+
+        info = dict(meta)
+        info.update(patches_seen=seen, kmeans="paper", kmeans_seed=seed, kmeans_batch_size=batch_size,
+                    inertia=total, inertia_patches=seen, sklearn=sklearn.__version__)
+        return cls(torch.from_numpy(km.cluster_centers_), space=space, patch_size=patch_size, **info)
+
+
+def paper_kmeans(size: int, batch_size: int = 1024, seed: int = 0):
+    """scikit-learn's ``MiniBatchKMeans`` as the paper's ``learn_words`` builds it: ``n_clusters``,
+    ``n_init="auto"`` and ``batch_size`` set, everything else default. The paper leaves
+    ``random_state`` None after ``np.random.seed(0)``, which draws the same numbers as a fresh
+    ``RandomState(0)``; the fresh one leaves NumPy's global generator alone."""
+    import numpy as np
+    from sklearn.cluster import MiniBatchKMeans as SKMiniBatchKMeans
+
+    return SKMiniBatchKMeans(n_clusters=size, n_init="auto", batch_size=batch_size,
+                             random_state=np.random.RandomState(seed))
+
+
+def batch_features(batch, space: str, patch_size: Optional[int], embed=None) -> Tensor:
+    """One batch (pixels (B, 3, H, W) or a (pixels, ...) pair) as (B·N, D) rows: pixel patches
+    (3·P·P values each, channel-major, as the paper's ``pretokenize``) or ``embed(pixels)``."""
+    pixels = batch[0] if isinstance(batch, (tuple, list)) else batch
+    feats = embed(pixels) if space == "embed" else pixel_patches(pixels, patch_size)
+    return feats.reshape(-1, feats.shape[-1])
+
+
+def _check_space(space: str, embed) -> None:
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}; got {space!r}")
+    if space == "embed" and embed is None:
+        raise ValueError("space='embed' needs embed(pixels) -> (B, N, C), e.g. vwt.vocab.patch_embedder(model)")
 
 
 def _jsonable(o):
