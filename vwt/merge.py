@@ -42,7 +42,8 @@ class _Plan:
     dst:       (B, M) the slot each of them folds into
     valid:     (B, M) the fold happens (False: filler where an image folds fewer than M tokens)
     new_index: (B, N) the slot each old token ends in, -1 where it is dropped (for the labels)
-    weight:    None: size-weighted means (ToMe); (B, M): a weighted sum into slots that start empty (EViT)
+    weight:    None: size-weighted means (ToMe); (B, M): the folds' weighted sum makes slot dst[:, 0], one
+               slot per image that starts empty (EViT's fused token)
     """
 
     take: Tensor
@@ -55,18 +56,21 @@ class _Plan:
 
 
 def _rows(x: Tensor, index: Tensor) -> Tensor:
-    """x[b, index[b, j]] for (B, N, C) tokens and a (B, L) index: whole-row copies (faster than gather)."""
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+    """x[b, index[b, j]] for (B, N, C) tokens and a (B, L) index: whole-row copies (on a CPU several
+    times faster than gather or advanced indexing)."""
+    b, n, c = x.shape
+    flat = index + torch.arange(b, device=x.device)[:, None] * n         # (B, L) rows of (B*N, C)
+    return x.reshape(b * n, c).index_select(0, flat.reshape(-1)).view(b, -1, c)  # (B, L, C)
 
 
 def _apply(state: TokenState, plan: _Plan, sizes: Optional[Tensor] = None) -> TokenState:
     """Tokens, sizes and labels after ``plan``; ``sizes`` (B, N) replaces the state's sizes as the
     weights (the paper's per-block ToMe starts each block from size 1). Each slot copies its token, then
     the folds add in: as size-weighted means, x_d + sum_i s_i (x_i - x_d) / S_d (only folded rows
-    change, as official ToMe's sum(x * size) / sum(size)), or with ``plan.weight`` as a weighted sum."""
+    change, as official ToMe's sum(x * size) / sum(size)), or with ``plan.weight`` as one weighted sum."""
     x = state.x                                                          # (B, N, C)
     size = state.sizes() if sizes is None else sizes                     # (B, N)
-    b, c = x.shape[0], x.shape[-1]
+    c = x.shape[-1]
     out_x = _rows(x, plan.take)                                          # (B, L, C) each slot's own token
     out_size = size.gather(1, plan.take) * plan.real                     # (B, L) pads and empty slots: 0
     w = size.gather(1, plan.src) * plan.valid                            # (B, M) patches each fold brings
@@ -76,11 +80,10 @@ def _apply(state: TokenState, plan: _Plan, sizes: Optional[Tensor] = None) -> To
         xd = _rows(out_x, plan.dst)                                      # (B, M, C) their slots, before folding
         coef = w / out_size.gather(1, plan.dst).clamp_min(1e-12)         # (B, M) s_i / S_d (0 if not valid)
         delta = (xs - xd) * coef.to(x.dtype)[..., None]                  # (B, M, C)
+        out_x.scatter_add_(1, plan.dst[..., None].expand(-1, -1, c), delta)  # (B, L, C) (index_add_: far slower on a CPU)
     else:
-        out_x.masked_fill_(~plan.real[..., None], 0)                     # (B, L, C) empty slots start at 0
-        delta = xs * (plan.weight * plan.valid).to(x.dtype)[..., None]   # (B, M, C)
-    flat = plan.dst + torch.arange(b, device=x.device)[:, None] * out_x.shape[1]  # (B, M) rows of (B*L, C)
-    out_x.view(-1, c).index_add_(0, flat.reshape(-1), delta.reshape(-1, c))      # (B, L, C)
+        folded = (plan.weight * plan.valid).to(x.dtype)[:, None, :] @ xs  # (B, 1, C) weighted sum
+        out_x.scatter_(1, plan.dst[:, :1, None].expand(-1, -1, c), folded)  # (B, L, C) replaces slot dst[:, 0]
     return replace(state, x=out_x, size=out_size, labels=state.relabel(plan.new_index))
 
 
@@ -302,11 +305,13 @@ class EViT(Reducer):
         real_slot = torch.arange(p + k + extra, device=dev)[None] < (p + k_img)[:, None]  # (B, L)
         new_tok = torch.where(kept, p + rank, torch.full_like(rank, -1))  # (B, n) kept -> slot, else dropped
         dropped = is_real & ~kept if self.fuse else torch.zeros_like(kept)  # (B, n) folded into one token
-        slot = (p + k_img)[:, None].expand(-1, n)                        # (B, n) right after the kept tokens
+        slot = (p + k_img)[:, None]                                      # (B, 1) right after the kept tokens
         new_tok = torch.where(dropped, slot, new_tok)                    # (B, n)
-        return _Plan(take=take, real=real_slot, src=p + torch.arange(n, device=dev).expand(b, -1),
-                     dst=slot.clamp(max=take.shape[1] - 1), valid=dropped,
-                     new_index=torch.cat([prefix, new_tok], 1), weight=attn)
+        lo = k if state.size is None else int(k_img.min())               # every dropped token ranks >= lo
+        tail = order[:, lo:]                                             # (B, M) the candidates to fold
+        return _Plan(take=take, real=real_slot, src=p + tail, dst=slot.clamp(max=take.shape[1] - 1).expand_as(tail),
+                     valid=dropped.gather(1, tail), new_index=torch.cat([prefix, new_tok], 1),
+                     weight=attn.gather(1, tail))
 
 
 # --------------------------------------------------------------------------------------------------
