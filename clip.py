@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_model_args(p)
     cli.add_data_args(p, default="waterbirds", choices=DATA)
     cli.add_method_args(p)
+    cli.add_protocol_arg(p)
     g = p.add_argument_group("evaluation")
     g.add_argument("--split", default=None,
                    help="data split (default: test; MetaShift: all of train and test; ImageNet: val)")
@@ -222,9 +223,12 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     check_model_and_data(args, loaded)
     ds.transform = datasets.preprocess_for(loaded.model)
     names = class_names(args, ds)
+    quant_first = args.quant and args.protocol == "paper"  # the paper's text features come from the int8 model
+    if quant_first:
+        cli.quantize(loaded.model, args.protocol, loaded.family)
     text = None if loaded.family == "timm" else text_features(loaded, [args.prompt.format(n) for n in names], device)
-    if args.quant:
-        cli.quantize(loaded.model)
+    if args.quant and not quant_first:
+        cli.quantize(loaded.model, args.protocol, loaded.family)
 
     if not loaded.pretrained:
         print("warning: evaluating random weights (test hook)", file=sys.stderr)
@@ -235,7 +239,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     try:
         for seed in seeds:
             cli.seed_everything(seed)
-            vwt.patch(loaded.model, *cli.reducers_from_args(args_for_seed(args, seed)))
+            vwt.patch(loaded.model, *cli.reducers_from_args(args_for_seed(args, seed), loaded.family))
             run = evaluate(args, loaded, ds, text, device, dtype, desc=f"{args.data} seed {seed}")
             runs.append({"seed": seed, "vocab_path": None if vocabs[seed] is None else str(vocabs[seed]), **run})
     finally:
@@ -243,6 +247,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     agg, summary = aggregate(runs)
     result = {
         "task": "clip", "model": loaded.name, "pretrained": loaded.pretrained, "method": cli.method_name(args),
+        "protocol": args.protocol,
         "data": args.data + (f"-{args.split}" if args.split else "") + (f" (first {args.limit})" if args.limit else ""),
         "split": args.split, "images": len(ds), "prompt": args.prompt, "labels": names if args.data in GROUPED else None,
         "seeds": seeds, "deterministic": deterministic, "runs": runs, "metrics": agg, "summary": summary,

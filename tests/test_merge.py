@@ -320,6 +320,28 @@ def test_script_flags_build_the_reducers(flags, cls, attrs):
     assert counts(model)[0, -1] < NUM_PATCHES + 1
 
 
+@pytest.mark.parametrize("protocol,family,expect", [
+    ("paper", "hf_clip", ("per-block", True)),    # the paper's modeling_clip.py: previous block's sizes
+    ("paper", "hf_blip", ("per-block", False)),   # modeling_blip.py: no proportional attention
+    ("paper", "timm", ("cumulative", True)),      # the paper never ran these: official ToMe
+    ("paper", "open_clip", ("cumulative", True)),
+    ("paper", None, ("cumulative", True)),
+    ("standard", "hf_clip", ("cumulative", True)),
+    ("standard", "hf_blip", ("cumulative", True)),
+])
+def test_protocol_picks_the_tome(protocol, family, expect):
+    from vwt import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_method_args(p)
+    cli.add_protocol_arg(p)
+    (red,) = cli.reducers_from_args(p.parse_args(["--tome", "13", "--protocol", protocol]), family)
+    assert (red.r, red.sizes, red.prop_attn) == (13,) + expect
+    (red,) = cli.build_reducers(tome=13, protocol=protocol, family=family)
+    assert (red.r, red.sizes, red.prop_attn) == (13,) + expect
+    assert type(cli.build_reducers(lgtm=8, protocol=protocol, family=family)[0]) is vwt.LGTM
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reducer", [vwt.ToMe(r=3), vwt.EViT(keep=0.5), vwt.LGTM(r=4)], ids=repr)
 def test_half_precision_follows_float32(reducer, dtype):

@@ -251,10 +251,19 @@ def read_vocabulary(path: Path, missing_hint: str = ""):
         raise UserError(f"cannot read vocabulary {path}: {e}") from None
 
 
+PAPER_FAMILIES = {"hf_clip": True, "hf_blip": False}  # the families the paper's code ran -> its ToMe's prop_attn
+
+
 def build_reducers(top_k: Optional[float] = None, vocab=None, thresh: float = 0.1, random: bool = False,
-                   prop_attn: bool = False, tome=None, evit=None, lgtm=None) -> list:
+                   prop_attn: bool = False, tome=None, evit=None, lgtm=None, protocol: str = "paper",
+                   family: Optional[str] = None) -> list:
     """The reducers of one configuration (``vocab``: a loaded Vocabulary for inter-image); settings the
-    reducers refuse become one-line UserErrors."""
+    reducers refuse become one-line UserErrors.
+
+    ``--tome`` under protocol ``paper`` on the families the paper ran (``family`` hf_clip, hf_blip) is
+    the paper's ToMe, ``vwt.ToMe(r, sizes="per-block")``, with proportional attention in CLIP only, as
+    its modeling_clip.py / modeling_blip.py; otherwise (protocol ``standard``, open_clip, timm, or an
+    unknown family) official ToMe, ``vwt.ToMe(r)``."""
     import vwt
 
     if top_k is not None and vocab is not None:
@@ -269,7 +278,9 @@ def build_reducers(top_k: Optional[float] = None, vocab=None, thresh: float = 0.
             reducers.append(vwt.IntraImage(drop=top_k, random=random))
         if vocab is not None:
             reducers.append(vwt.InterImage(vocab, thresh=thresh, random=random, prop_attn=prop_attn))
-        if tome is not None:
+        if tome is not None and protocol == "paper" and family in PAPER_FAMILIES:
+            reducers.append(vwt.ToMe(r=tome, prop_attn=PAPER_FAMILIES[family], sizes="per-block"))
+        elif tome is not None:
             reducers.append(vwt.ToMe(r=tome))
         if evit is not None:
             reducers.append(vwt.EViT(keep=evit))
@@ -280,8 +291,9 @@ def build_reducers(top_k: Optional[float] = None, vocab=None, thresh: float = 0.
     return reducers
 
 
-def reducers_from_args(args) -> list:
-    """The reducers the method flags ask for (the vocabulary is loaded and checked here)."""
+def reducers_from_args(args, family: Optional[str] = None) -> list:
+    """The reducers the method flags ask for (the vocabulary is loaded and checked here), under
+    ``args.protocol`` (default paper) for a model of ``family`` (see :func:`build_reducers`)."""
     if getattr(args, "top_k", None) is not None and vocab_path(args) is not None:
         raise UserError("choose one input reducer: --top_k (intra-image) or --vocab/--vocab-path (inter-image)")
     if sum(getattr(args, k, None) is not None for k in ("tome", "evit", "lgtm")) > 1:
@@ -292,18 +304,25 @@ def reducers_from_args(args) -> list:
               f"{args.vocab}` or pass --vocab-path")
     return build_reducers(getattr(args, "top_k", None), vocab, getattr(args, "thresh", 0.1),
                           getattr(args, "random", False), getattr(args, "prop_attn", False),
-                          getattr(args, "tome", None), getattr(args, "evit", None), getattr(args, "lgtm", None))
+                          getattr(args, "tome", None), getattr(args, "evit", None), getattr(args, "lgtm", None),
+                          protocol=getattr(args, "protocol", "paper"), family=family)
 
 
-def quantize(model: nn.Module) -> nn.Module:
-    """``--quant``: vwt.quantize, with its "cannot run here" errors (no CUDA for bitsandbytes, a backend
-    that is not installed) as one-line UserErrors."""
+def quantize(model: nn.Module, protocol: str = "standard", family: Optional[str] = None) -> nn.Module:
+    """``--quant``, with its "cannot run here" errors (no CUDA, a backend that is not installed) as
+    one-line UserErrors. Protocol ``paper`` on Hugging Face CLIP/BLIP (``family`` hf_clip, hf_blip):
+    the whole model through accelerate, as the paper (``vwt.quant.quantize_whole_model``; CUDA only);
+    otherwise the vision tower (``vwt.quantize``: bitsandbytes on CUDA, torchao on a CPU)."""
     import vwt
+    from vwt.quant import quantize_whole_model
 
     try:
+        if protocol == "paper" and family in PAPER_FAMILIES:
+            return quantize_whole_model(model)
         return vwt.quantize(model)
     except RuntimeError as e:
-        raise UserError(str(e)) from None
+        hint = "; --protocol standard quantizes the vision tower with torchao on a CPU" if protocol == "paper" else ""
+        raise UserError(str(e) + hint) from None
 
 
 # --------------------------------------------------------------------------------------------------

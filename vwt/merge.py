@@ -80,7 +80,7 @@ def _apply(state: TokenState, plan: _Plan, sizes: Optional[Tensor] = None) -> To
         xd = _rows(out_x, plan.dst)                                      # (B, M, C) their slots, before folding
         coef = w / out_size.gather(1, plan.dst).clamp_min(1e-12)         # (B, M) s_i / S_d (0 if not valid)
         delta = (xs - xd) * coef.to(x.dtype)[..., None]                  # (B, M, C)
-        out_x.scatter_add_(1, plan.dst[..., None].expand(-1, -1, c), delta)  # (B, L, C) (index_add_: far slower on a CPU)
+        out_x.scatter_add_(1, plan.dst[..., None].expand(-1, -1, c), delta)  # (B, L, C); index_add_ is far slower
     else:
         folded = (plan.weight * plan.valid).to(x.dtype)[:, None, :] @ xs  # (B, 1, C) weighted sum
         out_x.scatter_(1, plan.dst[:, :1, None].expand(-1, -1, c), folded)  # (B, L, C) replaces slot dst[:, 0]
