@@ -228,3 +228,17 @@ def test_per_block_sizes_count_the_last_merge_only():
 def test_sizes_is_checked():
     with pytest.raises(ValueError, match="sizes must be one of"):
         vwt.ToMe(r=2, sizes="per-layer")
+
+
+@pytest.mark.parametrize("r,sizes,expect", [(1, "per-block", [1.0, 1.0]),  # capped to 0 merges: sizes still reset
+                                            (3, "per-block", [1.0, 4.0]),  # 2 tokens < r: the block is skipped
+                                            (1, "cumulative", [1.0, 4.0])])
+def test_per_block_sizes_reset_even_when_nothing_merges(r, sizes, expect):
+    from vwt.encoder import BlockContext, initial_state
+
+    x = torch.randn(1, 2, 8)  # class token + one token that stood for 4 patches
+    state = initial_state(x, (1, 4), prefix=1)
+    state.size = torch.tensor([[1.0, 4.0]])
+    k = torch.randn(1, 2, 2, 4)
+    out = vwt.ToMe(r=r, sizes=sizes).after_attn(state, BlockContext(0, 1, q=k, k=k, scale=1.0, bias=None))
+    assert out.size.tolist() == [expect] and torch.equal(out.x, x)

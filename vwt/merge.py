@@ -197,18 +197,22 @@ def _global_merge(state: TokenState, ctx: BlockContext, r: int, per_block: bool 
     """ToMe step: merge up to r tokens per image, capped at half its real non-prefix tokens (official
     ToMe's cap). ``per_block``: the VWT paper's layer logic (see :class:`ToMe`)."""
     p, n = state.prefix, state.num_tokens
-    if r <= 0 or n - p < 2:
+    if r <= 0:
         return state
     real = state.real_counts()                                           # (B,) prefix included
     budget = ((real - p) // 2).clamp(max=r)[:, None]                     # (B, 1)
     if not per_block:
-        return _apply(state, _bipartite_match(state, ctx.metric, budget, min(r, (n - p) // 2),
-                                              out_len=n - min(r, (n - p) // 2)))
+        if n - p < 2:
+            return state
+        cap = min(r, (n - p) // 2)
+        return _apply(state, _bipartite_match(state, ctx.metric, budget, cap, out_len=n - cap))
     attempt = real >= r                                                  # (B,) the paper skips a block with < r tokens
     if not bool(attempt.any()):
         return state
     fresh = state.sizes() if state.size is None else (state.size > 0).float()  # (B, N) 1 per real token
     sizes = torch.where(attempt[:, None], fresh, state.sizes())          # (B, N) a merging block starts from 1
+    if n - p < 2:  # nothing to match, yet the paper's do-nothing merge still resets the sizes
+        return replace(state, size=sizes)
     plan = _bipartite_match(state, ctx.metric, budget * attempt[:, None], min(r, (n - p) // 2))
     return _apply(state, plan, sizes)
 
