@@ -271,6 +271,26 @@ def test_padded_batch_equals_each_image_alone(name, reducer):
             assert (batch[i] - alone[0]).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("reducer", [vwt.ToMe(r=3), vwt.ToMe(r=[8, 2, 8, 1]), vwt.LGTM(r=4, dense=1, local=2)], ids=repr)
+def test_padded_batch_without_a_class_token_equals_each_image_alone(reducer):
+    # no prefix token: official ToMe leaves the unmerged A tokens in score order; pads stay behind them
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=IMAGE, patch_size=PATCH, embed_dim=64, depth=4, num_heads=4, num_classes=10,
+                              class_token=False, global_pool="avg").eval()
+    x, vocab = padded_batch()
+    inter = vwt.InterImage(vocab, thresh=0.1)
+    batch = run(model, x, inter, reducer, entry=lambda m, x: m.forward_features(x))
+    batch_counts = counts(model)
+    assert batch_counts[:, 0].tolist() == [3, 12, 16] and (batch_counts[:, -1] < batch_counts[:, 0]).all()
+    for i in range(3):
+        alone = run(model, x[i:i + 1], inter, reducer, entry=lambda m, x: m.forward_features(x))
+        assert torch.equal(counts(model)[0], batch_counts[i])
+        n = alone.shape[1]
+        assert (batch[i, :n] - alone[0]).abs().max().item() < TOL and (batch[i, n:] == 0).all()
+
+
 @pytest.mark.parametrize("reducer", [vwt.ToMe(r=2), vwt.EViT(keep=0.5), vwt.LGTM(r=4)], ids=repr)
 def test_combines_with_intra_image(reducer):
     model = timm_vit()
