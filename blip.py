@@ -1,8 +1,11 @@
 """blip.py: caption quality of BLIP with and without token reduction.
 
 Captions the COCO Karpathy test split (--data coco) or NoCaps validation (--data nocaps) with beam
-search (beam 3, max length 20, min length 5, prompt "a picture of " as BLIP's own COCO evaluation; the
-prompt counts towards the lengths and is cut from the caption), then scores them with pycocoevalcap:
+search (beam 3, min length 5, max length 20, or 40 with a --penalty above 1). Under --protocol paper
+(default) decoding starts from the BOS token with no text prompt, as the paper's code; under standard
+from the prompt "a picture of ", as BLIP's own COCO evaluation (a prompt counts towards the lengths and
+is cut from the caption). --protocol also picks the paper's ToMe and int8 (README, "Protocols"). Then
+it scores the captions with pycocoevalcap:
 BLEU-4, METEOR, ROUGE-L, CIDEr, and SPICE where its Stanford CoreNLP jars are installed (otherwise
 "SPICE unavailable", never a number). NoCaps also gets CIDEr per domain (in, near, out).
 Each run also writes <run>.predictions.json ([{"image_id", "caption"}]: the paper's file, and the
@@ -44,14 +47,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_model_args(p, default=cli.DEFAULT_BLIP)
     cli.add_data_args(p, default="coco", choices=DATA)
     cli.add_method_args(p)
+    cli.add_protocol_arg(p)
     g = p.add_argument_group("captioning")
     g.add_argument("--split", default=None, help="data split (default: coco test, nocaps val)")
     g.add_argument("--limit", type=int, default=None, help="caption only the first N images (smoke runs)")
     g.add_argument("--beams", type=int, default=3, help="beam width (default 3)")
-    g.add_argument("--max-length", type=int, default=20, help="longest caption in tokens, prompt included (default 20)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="longest caption in tokens, prompt included (default 20, or 40 with --penalty above 1, "
+                        "as the paper)")
     g.add_argument("--min-length", type=int, default=5, help="shortest caption in tokens, prompt included (default 5)")
-    g.add_argument("--prompt", default="a picture of ", help="text the decoder starts from, cut from the captions "
-                                                              "(default 'a picture of '; '' for none)")
+    g.add_argument("--penalty", type=float, default=1.0,
+                   help="beam search length penalty (default 1.0; above 1 favours longer captions)")
+    g.add_argument("--prompt", default=None, help="text the decoder starts from, cut from the captions (default: "
+                                                  "none under --protocol paper, 'a picture of ' under standard)")
     g.add_argument("--seed", type=int, default=0, help="seed (matters for the --random ablations; default 0)")
     g.add_argument("--restart", action="store_true", help="discard this configuration's earlier captions and start over")
     g.add_argument("--no-score", action="store_true", help="write the captions only; score them in a later run")
@@ -60,6 +68,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--summary", action="store_true",
                    help="do not caption: gather the results files under <out>/blip into summary.md and summary.csv")
     return p.parse_args(argv)
+
+
+def caption_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the decoding settings left to the protocol: the prompt (none under paper: the paper's
+    ``utils/dec.py`` calls ``generate`` without input ids, so decoding starts from BOS; 'a picture of '
+    under standard) and the max length (20, or 40 with a length penalty above 1, as the paper's)."""
+    if args.prompt is None:
+        args.prompt = "" if args.protocol == "paper" else "a picture of "
+    if args.max_length is None:
+        args.max_length = 40 if args.penalty > 1 else 20
+    return args
 
 
 def run_name(args, model_name: str, limit: bool = True) -> str:
@@ -74,7 +93,8 @@ def run_name(args, model_name: str, limit: bool = True) -> str:
 
 def run_config(args, model_name: str) -> dict:
     """What the captions depend on: a resumed run must match it."""
-    keys = ("data", "split", "beams", "max_length", "min_length", "prompt", "dtype", "top_k", "vocab", "vocab_path",
+    keys = ("data", "split", "beams", "max_length", "min_length", "penalty", "prompt", "protocol", "dtype", "top_k",
+            "vocab", "vocab_path",
             "vocab_data", "thresh", "random", "prop_attn", "tome", "evit", "lgtm", "quant")
     cfg = {k: (str(getattr(args, k)) if isinstance(getattr(args, k), Path) else getattr(args, k)) for k in keys}
     cfg.update(model=model_name, method=cli.method_name(args), seed=args.seed if args.random else None)
@@ -140,7 +160,8 @@ def text_tokenizer(loaded: cli.Loaded):
 def caption_batch(args, loaded: cli.Loaded, pixels: torch.Tensor, prompt_ids) -> list[str]:
     """Beam-search captions of a batch, the prompt cut off as BLIP does."""
     tok = text_tokenizer(loaded)
-    kw = dict(num_beams=args.beams, max_length=args.max_length, min_length=args.min_length)
+    kw = dict(num_beams=args.beams, max_length=args.max_length, min_length=args.min_length,
+              length_penalty=args.penalty, do_sample=False)
     with torch.inference_mode():
         if prompt_ids is not None:
             ids = loaded.model.generate(pixel_values=pixels, input_ids=prompt_ids.expand(len(pixels), -1).clone(), **kw)
@@ -183,7 +204,7 @@ def caption(args, loaded: cli.Loaded, todo, path: Path, config: dict, device, dt
 def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     """Run blip.py. ``loaded`` (tests only) is an already-loaded model, used as it is, random weights
     included; the command line always loads pretrained weights."""
-    args = parse_args(argv)
+    args = caption_settings(parse_args(argv))
     out = Path(args.out) / "blip"
     if args.summary:
         md, csv_path, table = metrics.write_summary(out)
@@ -194,7 +215,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
     started = time.time()
-    reducers = cli.reducers_from_args(args)  # bad flags and missing data fail before the model loads
+    reducers = cli.reducers_from_args(args, family="hf_blip")  # bad flags and missing data fail before the model loads
     ds = datasets.load(args.data, args.data_root, None, split=args.split, limit=args.limit)
     if len(ds) == 0:
         raise UserError(f"{args.data}: no images in split {args.split or 'default'}")
@@ -221,7 +242,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
             print("warning: captioning with random weights (test hook)", file=sys.stderr)
         text_tokenizer(loaded)
         if args.quant:
-            cli.quantize(loaded.model)
+            cli.quantize(loaded.model, args.protocol, loaded.family)
         cli.seed_everything(args.seed)
         vwt.patch(loaded.model, *reducers)
         try:
@@ -250,6 +271,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     summary["tokens"] = tokens["tokens_first_block"]
     result = {
         "task": "blip", "model": loaded.name, "pretrained": loaded.pretrained, "method": cli.method_name(args),
+        "protocol": args.protocol,
         "data": args.data + (f"-{args.split}" if args.split else "") + (f" (first {args.limit})" if args.limit else ""),
         "split": args.split, "images": len(ds), "captions_file": str(path), "predictions_file": str(predictions),
         "references": refs_source(args), "metrics": scores, "domains": domains,

@@ -140,17 +140,6 @@ def resplit(args) -> bool:
     return args.protocol == "paper" and args.data in GROUPED
 
 
-def args_for_seed(args, seed: int) -> argparse.Namespace:
-    """The method flags of one run, with that seed's vocabulary: '{seed}' in --vocab-path, or for
-    --vocab SIZE the seed's own folder where it exists (see cli.vocab_path)."""
-    a = argparse.Namespace(**vars(args))
-    if a.vocab_path is not None and "{seed}" in str(a.vocab_path):
-        a.vocab_path = Path(str(a.vocab_path).format(seed=seed))
-    elif a.vocab_path is None and a.vocab is not None:
-        a.vocab_path = cli.vocab_path(args, seed=seed)
-    return a
-
-
 def load_data(args, seed: int, transform=None):
     """The evaluated split for ``seed``: the paper's re-split of it (see :func:`resplit`), else the fixed one."""
     ds = datasets.load(args.data, args.data_root, transform, split=args.split,
@@ -265,19 +254,22 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
     started = time.time()
     seeds = default_seeds(args)
-    cli.reducers_from_args(args_for_seed(args, seeds[0]))  # bad flags and missing data fail before the model loads
+    cli.reducers_from_args(args, seed=seeds[0])  # bad flags and missing data fail before the model loads
     ds = load_data(args, seeds[0])
     loaded = model_for(args, loaded, device, dtype)
     check_model_and_data(args, loaded)
     transform = transform_of(args, loaded)
     names = class_names(args, ds)
+    quant_first = args.quant and args.protocol == "paper"  # the paper's text features come from the int8 model
+    if quant_first:
+        cli.quantize(loaded.model, args.protocol, loaded.family)
     text = None if loaded.family == "timm" else text_features(loaded, [args.prompt.format(n) for n in names], device)
-    if args.quant:
-        cli.quantize(loaded.model)
+    if args.quant and not quant_first:
+        cli.quantize(loaded.model, args.protocol, loaded.family)
 
     if not loaded.pretrained:
         print("warning: evaluating random weights (test hook)", file=sys.stderr)
-    vocabs = {s: cli.vocab_path(args_for_seed(args, s)) for s in seeds}
+    vocabs = {s: cli.vocab_path(args, seed=s) for s in seeds}
     deterministic = not args.random and not resplit(args) and len(set(vocabs.values())) <= 1
     seeds = seeds[:1] if deterministic else seeds
     stem = results_path(args, loaded.name).with_suffix("")
@@ -286,7 +278,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
         for seed in seeds:
             ds = load_data(args, seed, transform)
             cli.seed_everything(seed)
-            vwt.patch(loaded.model, *cli.reducers_from_args(args_for_seed(args, seed)))
+            vwt.patch(loaded.model, *cli.reducers_from_args(args, seed=seed, family=loaded.family))
             run, scores = evaluate(args, loaded, ds, text, device, dtype, desc=f"{args.data} seed {seed}")
             preds = write_predictions(stem.parent / f"{stem.name}.seed{seed}.predictions.csv", ds, scores)
             runs.append({"seed": seed, "vocab_path": None if vocabs[seed] is None else str(vocabs[seed]),

@@ -69,13 +69,12 @@ def test_coco_captions_equal_direct_beam_search_and_scores_equal_metrics(root, t
     captions_file = tmp_path / "blip" / "coco__tiny-blip__base.captions.jsonl"
     got = lines(captions_file)
     assert got[0]["config"]["beams"] == 3 and got[0]["config"]["max_length"] == 20 and got[0]["config"]["min_length"] == 5
+    assert got[0]["config"]["prompt"] == "" and got[0]["config"]["protocol"] == "paper"
     ds = D.load("coco", root, D.preprocess_for(loaded.model))
     x = torch.stack([ds[i][0] for i in range(len(ds))])
-    prompt = tok("a picture of ", return_tensors="pt").input_ids.expand(len(x), -1).clone()
-    with torch.no_grad():
-        ids = loaded.model.generate(pixel_values=x, input_ids=prompt, num_beams=3, max_length=20, min_length=5)
-    direct = [t[len("a picture of"):].strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
-    assert all(t.startswith("a picture of") for t in tok.batch_decode(ids, skip_special_tokens=True))
+    with torch.no_grad():  # the paper's decoding: no text prompt, from BOS
+        ids = loaded.model.generate(pixel_values=x, num_beams=3, max_length=20, min_length=5)
+    direct = [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
     assert [l["image_id"] for l in got[1:]] == [42, 73, 74, 133]
     assert [l["caption"] for l in got[1:]] == direct
     assert all(l["tokens_first_block"] == 17 for l in got[1:])
@@ -86,7 +85,85 @@ def test_coco_captions_equal_direct_beam_search_and_scores_equal_metrics(root, t
     assert res["metrics"]["SPICE_note"].startswith("SPICE unavailable")
     assert res["summary"]["CIDEr"] == 100 * expected["CIDEr"] and res["summary"]["tokens"] == 17
     saved = json.loads((tmp_path / "blip" / "coco__tiny-blip__base.json").read_text())
-    assert saved["metrics"] == expected and "versions" in saved["environment"]
+    assert saved["metrics"] == expected and "versions" in saved["environment"] and saved["protocol"] == "paper"
+
+
+def test_standard_protocol_starts_from_the_prompt_and_cuts_it(root, tmp_path, tok):
+    loaded = blip(tok)
+    run(root, tmp_path, ["--data", "coco", "--no-score", "--protocol", "standard"], loaded)
+    got = lines(tmp_path / "blip" / "coco__tiny-blip__base.captions.jsonl")
+    assert got[0]["config"]["prompt"] == "a picture of " and got[0]["config"]["protocol"] == "standard"
+    ds = D.load("coco", root, D.preprocess_for(loaded.model))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    prompt = tok("a picture of ", return_tensors="pt").input_ids.expand(len(x), -1).clone()
+    with torch.no_grad():
+        ids = loaded.model.generate(pixel_values=x, input_ids=prompt, num_beams=3, max_length=20, min_length=5)
+    texts = tok.batch_decode(ids, skip_special_tokens=True)
+    assert all(t.startswith("a picture of") for t in texts)
+    assert [l["caption"] for l in got[1:]] == [t[len("a picture of"):].strip() for t in texts]
+
+
+def long_blip(tok):
+    """The tiny BLIP with room for 40-token captions."""
+    from transformers import BlipForConditionalGeneration
+
+    cfg = tiny.blip_config()
+    cfg.text_config.max_position_embeddings = 48
+    torch.manual_seed(0)
+    return cli.Loaded(BlipForConditionalGeneration(cfg).eval(), "hf_blip", "tiny-blip", False, tok)
+
+
+def generate_calls(monkeypatch, loaded):
+    """The keyword arguments of every call of the model's generate."""
+    calls = []
+    generate = loaded.model.generate
+
+    def recorded(*args, **kw):
+        calls.append(dict(kw, positional=len(args)))
+        return generate(*args, **kw)
+
+    monkeypatch.setattr(loaded.model, "generate", recorded)
+    return calls
+
+
+@pytest.mark.parametrize("flags, max_length, penalty", [([], 20, 1.0), (["--penalty", "1.2"], 40, 1.2),
+                                                        (["--penalty", "1.2", "--max-length", "30"], 30, 1.2)])
+def test_paper_protocol_decodes_from_bos_with_the_papers_lengths(root, tmp_path, tok, monkeypatch, flags, max_length,
+                                                                 penalty):
+    loaded = long_blip(tok)
+    calls = generate_calls(monkeypatch, loaded)
+    run(root, tmp_path, ["--data", "coco", "--no-score", "--protocol", "paper"] + flags, loaded)
+    assert len(calls) == 2  # 4 images, batch 2
+    for kw in calls:
+        assert "input_ids" not in kw and kw["positional"] == 0 and kw["pixel_values"].shape[0] == 2
+        assert (kw["num_beams"], kw["min_length"], kw["max_length"]) == (3, 5, max_length)
+        assert kw["length_penalty"] == penalty and kw["do_sample"] is False
+    header = lines(next((tmp_path / "blip").glob("*.captions.jsonl")))[0]["config"]
+    assert header["max_length"] == max_length and header["penalty"] == penalty and header["prompt"] == ""
+
+
+def test_paper_protocol_tome_is_the_papers_tome(root, tmp_path, tok, monkeypatch):
+    loaded = blip(tok)
+    seen = []
+    generate = loaded.model.generate
+
+    def spy(**kw):
+        seen.append(patch_info(loaded.model).reducers)
+        return generate(**kw)
+
+    monkeypatch.setattr(loaded.model, "generate", spy)
+    run(root, tmp_path / "p", ["--data", "coco", "--no-score", "--tome", "2"], loaded)
+    run(root, tmp_path / "s", ["--data", "coco", "--no-score", "--tome", "2", "--protocol", "standard"], loaded)
+    (paper,), (standard,) = seen[0], seen[-1]
+    assert (paper.r, paper.sizes, paper.prop_attn) == (2, "per-block", False)  # BLIP: no proportional attention
+    assert (standard.r, standard.sizes, standard.prop_attn) == (2, "cumulative", True)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_paper_int8_on_a_cpu_is_one_line(root, tmp_path, tok, capsys):
+    base = ["--data-root", str(root), "--out", str(tmp_path), "--workers", "0", "--device", "cpu", "--no-score"]
+    err = _error(capsys, base + ["--quant", "--protocol", "paper"], blip(tok))
+    assert "needs CUDA" in err and "--protocol standard" in err
 
 
 @pytest.mark.skipif(not __import__("shutil").which("java"), reason="pycocoevalcap needs Java")
@@ -108,7 +185,7 @@ def test_nocaps_scores_each_domain_and_the_summary_gathers_runs(root, tmp_path, 
 
 
 @pytest.mark.parametrize("flags, first", [([], 17), (["--top_k", "0.5"], 9), (["--vocab-path", "{vocab}", "--thresh", "2"], 2),
-                                          (["--tome", "2"], 17), (["--quant"], 17)])
+                                          (["--tome", "2"], 17), (["--quant", "--protocol", "standard"], 17)])
 def test_methods_caption_every_image(root, tmp_path, tok, flags, first):
     vocab = vwt.Vocabulary(torch.randn(1, 192), space="pixel", patch_size=8).save(tmp_path / "v1")
     flags = [f.format(vocab=vocab) for f in flags]

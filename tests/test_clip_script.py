@@ -139,7 +139,7 @@ def _vocab(directory, words: int):
 
 
 @pytest.mark.parametrize("flags, label", [(["--top_k", "0.5"], "intra"), (["--vocab-path", "{vocab}", "--thresh", "2"], "inter"),
-                                          (["--tome", "2"], "tome"), (["--quant"], "int8")])
+                                          (["--tome", "2"], "tome"), (["--quant", "--protocol", "standard"], "int8")])
 def test_methods_run_and_reduce_tokens(root, tmp_path, tok, flags, label):
     vocab = _vocab(tmp_path / "v1", words=1)
     flags = [f.format(vocab=vocab) for f in flags]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vwt
+from test_tome_reference import lively
 from tiny import ENTRIES, GRID, IMAGE, NUM_PATCHES, PATCH, images, tile, timm_vit
 from vwt.encoder import BlockContext, initial_state
 
@@ -152,21 +153,23 @@ def make_state(x, size=None):
 
 def test_tome_merges_the_most_similar_pair_by_size_weighted_mean():
     torch.manual_seed(0)
-    b, n, c = 1, 9, 6  # class token + 8 tokens: A = tokens 1, 3, 5, 7; B = 2, 4, 6, 8
+    b, n, c = 1, 9, 6  # the whole sequence alternates: A = 0 (class), 2, 4, 6, 8; B = 1, 3, 5, 7
     x = torch.randn(b, n, c)
     k = torch.randn(b, 1, n, 4) * 0.1 + torch.eye(4).repeat(1, 1, 3, 1)[:, :, :n]  # heads = 1
-    k[0, 0, 5] = k[0, 0, 8] * 2  # token 5 (A) points the same way as token 8 (B): the best pair
-    size = torch.tensor([[1.0, 1, 1, 1, 1, 3, 1, 1, 2]])
+    k[0, 0, 6] = k[0, 0, 3] * 2  # token 6 (A) points the same way as token 3 (B): the best pair
+    k[0, 0, 0] = k[0, 0, 1]  # the class token (A) matches token 1 perfectly, yet never merges
+    size = torch.tensor([[1.0, 1, 1, 2, 1, 1, 3, 1, 1]])
     state = make_state(x, size)
     ctx = BlockContext(0, 1, q=k, k=k, scale=1.0, bias=None)
     out = vwt.ToMe(r=1).after_attn(state, ctx)
-    # new order: class, unmerged A (1, 3, 7), then B (2, 4, 6, 8 with 5 merged into 8)
-    order = [0, 1, 3, 7, 2, 4, 6]
-    assert torch.allclose(out.x[:, :7], x[:, order])
-    merged = (3 * x[:, 5] + 2 * x[:, 8]) / 5
-    assert torch.allclose(out.x[:, 7], merged, atol=1e-6)
-    assert out.size.tolist() == [[1, 1, 1, 1, 1, 1, 1, 5]]
-    assert out.labels.tolist() == [[1, 4, 2, 5, 7, 6, 3, 7]]  # patch p was token p + 1
+    # new order: class + unmerged A in order (0, 2, 4, 8), then B (1, 3, 5, 7 with 6 merged into 3)
+    order = [0, 2, 4, 8, 1, 3, 5, 7]
+    keep = [0, 1, 2, 3, 4, 6, 7]
+    assert torch.allclose(out.x[:, keep], x[:, [order[i] for i in keep]])
+    merged = (3 * x[:, 6] + 2 * x[:, 3]) / 5
+    assert torch.allclose(out.x[:, 5], merged, atol=1e-6)
+    assert out.size.tolist() == [[1, 1, 1, 1, 1, 5, 1, 1]]
+    assert out.labels.tolist() == [[4, 1, 5, 2, 6, 5, 7, 3]]  # patch p was token p + 1
 
 
 def test_evit_keeps_top_attention_and_fuses_the_rest_weighted_by_attention():
@@ -235,16 +238,19 @@ def _hidden(m, x):
     return m(pixel_values=x).last_hidden_state
 
 
-@pytest.mark.parametrize("reducer", [vwt.ToMe(r=3), vwt.ToMe(r=[8, 2, 8, 1]), vwt.EViT(keep=0.6),
-                                     vwt.EViT(keep=0.3, layers=(0, 1, 2, 3)), vwt.LGTM(r=4, dense=1, local=2)],
+@pytest.mark.parametrize("reducer", [vwt.ToMe(r=3), vwt.ToMe(r=[8, 2, 8, 1]), vwt.ToMe(r=3, sizes="per-block"),
+                                     vwt.ToMe(r=[8, 2, 8, 1], prop_attn=False, sizes="per-block"),
+                                     vwt.EViT(keep=0.6), vwt.EViT(keep=0.3, layers=(0, 1, 2, 3)),
+                                     vwt.LGTM(r=4, dense=1, local=2)],
                          ids=repr)
 @pytest.mark.parametrize("name", ["timm.token", "open_clip.avg", "hf_blip.vision"])
 def test_padded_batch_equals_each_image_alone(name, reducer):
     build, entry = ENTRIES[name]
+    model = build()
     if name == "hf_blip.vision":
         entry = _hidden
+        lively(model)  # the tiny BLIP's own outputs are about 1e-7: below the tolerance
     x, vocab = padded_batch()
-    model = build()
     inter = vwt.InterImage(vocab, thresh=0.1)
     batch = run(model, x, inter, reducer, entry=entry)
     batch_counts = counts(model)
@@ -258,6 +264,26 @@ def test_padded_batch_equals_each_image_alone(name, reducer):
             assert (batch[i, n:] == 0).all()
         else:
             assert (batch[i] - alone[0]).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("reducer", [vwt.ToMe(r=3), vwt.ToMe(r=[8, 2, 8, 1]), vwt.LGTM(r=4, dense=1, local=2)], ids=repr)
+def test_padded_batch_without_a_class_token_equals_each_image_alone(reducer):
+    # no prefix token: official ToMe leaves the unmerged A tokens in score order; pads stay behind them
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=IMAGE, patch_size=PATCH, embed_dim=64, depth=4, num_heads=4, num_classes=10,
+                              class_token=False, global_pool="avg").eval()
+    x, vocab = padded_batch()
+    inter = vwt.InterImage(vocab, thresh=0.1)
+    batch = run(model, x, inter, reducer, entry=lambda m, x: m.forward_features(x))
+    batch_counts = counts(model)
+    assert batch_counts[:, 0].tolist() == [3, 12, 16] and (batch_counts[:, -1] < batch_counts[:, 0]).all()
+    for i in range(3):
+        alone = run(model, x[i:i + 1], inter, reducer, entry=lambda m, x: m.forward_features(x))
+        assert torch.equal(counts(model)[0], batch_counts[i])
+        n = alone.shape[1]
+        assert (batch[i, :n] - alone[0]).abs().max().item() < TOL and (batch[i, n:] == 0).all()
 
 
 @pytest.mark.parametrize("reducer", [vwt.ToMe(r=2), vwt.EViT(keep=0.5), vwt.LGTM(r=4)], ids=repr)
@@ -307,6 +333,28 @@ def test_script_flags_build_the_reducers(flags, cls, attrs):
     model = timm_vit()
     run(model, images(1), red)
     assert counts(model)[0, -1] < NUM_PATCHES + 1
+
+
+@pytest.mark.parametrize("protocol,family,expect", [
+    ("paper", "hf_clip", ("per-block", True)),    # the paper's modeling_clip.py: previous block's sizes
+    ("paper", "hf_blip", ("per-block", False)),   # modeling_blip.py: no proportional attention
+    ("paper", "timm", ("cumulative", True)),      # the paper never ran these: official ToMe
+    ("paper", "open_clip", ("cumulative", True)),
+    ("paper", None, ("cumulative", True)),
+    ("standard", "hf_clip", ("cumulative", True)),
+    ("standard", "hf_blip", ("cumulative", True)),
+])
+def test_protocol_picks_the_tome(protocol, family, expect):
+    from vwt import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_method_args(p)
+    cli.add_protocol_arg(p)
+    (red,) = cli.reducers_from_args(p.parse_args(["--tome", "13", "--protocol", protocol]), family=family)
+    assert (red.r, red.sizes, red.prop_attn) == (13,) + expect
+    (red,) = cli.build_reducers(tome=13, protocol=protocol, family=family)
+    assert (red.r, red.sizes, red.prop_attn) == (13,) + expect
+    assert type(cli.build_reducers(lgtm=8, protocol=protocol, family=family)[0]) is vwt.LGTM
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

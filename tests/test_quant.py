@@ -1,5 +1,7 @@
 """vwt.quantize: int8 vision towers stay close to float, combine with the reducers and vwt.patch, touch
-only the vision tower, and refuse what cannot run with one clear line."""
+only the vision tower, and refuse what cannot run with one clear line. The paper's int8 (the whole
+model through accelerate, vwt.quant.quantize_whole_model): the text tower too on CUDA, one line on a
+CPU."""
 import pytest
 import torch
 from torch import nn
@@ -122,3 +124,74 @@ def test_bitsandbytes_on_cuda(name):
         out = entry(model, x)
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in vision_tower(model).modules())
     assert cosine(out, ref) > 0.98
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_paper_int8_on_a_cpu_is_one_clear_line(tmp_path, capsys):
+    import clip as clip_script
+    import fixtures
+    from vwt import cli
+    from vwt.quant import quantize_whole_model
+
+    with pytest.raises(RuntimeError, match="needs CUDA") as e:
+        quantize_whole_model(hf_clip())
+    assert "\n" not in str(e.value)
+    root = tmp_path / "data"
+    fixtures.write_waterbirds(root)
+    loaded = cli.Loaded(hf_clip(), "hf_clip", "tiny", False, fixtures.char_clip_tokenizer(tmp_path / "tok"))
+    argv = ["--data", "waterbirds", "--data-root", str(root), "--out", str(tmp_path), "--workers", "0",
+            "--device", "cpu", "--quant", "--protocol", "paper"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(lambda: clip_script.main(argv, loaded))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "needs CUDA" in err[-1] and "--protocol standard" in err[-1], err
+    assert sum(line.startswith("error") for line in err) == 1 and not any("Traceback" in line for line in err)
+
+
+def _bnb_int8(module, bnb):
+    """Whether every nn.Linear below ``module`` is an LLM.int8 layer holding int8 weights."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return bool(linears) and all(isinstance(m, bnb.nn.Linear8bitLt) and m.weight.dtype == torch.int8 for m in linears)
+
+
+def _features(out):
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paper_int8_quantizes_the_whole_clip_model_text_tower_included():
+    bnb = pytest.importorskip("bitsandbytes")
+    from vwt.quant import quantize_whole_model
+
+    model = hf_clip().cuda()
+    x, ids = images(2).cuda(), torch.arange(1, 9).view(2, 4).cuda()
+    with torch.no_grad():
+        ref_text = _features(model.get_text_features(input_ids=ids))
+        ref_image = _features(model.get_image_features(pixel_values=x))
+        quantize_whole_model(model)
+        assert _bnb_int8(model.text_model, bnb) and _bnb_int8(model.vision_model, bnb)
+        assert _bnb_int8(model.text_projection, bnb) and _bnb_int8(model.visual_projection, bnb)
+        assert model.text_model.embeddings.token_embedding.weight.dtype == torch.float16  # the rest float16
+        text = _features(model.get_text_features(input_ids=ids))
+        vwt.patch(model, vwt.ToMe(r=2, sizes="per-block"))
+        image = _features(model.get_image_features(pixel_values=x))
+    assert cosine(text, ref_text) > 0.98 and cosine(image, ref_image) > 0.98
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paper_int8_leaves_blips_text_decoder_as_accelerate_skips_it():
+    bnb = pytest.importorskip("bitsandbytes")
+    from tiny import hf_blip
+    from vwt.quant import quantize_whole_model
+
+    model = quantize_whole_model(hf_blip().cuda())
+    assert _bnb_int8(model.vision_model, bnb)
+    decoder = [m for m in model.text_decoder.modules() if isinstance(m, nn.Linear)]
+    assert decoder and not any(isinstance(m, bnb.nn.Linear8bitLt) for m in decoder)
+    assert all(m.weight.dtype == torch.float16 for m in decoder)
+    with torch.no_grad():
+        ids = model.generate(pixel_values=images(2).cuda().half(), num_beams=3, max_length=8, min_length=2)
+    assert ids.shape[0] == 2

@@ -404,6 +404,7 @@ def read_vocabulary(path: Path, missing_hint: str = ""):
 
 INPUT_FLAGS = {"top_k": "--top_k", "vocab": "--vocab/--vocab-path"}
 IN_NETWORK = ("tome", "evit", "lgtm")
+PAPER_FAMILIES = {"hf_clip": True, "hf_blip": False}  # the families the paper's code ran -> its ToMe's prop_attn
 
 
 def check_methods(**chosen) -> None:
@@ -417,6 +418,8 @@ def check_methods(**chosen) -> None:
                             "block": "--tome, --evit or --lgtm"})
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
 def missing_vocab_hint(args) -> str:
     """What to do when the vocabulary the flags name does not exist (appended to 'not found')."""
     if getattr(args, "vocab_path", None) is not None:
@@ -432,9 +435,15 @@ PROCESS_DATA = ("imgnet", "waterbirds", "celeba", "meta", "coco", "samples")  # 
 
 
 def build_reducers(top_k: Optional[float] = None, vocab=None, thresh: float = 0.1, random: bool = False,
-                   prop_attn: bool = False, tome=None, evit=None, lgtm=None) -> list:
+                   prop_attn: bool = False, tome=None, evit=None, lgtm=None, protocol: str = "paper",
+                   family: Optional[str] = None) -> list:
     """The reducers of one configuration (``vocab``: a loaded Vocabulary for inter-image); settings the
-    reducers refuse become one-line UserErrors."""
+    reducers refuse become one-line UserErrors.
+
+    ``--tome`` under protocol ``paper`` on the families the paper ran (``family`` hf_clip, hf_blip) is
+    the paper's ToMe, ``vwt.ToMe(r, sizes="per-block")``, with proportional attention in CLIP only, as
+    its modeling_clip.py / modeling_blip.py; otherwise (protocol ``standard``, open_clip, timm, or an
+    unknown family) official ToMe, ``vwt.ToMe(r)``."""
     check_methods(top_k=top_k, vocab=vocab, tome=tome, evit=evit, lgtm=lgtm)
     if top_k is not None and not 0 <= top_k < 1:
         raise UserError(f"--top_k is the fraction of patches to drop, in [0, 1); got {top_k}")
@@ -444,7 +453,9 @@ def build_reducers(top_k: Optional[float] = None, vocab=None, thresh: float = 0.
             reducers.append(vwt.IntraImage(drop=top_k, random=random))
         if vocab is not None:
             reducers.append(vwt.InterImage(vocab, thresh=thresh, random=random, prop_attn=prop_attn))
-        if tome is not None:
+        if tome is not None and protocol == "paper" and family in PAPER_FAMILIES:
+            reducers.append(vwt.ToMe(r=tome, prop_attn=PAPER_FAMILIES[family], sizes="per-block"))
+        elif tome is not None:
             reducers.append(vwt.ToMe(r=tome))
         if evit is not None:
             reducers.append(vwt.EViT(keep=evit))
@@ -455,24 +466,31 @@ def build_reducers(top_k: Optional[float] = None, vocab=None, thresh: float = 0.
     return reducers
 
 
-def reducers_from_args(args, seed: Optional[int] = None) -> list:
+def reducers_from_args(args, *, seed: Optional[int] = None, family: Optional[str] = None) -> list:
     """The reducers the method flags ask for, with ``seed``'s vocabulary (see :func:`vocab_path`;
-    loaded and checked here)."""
+    loaded and checked here), under ``args.protocol`` (default paper) for a model of ``family`` (see
+    :func:`build_reducers`)."""
     path = vocab_path(args, seed)
     check_methods(top_k=getattr(args, "top_k", None), vocab=path, **{k: getattr(args, k, None) for k in IN_NETWORK})
     vocab = None if path is None else read_vocabulary(path, missing_vocab_hint(args))
     return build_reducers(getattr(args, "top_k", None), vocab, getattr(args, "thresh", 0.1),
                           getattr(args, "random", False), getattr(args, "prop_attn", False),
-                          getattr(args, "tome", None), getattr(args, "evit", None), getattr(args, "lgtm", None))
+                          getattr(args, "tome", None), getattr(args, "evit", None), getattr(args, "lgtm", None),
+                          protocol=getattr(args, "protocol", "paper"), family=family)
 
 
-def quantize(model: nn.Module) -> nn.Module:
-    """``--quant``: vwt.quantize, with its "cannot run here" errors (no CUDA for bitsandbytes, a backend
-    that is not installed) as one-line UserErrors."""
+def quantize(model: nn.Module, protocol: str = "standard", family: Optional[str] = None) -> nn.Module:
+    """``--quant``, with its "cannot run here" errors (no CUDA, a backend that is not installed) as
+    one-line UserErrors. Protocol ``paper`` on Hugging Face CLIP/BLIP (``family`` hf_clip, hf_blip):
+    the whole model through accelerate, as the paper (``vwt.quant.quantize_whole_model``; CUDA only);
+    otherwise the vision tower (``vwt.quantize``: bitsandbytes on CUDA, torchao on a CPU)."""
     try:
+        if protocol == "paper" and family in PAPER_FAMILIES:
+            return vwt.quant.quantize_whole_model(model)
         return vwt.quantize(model)
     except RuntimeError as e:
-        raise UserError(str(e)) from None
+        hint = "; --protocol standard quantizes the vision tower with torchao on a CPU" if protocol == "paper" else ""
+        raise UserError(str(e) + hint) from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from . import bench, cli, datasets, energy, flops, results
+from .backends import family_of
 from .patch import patch, stats, token_stats, unpatch
 from .vocab import Vocabulary
 
@@ -241,8 +242,9 @@ def quantized(vision):
 
 
 def prepare(configs: list[Config], args, s: dict, vision, vocab, vocab_name: str) -> list[Prepared]:
-    """Reducers (built by cli.build_reducers) and towers of every configuration."""
-    out, int8 = [], None
+    """Reducers (built by cli.build_reducers, so ``--protocol paper`` times the paper's ToMe on the
+    families it ran) and towers of every configuration."""
+    out, int8, family = [], None, family_of(vision).name
     for cfg in configs:
         names = [n for n in (cfg.input, cfg.block) if n]
         chosen = reducer_settings(names, s)
@@ -250,7 +252,7 @@ def prepare(configs: list[Config], args, s: dict, vision, vocab, vocab_name: str
         label = cli.method_label(**chosen, **inter, vocab=vocab_name if cfg.input == "inter" else None, quant=cfg.quant)
         try:
             reducers = cli.build_reducers(**chosen, **inter, vocab=vocab if cfg.input == "inter" else None,
-                                          prop_attn=args.prop_attn)
+                                          prop_attn=args.prop_attn, protocol=args.protocol, family=family)
         except cli.UserError as e:
             raise cli.UserError(f"{cfg.name}: {e}") from None
         if cfg.quant and int8 is None:

@@ -10,13 +10,15 @@ number of merges is capped per image by its real tokens. So an image gives the s
 inside a padded batch. Shapes stay common to the batch; an image that removes fewer tokens than the
 longest keeps extra pads.
 
-Everything is vectorised over the batch (sort, gather, scatter_add): no loop over images and no full
-attention matrix.
+Each reduction is two steps: a matching step that only computes indices (a ``_Plan``: which token
+each output slot takes, which tokens fold into which slot) and one apply step, ``_apply``, that
+moves the tokens, sizes and labels by that plan. Everything is vectorised over the batch (sort,
+gather, scatter_add): no loop over images and no full attention matrix.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -28,113 +30,152 @@ _NEG = -math.inf
 
 
 # --------------------------------------------------------------------------------------------------
-# Shared machinery
+# Shared machinery: a matching step makes a plan (indices only), one apply step carries it out
 # --------------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """Where every token goes in one reduction; B images, N tokens in, L slots out, M folds.
+
+    take:      (B, L) the old token each output slot starts from (any index where ``real`` is False)
+    real:      (B, L) the slot starts from its ``take`` token (False: a pad, or a slot made only of folds)
+    src:       (B, M) old tokens folded into a slot
+    dst:       (B, M) the slot each of them folds into
+    valid:     (B, M) the fold happens (False: filler where an image folds fewer than M tokens)
+    new_index: (B, N) the slot each old token ends in, -1 where it is dropped (for the labels)
+    weight:    None: size-weighted means (ToMe); (B, M): the folds' weighted sum makes slot dst[:, 0], one
+               slot per image that starts empty (EViT's fused token)
+    """
+
+    take: Tensor
+    real: Tensor
+    src: Tensor
+    dst: Tensor
+    valid: Tensor
+    new_index: Tensor
+    weight: Optional[Tensor] = None
+
+
 def _rows(x: Tensor, index: Tensor) -> Tensor:
-    """x[b, index[b, j]] for (B, N, C) tokens and a (B, L) index: whole-row copies (faster than gather)."""
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+    """x[b, index[b, j]] for (B, N, C) tokens and a (B, L) index: whole-row copies (on a CPU several
+    times faster than gather or advanced indexing)."""
+    b, n, c = x.shape
+    flat = index + torch.arange(b, device=x.device)[:, None] * n         # (B, L) rows of (B*N, C)
+    return x.reshape(b * n, c).index_select(0, flat.reshape(-1)).view(b, -1, c)  # (B, L, C)
+
+
+def _apply(state: TokenState, plan: _Plan, sizes: Optional[Tensor] = None) -> TokenState:
+    """Tokens, sizes and labels after ``plan``; ``sizes`` (B, N) replaces the state's sizes as the
+    weights (the paper's per-block ToMe starts each block from size 1). Each slot copies its token, then
+    the folds add in: as size-weighted means, x_d + sum_i s_i (x_i - x_d) / S_d (only folded rows
+    change, as official ToMe's sum(x * size) / sum(size)), or with ``plan.weight`` as one weighted sum."""
+    x = state.x                                                          # (B, N, C)
+    size = state.sizes() if sizes is None else sizes                     # (B, N)
+    c = x.shape[-1]
+    out_x = _rows(x, plan.take)                                          # (B, L, C) each slot's own token
+    out_size = size.gather(1, plan.take) * plan.real                     # (B, L) pads and empty slots: 0
+    w = size.gather(1, plan.src) * plan.valid                            # (B, M) patches each fold brings
+    out_size = out_size.scatter_add(1, plan.dst, w)                      # (B, L) sizes add
+    xs = _rows(x, plan.src)                                              # (B, M, C) the folded tokens
+    if plan.weight is None:
+        xd = _rows(out_x, plan.dst)                                      # (B, M, C) their slots, before folding
+        coef = w / out_size.gather(1, plan.dst).clamp_min(1e-12)         # (B, M) s_i / S_d (0 if not valid)
+        delta = (xs - xd) * coef.to(x.dtype)[..., None]                  # (B, M, C)
+        out_x.scatter_add_(1, plan.dst[..., None].expand(-1, -1, c), delta)  # (B, L, C); index_add_ is far slower
+    else:
+        folded = (plan.weight * plan.valid).to(x.dtype)[:, None, :] @ xs  # (B, 1, C) weighted sum
+        out_x.scatter_(1, plan.dst[:, :1, None].expand(-1, -1, c), folded)  # (B, L, C) replaces slot dst[:, 0]
+    return replace(state, x=out_x, size=out_size, labels=state.relabel(plan.new_index))
 
 
 def _compact(flags: Tensor, out_len: Optional[int]):
-    """Where each token goes when the tokens flagged (B, N) are kept, in order, at the front of a
+    """Where each token goes when the tokens flagged (B, K) are kept, in order, at the front of a
     sequence of ``out_len`` slots (default: the largest kept count) and the rest of each row is pads.
     Returns for each slot the index of the token it takes (B, L) (0 in pad slots), whether the slot is
-    real (B, L), and the new index of each old token (B, N) (-1 where not kept)."""
-    b, n = flags.shape
-    pos = flags.long().cumsum(1) - 1
-    count = pos[:, -1] + 1
+    real (B, L), and the new index of each old token (B, K) (-1 where not kept)."""
+    b, k = flags.shape
+    pos = flags.long().cumsum(1) - 1                                     # (B, K) slot if kept
+    count = pos[:, -1] + 1                                               # (B,) kept per image
     length = int(count.max()) if out_len is None else out_len
-    target = torch.where(flags, pos, torch.full_like(pos, length))  # unkept -> a spare column
-    src = torch.zeros(b, length + 1, dtype=torch.long, device=flags.device)
-    src.scatter_(1, target, torch.arange(n, device=flags.device).expand(b, -1))
-    real = torch.arange(length, device=flags.device) < count[:, None]
+    target = torch.where(flags, pos, torch.full_like(pos, length))       # (B, K) unkept -> a spare column
+    src = torch.zeros(b, length + 1, dtype=torch.long, device=flags.device)  # (B, L + 1)
+    src.scatter_(1, target, torch.arange(k, device=flags.device).expand(b, -1))
+    real = torch.arange(length, device=flags.device) < count[:, None]    # (B, L)
     return src[:, :length], real, torch.where(flags, pos, torch.full_like(pos, -1))
 
 
-def _bipartite_merge(state: TokenState, metric: Tensor, budget: Tensor, max_merges: int,
-                     groups: Optional[Tensor] = None, out_len: Optional[int] = None) -> TokenState:
-    """ToMe's bipartite soft matching, optionally restricted to groups (LGTM's windows).
-
-    The non-prefix tokens alternate into A (even) and B (odd). Each A token's partner is its most
-    cosine-similar B token (same group, real); in each image and group the ``budget`` (B, G) A tokens
-    with the most similar partners merge into them by size-weighted mean; sizes add. Pads are masked
-    out of both sides. ``max_merges`` bounds the merges of any image. The result is [prefix, unmerged A,
-    B], real tokens first. Costs one gather of the tokens plus work on the merged rows only.
-    """
-    x, p = state.x, state.prefix
-    bsz, n_tok, c = x.shape
-    if n_tok - p < 2 or max_merges < 1:
-        return state
-    size = state.sizes()
-    real = state.real_counts() - p  # (B,) real non-prefix tokens; pads come after them
-
-    m = metric[:, p:].float()
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    ma, mb = m[:, ::2], m[:, 1::2]
-    na, nb = ma.shape[1], mb.shape[1]
-    dev = x.device
-    pos_a = torch.arange(na, device=dev) * 2
-    pos_b = torch.arange(nb, device=dev) * 2 + 1
-    real_a, real_b = pos_a[None] < real[:, None], pos_b[None] < real[:, None]
-
-    scores = ma @ mb.transpose(1, 2)  # (B, na, nb)
-    invalid = ~real_b[:, None, :]
+def _best_partners(state: TokenState, metric: Tensor, groups: Optional[Tensor]):
+    """Bipartite scores over the whole sequence: A = positions 0, 2, 4, ..., B = 1, 3, 5, ... Returns
+    each A token's best cosine similarity to a B token (B, nA), -inf where it may not merge (prefix
+    tokens and pads, on either side, and other groups), its partner (B, nA), and which tokens may merge
+    at all (B, N)."""
+    p, n = state.prefix, state.num_tokens
+    pos = torch.arange(n, device=metric.device)                          # (N,)
+    ok = (pos >= p) & (pos < state.real_counts()[:, None])               # (B, N) not prefix, not pad
+    m = metric.float()                                                   # (B, N, d) keys, heads averaged
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)                # (B, N, d) unit vectors
+    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)                      # (B, nA, nB) cosine A x B
+    bad = ~ok[:, None, 1::2]                                             # (B, 1, nB) B never chosen
     if groups is not None:
-        ga, gb = groups[:, ::2], groups[:, 1::2]
-        invalid = invalid | (ga[:, :, None] != gb[:, None, :])
-    scores = scores.masked_fill_(invalid, _NEG)
-    best, partner = scores.max(-1)  # (B, na)
-    candidate = real_a & (best > _NEG)
+        bad = bad | (groups[:, ::2, None] != groups[:, None, 1::2])     # (B, nA, nB) other window
+    best, partner = scores.masked_fill_(bad, _NEG).max(-1)              # (B, nA), (B, nA)
+    return best.masked_fill_(~ok[:, ::2], _NEG), partner, ok
 
-    # rank of each candidate among the candidates of its group, best match first
-    if groups is None:
-        key, g = best, None
-    else:
-        g = ga.clamp_min(0)
-        key = best - 4.0 * g  # cosine in [-1, 1]: groups sort apart, group 0 first
-    key = key.masked_fill(~candidate, _NEG)
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(na, device=dev).expand(bsz, -1))
+
+def _select(best: Tensor, budget: Tensor, max_merges: int, groups_a: Optional[Tensor]):
+    """Which A tokens merge: per image (and group) the ``budget`` (B, G) with the highest best score.
+    Returns merge (B, nA), the A tokens by descending score (B, nA), and the merged ones first (B, M)."""
+    b, na = best.shape
+    candidate = best > _NEG                                              # (B, nA)
+    g = None if groups_a is None else groups_a.clamp_min(0)              # (B, nA) window of each A token
+    key = best if g is None else best - 4.0 * g                          # (B, nA) cosine in [-1, 1]: groups apart
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices  # (B, nA)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(na, device=best.device).expand(b, -1))  # (B, nA)
     if g is None:
-        merge = candidate & (rank < budget[:, :1])
-        src = order[:, :max_merges]  # the merged A tokens come first
+        merge = candidate & (rank < budget[:, :1])                       # (B, nA)
+        return merge, order, order[:, :max_merges]
+    counts = torch.zeros_like(budget).scatter_add_(1, g, candidate.long())  # (B, G) candidates per group
+    start = counts.cumsum(1) - counts                                    # (B, G) rank of each group's first
+    merge = candidate & (rank - start.gather(1, g) < budget.gather(1, g))  # (B, nA)
+    first = torch.sort(merge.to(torch.uint8), dim=1, descending=True, stable=True).indices  # (B, nA)
+    return merge, order, first[:, :max_merges]
+
+
+def _bipartite_match(state: TokenState, metric: Tensor, budget: Tensor, max_merges: int,
+                     groups: Optional[Tensor] = None, out_len: Optional[int] = None) -> _Plan:
+    """Official ToMe's bipartite soft matching (``tome.merge.bipartite_soft_matching``), pad-safe,
+    optionally restricted to groups (LGTM's windows, (B, N), -1 for prefix tokens and pads).
+
+    The whole sequence alternates into A (positions 0, 2, ...) and B (1, 3, ...); prefix tokens and pads
+    neither merge nor are chosen. Each A token's partner is its most cosine-similar B token; in each
+    image (and group) the ``budget`` (B, G) A tokens with the most similar partners merge into them.
+    New layout: [prefix, unmerged A, B, pads], the unmerged A tokens in their original order, or, with
+    no prefix token and no groups, in descending score order (official ToMe sorts them back only when
+    there is a class token). ``max_merges`` bounds any image's merges; ``out_len`` the output length."""
+    p, n = state.prefix, state.num_tokens
+    b, dev = state.batch, metric.device
+    best, partner, ok = _best_partners(state, metric, groups)            # (B, nA), (B, nA), (B, N)
+    merge, order, src = _select(best, budget, max_merges, None if groups is None else groups[:, ::2])
+    na, a0, b0 = best.shape[1], (p + 1) // 2, p // 2                     # A and B tokens inside the prefix
+    if p == 0 and groups is None:
+        a_idx = order                                                    # (B, nA) descending score
     else:
-        counts = torch.zeros(bsz, budget.shape[1], dtype=torch.long, device=dev)
-        counts.scatter_add_(1, g, candidate.long())
-        start = counts.cumsum(1) - counts
-        merge = candidate & (rank - start.gather(1, g) < budget.gather(1, g))
-        src = torch.sort(merge.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :max_merges]
-
-    # sizes of the merged B tokens
-    sa, sb = size[:, p::2], size[:, p + 1::2]
-    valid = merge.gather(1, src)
-    dst = partner.gather(1, src)
-    w = sa.gather(1, src) * valid
-    new_sb = sb.scatter_add(1, dst, w)
-
-    # new layout [prefix, unmerged real A, real B, pads]: one gather of the tokens
-    flags = torch.cat([torch.ones(bsz, p, dtype=torch.bool, device=dev), real_a & ~merge, real_b], 1)
-    slot, slot_real, new_cat = _compact(flags, out_len)
-    origin = torch.cat([torch.arange(p, device=dev), p + pos_a, p + pos_b])  # cat order -> index in x
-    out_x = _rows(x, origin[slot])
-    out_size = torch.cat([size[:, :p], sa, new_sb], 1).gather(1, slot) * slot_real
-
-    # size-weighted means, as x_b + sum_i w_i (x_i - x_b) / size: only the merged rows change
-    new_a, new_b = new_cat[:, p:p + na], new_cat[:, p + na:]
-    coef = (w / new_sb.gather(1, dst).clamp_min(1e-12)).to(x.dtype)
-    xs = _rows(x, p + 2 * src)
-    xd = _rows(x, p + 1 + 2 * dst)
-    at = new_b.gather(1, dst).clamp_min(0)  # unused (zero-weight) entries add 0 to slot 0
-    flat = (at + torch.arange(bsz, device=dev)[:, None] * out_x.shape[1]).reshape(-1)
-    delta = torch.where(valid[..., None], (xs - xd) * coef[..., None], torch.zeros((), dtype=x.dtype, device=dev))
-    out_x.view(-1, c).index_add_(0, flat, delta.reshape(-1, c))
-
-    new_a = torch.where(merge, new_b.gather(1, partner), new_a)
-    new_index = torch.empty(bsz, n_tok, dtype=torch.long, device=dev)
-    new_index[:, :p] = new_cat[:, :p]
-    new_index[:, p::2] = new_a
-    new_index[:, p + 1::2] = new_b
-    return replace(state, x=out_x, size=out_size, labels=state.relabel(new_index))
+        a_idx = torch.arange(a0, na, device=dev).expand(b, -1)           # (B, nA - a0) original order
+    b_pos = torch.arange(2 * b0 + 1, n, 2, device=dev).expand(b, -1)     # (B, nB - b0)
+    cat_pos = torch.cat([torch.arange(p, device=dev).expand(b, -1), 2 * a_idx, b_pos], 1)  # (B, N) a permutation
+    keep_a = (ok[:, ::2] & ~merge).gather(1, a_idx)                      # (B, nA - a0) unmerged real A
+    flags = torch.cat([torch.ones(b, p, dtype=torch.bool, device=dev), keep_a, ok[:, 2 * b0 + 1::2]], 1)  # (B, N)
+    take, real, new_cat = _compact(flags, out_len)                       # (B, L), (B, L), (B, N)
+    take = cat_pos.gather(1, take)                                       # (B, L) old position of each slot
+    new_index = torch.empty_like(new_cat).scatter_(1, cat_pos, new_cat)  # (B, N) old position -> slot
+    still = budget.sum(1, keepdim=True) == 0                             # (B, 1) as official ToMe at r = 0:
+    same = torch.arange(n, device=dev)                                   # (N,) an image that merges nothing
+    take = torch.where(still, same[:take.shape[1]], take)                # (B, L) keeps its order
+    new_index = torch.where(still, same.masked_fill(same >= take.shape[1], -1), new_index)  # (B, N)
+    new_a = torch.where(merge, new_index[:, 1::2].gather(1, partner), new_index[:, ::2])  # (B, nA)
+    new_index[:, ::2] = new_a                                            # merged A -> their partner's slot
+    valid = merge.gather(1, src)                                         # (B, M)
+    dst = new_index[:, 1::2].gather(1, partner.gather(1, src)).clamp_min(0)  # (B, M) partner slots
+    return _Plan(take=take, real=real, src=2 * src, dst=dst, valid=valid, new_index=new_index)
 
 
 def _per_layer(r: Union[int, Sequence[int]], index: int, depth: int, name: str) -> int:
@@ -152,35 +193,66 @@ def _check_r(r, name: str):
     return tuple(values) if isinstance(r, (list, tuple)) else r
 
 
-def _global_merge(state: TokenState, ctx: BlockContext, r: int) -> TokenState:
-    """ToMe step: merge r tokens per image, capped at half its real non-prefix tokens."""
-    n = state.num_tokens - state.prefix
-    r = min(r, n // 2)
+def _global_merge(state: TokenState, ctx: BlockContext, r: int, per_block: bool = False) -> TokenState:
+    """ToMe step: merge up to r tokens per image, capped at half its real non-prefix tokens (official
+    ToMe's cap). ``per_block``: the VWT paper's layer logic (see :class:`ToMe`)."""
+    p, n = state.prefix, state.num_tokens
     if r <= 0:
         return state
-    budget = ((state.real_counts() - state.prefix) // 2).clamp(max=r)[:, None]
-    return _bipartite_merge(state, ctx.metric, budget, r, out_len=state.num_tokens - r)
+    real = state.real_counts()                                           # (B,) prefix included
+    budget = ((real - p) // 2).clamp(max=r)[:, None]                     # (B, 1)
+    if not per_block:
+        if n - p < 2:
+            return state
+        cap = min(r, (n - p) // 2)
+        return _apply(state, _bipartite_match(state, ctx.metric, budget, cap, out_len=n - cap))
+    attempt = real >= r                                                  # (B,) the paper skips a block with < r tokens
+    if not bool(attempt.any()):
+        return state
+    fresh = state.sizes() if state.size is None else (state.size > 0).float()  # (B, N) 1 per real token
+    sizes = torch.where(attempt[:, None], fresh, state.sizes())          # (B, N) a merging block starts from 1
+    if n - p < 2:  # nothing to match, yet the paper's do-nothing merge still resets the sizes
+        return replace(state, size=sizes)
+    plan = _bipartite_match(state, ctx.metric, budget * attempt[:, None], min(r, (n - p) // 2))
+    return _apply(state, plan, sizes)
 
 
 # --------------------------------------------------------------------------------------------------
 # ToMe
 # --------------------------------------------------------------------------------------------------
-class ToMe(Reducer):
-    """Token Merging (Bolya et al., ICLR 2023), off the shelf.
+SIZES = ("cumulative", "per-block")
 
-    In every block, after the attention residual, ``r`` tokens per image merge into their most similar
-    partners by bipartite soft matching: keys averaged over heads as the metric, tokens alternating
-    into two sets, the class (prefix) tokens never merged, size-weighted averages. ``r`` is an int (every
-    block) or a list with one entry per block; it is capped at half the tokens. ``prop_attn`` adds
-    log(size) to the attention logits, as ToMe does off the shelf.
+
+class ToMe(Reducer):
+    """Token Merging (Bolya et al., ICLR 2023); by default exactly official ToMe off the shelf.
+
+    In every block, after the attention residual, up to ``r`` tokens per image merge by bipartite soft
+    matching: keys averaged over heads as the metric; the whole sequence alternates into A (positions
+    0, 2, 4, ...) and B (1, 3, 5, ...); the prefix tokens (class, and timm's distillation token) never
+    merge; the r A tokens with the most similar B partners merge into them by size-weighted mean,
+    sizes add. Output: [prefix, unmerged A in their original order (in descending score order when
+    there is no class token, as official ToMe leaves them), B]. ``r`` is an int (every block) or a list
+    with one entry per block, capped at half the non-prefix tokens. ``prop_attn`` adds log(size) to
+    the attention logits, as ToMe does off the shelf.
+
+    ``sizes="per-block"`` is ToMe as the VWT paper's CLIP and BLIP code ran it (its
+    ``utils/modeling_clip.py`` / ``modeling_blip.py``): each block's weighted mean starts from size 1
+    (sizes are not carried from block to block), so proportional attention (CLIP: ``prop_attn=True``;
+    BLIP: ``prop_attn=False``) sees only the previous merge's counts, and ``size`` in ``vwt.stats``
+    counts the last merge only; a block merges nothing when an image has fewer than ``r`` tokens
+    (class token included), and then keeps the sizes it was given.
     """
 
-    def __init__(self, r: Union[int, Sequence[int]] = 8, prop_attn: bool = True):
+    def __init__(self, r: Union[int, Sequence[int]] = 8, prop_attn: bool = True, sizes: str = "cumulative"):
+        if sizes not in SIZES:
+            raise ValueError(f"ToMe: sizes must be one of {SIZES}, got {sizes!r}")
         self.r = _check_r(r, "ToMe")
         self.prop_attn = bool(prop_attn)
+        self.sizes = sizes
 
     def after_attn(self, state: TokenState, ctx: BlockContext) -> TokenState:
-        return _global_merge(state, ctx, _per_layer(self.r, ctx.index, ctx.depth, "ToMe"))
+        r = _per_layer(self.r, ctx.index, ctx.depth, "ToMe")
+        return _global_merge(state, ctx, r, per_block=self.sizes == "per-block")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,42 +288,34 @@ class EViT(Reducer):
     def after_attn(self, state: TokenState, ctx: BlockContext) -> TokenState:
         if ctx.index not in self.layers_for(ctx.depth):
             return state
-        x, p = state.x, state.prefix
-        bsz, n_tok, c = x.shape
-        n = n_tok - p
+        n = state.num_tokens - state.prefix
         k = math.ceil(self.keep * n)
-        if k >= n:
-            return state
-        dev = x.device
-        real = state.real_counts() - p
-        k_img = torch.ceil(real.double() * self.keep).long()  # same float arithmetic as math.ceil
-        is_real = torch.arange(n, device=dev)[None] < real[:, None]
+        return state if k >= n else _apply(state, self._plan(state, ctx, k))
 
-        attn = ctx.cls_attention()[:, p:]  # (B, n) float32
-        order = torch.sort(attn.masked_fill(~is_real, _NEG), dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=dev).expand(bsz, -1))
-        kept = is_real & (rank < k_img[:, None])
-
-        size = state.sizes()
-        tokens, tsize = x[:, p:], size[:, p:]
-        # one gather: [prefix, the top-k in attention order, (+ a slot for the fused token)]
+    def _plan(self, state: TokenState, ctx: BlockContext, k: int) -> _Plan:
+        """Keep each image's top ``ceil(keep * real)`` tokens in attention order (k slots for the
+        longest), then one slot right after them that the dropped tokens fold into."""
+        p, n, b, dev = state.prefix, state.num_tokens - state.prefix, state.batch, state.x.device
+        real = state.real_counts() - p                                   # (B,) real non-prefix tokens
+        k_img = torch.ceil(real.double() * self.keep).long()             # (B,) same arithmetic as math.ceil
+        is_real = torch.arange(n, device=dev)[None] < real[:, None]      # (B, n)
+        attn = ctx.cls_attention()[:, p:]                                # (B, n) float32
+        order = torch.sort(attn.masked_fill(~is_real, _NEG), dim=1, descending=True, stable=True).indices  # (B, n)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=dev).expand(b, -1))  # (B, n)
+        kept = is_real & (rank < k_img[:, None])                         # (B, n)
+        prefix = torch.arange(p, device=dev).expand(b, -1)               # (B, p)
         extra = 1 if self.fuse else 0
-        take = torch.cat([torch.arange(p, device=dev).expand(bsz, -1), p + order[:, :k],
-                          torch.zeros(bsz, extra, dtype=torch.long, device=dev)], 1)
-        out_x = _rows(x, take)
-        slot_real = torch.arange(p + k + extra, device=dev)[None] < (p + k_img)[:, None]
-        out_size = size.gather(1, take) * slot_real
-        new_tok = torch.where(kept, p + rank, torch.full_like(rank, -1))
-        if self.fuse:
-            dropped = is_real & ~kept
-            weights = (attn * dropped).to(x.dtype)
-            fused = weights[:, None, :] @ tokens  # (B, 1, C): attention-weighted sum, no renormalisation
-            slot = p + k_img  # right after the image's kept tokens; an empty fuse (size 0) is a pad
-            out_x.scatter_(1, slot[:, None, None].expand(-1, 1, c), fused)
-            out_size.scatter_(1, slot[:, None], (tsize * dropped).sum(1, keepdim=True))
-            new_tok = torch.where(dropped, slot[:, None].expand(-1, n), new_tok)
-        new_index = torch.cat([torch.arange(p, device=dev).expand(bsz, -1), new_tok], 1)
-        return replace(state, x=out_x, size=out_size, labels=state.relabel(new_index))
+        take = torch.cat([prefix, p + order[:, :k], torch.zeros(b, extra, dtype=torch.long, device=dev)], 1)  # (B, L)
+        real_slot = torch.arange(p + k + extra, device=dev)[None] < (p + k_img)[:, None]  # (B, L)
+        new_tok = torch.where(kept, p + rank, torch.full_like(rank, -1))  # (B, n) kept -> slot, else dropped
+        dropped = is_real & ~kept if self.fuse else torch.zeros_like(kept)  # (B, n) folded into one token
+        slot = (p + k_img)[:, None]                                      # (B, 1) right after the kept tokens
+        new_tok = torch.where(dropped, slot, new_tok)                    # (B, n)
+        lo = k if state.size is None else int(k_img.min())               # every dropped token ranks >= lo
+        tail = order[:, lo:]                                             # (B, M) the candidates to fold
+        return _Plan(take=take, real=real_slot, src=p + tail, dst=slot.clamp(max=take.shape[1] - 1).expand_as(tail),
+                     valid=dropped.gather(1, tail), new_index=torch.cat([prefix, new_tok], 1),
+                     weight=attn.gather(1, tail))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,15 +326,15 @@ def _windows(state: TokenState) -> Tensor:
     A token holding patches of several windows (an inter-image visual word) takes the lowest."""
     rows, cols = state.grid
     dev = state.labels.device
-    i = torch.arange(rows, device=dev)[:, None]
-    j = torch.arange(cols, device=dev)[None, :]
-    win = ((2 * i) // rows * 2 + (2 * j) // cols).flatten()  # row-major patches, like the labels
-    labels = state.labels
+    i = torch.arange(rows, device=dev)[:, None]                          # (rows, 1)
+    j = torch.arange(cols, device=dev)[None, :]                          # (1, cols)
+    win = ((2 * i) // rows * 2 + (2 * j) // cols).flatten()              # (P,) row-major, like the labels
+    labels = state.labels                                                # (B, P)
     n = state.num_tokens
-    idx = torch.where(labels >= 0, labels, torch.full_like(labels, n))
-    out = torch.full((labels.shape[0], n + 1), 4, dtype=torch.long, device=dev)
+    idx = torch.where(labels >= 0, labels, torch.full_like(labels, n))   # (B, P) dropped -> spare column
+    out = torch.full((labels.shape[0], n + 1), 4, dtype=torch.long, device=dev)  # (B, N + 1)
     out.scatter_reduce_(1, idx, win.expand(labels.shape[0], -1), reduce="amin")
-    out = out[:, :n]
+    out = out[:, :n]                                                     # (B, N)
     return out.masked_fill_(out == 4, -1)
 
 
@@ -284,8 +348,10 @@ class LGTM(Reducer):
     * ``dense`` first blocks: no reduction (delayed first merging: attention has not converged yet);
     * ``local`` next blocks: the patch grid is split into four equal windows (2x2) and ``ceil(r / 4)``
       tokens merge inside each window by ToMe's matching restricted to same-window pairs (capped at
-      half of a window's tokens);
-    * the remaining blocks: global ToMe merging of ``r`` tokens.
+      half of a window's tokens). The partition is ToMe's: A and B alternate over the whole sequence
+      (A = positions 0, 2, 4, ..., the class token first), a token's window is that of its patches,
+      and the unmerged A tokens keep their original order (with or without a class token);
+    * the remaining blocks: global merging of ``r`` tokens, exactly as :class:`ToMe` (official ToMe).
 
     Defaults for 12 blocks: ``dense=2, local=2`` (blocks 0-1 dense, 2-3 local, 4-11 global); for other
     depths ``round(depth / 6)`` each. Proportional attention is on, as in ToMe.
@@ -312,11 +378,13 @@ class LGTM(Reducer):
             return state
         if ctx.index >= dense + local:
             return _global_merge(state, ctx, self.r)
-        p = state.prefix
-        groups = _windows(state)[:, p:]
-        real_per_window = torch.zeros(state.batch, 4, dtype=torch.long, device=groups.device)
+        p, n = state.prefix, state.num_tokens
+        if n - p < 2:
+            return state
+        groups = _windows(state)                                         # (B, N)
+        real_per_window = torch.zeros(state.batch, 4, dtype=torch.long, device=groups.device)  # (B, 4)
         real_per_window.scatter_add_(1, groups.clamp_min(0), (groups >= 0).long())
         per_window = math.ceil(self.r / 4)
-        budget = (real_per_window // 2).clamp(max=per_window)
-        max_merges = min(4 * per_window, (state.num_tokens - p + 1) // 2)
-        return _bipartite_merge(state, ctx.metric, budget, max_merges, groups)
+        budget = (real_per_window // 2).clamp(max=per_window)            # (B, 4)
+        max_merges = min(4 * per_window, (n + 1) // 2 - (p + 1) // 2)   # at most every non-prefix A token
+        return _apply(state, _bipartite_match(state, ctx.metric, budget, max_merges, groups))

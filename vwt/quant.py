@@ -1,4 +1,5 @@
-"""int8 linear layers of the vision tower: bitsandbytes LLM.int8 on CUDA, torchao int8 on CPU.
+"""int8 linear layers of the vision tower: bitsandbytes LLM.int8 on CUDA, torchao int8 on CPU; and the
+VWT paper's int8 of the whole model (:func:`quantize_whole_model`, CUDA only).
 
 Only the vision tower's modules are touched (Hugging Face CLIP/BLIP ``vision_model``, open_clip
 ``visual``, the whole timm model), in place. The vwt backends call the model's own Linear modules by
@@ -13,6 +14,8 @@ only the MLP (``c_fc``, ``c_proj``) is int8. open_clip's own ``Attention`` block
 ``out_proj`` too (the packed in_proj stays float).
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -89,3 +92,34 @@ def _torchao(model: nn.Module, tower: nn.Module) -> nn.Module:
 
     quantize_(tower, Int8DynamicActivationInt8WeightConfig(), filter_fn=wanted)
     return model
+
+
+def quantize_whole_model(model: nn.Module) -> nn.Module:
+    """int8 as the VWT paper's clip.py and blip.py ran it: accelerate's ``load_and_quantize_model`` with
+    ``BnbQuantizationConfig(load_in_8bit=True)`` on the whole model. Every ``nn.Linear`` outside
+    accelerate's default skip list becomes bitsandbytes LLM.int8 (threshold 6.0) and every other
+    parameter float16. For CLIP the skip list is empty: the text tower and both projections are int8
+    too (text features then come from the int8 model). For BLIP it holds the text decoder (the model's
+    last child, with tied embeddings): only the vision model is int8. Needs CUDA and the model on a
+    CUDA device; quantizes in place and returns the model."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the paper's int8 (bitsandbytes LLM.int8 on the whole model through accelerate) needs "
+                           "CUDA, and this machine has no CUDA GPU")
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise RuntimeError(f"the paper's int8 needs the model on a CUDA device (it is on {device}); use a CUDA device")
+    try:
+        import bitsandbytes  # noqa: F401
+        from accelerate.utils import BnbQuantizationConfig, load_and_quantize_model
+    except ImportError as e:
+        raise RuntimeError(f"the paper's int8 needs accelerate and bitsandbytes ({e}); pip install accelerate "
+                           "bitsandbytes") from None
+    log = logging.getLogger("accelerate.utils.bnb")
+    level = log.level
+    log.setLevel(logging.ERROR)  # "not recommended to quantize a loaded model": the weights are loaded, as intended
+    try:
+        model.to("cpu")  # bitsandbytes quantizes a weight as it moves from the CPU to the GPU
+        with torch.cuda.device(device):
+            return load_and_quantize_model(model, BnbQuantizationConfig(load_in_8bit=True))
+    finally:
+        log.setLevel(level)

@@ -9,7 +9,8 @@ from .base import Backend, Patch, replace_forward, run_tower
 
 
 def matches(model: nn.Module) -> bool:
-    return type(model).__name__ == "VisionTransformer" and type(model).__module__.startswith("timm")
+    return (type(model).__name__ in ("VisionTransformer", "VisionTransformerDistilled")  # deit *_distilled_*
+            and type(model).__module__.startswith("timm"))
 
 
 def _block(blk) -> Block:
@@ -63,6 +64,8 @@ def patch(model: nn.Module, info: Patch) -> None:
         if attn_mask is not None or is_causal:
             raise ValueError("a vwt-patched timm model takes no attn_mask / is_causal")
         state, h = features(x)
+        if getattr(model, "dist_token", None) is not None:  # deit distilled: its own two-token head
+            return model.forward_head(h)
         if model.global_pool == "token":
             pooled = h[:, 0]
         elif model.global_pool == "avg":
