@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -185,7 +184,8 @@ def caption(args, loaded: cli.Loaded, todo, path: Path, config: dict, device, dt
         prompt_ids = text_tokenizer(loaded)(args.prompt, return_tensors="pt")["input_ids"].to(device)
     writer = CaptionWriter(path, config)
     try:
-        bar = tqdm(datasets.batches(todo, args.batch, args.workers), total=math.ceil(len(todo) / args.batch),
+        order = cli.batch_order(args, loaded, todo, device, dtype)  # --bucket: neighbours in token count
+        bar = tqdm(datasets.batches(todo, args.batch, args.workers, order), total=len(order),
                    desc=f"{args.data} captions", file=sys.stderr)
         for pixels, recs in bar:
             texts = caption_batch(args, loaded, pixels.to(device, dtype), prompt_ids)

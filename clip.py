@@ -182,13 +182,15 @@ def write_predictions(path: Path, ds, scores: np.ndarray) -> Path:
 def evaluate(args, loaded: cli.Loaded, ds, text, device, dtype, desc: str) -> tuple[dict, np.ndarray]:
     """Scores every image, then the task's metrics; also the tokens entering the first block and the
     mean over the blocks (per image). Returns (metrics, the (images, classes) scores)."""
-    scores, tokens = [], []
-    total = math.ceil(len(ds) / args.batch)
-    for pixels, _ in tqdm(datasets.batches(ds, args.batch, args.workers), total=total, desc=desc, file=sys.stderr):
+    order = cli.batch_order(args, loaded, ds, device, dtype)  # --bucket: neighbours in token count
+    scores, tokens = [None] * len(ds), []
+    for (pixels, _), idx in tqdm(zip(datasets.batches(ds, args.batch, args.workers, order), order),
+                                 total=len(order), desc=desc, file=sys.stderr):
         with torch.inference_mode():
-            scores.append(image_scores(loaded, pixels.to(device, dtype), text).cpu())
+            for i, row in zip(idx.tolist(), image_scores(loaded, pixels.to(device, dtype), text).cpu()):
+                scores[i] = row
         tokens.append(vwt.stats(loaded.model))
-    s = torch.cat(scores).numpy()
+    s = torch.stack(scores).numpy()
     summary = vwt.token_summary(tokens)
     out = {k: summary[k] for k in ("tokens_first_block", "tokens_mean")}
     recs = ds.records

@@ -105,3 +105,75 @@ def test_per_image_results_with_bucketing_equal_those_without():
         for idx in vwt.buckets(counts, 3):
             by_image[idx] = entry(model, x[idx])
     assert (by_image - plain).abs().max().item() < 1e-4
+
+
+def _bucket_runs(script, argv, loaded, out_of):
+    """``script``'s outputs with --bucket and with --no-bucket (each in its own folder)."""
+    outs = {}
+    for flag in ("--bucket", "--no-bucket"):
+        out = out_of(flag)
+        outs[flag] = script.main(argv + [flag, "--out", str(out)], loaded), out
+    return outs
+
+
+def test_clip_per_image_predictions_with_bucketing_equal_those_without(tmp_path, monkeypatch):
+    import clip as clip_script
+    import fixtures
+    from test_token_stats import _setup
+    import tiny
+
+    monkeypatch.chdir(tmp_path)
+    root = fixtures.write_waterbirds(tmp_path / "data")
+    loaded = tiny.loaded(tiny.hf_clip, "tiny-clip", fixtures.char_clip_tokenizer(tmp_path / "tok"))
+    _, inter, _, _ = _setup(loaded, "waterbirds", root, tmp_path)
+    argv = ["--data", "waterbirds", "--data-root", str(root), "--protocol", "standard", "--workers", "0",
+            "--device", "cpu", "--batch", "3"] + inter
+    outs = _bucket_runs(clip_script, argv, loaded, lambda flag: tmp_path / flag)
+    preds = {flag: sorted(out.rglob("*.predictions.csv"))[0].read_text() for flag, (_, out) in outs.items()}
+    assert preds["--bucket"] == preds["--no-bucket"]
+    metrics = {flag: res["metrics"] for flag, (res, _) in outs.items()}
+    assert metrics["--bucket"] == metrics["--no-bucket"]
+
+
+def test_blip_captions_with_bucketing_equal_those_without(tmp_path, monkeypatch):
+    import json
+
+    import blip as blip_script
+    import fixtures
+    from test_token_stats import _setup
+    import tiny
+
+    monkeypatch.chdir(tmp_path)
+    root = fixtures.write_coco(tmp_path / "data")
+    loaded = tiny.loaded(tiny.hf_blip, "tiny-blip", fixtures.word_bert_tokenizer(tmp_path / "tok"))
+    _, inter, _, _ = _setup(loaded, "coco", root, tmp_path)
+    argv = ["--data", "coco", "--data-root", str(root), "--no-score", "--workers", "0", "--device", "cpu",
+            "--batch", "3", "--max-length", "8"] + inter
+    outs = _bucket_runs(blip_script, argv, loaded, lambda flag: tmp_path / flag)
+    captions = {}
+    for flag, (_, out) in outs.items():
+        (path,) = out.rglob("*.captions.jsonl")
+        lines = [json.loads(l) for l in path.read_text().splitlines()[1:]]
+        captions[flag] = {l["image_id"]: l["caption"] for l in lines}
+    assert captions["--bucket"] == captions["--no-bucket"] and len(captions["--bucket"]) > 3
+
+
+def test_batch_order_buckets_by_token_count_only_when_it_should(tmp_path):
+    import argparse
+
+    import tiny
+    from vwt import cli
+
+    words, x = _batch_of_different_lengths()
+    x = torch.cat([x, x.flip(0)])  # lengths 2, 4, 11, 17, 17, 11, 4, 2
+    loaded = tiny.loaded(tiny.hf_clip, "tiny-clip", None)
+    data = [(img, {"image_id": i}) for i, img in enumerate(x)]
+    order = lambda bucket, batch: [idx.tolist() for idx in cli.batch_order(  # noqa: E731
+        argparse.Namespace(bucket=bucket, batch=batch, workers=0), loaded, data, "cpu", torch.float32)]
+    in_order = [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert order(None, 3) == in_order  # no reducer: nothing to bucket
+    vwt.patch(loaded.model, vwt.InterImage(vwt.Vocabulary(words), thresh=1e-3))
+    assert order(None, 3) == [[0, 7, 1], [6, 2, 5], [3, 4]]  # by tokens entering the first block
+    assert order(False, 3) == in_order and order(None, 1) == [[i] for i in range(8)]
+    vwt.patch(loaded.model, vwt.ToMe(r=2))
+    assert order(True, 3) == in_order  # no input reducer: every image the same length

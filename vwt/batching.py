@@ -2,10 +2,13 @@
 and a packed one runs images of similar length side by side. Results stay keyed by image."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .encoder import Reducer
+from .tokenizer import tokenize
 
 
 def buckets(counts: Union[Tensor, Sequence[int]], batch: int) -> list[Tensor]:
@@ -15,3 +18,15 @@ def buckets(counts: Union[Tensor, Sequence[int]], batch: int) -> list[Tensor]:
         raise ValueError(f"batch must be at least 1, got {batch}")
     order = torch.sort(torch.as_tensor(counts), stable=True).indices  # (N,) shortest first
     return list(order.split(batch))
+
+
+def token_counts(vision: nn.Module, reducer: Reducer, pixel_batches: Iterable[Tensor]) -> Tensor:
+    """(N,) tokens each image enters the first block with, from the input ``reducer`` alone (one embedding
+    per image, no block: about 1% of a forward), over ``pixel_batches`` in order."""
+    counts = [tokenize(vision, reducer, pixels)[0].real_counts().cpu() for pixels in pixel_batches]
+    return torch.cat(counts)
+
+
+def input_reducer(reducers: Sequence[Reducer]) -> Optional[Reducer]:
+    """The input reducer (VWT intra- or inter-image) among ``reducers``, or None."""
+    return next((r for r in reducers if r.kind == "input"), None)

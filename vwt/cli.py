@@ -16,7 +16,10 @@ from torch import nn
 
 import vwt  # the library; vwt/__init__ never imports cli, so this is no cycle
 
+from . import datasets
 from .backends import family_of
+from .backends.base import patch_info
+from .batching import buckets, input_reducer, token_counts
 from .encoder import check_rule
 from .errors import UserError, first_line  # noqa: F401  (re-exported for the scripts)
 from .results import write_json  # noqa: F401  (re-exported for the scripts)
@@ -55,6 +58,9 @@ def add_data_args(p: argparse.ArgumentParser, default: str = "samples", choices=
     g.add_argument("--data", default=default, choices=choices, help=f"data set (default {default})")
     g.add_argument("--data-root", default="data", type=Path, help="where data sets live (default data/)")
     g.add_argument("--batch", default=1, type=int, help="batch size (default 1)")
+    g.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch images of similar token counts together (one tokenizer pass first; results stay "
+                        "per image): on by default with an input reducer (--top_k, --vocab) and --batch > 1")
     g.add_argument("--out", default="results", type=Path, help="output folder (default results/)")
 
 
@@ -519,3 +525,16 @@ def environment(device: Optional[torch.device] = None) -> dict:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
+
+
+def batch_order(args, loaded: Loaded, dataset, device, dtype) -> list:
+    """The index batches a script reads ``dataset`` in: ``--bucket`` (default: on with an input reducer
+    and --batch > 1) sorts the images by the tokens the patched model's input reducer leaves them
+    (``vwt.batching``) and batches neighbours; otherwise data-set order."""
+    info = patch_info(loaded.model)
+    reducer = input_reducer(info.reducers) if info is not None else None
+    bucket = args.bucket if args.bucket is not None else (reducer is not None and args.batch > 1)
+    if not bucket or reducer is None:
+        return list(torch.arange(len(dataset)).split(args.batch))
+    pixels = (x.to(device, dtype) for x, _ in datasets.batches(dataset, args.batch, args.workers))
+    return buckets(token_counts(loaded.vision, reducer, pixels), args.batch)

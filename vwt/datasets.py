@@ -600,12 +600,16 @@ def load(name: str, root, transform: Optional[Callable], split: Optional[str] = 
     return ds
 
 
-def batches(dataset, batch: int, workers: int = 0):
-    """Iterate ``(pixels, records)`` batches in order. A UserError raised in a worker process (an
-    unreadable image) comes back as the same one line, not the worker's traceback."""
-
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
-                                         collate_fn=collate)
+def batches(dataset, batch: int, workers: int = 0, order=None):
+    """Iterate ``(pixels, records)`` batches in data-set order, or with ``order`` (a list of index
+    batches, e.g. from ``vwt.buckets``) those batches in turn. A UserError raised in a worker process
+    (an unreadable image) comes back as the same one line, not the worker's traceback."""
+    if order is None:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
+                                             collate_fn=collate)
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[int(i) for i in idx] for idx in order],
+                                             num_workers=workers, collate_fn=collate)
     try:
         yield from loader
     except UserError as e:

@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-# Options that change where or how fast a run works, never what it computes.
-NOT_CONFIG = ("out", "workers", "restart", "summary", "progress")
+# Options that change where or how fast a run works, never what it computes (--bucket only reorders
+# the batches: every image's result is the same, to float rounding).
+NOT_CONFIG = ("out", "workers", "restart", "summary", "progress", "bucket")
 
 
 def slug(text: str) -> str:
