@@ -325,8 +325,7 @@ def report(result: dict) -> str:
         lines.append(f"  ({result['metrics']['SPICE_note']})")
     for d, s in result["domains"].items():
         lines.append(f"  CIDEr {d}: {100 * s['CIDEr']:.2f}")
-    lines.append(f"  tokens entering block 1: {result['tokens_first_block']:.1f}, mean over blocks: "
-                 f"{result['tokens_mean']:.1f}")
+    lines.append("  " + cli.describe_tokens(result["tokens_first_block"], result["tokens_mean"]))
     return "\n".join(lines)
 
 

@@ -326,8 +326,7 @@ def report(result: dict) -> str:
     for g, v in m.get("groups", {}).items():
         cell = "n/a" if math.isnan(v["mean"]) else f"{100 * v['mean']:6.2f} ± {100 * v['std']:.2f}"
         lines.append(f"  {g:<22} {cell}")
-    lines.append(f"  tokens entering block 1: {m['tokens_first_block']['mean']:.1f}, mean over blocks: "
-                 f"{m['tokens_mean']['mean']:.1f}")
+    lines.append("  " + cli.describe_tokens(m["tokens_first_block"]["mean"], m["tokens_mean"]["mean"]))
     return "\n".join(lines)
 
 

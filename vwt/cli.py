@@ -538,3 +538,8 @@ def batch_order(args, loaded: Loaded, dataset, device, dtype) -> list:
         return list(torch.arange(len(dataset)).split(args.batch))
     pixels = (x.to(device, dtype) for x, _ in datasets.batches(dataset, args.batch, args.workers))
     return buckets(token_counts(loaded.vision, reducer, pixels), args.batch)
+
+
+def describe_tokens(first_block: float, mean: float) -> str:
+    """The scripts' one-line reading of the token statistics (``vwt.token_stats``)."""
+    return f"tokens entering block 1: {first_block:.1f}, mean over blocks: {mean:.1f}"
