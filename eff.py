@@ -414,6 +414,8 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
     images = load_images(args, preprocess)
     vocab, vocab_name = (vocabulary(args, s, images, vision, preprocess) if any(c.input == "inter" for c in configs)
                          else (None, ""))
+    if vocab is not None:  # a vocabulary of another space or width than the model's: one line, before timing
+        cli.check_input_reducers(vision, [vwt.InterImage(vocab)], images.shape[-1], device, dtype)
 
     meter = energy.best_meter(device, args.interval) if args.metric != "time" else energy.NullMeter("--metric time")
     info = meter.info()

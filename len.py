@@ -8,20 +8,22 @@ For every image: the number of tokens entering the first block (class token incl
 reducer (--vocab/--vocab-path: inter-image; --top_k: intra-image). Reports mean, std, min and max over
 the data set and per group where the data has groups (Waterbirds, CelebA, MetaShift), and for the
 inter-image tokenizer the number of patches matched to each visual word. Only the embedding and the
-tokenizer run (no transformer block). Writes <out>/len/<data>_<method>.json (configuration, versions,
-machine, per-image counts) and <out>/len/<data>_<method>.png (token-count histogram and the visual-word
-frequency histogram).
+tokenizer run (no transformer block). Writes <out>/len/<data>__<model>__<method>__<hash>.json
+(configuration, versions, machine, per-image counts; the hash covers the whole configuration, so runs
+that differ in anything never share a file) and the same name .png (token-count histogram and the
+visual-word frequency histogram).
 """
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import vwt
-from vwt import cli, datasets
+from vwt import cli, datasets, results
 from vwt.cli import UserError
 from vwt.tokenizer import tokenize
 
@@ -46,10 +48,7 @@ def summary(counts: np.ndarray) -> dict:
 def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     """Run len.py. ``loaded`` (tests only) replaces --model with an already-loaded model."""
     args = parse_args(argv)
-    if args.batch < 1:
-        raise UserError(f"--batch must be at least 1; got {args.batch}")
-    if args.max_images is not None and args.max_images < 1:
-        raise UserError(f"--max-images must be at least 1; got {args.max_images}")
+    cli.at_least_one(args, "batch", "max_images")
     if any(getattr(args, k) is not None for k in ("tome", "evit", "lgtm")) or args.quant:
         raise UserError("len.py counts the tokens the VWT tokenizer leaves: use --vocab/--vocab-path or --top_k, "
                         "not --tome/--evit/--lgtm/--quant")
@@ -58,6 +57,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
         raise UserError("choose a tokenizer: --vocab SIZE (or --vocab-path FILE) for inter-image, --top_k DROP for intra-image")
     reducer = reducers[0]
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    cli.writable_dir(Path(args.out) / "len")
     data = datasets.load(args.data, args.data_root, None, split=args.split, limit=args.max_images)
     if loaded is None:
         loaded = cli.load_model(args.model, device, dtype)
@@ -65,6 +65,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     data.transform = pre
     if len(data) == 0:
         raise UserError(f"{args.data}: no images in the chosen split")
+    full = cli.check_input_reducers(loaded.vision, reducers, pre.size, device, dtype)
     inter = reducer if isinstance(reducer, vwt.InterImage) else None
 
     from tqdm import tqdm
@@ -109,12 +110,16 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
         result["words_used"] = int((words > 0).sum())
     result["per_image"] = counts.tolist()
 
-    stem = Path(args.out) / "len" / f"{args.data}_{method}"
-    cli.write_json(stem.with_suffix(".json"), result)
+    result["note"] = cli.nothing_merged_note(reducers, full, float(counts.min()), float(counts.min()))
+    config = {**results.config_of(args), "model": loaded.name}
+    stem = Path(args.out) / "len" / results.run_stem([args.data, loaded.name, method], config)
+    cli.save_json(stem.with_suffix(".json"), result)
     figure(stem.with_suffix(".png"), counts, words, f"{args.data}: {method} ({loaded.name})")
     t = result["tokens"]
     print(f"{args.data} {method}: tokens per image {t['mean']:.2f} ± {t['std']:.2f} (min {t['min']}, max {t['max']}) "
           f"of {result['patches_per_image'] + state.prefix}")
+    if result["note"]:
+        print(result["note"])
     for name, s in result["groups"].items():
         print(f"  {name}: {s['mean']:.2f} ± {s['std']:.2f} (min {s['min']}, max {s['max']}, {s['images']} images)")
     print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.png')}")
@@ -144,8 +149,13 @@ def figure(path: Path, counts: np.ndarray, words, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)  # never a half-written figure under the final name
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
 
 
 if __name__ == "__main__":

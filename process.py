@@ -69,6 +69,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> vwt.Vocabulary:
     if args.max_images is not None and args.max_images < 1:
         raise UserError(f"--max-images must be at least 1; got {args.max_images}")
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    cli.writable_dir(out_dir(args))  # an unwritable folder fails now, not after the k-means
     split = None if args.data == "samples" else (args.split or "train")
     data = datasets.load(args.data, args.data_root, None, split=split)  # a missing data set fails before the model loads
     if loaded is None:

@@ -21,8 +21,14 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
 
 
+def _one_line_usage_error(self: argparse.ArgumentParser, message: str) -> None:
+    self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(fn: Callable[[], Any]) -> None:
-    """Run a script's main, turning UserError (and a missing file) into a one-line error and exit 2."""
+    """Run a script's main, turning UserError into a one-line error and exit 2. Bad command lines too:
+    argparse's usage-plus-message is replaced by one ``error: ...`` line in this (script) process."""
+    argparse.ArgumentParser.error = _one_line_usage_error
     try:
         fn()
     except UserError as e:
@@ -97,13 +103,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DEVICE_HINT = "use --device cpu, cuda, cuda:N, mps or auto"
+
+
 def resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch.device that exists on this machine; anything else is a one-line UserError
+    (an unknown name, CUDA or MPS where the build or machine has none, a CUDA index out of range)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available here; use --device cpu")
-    return dev
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {name!r} is not a device name; {DEVICE_HINT}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return dev
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UserError(f"--device {name}: this PyTorch build or machine has no MPS (Apple GPU) device; "
+                            "use --device cpu")
+        return dev
+    raise UserError(f"--device {name}: the scripts run on cpu, cuda and mps devices; {DEVICE_HINT}")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -287,9 +314,12 @@ def reducers_from_args(args) -> list:
     if sum(getattr(args, k, None) is not None for k in ("tome", "evit", "lgtm")) > 1:
         raise UserError("choose one in-network reducer: --tome, --evit or --lgtm")
     path = vocab_path(args)
-    vocab = None if path is None else read_vocabulary(
-        path, f"; learn it with `python process.py --data {getattr(args, 'vocab_data', 'imgnet')} --vocab "
-              f"{args.vocab}` or pass --vocab-path")
+    if getattr(args, "vocab_path", None) is not None:
+        hint = "; check the path, or learn one with `python process.py --data DATA --vocab SIZE --out FOLDER`"
+    else:
+        hint = (f"; learn it with `python process.py --data {getattr(args, 'vocab_data', 'imgnet')} --vocab "
+                f"{getattr(args, 'vocab', None)}` or pass --vocab-path")
+    vocab = None if path is None else read_vocabulary(path, hint)
     return build_reducers(getattr(args, "top_k", None), vocab, getattr(args, "thresh", 0.1),
                           getattr(args, "random", False), getattr(args, "prop_attn", False),
                           getattr(args, "tome", None), getattr(args, "evit", None), getattr(args, "lgtm", None))
@@ -332,3 +362,137 @@ def environment(device: Optional[torch.device] = None) -> dict:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input found before the long work starts, and finished work that is never lost
+# --------------------------------------------------------------------------------------------------
+def at_least_one(args, *names: str) -> None:
+    """Refuse integer flags (``--limit``, ``--batch``, ...) below 1 where they are given."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+
+
+def writable_dir(path, flag: str = "--out") -> Path:
+    """Make sure results can be written into the folder ``path`` (created if missing) before any long
+    work: an existing file in the way or a folder that refuses a file is a one-line UserError."""
+    import tempfile
+
+    path = Path(path)
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{flag} {path}: {parent} is a file, not a folder; pass a folder "
+                            "(it is created if missing)")
+    created = [d for d in [path, *path.parents] if not d.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable ({first_line(e)}); pass a folder you can write to") from None
+    finally:
+        for d in created:  # leave no empty folders behind: the results create them when they are written
+            try:
+                d.rmdir()
+            except OSError:
+                break
+    return path
+
+
+def save_json(path: Path, payload: Any) -> Path:
+    """Write a finished run's results atomically; where that fails (the folder went away, the disk is
+    full) the results go to the temporary-files folder instead, and a one-line UserError says where."""
+    import tempfile
+
+    from .results import write_json as _write
+
+    try:
+        return _write(path, payload)
+    except OSError as e:
+        rescue = Path(tempfile.gettempdir()) / Path(path).name
+        try:
+            _write(rescue, payload)
+        except OSError:
+            raise UserError(f"cannot write {path} ({first_line(e)}), nor a copy in {rescue.parent}") from None
+        raise UserError(f"cannot write {path} ({first_line(e)}); the finished results were saved to {rescue}") from None
+
+
+def check_input_reducers(vision: nn.Module, reducers: list, image_size: int, device=None, dtype=None) -> int:
+    """Run the input reducer (if any) on one blank image, before any data: a vocabulary that does not
+    fit the model (patch size, space, width) or an intra-image drop that keeps no patch is a one-line
+    UserError now rather than a traceback later. Returns the tokens an image has without reduction."""
+    from .tokenizer import tokenize
+
+    blank = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype)
+    state, _ = tokenize(vision, None, blank)
+    full = state.num_tokens
+    for r in reducers:
+        if getattr(r, "kind", None) != "input":
+            continue
+        try:
+            tokenize(vision, r, blank)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    return full
+
+
+def nothing_merged_note(reducers: list, full: int, tokens_first: float, tokens_mean: float) -> Optional[str]:
+    """The summary line's note when legal settings removed no token on this data (e.g. --thresh 0, or
+    a vocabulary far from these images), so such a run is never mistaken for a reduced one."""
+    if not reducers:
+        return None
+    inputs = [r for r in reducers if getattr(r, "kind", None) == "input"]
+    if inputs and tokens_first >= full and tokens_mean >= full:
+        return (f"note: the methods removed no token on this data (every image kept all {full} tokens): "
+                "the run equals the unreduced model" + ("; raise --thresh or check the vocabulary"
+                                                        if any(hasattr(r, "vocab") for r in inputs) else ""))
+    if not inputs and tokens_mean >= full:
+        return f"note: the methods removed no token on this data (every block kept all {full} tokens)"
+    return None
+
+
+def load_model_or_random(name: str, device: torch.device, dtype: torch.dtype, why: str) -> Loaded:
+    """load_model, falling back to random weights of the same architecture (with one printed line) when
+    the weights cannot be had, for work that does not depend on them (``why`` says what)."""
+    try:
+        return load_model(name, device, dtype)
+    except UserError as e:
+        print(f"note: {first_line(e, 160)}; using random weights of its architecture ({why})", file=sys.stderr)
+        return load_model(name, device, dtype, random_weights=True)
+
+
+def samples_vocabulary(size: int, vision: nn.Module, preprocess, images: Optional[torch.Tensor] = None):
+    """A pixel-space vocabulary of ``size`` words learned on the ``samples`` photographs with the model's
+    patch size and preprocessing, cached in tokenizers/samples/v<size>/ (v<size>-p<P>-<S>px for models
+    other than patch 16 at 224 px): learned on first use, relearned when the cache does not fit the
+    model. ``images``: the preprocessed samples where the caller has them. Returns (vocab, path)."""
+    import vwt
+
+    from .datasets import Samples
+    from .flops import dims_of
+
+    patch, px = dims_of(vision).patch_size, preprocess.size
+    cache = tokenizer_dir("samples", size)
+    path = (cache if (patch, px) == (16, 224) else cache.with_name(f"v{size}-p{patch}-{px}px")) / "vocab.pt"
+    if path.exists():
+        vocab = read_vocabulary(path)
+        if (vocab.space, vocab.patch_size, tuple(vocab.meta.get("mean", ())), tuple(vocab.meta.get("std", ()))) == \
+                ("pixel", patch, tuple(preprocess.mean), tuple(preprocess.std)):
+            return vocab, path
+    if images is None:
+        ds = Samples(preprocess)
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+    n = images.shape[0] * (images.shape[-1] // patch) * (images.shape[-2] // patch)
+    if n < size:
+        raise UserError(f"cannot learn {size} visual words from the {n} patches of the samples; use a smaller "
+                        "--vocab or pass --vocab-path")
+    writable_dir(path.parent, "the vocabulary folder")
+    print(f"learning a {size}-word vocabulary on the {images.shape[0]} sample images -> {path}", file=sys.stderr)
+    vocab = vwt.Vocabulary.learn([images[i:i + 64] for i in range(0, len(images), 64)], size=size, space="pixel",
+                                 patch_size=patch, data="samples", image_size=px, mean=list(preprocess.mean),
+                                 std=list(preprocess.std))
+    vocab.save(path.parent)
+    return vocab, path
