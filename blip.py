@@ -68,7 +68,8 @@ def run_name(args, model_name: str, limit: bool = True) -> str:
     seed = f"seed{args.seed}" if args.random else ""
     first = f"first{args.limit}" if args.limit and limit else ""
     config = {**results.config_of(args), "model": model_name} if limit else run_config(args, model_name)
-    return results.run_stem([f"{args.data}{split}", model_name, cli.method_name(args), seed, first], config)
+    return results.run_stem([f"{args.data}{split}", cli.model_label(model_name), cli.method_name(args), seed, first],
+                            config)
 
 
 def run_config(args, model_name: str) -> dict:

@@ -194,7 +194,7 @@ def results_path(args, model_name: str) -> Path:
     split = f"-{args.split}" if args.split else ""
     first = f"first{args.limit}" if args.limit else ""
     config = {**results.config_of(args), "model": model_name}
-    stem = results.run_stem([f"{args.data}{split}", model_name, cli.method_name(args), first], config)
+    stem = results.run_stem([f"{args.data}{split}", cli.model_label(model_name), cli.method_name(args), first], config)
     return Path(args.out) / "clip" / f"{stem}.json"
 
 

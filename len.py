@@ -112,9 +112,10 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
 
     result["note"] = cli.nothing_merged_note(reducers, full, float(counts.min()), float(counts.min()))
     config = {**results.config_of(args), "model": loaded.name}
-    stem = Path(args.out) / "len" / results.run_stem([args.data, loaded.name, method], config)
-    cli.save_json(stem.with_suffix(".json"), result)
-    figure(stem.with_suffix(".png"), counts, words, f"{args.data}: {method} ({loaded.name})")
+    stem = results.run_stem([args.data, cli.model_label(loaded.name), method], config)
+    json_path, png_path = Path(args.out) / "len" / f"{stem}.json", Path(args.out) / "len" / f"{stem}.png"
+    cli.save_json(json_path, result)
+    figure(png_path, counts, words, f"{args.data}: {method} ({loaded.name})")
     t = result["tokens"]
     print(f"{args.data} {method}: tokens per image {t['mean']:.2f} ± {t['std']:.2f} (min {t['min']}, max {t['max']}) "
           f"of {result['patches_per_image'] + state.prefix}")
@@ -122,7 +123,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
         print(result["note"])
     for name, s in result["groups"].items():
         print(f"  {name}: {s['mean']:.2f} ± {s['std']:.2f} (min {s['min']}, max {s['max']}, {s['images']} images)")
-    print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.png')}")
+    print(f"written: {json_path}, {png_path}")
     return result
 
 

@@ -111,6 +111,17 @@ def run(args, loaded=None) -> dict:
     out_dir = Path(args.out) / "figures" / "word" / results.run_stem([vocab_tag(vocab)], config)
     source = str(cli.vocab_path(args))
 
+    data = datasets.load(args.data, args.data_root, pre)
+    names = [vis.record_name(r) for r in data.records]
+    if not names:
+        raise cli.UserError(f"{args.data}: no images to draw under {args.data_root} ({datasets.layout(args.data)})")
+    chosen = args.images if args.images else names[:args.limit]
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise cli.UserError(f"unknown image(s) {', '.join(unknown)}; the {args.data} images are: {shown}")
+    data = torch.utils.data.Subset(data, [names.index(n) for n in chosen])
+
     tiles, arr, grid = word_grid(vocab, args.cols, args.scale)
     title = (f"{len(vocab)} visual words of {source}\n"
              f"learned on {vocab.meta.get('data', 'unknown data')}, {vocab.patch_size}x{vocab.patch_size} pixel "
@@ -124,17 +135,6 @@ def run(args, loaded=None) -> dict:
                         "cols": grid.cols, "tile": list(grid.tile), "gap": grid.gap, "scale": grid.scale,
                         "count": grid.count},
               "images": []}
-
-    data = datasets.load(args.data, args.data_root, pre)
-    names = [vis.record_name(r) for r in data.records]
-    if not names:
-        raise cli.UserError(f"{args.data}: no images to draw under {args.data_root} ({datasets.layout(args.data)})")
-    chosen = args.images if args.images else names[:args.limit]
-    unknown = [n for n in chosen if n not in names]
-    if unknown:
-        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-        raise cli.UserError(f"unknown image(s) {', '.join(unknown)}; the {args.data} images are: {shown}")
-    data = torch.utils.data.Subset(data, [names.index(n) for n in chosen])
 
     scale = grid.scale
     from tqdm import tqdm

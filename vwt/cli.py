@@ -367,6 +367,12 @@ def environment(device: Optional[torch.device] = None) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Bad input found before the long work starts, and finished work that is never lost
 # --------------------------------------------------------------------------------------------------
+def model_label(name: str) -> str:
+    """A model's name as results file names show it: a local model folder by its last component (the
+    file name's hash still tells two folders of the same name apart), anything else as it is."""
+    return Path(name).name if os.path.isdir(name) else name
+
+
 def at_least_one(args, *names: str) -> None:
     """Refuse integer flags (``--limit``, ``--batch``, ...) below 1 where they are given."""
     for name in names:
