@@ -402,6 +402,7 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
     configs = plan(args)
     s = settings(args)
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    cli.writable_dir(args.out)  # an unwritable --out fails now, not after the measurements
     started = time.perf_counter()
 
     if loaded is None:

@@ -208,7 +208,7 @@ def world(tmp_path_factory):
     fixtures.write_coco(w.data)
     fixtures.write_nocaps(w.data)
     fixtures.write_imagenet(w.data)
-    w.big = _grow(fixtures.write_coco(fixtures.write_waterbirds(w.dir / "big")), waterbirds=150, coco=40)
+    w.big = _grow(fixtures.write_coco(fixtures.write_waterbirds(w.dir / "big")), waterbirds=400, coco=40)
     v = w.dir / "vocabs"
     g = torch.Generator().manual_seed(0)
     w.good = vwt.Vocabulary(torch.randn(6, PATCH_DIM, generator=g), patch_size=tiny.PATCH).save(v / "good")
@@ -294,7 +294,7 @@ def _cases():
     add("min-length-negative", "blip.py", base["blip.py"] + ["--min-length", "-1"], "--min-length")
     add("min-length-above-max", "blip.py", base["blip.py"] + ["--min-length", "30", "--max-length", "20"], "--min-length")
     # --out: an existing file, or a folder under a file
-    for s in ("clip.py", "blip.py", "len.py", "match.py", "word.py", "process.py"):
+    for s in ("clip.py", "blip.py", "len.py", "match.py", "word.py", "process.py", "eff.py"):
         method = ["--top_k", "0.5"] if s in ("clip.py", "len.py", "match.py") else []
         add(f"out-is-a-file-{s}", s, base[s] + method + ["--out", "{a_file}"], "is a file, not a folder")
         add(f"out-under-a-file-{s}", s, base[s] + method + ["--out", "{a_file}/sub"], "is a file, not a folder")
@@ -642,14 +642,15 @@ def test_sigkill_mid_run_leaves_only_whole_files(world, tmp_path, name):
                            "--out", out / "tok", *common]}[name]
     pid, o, e = start(name, *argv, cwd=world.dir)
     deadline = time.time() + 120
-    while not _progressed(e, 3) and time.time() < deadline:  # the work has started: kill it somewhere inside
+    while not _progressed(e, 1) and time.time() < deadline:  # the work has started: kill it somewhere inside
         if os.waitpid(pid, os.WNOHANG)[0]:
             raise AssertionError(f"{name} ended before it could be killed: {_read(e)[-2000:]}")
         time.sleep(0.005)
-    delay = rng.uniform(0, 0.4)
+    delay = rng.uniform(0, 0.3)
     time.sleep(delay)
     os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    status = os.waitpid(pid, 0)[1]
+    assert os.WIFSIGNALED(status), f"{name} finished before the kill at +{delay:.3f} s: {_read(e)[-1000:]}"
     for path in sorted(out.rglob("*")):
         if path.is_file() and not path.name.startswith("."):
             try:

@@ -27,8 +27,8 @@ def _one_line_usage_error(self: argparse.ArgumentParser, message: str) -> None:
 
 def main(fn: Callable[[], Any]) -> None:
     """Run a script's main, turning UserError into a one-line error and exit 2. Bad command lines too:
-    argparse's usage-plus-message is replaced by one ``error: ...`` line in this (script) process."""
-    argparse.ArgumentParser.error = _one_line_usage_error
+    argparse's usage-plus-message is replaced by one ``error: ...`` line while ``fn`` runs."""
+    usage_error, argparse.ArgumentParser.error = argparse.ArgumentParser.error, _one_line_usage_error
     try:
         fn()
     except UserError as e:
@@ -37,6 +37,8 @@ def main(fn: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        argparse.ArgumentParser.error = usage_error
 
 
 # --------------------------------------------------------------------------------------------------
