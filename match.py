@@ -121,8 +121,8 @@ def run(args, loaded=None) -> dict:
     weights = "" if loaded.pretrained else " (random weights)" if in_network(args) else ""
     data = datasets.load(args.data, args.data_root, pre, limit=args.limit)
     if len(data) == 0:
-        raise cli.UserError(f"{args.data}: no images to draw under {args.data_root} "
-                            f"({datasets.layout(args.data)})")
+        raise cli.UserError(f"{args.data}: no images to draw under {args.data_root}; expected layout: "
+                            f"{datasets.layout(args.data)}")
     images = []
     from tqdm import tqdm
 

@@ -107,11 +107,25 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> vwt.Vocabulary:
         model=loaded.name, config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         environment=cli.environment(device))
     vocab.meta["seconds"] = round(time.time() - started, 1)
-    path = vocab.save(out_dir(args))
+    path = save(vocab, out_dir(args))
     per_patch = vocab.meta["inertia"] / max(vocab.meta["inertia_patches"], 1)
     print(f"{len(vocab)} {args.space}-space words of {vocab.dim} values from {vocab.meta['patches_seen']} patches "
           f"({len(data)} images, {args.passes} mini-batch + {args.refine} Lloyd pass(es)); inertia {per_patch:.4g} per patch; written: {path}")
     return vocab
+
+
+def save(vocab: vwt.Vocabulary, folder: Path) -> Path:
+    """Save the learned words; where the folder refuses them now (it was checked at the start), they go
+    to a new temporary folder instead and a one-line error says where: the k-means is never lost."""
+    import tempfile
+
+    try:
+        return vocab.save(folder)
+    except OSError as e:
+        rescue = Path(tempfile.mkdtemp(prefix="vwt-vocab-"))
+        vocab.save(rescue)
+        raise UserError(f"cannot write the vocabulary to {folder} ({cli.first_line(e)}); it was saved to "
+                        f"{rescue} instead") from None
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ def run(args, loaded=None) -> dict:
     data = datasets.load(args.data, args.data_root, pre)
     names = [vis.record_name(r) for r in data.records]
     if not names:
-        raise cli.UserError(f"{args.data}: no images to draw under {args.data_root} ({datasets.layout(args.data)})")
+        raise cli.UserError(f"{args.data}: no images to draw under {args.data_root}; expected layout: "
+                            f"{datasets.layout(args.data)}")
     chosen = args.images if args.images else names[:args.limit]
     unknown = [n for n in chosen if n not in names]
     if unknown:

@@ -49,10 +49,26 @@ class Run:
         return f"Run(code={self.code}, out={self.out[-600:]!r}, err={self.err[-1500:]!r})"
 
 
+def _own_tqdm_locks() -> None:
+    """tqdm's write lock is a multiprocessing lock, shared with the parent across fork: a child killed
+    while holding it would leave the parent's progress bars waiting forever. The child takes its own."""
+    import threading
+
+    import tqdm.std
+
+    classes = [tqdm.std.tqdm]
+    while classes:
+        c = classes.pop()
+        classes += c.__subclasses__()
+        if c is tqdm.std.tqdm or "_lock" in vars(c):
+            c.set_lock(threading.RLock())
+
+
 def _child(script: str, argv, cwd: Path, out, err) -> None:
     """In the forked child: run ``script`` as __main__ with ``argv``; never returns."""
     code = 1
     try:
+        _own_tqdm_locks()
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
@@ -386,7 +402,7 @@ def test_bad_input_is_one_line_and_loses_nothing(world, bad_roots, intact, name,
         argv += ["--workers", "0"]
     if name in ("match.py", "word.py", "eff.py") and "--limit" not in argv:
         argv += ["--limit", "1"]
-    if "--device" not in argv and name != "eff.py":
+    if "--device" not in argv:  # never CUDA in a forked child (the parent may have initialised it)
         argv += ["--device", "cpu"]
     refused(script(name, *argv, cwd=world.dir), *says)
 
@@ -474,6 +490,21 @@ def test_a_late_write_failure_keeps_the_finished_results(tmp_path):
         assert json.loads(rescue.read_text()) == {"avg": 0.5}
     finally:
         rescue.unlink()
+
+
+def test_process_keeps_the_learned_words_when_the_folder_fails_late(tmp_path):
+    import process
+
+    vocab = vwt.Vocabulary(torch.randn(3, PATCH_DIM), patch_size=tiny.PATCH)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("where the vocabulary folder was")
+    with pytest.raises(cli.UserError, match="saved to") as e:
+        process.save(vocab, blocked / "v3")
+    rescue = Path(str(e.value).split("saved to ")[1].split(" instead")[0])
+    try:
+        assert torch.equal(vwt.Vocabulary.load(rescue).words, vocab.words)
+    finally:
+        shutil.rmtree(rescue)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -591,7 +622,7 @@ def test_readme_figure_commands_work_on_a_fresh_clone_offline(tmp_path):
     learned = vwt.Vocabulary.load(clone / "tokenizers" / "samples" / "v100" / "vocab.pt")
     assert len(learned) == 100 and learned.patch_size == 16 and learned.meta["data"] == "samples"
     assert len(list((clone / "results" / "figures" / "match").glob("inter-v100-t0.1__*/astronaut.png"))) == 1
-    second = script("word.py", "--vocab", "100", "--vocab-data", "samples", "--limit", "1", cwd=clone)
+    second = script("word.py", "--vocab", "100", "--vocab-data", "samples", "--limit", "1", "--device", "cpu", cwd=clone)
     assert second.code == 0 and "learning" not in second.err, second  # the cached vocabulary is reused
     assert len(list((clone / "results" / "figures" / "word").glob("samples-v100__*/words.png"))) == 1
 
@@ -623,9 +654,9 @@ def _parses(path: Path) -> None:
         raise AssertionError(f"unexpected file {path}")
 
 
-def _progressed(err_file, count: int) -> bool:
-    text = _read(err_file)
-    return text.count("/s]") >= count or text.count("it/s") >= count
+def _progressed(err_file, bar: str) -> bool:
+    """The script's own progress bar ``bar`` has counted at least one finished step."""
+    return any(bar in l and "/s]" in l and "?" not in l.split("|")[-1] for l in _read(err_file).split("\r"))
 
 
 @pytest.mark.parametrize("name", ["clip.py", "blip.py", "len.py", "process.py"])
@@ -638,11 +669,13 @@ def test_sigkill_mid_run_leaves_only_whole_files(world, tmp_path, name):
                         "--out", out, *common],
             "blip.py": ["--model", world.blip, "--data", "coco", "--out", out, "--no-score", *common],
             "len.py": ["--model", world.clip, "--data", "waterbirds", "--vocab-path", world.good, "--out", out, *common],
-            "process.py": ["--model", world.clip, "--data", "waterbirds", "--vocab", "6", "--passes", "2",
-                           "--out", out / "tok", *common]}[name]
+            "process.py": ["--model", world.clip, "--data", "waterbirds", "--split", "test", "--vocab", "6",
+                           "--passes", "2", "--out", out / "tok", *common]}[name]
+    bar = {"clip.py": "waterbirds seed", "blip.py": "coco captions", "len.py": "len waterbirds",
+           "process.py": "k-means waterbirds"}[name]
     pid, o, e = start(name, *argv, cwd=world.dir)
     deadline = time.time() + 120
-    while not _progressed(e, 1) and time.time() < deadline:  # the work has started: kill it somewhere inside
+    while not _progressed(e, bar) and time.time() < deadline:  # the work has started: kill it somewhere inside
         if os.waitpid(pid, os.WNOHANG)[0]:
             raise AssertionError(f"{name} ended before it could be killed: {_read(e)[-2000:]}")
         time.sleep(0.005)
