@@ -7,8 +7,10 @@ BLEU-4, METEOR, ROUGE-L, CIDEr, and SPICE where its Stanford CoreNLP jars are in
 "SPICE unavailable", never a number). NoCaps also gets CIDEr per domain (in, near, out).
 
 Captions are appended to <out>/blip/<run>.captions.jsonl as they are made, with the configuration on
-the first line: a run that stops resumes where it stopped (finished images are not redone); the same
-command with another configuration is refused rather than mixed (--restart starts over). --no-score
+the first line; <run> ends in a digest of that configuration, so another configuration gets its own
+file. A run that stops (even killed) resumes where it stopped (finished images are not redone); a file
+whose first line is damaged or names another configuration is refused with the `mv` that moves it
+aside, never reused; --restart starts this configuration over and removes nothing else. --no-score
 only writes captions (say, on a GPU machine without Java); the same command without it scores them.
 A results file per run goes to <out>/blip/; --summary gathers them into summary.md and summary.csv.
 
