@@ -174,9 +174,17 @@ def _hf_random_config(name: str):
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
-               random_weights: bool = False) -> Loaded:
+               random_weights: bool = False, fallback_random: bool = False) -> Loaded:
     """Load a model by name. ``random_weights`` builds the same architecture with random weights
-    (for runtime and energy only: weights do not change them)."""
+    (for runtime and energy only: weights do not change them). ``fallback_random``: where the
+    pretrained weights cannot be loaded, random ones with a one-line note (stand-in for i12's)."""
+    if fallback_random and not random_weights:
+        try:
+            return load_model(name, device, dtype)
+        except UserError as e:
+            print(f"note: {name}: pretrained weights unavailable ({first_line(e, 160)}); using random weights of "
+                  "the same architecture")
+            return load_model(name, device, dtype, random_weights=True)
     try:
         if name.startswith("open_clip:"):
             import open_clip
