@@ -84,7 +84,7 @@ def load(args, device, dtype):
     cache) random weights of the architecture do, with a note. ToMe/LGTM/EViT groups need them."""
     if args.random_weights or in_network(args):
         return cli.load_model(args.model, device, dtype, random_weights=args.random_weights)
-    return cli.load_model_or_random(args.model, device, dtype, "VWT figures do not depend on the weights")
+    return cli.load_model(args.model, device, dtype, fallback_random=True)
 
 
 def run(args, loaded=None) -> dict:

@@ -78,7 +78,7 @@ def load(args, device, dtype):
     random weights of its architecture do, with a note."""
     if args.random_weights:
         return cli.load_model(args.model, device, dtype, random_weights=True)
-    return cli.load_model_or_random(args.model, device, dtype, "word figures do not depend on the weights")
+    return cli.load_model(args.model, device, dtype, fallback_random=True)
 
 
 def run(args, loaded=None) -> dict:

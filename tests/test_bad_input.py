@@ -618,7 +618,7 @@ def test_readme_figure_commands_work_on_a_fresh_clone_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     first = real("match.py", "--vocab", "100", "--vocab-data", "samples", "--limit", "1", cwd=clone, env=env)
     assert first.code == 0, first
-    assert "random weights" in first.err and "learning a 100-word vocabulary" in first.err
+    assert "random weights" in first.out + first.err and "learning a 100-word vocabulary" in first.err
     learned = vwt.Vocabulary.load(clone / "tokenizers" / "samples" / "v100" / "vocab.pt")
     assert len(learned) == 100 and learned.patch_size == 16 and learned.meta["data"] == "samples"
     assert len(list((clone / "results" / "figures" / "match").glob("inter-v100-t0.1__*/astronaut.png"))) == 1

@@ -470,16 +470,6 @@ def nothing_merged_note(reducers: list, full: int, tokens_first: float, tokens_m
     return None
 
 
-def load_model_or_random(name: str, device: torch.device, dtype: torch.dtype, why: str) -> Loaded:
-    """load_model, falling back to random weights of the same architecture (with one printed line) when
-    the weights cannot be had, for work that does not depend on them (``why`` says what)."""
-    try:
-        return load_model(name, device, dtype)
-    except UserError as e:
-        print(f"note: {first_line(e, 160)}; using random weights of its architecture ({why})", file=sys.stderr)
-        return load_model(name, device, dtype, random_weights=True)
-
-
 def samples_vocabulary(size: int, vision: nn.Module, preprocess, images: Optional[torch.Tensor] = None):
     """A pixel-space vocabulary of ``size`` words learned on the ``samples`` photographs with the model's
     patch size and preprocessing, cached in tokenizers/samples/v<size>/ (v<size>-p<P>-<S>px for models
