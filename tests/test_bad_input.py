@@ -69,6 +69,8 @@ def _child(script: str, argv, cwd: Path, out, err) -> None:
     code = 1
     try:
         _own_tqdm_locks()
+        torch.set_num_threads(1)  # as the parent: tiny models, a shared 2-core machine
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
@@ -214,8 +216,20 @@ class World:
     pass
 
 
+def _warm() -> None:
+    """What every forked run would otherwise load again: matplotlib (len.py's figure) and the decoded
+    sample photographs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+    D.sample_images()
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    _warm()
     w = World()
     w.dir = tmp_path_factory.mktemp("world")
     w.clip, w.blip = _save_models(w.dir / "models")
@@ -599,8 +613,13 @@ def test_device_names(monkeypatch):
 # The README's commands on a fresh clone, offline and without a model cache
 # --------------------------------------------------------------------------------------------------
 def _fresh_clone(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    """A copy of the repository's own files (git's view where there is one), without results/ and tokenizers/."""
+    try:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        files = [str(p.relative_to(REPO)) for p in REPO.rglob("*")
+                 if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts]
     for f in files:
         if (REPO / f).is_file() and not f.startswith(("results/", "tokenizers/")):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
@@ -608,6 +627,7 @@ def _fresh_clone(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow  # CLIP ViT-B/16 with random weights in a fresh interpreter: about 15 s of CPU
 def test_readme_figure_commands_work_on_a_fresh_clone_offline(tmp_path):
     """`python match.py --vocab 100 --vocab-data samples`, then `python word.py --vocab 100 --vocab-data
     samples`, as the README gives them, in a fresh copy with no tokenizers/ and no model cache, offline:
