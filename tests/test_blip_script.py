@@ -48,7 +48,7 @@ def lines(path):
 
 def captions_file(out, stem):
     """The one captions file of a run: <stem>__<hash of its configuration>.captions.jsonl."""
-    [path] = (out / "blip").glob(f"{stem}__*.captions.jsonl")
+    [path] = (out / "blip").glob(f"{stem}__????????.captions.jsonl")
     return path
 
 
@@ -90,7 +90,7 @@ def test_coco_captions_equal_direct_beam_search_and_scores_equal_metrics(root, t
     assert res["metrics"]["SPICE"] is None and res["summary"]["SPICE"] is None
     assert res["metrics"]["SPICE_note"].startswith("SPICE unavailable")
     assert res["summary"]["CIDEr"] == 100 * expected["CIDEr"] and res["summary"]["tokens"] == 17
-    [saved] = [json.loads(f.read_text()) for f in (tmp_path / "blip").glob("coco__tiny-blip__base__*.json")]
+    [saved] = [json.loads(f.read_text()) for f in (tmp_path / "blip").glob("coco__tiny-blip__base__????????.json")]
     assert saved["metrics"] == expected and "versions" in saved["environment"]
 
 

@@ -73,7 +73,7 @@ def test_waterbirds_metrics_equal_a_direct_zero_shot(root, tmp_path, tok):
     assert m["avg"]["mean"] == float((pred == label).mean()) and m["worst"]["mean"] == min(per_group)
     assert res["seeds"] == [0] and res["deterministic"] and m["avg"]["std"] == 0.0
     assert m["tokens_first_block"]["mean"] == 17 == m["tokens_mean"]["mean"]
-    [saved] = [json.loads(f.read_text()) for f in (tmp_path / "clip").glob("waterbirds__tiny-hf-clip__base__*.json")]
+    [saved] = [json.loads(f.read_text()) for f in (tmp_path / "clip").glob("waterbirds__tiny-hf-clip__base__????????.json")]
     assert saved["summary"]["avg"] == [100 * m["avg"]["mean"], 0.0] and saved["pretrained"] is False
     assert "torch" in saved["environment"]["versions"] and saved["model"] == "tiny-hf-clip"
     assert saved["config"]["batch"] == 3 and saved["images"] == 8
