@@ -13,8 +13,10 @@ NoCaps EvalAI server's upload format); COCO under the paper protocol is scored a
 coco_karpathy_test_gt.json where it is there (data/README.md).
 
 Captions are appended to <out>/blip/<run>.captions.jsonl as they are made, with the configuration on
-the first line: a run that stops resumes where it stopped (finished images are not redone); the same
-command with another configuration is refused rather than mixed (--restart starts over). --no-score
+the first line; <run> ends in a digest of that configuration, so another configuration gets its own
+file. A run that stops (even killed) resumes where it stopped (finished images are not redone); a file
+whose first line is damaged or names another configuration is refused with the `mv` that moves it
+aside, never reused; --restart starts this configuration over and removes nothing else. --no-score
 only writes captions (say, on a GPU machine without Java); the same command without it scores them.
 A results file per run goes to <out>/blip/; --summary gathers them into summary.md and summary.csv.
 
@@ -34,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 import vwt
-from vwt import cli, datasets, metrics
+from vwt import cli, datasets, metrics, results
 from vwt.cli import UserError
 
 DATA = ("coco", "nocaps")
@@ -81,66 +83,114 @@ def caption_settings(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run_name(args, model_name: str, limit: bool = True) -> str:
-    """The file name of a run; the captions file leaves out --limit, so a limited run's captions are
-    reused by the whole run."""
-    slug = "".join(c if c.isalnum() or c in ".-" else "-" for c in model_name)
+    """The file name of a run, <data>__<model>__<method>[__seed<N>][__first<N>]__<hash>. The captions
+    file (``limit=False``) hashes what the captions depend on (:func:`run_config`, the header it must
+    match) and leaves out --limit, so a limited run's captions are reused by the whole run; the results
+    file hashes the whole configuration. Two different configurations never share a file."""
     split = f"-{args.split}" if args.split else ""
-    seed = f"__seed{args.seed}" if args.random else ""
-    first = f"__first{args.limit}" if args.limit and limit else ""
-    return f"{args.data}{split}__{slug}__{cli.method_name(args)}{seed}{first}"
+    seed = f"seed{args.seed}" if args.random else ""
+    first = f"first{args.limit}" if args.limit and limit else ""
+    config = {**results.config_of(args), "model": model_name} if limit else run_config(args, model_name)
+    return results.run_stem([f"{args.data}{split}", cli.model_label(model_name), cli.method_name(args), seed, first],
+                            config)
 
 
 def run_config(args, model_name: str) -> dict:
     """What the captions depend on: a resumed run must match it."""
     keys = ("data", "split", "beams", "max_length", "min_length", "penalty", "prompt", "protocol", "dtype", "top_k",
-            "vocab", "vocab_path",
-            "vocab_data", "thresh", "random", "prop_attn", "tome", "evit", "lgtm", "quant")
-    cfg = {k: (str(getattr(args, k)) if isinstance(getattr(args, k), Path) else getattr(args, k)) for k in keys}
-    cfg.update(model=model_name, method=cli.method_name(args), seed=args.seed if args.random else None)
+            "vocab", "vocab_path", "vocab_data", "imgnet", "thresh", "random", "prop_attn", "tome", "evit", "lgtm",
+            "quant")
+    cfg = results.config_of({k: getattr(args, k, None) for k in keys})
+    vocab_file = cli.vocab_path(args)  # the file --vocab resolves to (in-domain or ImageNet's)
+    cfg.update(model=model_name, method=cli.method_name(args), seed=args.seed if args.random else None,
+               vocab_file=None if vocab_file is None else str(vocab_file))
     return cfg
 
 
 # --------------------------------------------------------------------------------------------------
 # The captions file
 # --------------------------------------------------------------------------------------------------
+def _move_aside(path: Path) -> str:
+    return f"mv {path} {path.with_name(path.name + '.old')}"
+
+
+def read_header(path: Path):
+    """The configuration on the captions file's first line; None for an empty file. A first line that
+    is not a whole configuration header means the file cannot be trusted: one-line UserError."""
+    with open(path, "rb") as f:
+        first = f.readline()
+    if not first:
+        return None
+    try:
+        item = json.loads(first)
+    except ValueError:
+        item = None
+    if not first.endswith(b"\n") or not isinstance(item, dict) or set(item) != {"config"} \
+            or not isinstance(item["config"], dict):
+        raise UserError(f"cannot resume {path}: its first line is not a whole configuration header (damaged or not "
+                        f"a captions file); move it aside with: {_move_aside(path)}")
+    return item["config"]
+
+
 def read_captions(path: Path, config: dict) -> dict:
-    """{image_id: line} of the captions already made for ``config``; a torn last line is ignored."""
+    """{image_id: line} of the captions already made for ``config``. The header must equal ``config``
+    exactly; a line cut short by a stopped run is skipped (that image is captioned again); any other
+    line that is not a caption means the file is damaged (one-line UserError, never a silent reuse)."""
     if not path.exists():
         return {}
-    done, header = {}, None
-    for line in path.read_text().splitlines():
+    header = read_header(path)
+    if header is None:
+        return {}
+    if header != config:
+        diff = sorted(k for k in set(header) | set(config) if header.get(k) != config.get(k))
+        raise UserError(f"cannot resume {path}: it holds captions of another configuration (differs in "
+                        f"{', '.join(diff)}); move it aside with: {_move_aside(path)}")
+    done = {}
+    for n, line in enumerate(path.read_bytes().splitlines()[1:], 2):
         try:
             item = json.loads(line)
         except ValueError:
-            continue  # a line cut short when a run was killed: that image is captioned again
-        if header is None and "config" in item:
-            header = item["config"]
-        elif "image_id" in item and "caption" in item:
-            done[item["image_id"]] = item
-    if header is not None and header != config:
-        diff = sorted(k for k in set(header) | set(config) if header.get(k) != config.get(k))
-        raise UserError(f"{path} holds captions of another configuration (differs in {', '.join(diff)}); "
-                        "pass --restart to replace them or choose another --out")
+            continue  # a line cut short when a run was killed
+        if not isinstance(item, dict) or "image_id" not in item or "caption" not in item:
+            raise UserError(f"cannot resume {path}: line {n} is not a caption; move it aside with: {_move_aside(path)}")
+        done[item["image_id"]] = item
     return done
 
 
+def restart(path: Path, config: dict) -> None:
+    """--restart: delete this configuration's captions file, and only that: a file whose header names
+    another configuration, or that is damaged, is left alone with a one-line error."""
+    if not path.exists():
+        return
+    header = read_header(path)
+    if header is not None and header != config:
+        raise UserError(f"--restart: {path} holds captions of another configuration, not this one's; it was left "
+                        f"alone; move it aside with: {_move_aside(path)}")
+    path.unlink()
+
+
 class CaptionWriter:
-    """Appends one JSON line per caption and flushes it, so a stopped run loses at most a batch."""
+    """Appends one JSON line per caption; each batch goes to the file in one unbuffered write and is
+    synced, so a stopped run loses at most a batch and leaves whole lines."""
 
     def __init__(self, path: Path, config: dict):
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not path.exists() or path.stat().st_size == 0
-        self.f = open(path, "a", encoding="utf-8")
+        self.f = open(path, "ab", buffering=0)
+        self.pending: list[str] = []
         if fresh:
             self.write({"config": config})
         elif not path.read_bytes().endswith(b"\n"):
-            self.f.write("\n")  # after a torn line, start a clean one
+            self.pending.append("")  # after a torn line, start a clean one
+        self.flush()
 
     def write(self, item: dict) -> None:
-        self.f.write(json.dumps(item) + "\n")
+        self.pending.append(json.dumps(item))
 
     def flush(self) -> None:
-        self.f.flush()
+        if self.pending:
+            self.f.write(("\n".join(self.pending) + "\n").encode())
+            self.pending = []
         os.fsync(self.f.fileno())
 
     def close(self) -> None:
@@ -207,13 +257,17 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     args = caption_settings(parse_args(argv))
     out = Path(args.out) / "blip"
     if args.summary:
+        if not out.is_dir() or not any(out.rglob("*.json")):
+            raise UserError(f"no blip.py results under {out} to summarise: run blip.py first, or pass the --out "
+                            "the runs used")
         md, csv_path, table = metrics.write_summary(out)
         print(table + f"\nwritten: {md}, {csv_path}")
         return None
-    for name in ("batch", "beams", "max_length"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    cli.at_least_one(args, "batch", "beams", "max_length", "limit")
+    if not 0 <= args.min_length <= args.max_length:
+        raise UserError(f"--min-length must be between 0 and --max-length ({args.max_length}); got {args.min_length}")
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    cli.writable_dir(out)
     started = time.time()
     reducers = cli.reducers_from_args(args, family="hf_blip")  # bad flags and missing data fail before the model loads
     ds = datasets.load(args.data, args.data_root, None, split=args.split, limit=args.limit)
@@ -229,11 +283,16 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
         raise UserError(f"blip.py captions with a Hugging Face BLIP model (e.g. {cli.DEFAULT_BLIP}); "
                         f"{loaded.name} is {loaded.family}")
     ds.transform = datasets.preprocess_for(loaded.model)
+    positions = getattr(getattr(loaded.model.config, "text_config", None), "max_position_embeddings", None)
+    if positions is not None and args.max_length > positions:
+        raise UserError(f"--max-length {args.max_length} is beyond what {loaded.name}'s text decoder can hold "
+                        f"({positions} tokens); pass at most {positions}")
+    full = cli.check_input_reducers(loaded.vision, reducers, ds.transform.size, device, dtype)
     name = run_name(args, loaded.name)
     path = out / f"{run_name(args, loaded.name, limit=False)}.captions.jsonl"
     config = run_config(args, loaded.name)
-    if args.restart and path.exists():
-        path.unlink()
+    if args.restart:
+        restart(path, config)
     done = read_captions(path, config)
     todo = ds.subset(lambda r: r["image_id"] not in done)
     print(f"{len(ds) - len(todo)} of {len(ds)} images already captioned in {path}", file=sys.stderr)
@@ -276,10 +335,11 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
         "split": args.split, "images": len(ds), "captions_file": str(path), "predictions_file": str(predictions),
         "references": refs_source(args), "metrics": scores, "domains": domains,
         **tokens, "summary": summary,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": results.config_of(args),
         "environment": cli.environment(device), "seconds": time.time() - started,
     }
-    rpath = cli.write_json(out / f"{name}.json", result)
+    result["note"] = cli.nothing_merged_note(reducers, full, tokens["tokens_first_block"], tokens["tokens_mean"])
+    rpath = cli.save_json(out / f"{name}.json", result)
     print(report(result) + f"\nresults: {rpath}")
     return result
 
@@ -326,6 +386,8 @@ def report(result: dict) -> str:
     for d, s in result["domains"].items():
         lines.append(f"  CIDEr {d}: {100 * s['CIDEr']:.2f}")
     lines.append("  " + cli.describe_tokens(result["tokens_first_block"], result["tokens_mean"]))
+    if result.get("note"):
+        lines.append(f"  {result['note']}")
     return "\n".join(lines)
 
 

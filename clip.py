@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import vwt
-from vwt import cli, datasets, metrics
+from vwt import cli, datasets, metrics, results
 from vwt.cli import UserError
 
 GROUPED = ("waterbirds", "celeba", "meta")
@@ -237,10 +237,14 @@ def aggregate(runs: list[dict]) -> tuple[dict, dict]:
 
 
 def results_path(args, model_name: str) -> Path:
-    slug = "".join(c if c.isalnum() or c in ".-" else "-" for c in model_name)
+    """<out>/clip/<data>__<model>__<method>[__first<N>]__<hash>.json: the hash covers the whole
+    configuration (dtype, vocabulary file, seeds, ...), so two different runs never share a file."""
     split = f"-{args.split}" if args.split else ""
-    limit = f"__first{args.limit}" if args.limit else ""
-    return Path(args.out) / "clip" / f"{args.data}{split}__{slug}__{cli.method_name(args)}{limit}__{args.protocol}.json"
+    first = f"first{args.limit}" if args.limit else ""
+    config = {**results.config_of(args), "model": model_name}
+    stem = results.run_stem([f"{args.data}{split}", cli.model_label(model_name), cli.method_name(args), first,
+                             args.protocol], config)
+    return Path(args.out) / "clip" / f"{stem}.json"
 
 
 def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
@@ -248,12 +252,16 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     included; the command line always loads pretrained weights."""
     args = parse_args(argv)
     if args.summary:
-        md, csv_path, table = metrics.write_summary(Path(args.out) / "clip")
+        folder = Path(args.out) / "clip"
+        if not folder.is_dir() or not any(folder.rglob("*.json")):
+            raise UserError(f"no clip.py results under {folder} to summarise: run clip.py first, or pass the --out "
+                            "the runs used")
+        md, csv_path, table = metrics.write_summary(folder)
         print(table + f"\nwritten: {md}, {csv_path}")
         return None
-    if args.batch < 1:
-        raise UserError(f"--batch must be at least 1; got {args.batch}")
+    cli.at_least_one(args, "batch", "limit")
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    cli.writable_dir(Path(args.out) / "clip")
     started = time.time()
     seeds = default_seeds(args)
     cli.reducers_from_args(args, seed=seeds[0])  # bad flags and missing data fail before the model loads
@@ -261,6 +269,10 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     loaded = model_for(args, loaded, device, dtype)
     check_model_and_data(args, loaded)
     transform = transform_of(args, loaded)
+    full = 0
+    for seed in seeds:  # every seed's vocabulary must fit the model before any image is scored
+        full = cli.check_input_reducers(loaded.vision, cli.reducers_from_args(args, seed=seed, family=loaded.family),
+                                        transform.size, device, dtype)
     names = class_names(args, ds)
     quant_first = args.quant and args.protocol == "paper"  # the paper's text features come from the int8 model
     if quant_first:
@@ -295,10 +307,12 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
         "split": args.split, "resplit_per_seed": resplit(args), "images": len(ds), "prompt": args.prompt,
         "labels": names if args.data in GROUPED else None,
         "seeds": seeds, "deterministic": deterministic, "runs": runs, "metrics": agg, "summary": summary,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": results.config_of(args),
         "environment": cli.environment(device), "seconds": time.time() - started,
     }
-    path = cli.write_json(results_path(args, loaded.name), result)
+    reducers = cli.reducers_from_args(args, seed=seeds[0], family=loaded.family)
+    result["note"] = cli.nothing_merged_note(reducers, full, agg["tokens_first_block"]["mean"], agg["tokens_mean"]["mean"])
+    path = cli.save_json(results_path(args, loaded.name), result)
     print(report(result) + f"\nresults: {path}")
     return result
 
@@ -327,6 +341,8 @@ def report(result: dict) -> str:
         cell = "n/a" if math.isnan(v["mean"]) else f"{100 * v['mean']:6.2f} ± {100 * v['std']:.2f}"
         lines.append(f"  {g:<22} {cell}")
     lines.append("  " + cli.describe_tokens(m["tokens_first_block"]["mean"], m["tokens_mean"]["mean"]))
+    if result.get("note"):
+        lines.append(f"  {result['note']}")
     return "\n".join(lines)
 
 

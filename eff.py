@@ -44,6 +44,7 @@ import argparse  # noqa: E402
 from pathlib import Path
 from typing import Optional
 
+import vwt  # noqa: E402
 from vwt import bench, cli, datasets, energy, flops, results  # noqa: E402
 from vwt.efficiency import DEFAULT_METHODS, METHODS  # noqa: E402
 
@@ -106,6 +107,7 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
     configs = fx.plan(args)
     s = fx.settings(args)
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    cli.writable_dir(args.out)  # an unwritable --out fails now, not after the measurements
     if loaded is None:
         loaded, weights = fx.load(args, device, dtype)
     else:
@@ -116,6 +118,8 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
     images = fx.load_images(fx.dataset(args, preprocess, limit))
     vocab, vocab_name, vocab_file = (fx.vocabulary(args, s, images, vision, preprocess)
                                      if any(c.input == "inter" for c in configs) else (None, "", None))
+    if vocab is not None:  # a vocabulary that does not fit the model fails before any measurement
+        cli.check_input_reducers(vision, [vwt.InterImage(vocab)], images.shape[-1], device, dtype)
     meter = energy.best_meter(device, args.interval) if args.metric != "time" else energy.NullMeter("--metric time")
     info = meter.info()
     print(f"model {loaded.name} ({loaded.family}), weights: {weights}; device {device}, {args.dtype}; "

@@ -14,20 +14,22 @@ label below the vocabulary size) and ours (patches matched to each real word id)
 the tokenizer run (no transformer block). --protocol paper (default) uses the data set's paper
 preprocessing and, for Waterbirds/CelebA/MetaShift, the paper's re-split of --seed with that seed's
 vocabulary (default: the seed of the vocabulary found, else 1, the seed of the paper's frequency
-figure); standard: the model's preprocessing
-and the fixed split. Writes <out>/len/<data>_<method>.json (configuration, versions, machine, per-image
-counts) and <out>/len/<data>_<method>.png (token-count histogram, the paper's and our word frequency).
+figure); standard: the model's preprocessing and the fixed split. Writes
+<out>/len/<data>__<model>__<method>__<hash>.json (configuration, versions, machine, per-image counts; the
+hash covers the whole configuration, so runs that differ in anything never share a file) and the same
+name .png (token-count histogram, the paper's and our word frequency).
 """
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import vwt
-from vwt import cli, datasets, metrics
+from vwt import cli, datasets, metrics, results
 from vwt.cli import UserError
 from vwt.tokenizer import tokenize
 
@@ -82,10 +84,7 @@ def data_for(args, own: datasets.Preprocess):
 def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     """Run len.py. ``loaded`` (tests only) replaces --model with an already-loaded model."""
     args = parse_args(argv)
-    if args.batch < 1:
-        raise UserError(f"--batch must be at least 1; got {args.batch}")
-    if args.max_images is not None and args.max_images < 1:
-        raise UserError(f"--max-images must be at least 1; got {args.max_images}")
+    cli.at_least_one(args, "batch", "max_images")
     if any(getattr(args, k) is not None for k in ("tome", "evit", "lgtm")) or args.quant:
         raise UserError("len.py counts the tokens the VWT tokenizer leaves: use --vocab/--vocab-path or --top_k, "
                         "not --tome/--evit/--lgtm/--quant")
@@ -95,6 +94,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
         raise UserError("choose a tokenizer: --vocab SIZE (or --vocab-path FILE) for inter-image, --top_k DROP for intra-image")
     reducer = reducers[0]
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    cli.writable_dir(Path(args.out) / "len")
     data = datasets.load(args.data, args.data_root, None, split=args.split, limit=args.max_images)
     if loaded is None:
         pixel = getattr(getattr(reducer, "vocab", None), "space", "pixel") == "pixel"  # counts need no weights
@@ -103,6 +103,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     data = data_for(args, pre)
     if len(data) == 0:
         raise UserError(f"{args.data}: no images in the chosen split")
+    full = cli.check_input_reducers(loaded.vision, reducers, pre.size, device, dtype)
     inter = reducer if isinstance(reducer, vwt.InterImage) else None
 
     from tqdm import tqdm
@@ -138,7 +139,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
         "data": args.data, "split": args.split, "model": loaded.name, "method": method,
         "reducer": repr(reducer), "tokens_include_class_token": True,
         "patches_per_image": int(state.labels.shape[1]), "tokens": summary(counts),
-        "groups": {}, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "groups": {}, "config": results.config_of(args),
         "environment": cli.environment(device),
     }
     names = getattr(data, "group_names", [])
@@ -151,15 +152,20 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
         result["words_used"] = int((words > 0).sum())
     result["per_image"] = counts.tolist()
 
-    stem = Path(args.out) / "len" / f"{args.data}_{method}"
-    cli.write_json(stem.with_suffix(".json"), result)
-    figure(stem.with_suffix(".png"), counts, words, f"{args.data}: {method} ({loaded.name})", paper_words)
+    result["note"] = cli.nothing_merged_note(reducers, full, float(counts.min()), float(counts.min()))
+    config = {**results.config_of(args), "model": loaded.name}
+    stem = results.run_stem([args.data, cli.model_label(loaded.name), method], config)
+    json_path, png_path = Path(args.out) / "len" / f"{stem}.json", Path(args.out) / "len" / f"{stem}.png"
+    cli.save_json(json_path, result)
+    figure(png_path, counts, words, f"{args.data}: {method} ({loaded.name})", paper_words)
     t = result["tokens"]
     print(f"{args.data} {method}: tokens per image {t['mean']:.2f} ± {t['std']:.2f} (min {t['min']}, max {t['max']}) "
           f"of {result['patches_per_image'] + state.prefix}")
+    if result["note"]:
+        print(result["note"])
     for name, s in result["groups"].items():
         print(f"  {name}: {s['mean']:.2f} ± {s['std']:.2f} (min {s['min']}, max {s['max']}, {s['images']} images)")
-    print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.png')}")
+    print(f"written: {json_path}, {png_path}")
     return result
 
 
@@ -192,8 +198,13 @@ def figure(path: Path, counts: np.ndarray, words, title: str, paper_words=None) 
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)  # never a half-written figure under the final name
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
 
 
 if __name__ == "__main__":

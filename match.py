@@ -7,9 +7,17 @@ One PNG per image: the image as the model sees it (its own preprocessing), with
   * ToMe / LGTM / EViT (--tome / --lgtm / --evit): the patches each final token holds (merge groups of
     two or more patches) tinted alike; single patches left clear.
 The token count is in the title, the colours in the legend. The PNGs go to OUT/figures/match/<method>/
-(e.g. results/figures/match/inter-v1000-t0.1/astronaut.png); a results file match.json beside them
-records the configuration, the machine, and for each image its token counts, the colour key of every
-patch and where the image lies in the PNG (so the figure can be checked pixel by pixel).
+(e.g. results/figures/match/inter-v100-t0.1__1f3a9c2e/astronaut.png: the method, then a digest of the
+whole configuration, so runs that differ in model, dtype or vocabulary file never share a folder); a
+results file match.json beside them records the configuration, the machine, and for each image its
+token counts, the colour key of every patch and where the image lies in the PNG (so the figure can be
+checked pixel by pixel).
+
+With no method flag it draws VWT intra-image (--top_k 0.5) and inter-image (--vocab 100 --vocab-data
+samples). A samples vocabulary (--vocab SIZE --vocab-data samples) is learned on the sample photographs
+on first use and cached in tokenizers/samples/, as eff.py does. Without access to the model hub (or
+its cache) VWT figures use random weights of the model's architecture, with a note: they do not
+depend on the weights.
 
 VWT matching and dropping happen in pixel space before the first block, so inter/intra figures do not
 depend on the model's weights (only on its preprocessing and patch size): --random-weights gives the same
@@ -19,13 +27,14 @@ figures. ToMe, LGTM and EViT groups do depend on the weights; their figures say 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import vwt
-from vwt import cli, vis
+from vwt import cli, results, vis
 from vwt import datasets
 from vwt.datasets import preprocess_for
 from vwt.patch import patch_info
@@ -49,39 +58,71 @@ def parse_args(argv=None):
 
 
 def figure_dir(args, loaded) -> Path:
+    """OUT/figures/match/<method>[-random-weights]__<digest of the configuration>."""
     tag = cli.method_name(args)
     if not loaded.pretrained and in_network(args):
         tag += "-random-weights"
-    return Path(args.out) / "figures" / "match" / tag
+    config = {**results.config_of(args), "model": loaded.name, "pretrained": loaded.pretrained}
+    return Path(args.out) / "figures" / "match" / results.run_stem([tag], config)
 
 
 def in_network(args) -> bool:
     return any(getattr(args, k) is not None for k in ("tome", "evit", "lgtm"))
 
 
+METHOD_FLAGS = ("top_k", "vocab", "vocab_path", "tome", "evit", "lgtm")
+DEFAULTS = (dict(top_k=0.5), dict(vocab=100, vocab_data="samples"))
+
+
+def learns_samples(args) -> bool:
+    """--vocab SIZE --vocab-data samples: the vocabulary is learned on the samples on first use."""
+    return args.vocab is not None and args.vocab_path is None and args.vocab_data == "samples"
+
+
+def load(args, device, dtype):
+    """The model; VWT figures do not depend on the weights, so where they cannot be had (offline, no
+    cache) random weights of the architecture do, with a note. ToMe/LGTM/EViT groups need them."""
+    if args.random_weights or in_network(args):
+        return cli.load_model(args.model, device, dtype, random_weights=args.random_weights)
+    return cli.load_model(args.model, device, dtype, fallback_random=True)
+
+
 def run(args, loaded=None) -> dict:
-    """Draw the figures; ``loaded`` (a cli.Loaded) replaces --model (tests pass tiny models)."""
-    if args.limit is not None and args.limit < 1:
-        raise cli.UserError(f"--limit must be at least 1; got {args.limit}")
+    """Draw the figures; ``loaded`` (a cli.Loaded) replaces --model (tests pass tiny models). With no
+    method flag, draws the defaults (intra-image and inter-image on the samples) and returns
+    {"runs": [result, result]}."""
+    cli.at_least_one(args, "limit", "batch")
     if args.scale < 1:
         raise cli.UserError(f"--scale must be a positive integer; got {args.scale}")
     if not 0 < args.alpha <= 1:
         raise cli.UserError(f"--alpha is an opacity in (0, 1]; got {args.alpha}")
-    reducers = cli.reducers_from_args(args)
-    if not reducers:
-        raise cli.UserError("nothing to show: choose a method, e.g. --vocab-path tokenizers/samples/v100/vocab.pt, "
-                            "--top_k 0.5, --tome 8 or --lgtm 8")
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    cli.writable_dir(Path(args.out) / "figures" / "match")
+    if all(getattr(args, k) is None for k in METHOD_FLAGS):
+        print("no method flag: drawing VWT intra-image (--top_k 0.5) and inter-image (--vocab 100 --vocab-data "
+              "samples)", file=sys.stderr)
+        loaded = loaded or load(args, device, dtype)
+        return {"runs": [run(argparse.Namespace(**{**vars(args), **d}), loaded) for d in DEFAULTS]}
+    args = argparse.Namespace(**vars(args))
+    later = learns_samples(args)
+    reducers = cli.reducers_from_args(argparse.Namespace(**{**vars(args), "vocab": None}) if later else args)
     if loaded is None:
-        loaded = cli.load_model(args.model, device, dtype, random_weights=args.random_weights)
+        loaded = load(args, device, dtype)
     if args.quant:
         cli.quantize(loaded.model)
     pre = preprocess_for(loaded.model)
-    inter = next((r for r in reducers if isinstance(r, vwt.InterImage)), None)
     out_dir = figure_dir(args, loaded)
+    if later:
+        args.vocab_path = cli.samples_vocabulary(args.vocab, loaded.vision, pre)[1]
+        reducers = cli.reducers_from_args(args)
+    full = cli.check_input_reducers(loaded.vision, reducers, pre.size, device, dtype)
+    inter = next((r for r in reducers if isinstance(r, vwt.InterImage)), None)
     method = cli.method_name(args)
     weights = "" if loaded.pretrained else " (random weights)" if in_network(args) else ""
     data = datasets.load(args.data, args.data_root, pre, limit=args.limit)
+    if len(data) == 0:
+        raise cli.UserError(f"{args.data}: no images to draw under {args.data_root}; expected layout: "
+                            f"{datasets.layout(args.data)}")
     images = []
     from tqdm import tqdm
 
@@ -127,11 +168,14 @@ def run(args, loaded=None) -> dict:
         vwt.unpatch(loaded.model)
         if recorder is not None:
             recorder.detach()
-    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    result = {"config": results.config_of(args),
               "method": method, "model": loaded.name, "pretrained": loaded.pretrained,
               "environment": cli.environment(device), "images": images}
-    cli.write_json(out_dir / "match.json", result)
-    print(f"{len(images)} figure{'' if len(images) == 1 else 's'} in {out_dir}")
+    first = float(np.mean([i["tokens_first_block"] for i in images]))
+    result["note"] = cli.nothing_merged_note(reducers, full, first, float(np.mean([i["tokens_last_block"] for i in images])))
+    cli.save_json(out_dir / "match.json", result)
+    print(f"{len(images)} figure{'' if len(images) == 1 else 's'} in {out_dir}"
+          + (f"; {result['note']}" if result["note"] else ""))
     return result
 
 

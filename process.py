@@ -22,13 +22,14 @@ read these folders with ``--vocab SIZE`` (in-domain by default, ``--imgnet``) or
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import vwt
-from vwt import cli, datasets
+from vwt import cli, datasets, results
 from vwt.cli import UserError
 from vwt.results import slug
 from vwt.tokenizer import tokenize
@@ -123,6 +124,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     args = parse_args(argv)
     settle(args)
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    cli.writable_dir(out_dir(args, 0, ""))  # an unwritable folder fails now, not after the k-means
     split = None if args.data == "samples" else (args.split or "train")
     sets = {s: datasets.load(args.data, args.data_root, None, split=split, seed=s, protocol=args.protocol)
             for s in args.seeds}  # a missing data set fails before the model loads
@@ -136,8 +138,12 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     for seed in args.seeds:
         path = out_dir(args, seed, loaded.family) / "vocab.pt"
         if path.exists() and not args.overwrite:
+            kept = cli.read_vocabulary(path)
+            if (len(kept), kept.space) != (args.vocab, args.space):
+                raise UserError(f"{path} holds {len(kept)} {kept.space}-space words, not the {args.vocab} "
+                                f"{args.space}-space words asked for: pass --overwrite, or another --out")
             print(f"seed {seed}: {path} exists; kept (--overwrite learns it again)")
-            vocabs[seed] = cli.read_vocabulary(path)
+            vocabs[seed] = kept
             continue
         data = sets[seed]
         data.transform = pre
@@ -146,7 +152,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
         with torch.inference_mode():
             vocabs[seed] = learn(args, seed, data, split, loaded, pre, patch_size, device, dtype)
         vocab = vocabs[seed]
-        vocab.save(path.parent)
+        save(vocab, path.parent)
         per_patch = vocab.meta["inertia"] / max(vocab.meta["inertia_patches"], 1)
         print(f"seed {seed}: {len(vocab)} {args.space}-space words of {vocab.dim} values from "
               f"{vocab.meta['patches_seen']} patches ({vocab.meta['images']} images, --kmeans {args.kmeans}); "
@@ -180,7 +186,7 @@ def learn(args, seed, data, split, loaded, pre, patch_size, device, dtype) -> vw
     meta = dict(data=args.data, split=split, data_seed=seed, protocol=args.protocol, images=len(data),
                 image_size=size, mean=list(getattr(pre, "mean", datasets.OPENAI_CLIP_MEAN)),
                 std=list(getattr(pre, "std", datasets.OPENAI_CLIP_STD)), model=loaded.name,
-                pretrained=loaded.pretrained, config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                pretrained=loaded.pretrained, config=results.config_of(args),
                 environment=cli.environment(device))
     started = time.time()
     if paper:
@@ -197,6 +203,18 @@ def learn(args, seed, data, split, loaded, pre, patch_size, device, dtype) -> vw
             progress=lambda it: tqdm(it, total=steps, desc=desc, unit="batch"), **meta)
     vocab.meta["seconds"] = round(time.time() - started, 1)
     return vocab
+
+
+def save(vocab: vwt.Vocabulary, folder: Path) -> Path:
+    """Save the learned words; where the folder refuses them now (it was checked at the start), they go
+    to a new temporary folder instead and a one-line error says where: the k-means is never lost."""
+    try:
+        return vocab.save(folder)
+    except OSError as e:
+        rescue = Path(tempfile.mkdtemp(prefix="vwt-vocab-"))
+        vocab.save(rescue)
+        raise UserError(f"cannot write the vocabulary to {folder} ({cli.first_line(e)}); it was saved to "
+                        f"{rescue} instead") from None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """word.py: a vocabulary's visual words drawn as image patches, and images' patches beside their words.
 
-Writes, under OUT/figures/word/<data>-v<size>/:
+Writes, under OUT/figures/word/<data>-v<size>__<digest of the configuration>/ (runs that differ in
+vocabulary file, model or flags never share a folder):
   words.png   every visual word (a k-means centre of normalised pixel patches) de-normalised with the
               vocabulary's own normalisation and drawn as a P x P patch, row-major by word index;
   NAME.png    for each chosen image, every patch that matched a word (cosine distance <= --thresh)
@@ -10,19 +11,23 @@ Writes, under OUT/figures/word/<data>-v<size>/:
 
 The images are matched the way the model would see them: the model's preprocessing and patch size,
 through vwt.InterImage itself. Matching happens in pixel space before any block, so the weights do not
-matter: --random-weights gives the same figures. Only pixel-space vocabularies can be drawn.
+matter: --random-weights gives the same figures, and without access to the model hub (or its cache)
+random weights of the model's architecture are used, with a note. Only pixel-space vocabularies can be
+drawn. With no vocabulary flag it draws --vocab 100 --vocab-data samples; a samples vocabulary is
+learned on the sample photographs on first use and cached in tokenizers/samples/, as eff.py does.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import vwt
-from vwt import cli, datasets, vis
+from vwt import cli, datasets, results, vis
 from vwt.datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess, preprocess_for
 
 
@@ -34,7 +39,8 @@ def parse_args(argv=None):
     cli.add_data_args(p, choices=datasets.NAMES)
     g = p.add_argument_group("vocabulary")
     g.add_argument("--vocab", type=int, default=None, metavar="SIZE",
-                   help="vocabulary size, read from tokenizers/<vocab-data>/v<SIZE>/vocab.pt")
+                   help="vocabulary size, read from tokenizers/<vocab-data>/v<SIZE>/vocab.pt (default 100 on the "
+                        "samples, learned on first use)")
     g.add_argument("--vocab-path", type=Path, default=None, help="a vocab.pt (ours or the published ones)")
     g.add_argument("--vocab-data", default="samples", help="data set the --vocab vocabulary was learned on")
     g.add_argument("--thresh", type=float, default=0.1, help="cosine-distance threshold for a match (default 0.1)")
@@ -67,22 +73,55 @@ def word_grid(vocab, cols, scale):
     return tiles, arr, grid
 
 
+def load(args, device, dtype):
+    """The model: its weights do not change the figures, so where they cannot be had (offline, no cache)
+    random weights of its architecture do, with a note."""
+    if args.random_weights:
+        return cli.load_model(args.model, device, dtype, random_weights=True)
+    return cli.load_model(args.model, device, dtype, fallback_random=True)
+
+
 def run(args, loaded=None) -> dict:
     """Draw the figures; ``loaded`` (a cli.Loaded) replaces --model (tests pass tiny models)."""
-    for name in ("pairs", "limit"):
-        if getattr(args, name) < 1:
-            raise cli.UserError(f"--{name} must be at least 1; got {getattr(args, name)}")
+    cli.at_least_one(args, "pairs", "limit", "batch")
     if args.scale is not None and args.scale < 1:
         raise cli.UserError(f"--scale must be a positive integer; got {args.scale}")
+    device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
+    cli.writable_dir(Path(args.out) / "figures" / "word")
+    args = argparse.Namespace(**vars(args))
     if cli.vocab_path(args) is None:
-        raise cli.UserError("choose a vocabulary: --vocab SIZE (with --vocab-data) or --vocab-path PATH")
+        print("no vocabulary flag: drawing --vocab 100 --vocab-data samples", file=sys.stderr)
+        args.vocab, args.vocab_data = 100, "samples"
+    config = {**results.config_of(args)}
+    learn = args.vocab_path is None and args.vocab_data == "samples"
+    if learn and loaded is None:
+        loaded = load(args, device, dtype)
+    if learn:
+        args.vocab_path = cli.samples_vocabulary(args.vocab, loaded.vision, preprocess_for(loaded.model))[1]
     inter = cli.reducers_from_args(args)[0]
     vocab = inter.vocab
     if vocab.space != "pixel":
         raise cli.UserError(f"{cli.vocab_path(args)} is an {vocab.space}-space vocabulary: only pixel-space words "
                             "can be drawn as image patches")
-    out_dir = Path(args.out) / "figures" / "word" / vocab_tag(vocab)
+    if loaded is None:
+        loaded = load(args, device, dtype)
+    pre = preprocess_for(loaded.model)
+    cli.check_input_reducers(loaded.vision, [inter], pre.size, device, dtype)
+    config.update(model=loaded.name)
+    out_dir = Path(args.out) / "figures" / "word" / results.run_stem([vocab_tag(vocab)], config)
     source = str(cli.vocab_path(args))
+
+    data = datasets.load(args.data, args.data_root, pre)
+    names = [vis.record_name(r) for r in data.records]
+    if not names:
+        raise cli.UserError(f"{args.data}: no images to draw under {args.data_root}; expected layout: "
+                            f"{datasets.layout(args.data)}")
+    chosen = args.images if args.images else names[:args.limit]
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise cli.UserError(f"unknown image(s) {', '.join(unknown)}; the {args.data} images are: {shown}")
+    data = torch.utils.data.Subset(data, [names.index(n) for n in chosen])
 
     tiles, arr, grid = word_grid(vocab, args.cols, args.scale)
     title = (f"{len(vocab)} visual words of {source}\n"
@@ -90,26 +129,13 @@ def run(args, loaded=None) -> dict:
              f"patches; word index = row x {grid.cols} + column")
     fig, placed = vis.decorate(arr, title)
     vis.save_png(out_dir / "words.png", fig)
-    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    result = {"config": results.config_of(args),
               "vocab": {"path": source, "size": len(vocab), "patch_size": vocab.patch_size,
                         **{k: vocab.meta.get(k) for k in ("data", "image_size", "mean", "std")}},
               "words": {"file": "words.png", "box": [placed.top, placed.left, placed.height, placed.width],
                         "cols": grid.cols, "tile": list(grid.tile), "gap": grid.gap, "scale": grid.scale,
                         "count": grid.count},
               "images": []}
-
-    device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
-    if loaded is None:
-        loaded = cli.load_model(args.model, device, dtype, random_weights=args.random_weights)
-    pre = preprocess_for(loaded.model)
-    data = datasets.load(args.data, args.data_root, pre)
-    names = [vis.record_name(r) for r in data.records]
-    chosen = args.images if args.images else names[:args.limit]
-    unknown = [n for n in chosen if n not in names]
-    if unknown:
-        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-        raise cli.UserError(f"unknown image(s) {', '.join(unknown)}; the {args.data} images are: {shown}")
-    data = torch.utils.data.Subset(data, [names.index(n) for n in chosen])
 
     scale = grid.scale
     from tqdm import tqdm
@@ -151,7 +177,7 @@ def run(args, loaded=None) -> dict:
         vwt.unpatch(loaded.model)
         recorder.detach()
     result.update(model=loaded.name, pretrained=loaded.pretrained, environment=cli.environment(device))
-    cli.write_json(out_dir / "word.json", result)
+    cli.save_json(out_dir / "word.json", result)
     print(f"words and {len(result['images'])} image figures in {out_dir}")
     return result
 

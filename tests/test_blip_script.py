@@ -46,6 +46,12 @@ def lines(path):
     return [json.loads(l) for l in path.read_text().splitlines()]
 
 
+def captions_file(out, stem):
+    """The one captions file of a run: <stem>__<hash of its configuration>.captions.jsonl."""
+    [path] = (out / "blip").glob(f"{stem}__????????.captions.jsonl")
+    return path
+
+
 def count_images(monkeypatch, loaded, stop_after=None):
     """Count the images the model captions; optionally stop the run (KeyboardInterrupt) after some."""
     seen = []
@@ -66,8 +72,7 @@ def test_coco_captions_equal_direct_beam_search_and_scores_equal_metrics(root, t
     use_meteor(monkeypatch, meteor_once)
     loaded = blip(tok)
     res = run(root, tmp_path, ["--data", "coco"], loaded)
-    captions_file = tmp_path / "blip" / "coco__tiny-blip__base.captions.jsonl"
-    got = lines(captions_file)
+    got = lines(captions_file(tmp_path, "coco__tiny-blip__base"))
     assert got[0]["config"]["beams"] == 3 and got[0]["config"]["max_length"] == 20 and got[0]["config"]["min_length"] == 5
     assert got[0]["config"]["prompt"] == "" and got[0]["config"]["protocol"] == "paper"
     ds = D.load("coco", root, D.preprocess_for(loaded.model))
@@ -84,14 +89,14 @@ def test_coco_captions_equal_direct_beam_search_and_scores_equal_metrics(root, t
     assert res["metrics"]["SPICE"] is None and res["summary"]["SPICE"] is None
     assert res["metrics"]["SPICE_note"].startswith("SPICE unavailable")
     assert res["summary"]["CIDEr"] == 100 * expected["CIDEr"] and res["summary"]["tokens"] == 17
-    saved = json.loads((tmp_path / "blip" / "coco__tiny-blip__base.json").read_text())
+    [saved] = [json.loads(f.read_text()) for f in (tmp_path / "blip").glob("coco__tiny-blip__base__????????.json")]
     assert saved["metrics"] == expected and "versions" in saved["environment"] and saved["protocol"] == "paper"
 
 
 def test_standard_protocol_starts_from_the_prompt_and_cuts_it(root, tmp_path, tok):
     loaded = blip(tok)
     run(root, tmp_path, ["--data", "coco", "--no-score", "--protocol", "standard"], loaded)
-    got = lines(tmp_path / "blip" / "coco__tiny-blip__base.captions.jsonl")
+    got = lines(captions_file(tmp_path, "coco__tiny-blip__base"))
     assert got[0]["config"]["prompt"] == "a picture of " and got[0]["config"]["protocol"] == "standard"
     ds = D.load("coco", root, D.preprocess_for(loaded.model))
     x = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -171,7 +176,7 @@ def test_nocaps_scores_each_domain_and_the_summary_gathers_runs(root, tmp_path, 
     use_meteor(monkeypatch, meteor_once)
     loaded = blip(tok)
     res = run(root, tmp_path, ["--data", "nocaps", "--prompt", ""], loaded)
-    got = {l["image_id"]: l["caption"] for l in lines(tmp_path / "blip" / "nocaps__tiny-blip__base.captions.jsonl")[1:]}
+    got = {l["image_id"]: l["caption"] for l in lines(captions_file(tmp_path, "nocaps__tiny-blip__base"))[1:]}
     ds = D.load("nocaps", root, None)
     for r in ds.records:
         alone = M.caption_scores({r["image_id"]: r["captions"]}, {r["image_id"]: got[r["image_id"]]}, which=("CIDEr",))
@@ -192,7 +197,7 @@ def test_methods_caption_every_image(root, tmp_path, tok, flags, first):
     loaded = blip(tok)
     assert run(root, tmp_path, ["--data", "coco", "--no-score"] + flags, loaded) is None
     method = cli.method_name(blip_script.parse_args(flags))
-    got = lines(tmp_path / "blip" / f"coco__tiny-blip__{method}.captions.jsonl")
+    got = lines(captions_file(tmp_path, f"coco__tiny-blip__{method}"))
     assert got[0]["config"]["method"] == method and len(got) == 5
     assert all(isinstance(l["caption"], str) for l in got[1:])
     assert [l["tokens_first_block"] for l in got[1:]] == [first] * 4
@@ -204,9 +209,9 @@ def test_methods_caption_every_image(root, tmp_path, tok, flags, first):
 def test_a_limited_then_whole_run_captions_each_image_once(root, tmp_path, tok, monkeypatch):
     loaded = blip(tok)
     seen = count_images(monkeypatch, loaded)
-    path = tmp_path / "blip" / "coco__tiny-blip__base.captions.jsonl"
     run(root, tmp_path, ["--data", "coco", "--no-score", "--limit", "2"], loaded)
     assert len(seen) == 2
+    path = captions_file(tmp_path, "coco__tiny-blip__base")
     first = lines(path)
     run(root, tmp_path, ["--data", "coco", "--no-score"], loaded)
     assert len(seen) == 2 + 2
@@ -220,7 +225,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(root, tmp_path, tok, monkey
     seen = count_images(monkeypatch, loaded, stop_after=3)
     with pytest.raises(KeyboardInterrupt):
         run(root, tmp_path, ["--data", "coco", "--no-score", "--batch", "1"], loaded)
-    path = tmp_path / "blip" / "coco__tiny-blip__base.captions.jsonl"
+    path = captions_file(tmp_path, "coco__tiny-blip__base")
     assert [l["image_id"] for l in lines(path)[1:]] == [42, 73, 74]
     # a torn last line (killed mid-write): that image is captioned again, the others are not
     text = path.read_text()
@@ -240,11 +245,19 @@ def _error(capsys, argv, loaded=None):
 def test_another_configuration_is_refused_not_mixed(root, tmp_path, tok, capsys):
     base = ["--data-root", str(root), "--out", str(tmp_path), "--workers", "0", "--no-score", "--limit", "1"]
     blip_script.main(base + ["--beams", "2"], blip(tok))
+    two = captions_file(tmp_path, "coco__tiny-blip__base")
+    kept = two.read_bytes()
+    blip_script.main(base + ["--beams", "1"], blip(tok))  # another configuration: its own file
+    [one] = [p for p in (tmp_path / "blip").glob("*.captions.jsonl") if p != two]
+    assert lines(one)[0]["config"]["beams"] == 1 and two.read_bytes() == kept
+    blip_script.main(base + ["--beams", "1", "--restart"], blip(tok))  # removes only its own captions
+    assert lines(one)[0]["config"]["beams"] == 1 and two.read_bytes() == kept
+    one.write_bytes(kept)  # a file whose header is not its configuration's: refused, never mixed
     capsys.readouterr()
     err = _error(capsys, base + ["--beams", "1"], blip(tok))
-    assert "another configuration (differs in beams)" in err and "--restart" in err
-    blip_script.main(base + ["--beams", "1", "--restart"], blip(tok))
-    assert lines(tmp_path / "blip" / "coco__tiny-blip__base.captions.jsonl")[0]["config"]["beams"] == 1
+    assert "another configuration (differs in beams)" in err and f"mv {one}" in err
+    err = _error(capsys, base + ["--beams", "1", "--restart"], blip(tok))
+    assert "left alone" in err and one.read_bytes() == kept
 
 
 def test_bad_input_is_one_line(root, tmp_path, tok, capsys, monkeypatch):

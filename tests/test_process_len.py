@@ -277,7 +277,8 @@ def test_missing_vocabulary_hints_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(cli.UserError) as e:
         cli.reducers_from_args(method_args(["--vocab-path", "nowhere/vocab.pt"]))
-    assert str(e.value) == "vocabulary nowhere/vocab.pt not found; check --vocab-path"
+    assert str(e.value) == ("vocabulary nowhere/vocab.pt not found; check the path, or learn one with "
+                            "`python process.py --data DATA --vocab SIZE --out FOLDER`")
     with pytest.raises(cli.UserError) as e:
         cli.reducers_from_args(method_args(["--data", "meta", "--vocab", "100"]), seed=2)
     assert str(e.value).startswith("vocabulary tokenizers/meta/v100/seed_2/vocab.pt not found; learn it with "

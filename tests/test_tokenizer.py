@@ -148,7 +148,7 @@ def test_nothing_reduced_equals_unpatched(name):
     x = images(2)
     with torch.no_grad():
         ref = entry(model, x)
-        for reducer in (vwt.InterImage(vwt.Vocabulary(some_words()), thresh=-0.5), vwt.IntraImage(drop=0.0)):
+        for reducer in (vwt.InterImage(vwt.Vocabulary(some_words()), thresh=0.0), vwt.IntraImage(drop=0.0)):
             vwt.patch(model, reducer)
             out = entry(model, x)
             assert (tokens_in(model) == 1 + NUM_PATCHES).all()
@@ -230,7 +230,7 @@ def test_random_ablation_draws_words_and_distances():
         vwt.patch(model, vwt.InterImage(vocab, thresh=2.0, random=True))
         model(x)
         assert ((tokens_in(model) >= 2) & (tokens_in(model) <= 5)).all()  # every patch matches one of 4 words
-        vwt.patch(model, vwt.InterImage(vocab, thresh=-0.1, random=True))
+        vwt.patch(model, vwt.InterImage(vocab, thresh=0.0, random=True))
         model(x)
         assert (tokens_in(model) == 1 + NUM_PATCHES).all()
 

@@ -224,7 +224,7 @@ def test_match_inter_colours_each_word_alike_across_images(tmp_path):
 def test_match_merge_groups_share_a_colour(tmp_path, flag):
     result, folder, loaded = run_match(tmp_path, *flag)
     images, pixels = originals(loaded, 2)
-    assert folder.name.endswith("-random-weights") and result["pretrained"] is False
+    assert folder.name.split("__")[0].endswith("-random-weights") and result["pretrained"] is False
     vwt.patch(loaded.model, *cli.reducers_from_args(match.parse_args(flag)))
     with torch.no_grad():
         loaded.vision(pixels)
@@ -242,9 +242,12 @@ def test_match_merge_groups_share_a_colour(tmp_path, flag):
     assert grouped > 0
 
 
-def test_match_needs_a_method(tmp_path):
-    with pytest.raises(cli.UserError, match="choose a method"):
-        match.run(match.parse_args(["--out", str(tmp_path)]), loaded=tiny_loaded())
+def test_match_with_no_method_draws_intra_and_inter_on_the_samples(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the samples vocabulary is learned into tokenizers/samples/ on first use
+    runs = match.run(match.parse_args(["--out", str(tmp_path), "--limit", "1"]), loaded=tiny_loaded())["runs"]
+    assert [r["method"] for r in runs] == ["intra0.5", "inter-v100-t0.1"]
+    learned = vwt.Vocabulary.load(tmp_path / "tokenizers" / "samples" / f"v100-p{PATCH}-32px" / "vocab.pt")
+    assert len(learned) == 100 and learned.patch_size == PATCH and learned.meta["data"] == "samples"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,7 +264,7 @@ def test_word_grid_and_pairs(tmp_path):
     args = word.parse_args(["--vocab-path", str(tmp_path / "v5" / "vocab.pt"), "--out", str(tmp_path),
                             "--images", "chelsea", "astronaut", "--thresh", "0.05", "--scale", "2"])
     result = word.run(args, loaded=loaded)
-    folder = tmp_path / "figures" / "word" / "test-v5"
+    [folder] = (tmp_path / "figures" / "word").glob("test-v5__*")
 
     # The grid: one cell per word, each the image patch the word was made of, background elsewhere.
     g = result["words"]
@@ -321,14 +324,14 @@ def test_match_script_runs_end_to_end(tmp_path):
     done = script("match.py", "--model", "timm:vit_tiny_patch16_224", "--random-weights", "--top_k", "0.5",
                   "--limit", "1", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "figures" / "match" / "intra0.5" / "astronaut.png").exists()
+    assert len(list((tmp_path / "figures" / "match").glob("intra0.5__*/astronaut.png"))) == 1
 
 
 @pytest.mark.parametrize("module, argv, says", [
     (match, ["--top_k", "1.5"], "--top_k"),
     (match, ["--vocab-path", "missing/vocab.pt"], "not found"),
     (match, ["--top_k", "0.5", "--limit", "0"], "--limit"),
-    (word, [], "choose a vocabulary"),
+    (word, ["--vocab-path", "missing/vocab.pt"], "not found"),
 ])
 def test_bad_input_is_one_line(module, argv, says, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:

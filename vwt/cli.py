@@ -7,6 +7,7 @@ import datetime
 import os
 import platform
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -21,15 +22,23 @@ from .backends import family_of
 from .backends.base import patch_info
 from .batching import buckets, input_reducer, token_counts
 from .encoder import check_rule
+from .flops import dims_of
 from .errors import UserError, first_line  # noqa: F401  (re-exported for the scripts)
-from .results import write_json  # noqa: F401  (re-exported for the scripts)
+from .results import write_json
+from .tokenizer import tokenize
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
 
 
+def _one_line_usage_error(self: argparse.ArgumentParser, message: str) -> None:
+    self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(fn: Callable[[], Any]) -> None:
-    """Run a script's main, turning UserError (and a missing file) into a one-line error and exit 2."""
+    """Run a script's main, turning UserError into a one-line error and exit 2. Bad command lines too:
+    argparse's usage-plus-message is replaced by one ``error: ...`` line while ``fn`` runs."""
+    usage_error, argparse.ArgumentParser.error = argparse.ArgumentParser.error, _one_line_usage_error
     try:
         fn()
     except UserError as e:
@@ -38,6 +47,8 @@ def main(fn: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        argparse.ArgumentParser.error = usage_error
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,13 +125,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DEVICE_HINT = "use --device cpu, cuda, cuda:N, mps or auto"
+
+
 def resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch.device that exists on this machine; anything else is a one-line UserError
+    (an unknown name, CUDA or MPS where the build or machine has none, a CUDA index out of range)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available here; use --device cpu")
-    return dev
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {name!r} is not a device name; {DEVICE_HINT}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return dev
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UserError(f"--device {name}: this PyTorch build or machine has no MPS (Apple GPU) device; "
+                            "use --device cpu")
+        return dev
+    raise UserError(f"--device {name}: the scripts run on cpu, cuda and mps devices; {DEVICE_HINT}")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -429,7 +461,7 @@ def check_methods(**chosen) -> None:
 def missing_vocab_hint(args) -> str:
     """What to do when the vocabulary the flags name does not exist (appended to 'not found')."""
     if getattr(args, "vocab_path", None) is not None:
-        return "; check --vocab-path"
+        return "; check the path, or learn one with `python process.py --data DATA --vocab SIZE --out FOLDER`"
     data = vocab_data(args)
     if data not in PROCESS_DATA:
         return f"; process.py does not learn on {data}: pass --vocab-data, --imgnet or --vocab-path"
@@ -543,3 +575,118 @@ def batch_order(args, loaded: Loaded, dataset, device, dtype) -> list:
 def describe_tokens(first_block: float, mean: float) -> str:
     """The scripts' one-line reading of the token statistics (``vwt.token_stats``)."""
     return f"tokens entering block 1: {first_block:.1f}, mean over blocks: {mean:.1f}"
+# --------------------------------------------------------------------------------------------------
+# Bad input found before the long work starts, and finished work that is never lost
+# --------------------------------------------------------------------------------------------------
+def model_label(name: str) -> str:
+    """A model's name as results file names show it: a local model folder by its last component (the
+    file name's hash still tells two folders of the same name apart), anything else as it is."""
+    return Path(name).name if os.path.isdir(name) else name
+
+
+def at_least_one(args, *names: str) -> None:
+    """Refuse integer flags (``--limit``, ``--batch``, ...) below 1 where they are given."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+
+
+def writable_dir(path, flag: str = "--out") -> Path:
+    """Make sure results can be written into the folder ``path`` (created if missing) before any long
+    work: an existing file in the way or a folder that refuses a file is a one-line UserError."""
+    path = Path(path)
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{flag} {path}: {parent} is a file, not a folder; pass a folder "
+                            "(it is created if missing)")
+    created = [d for d in [path, *path.parents] if not d.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable ({first_line(e)}); pass a folder you can write to") from None
+    finally:
+        for d in created:  # leave no empty folders behind: the results create them when they are written
+            try:
+                d.rmdir()
+            except OSError:
+                break
+    return path
+
+
+def save_json(path: Path, payload: Any) -> Path:
+    """Write a finished run's results atomically; where that fails (the folder went away, the disk is
+    full) the results go to the temporary-files folder instead, and a one-line UserError says where."""
+    try:
+        return write_json(path, payload)
+    except OSError as e:
+        rescue = Path(tempfile.gettempdir()) / Path(path).name
+        try:
+            write_json(rescue, payload)
+        except OSError:
+            raise UserError(f"cannot write {path} ({first_line(e)}), nor a copy in {rescue.parent}") from None
+        raise UserError(f"cannot write {path} ({first_line(e)}); the finished results were saved to {rescue}") from None
+
+
+def check_input_reducers(vision: nn.Module, reducers: list, image_size: int, device=None, dtype=None) -> int:
+    """Run the input reducer (if any) on one blank image, before any data: a vocabulary that does not
+    fit the model (patch size, space, width) or an intra-image drop that keeps no patch is a one-line
+    UserError now rather than a traceback later. Returns the tokens an image has without reduction."""
+    blank = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype)
+    state, _ = tokenize(vision, None, blank)
+    full = state.num_tokens
+    for r in reducers:
+        if getattr(r, "kind", None) != "input":
+            continue
+        try:
+            tokenize(vision, r, blank)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    return full
+
+
+def nothing_merged_note(reducers: list, full: int, tokens_first: float, tokens_mean: float) -> Optional[str]:
+    """The summary line's note when legal settings removed no token on this data (e.g. --thresh 0, or
+    a vocabulary far from these images), so such a run is never mistaken for a reduced one."""
+    if not reducers:
+        return None
+    inputs = [r for r in reducers if getattr(r, "kind", None) == "input"]
+    if inputs and tokens_first >= full and tokens_mean >= full:
+        return (f"note: the methods removed no token on this data (every image kept all {full} tokens): "
+                "the run equals the unreduced model" + ("; raise --thresh or check the vocabulary"
+                                                        if any(hasattr(r, "vocab") for r in inputs) else ""))
+    if not inputs and tokens_mean >= full:
+        return f"note: the methods removed no token on this data (every block kept all {full} tokens)"
+    return None
+
+
+def samples_vocabulary(size: int, vision: nn.Module, preprocess, images: Optional[torch.Tensor] = None):
+    """A pixel-space vocabulary of ``size`` words learned on the ``samples`` photographs with the model's
+    patch size and preprocessing, cached in tokenizers/samples/v<size>/ (v<size>-p<P>-<S>px for models
+    other than patch 16 at 224 px): learned on first use, relearned when the cache does not fit the
+    model. ``images``: the preprocessed samples where the caller has them. Returns (vocab, path)."""
+    patch, px = dims_of(vision).patch_size, preprocess.size
+    cache = tokenizer_dir("samples", size)
+    path = (cache if (patch, px) == (16, 224) else cache.with_name(f"v{size}-p{patch}-{px}px")) / "vocab.pt"
+    if path.exists():
+        vocab = read_vocabulary(path)
+        if (vocab.space, vocab.patch_size, tuple(vocab.meta.get("mean", ())), tuple(vocab.meta.get("std", ()))) == \
+                ("pixel", patch, tuple(preprocess.mean), tuple(preprocess.std)):
+            return vocab, path
+    if images is None:
+        ds = datasets.Samples(preprocess)
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+    n = images.shape[0] * (images.shape[-1] // patch) * (images.shape[-2] // patch)
+    if n < size:
+        raise UserError(f"cannot learn {size} visual words from the {n} patches of the samples; use a smaller "
+                        "--vocab or pass --vocab-path")
+    writable_dir(path.parent, "the vocabulary folder")
+    print(f"learning a {size}-word vocabulary on the {images.shape[0]} sample images -> {path}", file=sys.stderr)
+    vocab = vwt.Vocabulary.learn([images[i:i + 64] for i in range(0, len(images), 64)], size=size, space="pixel",
+                                 patch_size=patch, data="samples", image_size=px, mean=list(preprocess.mean),
+                                 std=list(preprocess.std))
+    vocab.save(path.parent)
+    return vocab, path

@@ -491,20 +491,26 @@ def coco(root: Path, transform, split=None, protocol="paper") -> ImageRecords:
     blip = _coco_file(base, f"coco_karpathy_{split}.json")
     karpathy = base / "dataset_coco.json"
     records = []
+    expected = 'a list of {"image": "val2014/<file>", "caption": [...]}'
     if blip.exists() and split == "train" and protocol == "paper":
-        for item in _read_json("coco", blip):
-            records.append({"path": str(base / item["image"]), "image_id": _coco_id(item["image"]),
-                            "captions": [item["caption"]] if isinstance(item["caption"], str) else list(item["caption"])})
+        with _structure("coco", blip, 'a list of {"image": "train2014/<file>", "caption": "..."}'):
+            for item in _read_json("coco", blip):
+                caption = item["caption"]
+                records.append({"path": str(base / item["image"]), "image_id": _coco_id(item["image"]),
+                                "captions": [caption] if isinstance(caption, str) else _strings(caption)})
     elif blip.exists() and split != "train":  # BLIP's train file has one entry per caption
-        for item in _read_json("coco", blip):
-            records.append({"path": str(base / item["image"]), "image_id": _coco_id(item["image"]),
-                            "captions": list(item["caption"])})
+        with _structure("coco", blip, expected):
+            for item in _read_json("coco", blip):
+                records.append({"path": str(base / item["image"]), "image_id": _coco_id(item["image"]),
+                                "captions": _strings(item["caption"])})
     elif karpathy.exists():
-        for item in _read_json("coco", karpathy)["images"]:
-            if item["split"] == split or (split == "train" and item["split"] == "restval"):
-                records.append({"path": str(base / item["filepath"] / item["filename"]),
-                                "image_id": int(item.get("cocoid", _coco_id(item["filename"]))),
-                                "captions": [s["raw"] for s in item["sentences"]]})
+        with _structure("coco", karpathy, '{"images": [{"filepath", "filename", "split", "cocoid", '
+                                          '"sentences": [{"raw"}]}]}'):
+            for item in _read_json("coco", karpathy)["images"]:
+                if item["split"] == split or (split == "train" and item["split"] == "restval"):
+                    records.append({"path": str(base / item["filepath"] / item["filename"]),
+                                    "image_id": int(item.get("cocoid", _coco_id(item["filename"]))),
+                                    "captions": _strings([s["raw"] for s in item["sentences"]])})
     else:
         raise _missing("coco", "split file", blip)
     return ImageRecords("coco", records, transform)
@@ -525,6 +531,29 @@ def coco_gt_references(root, split: str = "test") -> Optional[dict]:
         raise UserError(f"coco: {path} is not a COCO caption file (annotations with image_id and caption): "
                         f"{first_line(e)}") from None
     return refs
+class _structure:
+    """``with _structure(name, path, expected):`` an annotation file of the wrong shape (a KeyError,
+    TypeError, ... while reading it) becomes one line naming the file and the structure it needs."""
+
+    def __init__(self, name: str, path: Path, expected: str):
+        self.name, self.path, self.expected = name, path, expected
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is not None and issubclass(kind, (KeyError, TypeError, AttributeError, IndexError, ValueError)):
+            what = f"no key {e}" if kind is KeyError else first_line(e, 120)
+            raise UserError(f"{self.name}: {self.path} does not have the expected structure ({what}); expected "
+                            f"{self.expected}{_where(self.name)}") from None
+        return False
+
+
+def _strings(captions) -> list:
+    """A record's reference captions, which must be a list of strings."""
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise TypeError(f"captions must be a list of strings, got {type(captions).__name__}")
+    return list(captions)
 
 
 def nocaps(root: Path, transform, split=None) -> ImageRecords:
@@ -532,12 +561,15 @@ def nocaps(root: Path, transform, split=None) -> ImageRecords:
     "captions" and "domain" (in-domain, near-domain, out-domain)."""
     _split("nocaps", split, ("val",), "val")
     base = root / "nocaps"
-    data = _read_json("nocaps", base / "nocaps_val_4500_captions.json")
+    path = base / "nocaps_val_4500_captions.json"
+    data = _read_json("nocaps", path)
     captions: dict = {}
-    for a in data["annotations"]:
-        captions.setdefault(a["image_id"], []).append(a["caption"])
-    records = [{"path": str(base / "val" / im["file_name"]), "image_id": im["id"], "domain": im.get("domain", ""),
-                "captions": captions.get(im["id"], [])} for im in data["images"]]
+    with _structure("nocaps", path, '{"images": [{"id", "file_name", "domain"}], "annotations": '
+                                    '[{"image_id", "caption"}]} (COCO format)'):
+        for a in data["annotations"]:
+            captions.setdefault(a["image_id"], []).append(_strings([a["caption"]])[0])
+        records = [{"path": str(base / "val" / im["file_name"]), "image_id": im["id"],
+                    "domain": im.get("domain", ""), "captions": captions.get(im["id"], [])} for im in data["images"]]
     return ImageRecords("nocaps", records, transform)
 
 

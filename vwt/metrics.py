@@ -265,10 +265,12 @@ def summarise(paths: Iterable[Path]) -> tuple[str, str]:
 
 def write_summary(folder: Path) -> tuple[Path, Path, str]:
     """Gather every results file under ``folder`` into summary.md and summary.csv there."""
+    from .results import atomic_write_text
+
     folder = Path(folder)
     files = [p for p in folder.rglob("*.json") if p.name != "summary.json"]
     md, text = summarise(files)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.md").write_text(md)
-    (folder / "summary.csv").write_text(text)
+    atomic_write_text(folder / "summary.md", md)
+    atomic_write_text(folder / "summary.csv", text)
     return folder / "summary.md", folder / "summary.csv", md

@@ -55,6 +55,9 @@ class IntraImage(Reducer):
         b = pixel_values.shape[0]
         n = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
         k = int(n * (1 - self.drop))
+        if k < 1:
+            raise ValueError(f"IntraImage: drop={self.drop:g} keeps int({n} x {1 - self.drop:.4g}) = 0 of the {n} patches "
+                             f"(only the class token would remain); use a drop of at most {1 - 1 / n:.4g} for this model")
         if self.random:
             scores = torch.rand(b, n, device=pixel_values.device)
         else:
@@ -106,8 +109,12 @@ class InterImage(Reducer):
             vocab = Vocabulary.from_tensor(vocab)
         if not isinstance(vocab, Vocabulary):
             raise TypeError(f"InterImage takes a vwt.Vocabulary (or a (V, D) tensor); got {type(vocab).__name__}")
+        thresh = float(thresh)
+        if not 0 <= thresh <= 2:  # also refuses nan: a cosine distance lies in [0, 2]
+            raise ValueError(f"InterImage: thresh is a cosine distance, in [0, 2] (0: identical directions only, "
+                             f"2: everything matches); got {thresh}")
         self.vocab = vocab
-        self.thresh = float(thresh)
+        self.thresh = thresh
         self.random = bool(random)
         self.prop_attn = bool(prop_attn)
 

@@ -56,7 +56,11 @@ class Vocabulary:
             raise ValueError(f"vocabulary space must be one of {SPACES}; got {space!r}")
         words = words.detach().to("cpu", torch.float32).contiguous()
         if not torch.isfinite(words).all():
-            raise ValueError("the vocabulary holds non-finite values")
+            raise ValueError("the vocabulary holds non-finite values (inf or nan): relearn it")
+        zero = torch.nonzero(words.abs().sum(1) == 0).flatten()
+        if len(zero):
+            raise ValueError(f"the vocabulary holds {len(zero)} all-zero word(s) (first: word {int(zero[0])}), which "
+                             "have no direction to match a patch by cosine: relearn it")
         if space == "pixel":
             inferred = _pixel_patch_size(words.shape[1])
             if patch_size is None:
@@ -146,18 +150,40 @@ class Vocabulary:
 
     # ---------------------------------------------------------------------------------------------
     def save(self, directory) -> Path:
-        """Write ``vocab.pt`` (raw centres) and ``vocab.json`` into ``directory``; returns the .pt path."""
+        """Write ``vocab.pt`` (raw centres) and ``vocab.json`` into ``directory`` as a pair: both go to
+        temporary files first, then the sidecar and the tensor are renamed into place, and the sidecar
+        records the tensor's digest, so a crash at any point leaves either the old pair, or a pair that
+        :meth:`load` refuses, never a silent mismatch. Returns the .pt path."""
+        import os
+        import tempfile
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "vocab.pt"
-        torch.save(self.words.clone(), path)
-        info = {"size": len(self), "dim": self.dim, "space": self.space, "patch_size": self.patch_size, **self.meta}
-        path.with_suffix(".json").write_text(json.dumps(info, indent=2, default=_jsonable))
+        words = self.words.clone()
+        info = {"size": len(self), "dim": self.dim, "space": self.space, "patch_size": self.patch_size,
+                **self.meta, "words_sha256": _digest(words)}
+        temps = []
+        try:
+            for target, write in ((path.with_suffix(".json"), lambda f: f.write(
+                    json.dumps(info, indent=2, default=_jsonable).encode())), (path, lambda f: torch.save(words, f))):
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+                temps.append((tmp, target))
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            for tmp, target in temps:
+                os.replace(tmp, target)
+        finally:
+            for tmp, _ in temps:
+                Path(tmp).unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path) -> "Vocabulary":
-        """Load ``vocab.pt`` (or a folder holding one) with its JSON sidecar when there is one."""
+        """Load ``vocab.pt`` (or a folder holding one) with its JSON sidecar when there is one; a sidecar
+        that is not a JSON object, or that describes other words than the tensor's, is refused."""
         path = Path(path)
         if path.is_dir():
             path = path / "vocab.pt"
@@ -172,13 +198,21 @@ class Vocabulary:
         sidecar = path.with_suffix(".json")
         if not sidecar.exists():
             return cls.from_tensor(words)
-        info = json.loads(sidecar.read_text())
+        info = _read_sidecar(sidecar)
         if info.get("size", len(words)) != len(words) or info.get("dim", words.shape[-1]) != words.shape[-1]:
             raise ValueError(f"{sidecar} describes ({info.get('size')}, {info.get('dim')}) words but {path} holds "
-                             f"{tuple(words.shape)}")
-        for k in ("size", "dim"):
+                             f"{tuple(words.shape)}; they are not a pair: relearn the vocabulary, or move {sidecar.name} "
+                             "aside to load the bare tensor")
+        digest = info.pop("words_sha256", None)
+        if digest is not None and words.dim() == 2 and digest != _digest(words.detach().to("cpu", torch.float32)):
+            raise ValueError(f"{sidecar} was written for other words than {path} holds (a run stopped between "
+                             f"the two files, or one was replaced): relearn the vocabulary, or move {sidecar.name} "
+                             "aside to load the bare tensor")
+        for k in ("size", "dim", "words"):
             info.pop(k, None)
         space, patch_size = info.pop("space", "pixel"), info.pop("patch_size", None)
+        if patch_size is not None and (not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1):
+            raise ValueError(f"{sidecar}: patch_size must be a positive integer; got {patch_size!r}")
         return cls(words, space=space, patch_size=patch_size, **info)
 
     # ---------------------------------------------------------------------------------------------
@@ -286,6 +320,26 @@ def _check_space(space: str, embed) -> None:
         raise ValueError(f"space must be one of {SPACES}; got {space!r}")
     if space == "embed" and embed is None:
         raise ValueError("space='embed' needs embed(pixels) -> (B, N, C), e.g. vwt.vocab.patch_embedder(model)")
+
+
+def _digest(words: Tensor) -> str:
+    """sha256 of the words' float32 bytes: what ties a sidecar to its tensor."""
+    import hashlib
+
+    return hashlib.sha256(words.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_sidecar(sidecar: Path) -> dict:
+    """A vocabulary's JSON sidecar as a dict; anything else is a ValueError naming the file."""
+    try:
+        info = json.loads(sidecar.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{sidecar} is not valid JSON ({first_line(e, 120)}); relearn the vocabulary, or move "
+                         f"{sidecar.name} aside to load the bare tensor") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{sidecar} holds a JSON {type(info).__name__}, not the object a vocabulary sidecar is; "
+                         f"relearn the vocabulary, or move {sidecar.name} aside to load the bare tensor")
+    return info
 
 
 def _jsonable(o):
