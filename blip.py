@@ -257,12 +257,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     args = caption_settings(parse_args(argv))
     out = Path(args.out) / "blip"
     if args.summary:
-        if not out.is_dir() or not any(out.rglob("*.json")):
-            raise UserError(f"no blip.py results under {out} to summarise: run blip.py first, or pass the --out "
-                            "the runs used")
-        md, csv_path, table = metrics.write_summary(out)
-        print(table + f"\nwritten: {md}, {csv_path}")
-        return None
+        return cli.write_summary(out, "blip.py")
     cli.at_least_one(args, "batch", "beams", "max_length", "limit")
     if not 0 <= args.min_length <= args.max_length:
         raise UserError(f"--min-length must be between 0 and --max-length ({args.max_length}); got {args.min_length}")

@@ -252,13 +252,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     included; the command line always loads pretrained weights."""
     args = parse_args(argv)
     if args.summary:
-        folder = Path(args.out) / "clip"
-        if not folder.is_dir() or not any(folder.rglob("*.json")):
-            raise UserError(f"no clip.py results under {folder} to summarise: run clip.py first, or pass the --out "
-                            "the runs used")
-        md, csv_path, table = metrics.write_summary(folder)
-        print(table + f"\nwritten: {md}, {csv_path}")
-        return None
+        return cli.write_summary(Path(args.out) / "clip", "clip.py")
     cli.at_least_one(args, "batch", "limit")
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
     cli.writable_dir(Path(args.out) / "clip")

@@ -17,7 +17,7 @@ from torch import nn
 
 import vwt  # the library; vwt/__init__ never imports cli, so this is no cycle
 
-from . import datasets
+from . import datasets, metrics
 from .backends import family_of
 from .backends.base import patch_info
 from .batching import buckets, input_reducer, token_counts
@@ -690,3 +690,13 @@ def samples_vocabulary(size: int, vision: nn.Module, preprocess, images: Optiona
                                  std=list(preprocess.std))
     vocab.save(path.parent)
     return vocab, path
+
+
+def write_summary(folder: Path, script: str) -> None:
+    """``--summary``: gather ``script``'s results files under ``folder`` into summary.md and summary.csv
+    (a folder without any is a one-line error, never an empty table)."""
+    if not folder.is_dir() or not any(folder.rglob("*.json")):
+        raise UserError(f"no {script} results under {folder} to summarise: run {script} first, or pass the --out "
+                        "the runs used")
+    md, csv_path, table = metrics.write_summary(folder)
+    print(table + f"\nwritten: {md}, {csv_path}")
