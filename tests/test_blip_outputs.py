@@ -43,8 +43,10 @@ def _captions(path):
 def test_nocaps_writes_evalai_predictions_and_keeps_local_scores(tmp_path, tok, scored):
     root = fixtures.write_nocaps(tmp_path / "data")
     res = run(root, tmp_path, ["--data", "nocaps"], tok)
-    made = _captions(tmp_path / "blip" / "nocaps__tiny-blip__base.captions.jsonl")
-    predictions = json.loads((tmp_path / "blip" / "nocaps__tiny-blip__base.predictions.json").read_text())
+    [captions] = (tmp_path / "blip").glob("nocaps__tiny-blip__base__????????.captions.jsonl")
+    made = _captions(captions)
+    [path] = (tmp_path / "blip").glob("nocaps__tiny-blip__base__????????.predictions.json")
+    predictions = json.loads(path.read_text())
     assert predictions == [{"image_id": l["image_id"], "caption": l["caption"]} for l in made]
     assert [p["image_id"] for p in predictions] == [0, 1, 2] and res["predictions_file"].endswith("predictions.json")
     assert res["metrics"]["CIDEr"] == 0.5 and set(res["domains"]) == {"in-domain", "near-domain", "out-domain"}
@@ -62,7 +64,7 @@ def test_coco_references_come_from_the_gt_file_when_present(tmp_path, tok, score
     refs = scored[-1][0]
     assert refs == {i: [a["caption"] for a in gt["annotations"] if a["image_id"] == i] for i in own}
     assert res["references"] == "coco_karpathy_test_gt.json"
-    assert (tmp_path / "blip" / "coco__tiny-blip__base.predictions.json").exists()
+    assert len(list((tmp_path / "blip").glob("coco__tiny-blip__base__????????.predictions.json"))) == 1
     gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] != 74]
     (root / "coco" / "coco_karpathy_test_gt.json").write_text(json.dumps(gt))
     with pytest.raises(cli.UserError, match="image 74 has no reference in coco_karpathy_test_gt.json"):

@@ -260,7 +260,7 @@ def test_paper_protocol_runs_three_seeds_each_with_its_own_split_and_vocabulary(
     assert res["protocol"] == "paper" and res["seeds"] == [1, 2, 3] and not res["deterministic"]
     assert [r["vocab_path"] for r in res["runs"]] == [f"tokenizers/waterbirds/v100/seed_{s}/vocab.pt" for s in (1, 2, 3)]
     files = sorted((tmp_path / "out" / "clip").glob("*.json"))
-    assert [f.name for f in files] == ["waterbirds__tiny-hf-clip__inter-v100-t2__paper.json"]
+    assert [f.name[:-len("12345678.json")] for f in files] == ["waterbirds__tiny-hf-clip__inter-v100-t2__paper__"]
     assert json.loads(files[0].read_text())["protocol"] == "paper"
     model = loaded.model
     transform = D.transform_for("waterbirds", "paper", image_size=32)
