@@ -7,14 +7,14 @@ per image and mean power.
 
 How it measures (vwt/bench.py, vwt/energy.py): inputs are on the device before timing; every batch
 runs once per configuration at the measured shape (which also counts the tokens), then --warmup more
-calls of each. Then --rounds interleaved rounds: each round times every configuration, base included,
-once on the same batches, in a shuffled order; a turn lasts at least --seconds and --min-iters calls,
-with the energy read around it (NVIDIA GPUs: the NVML total-energy counter and a power trace sampled
-every --interval seconds; CPUs: RAPL package counters where readable; elsewhere the results say
-energy is not measurable, NaN, never a number). Ratios to base are medians of the per-round ratios,
-with their interquartile range: a busy machine slows one turn, not one method. When a ratio's spread
-is wide or latencies drift over the rounds, one line says the machine was busy and the results carry
-the flag (column busy).
+calls of each, round-robin, for at least --warmup-seconds. Then --rounds interleaved rounds: each
+round times every configuration, base included, once on the same batches, in a shuffled order; a
+turn lasts at least --seconds and --min-iters calls, with the energy read around it (NVIDIA GPUs:
+the NVML total-energy counter and a power trace sampled every --interval seconds; CPUs: RAPL package
+counters where readable; elsewhere the results say energy is not measurable, NaN, never a number).
+Ratios to base are medians of the per-round ratios, with their interquartile range: a busy machine
+slows one turn, not one method. When a ratio's spread is wide or latencies drift over the rounds,
+one line says the machine was busy and the results carry the flag (column busy).
 
 --protocol paper (default) also runs the VWT paper's own measurement (its eff.py): the whole split
 (or --limit images) through a loader, 50 warm-up calls at batch 1 on random inputs, the mean per-batch
@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--min-iters", type=int, default=1, help="minimum timed calls per turn (default 1)")
     g.add_argument("--warmup", type=int, default=2,
                    help="warm-up calls of each configuration after the untimed pass that counts tokens (default 2)")
+    g.add_argument("--warmup-seconds", type=float, default=3.0,
+                   help="keep warming up, round-robin, until this many seconds passed (default 3: a fresh "
+                        "process runs its first seconds slowly, which would read as a drift over the rounds)")
     g.add_argument("--paper-warmup", type=int, default=bench.PAPER_WARMUP,
                    help=f"--protocol paper: warm-up calls at batch 1 before each of its runs (default "
                         f"{bench.PAPER_WARMUP}, the paper's)")

@@ -42,7 +42,7 @@ class FakeMachine:
     def __init__(self, cost, watts, burst=None, drift=0.0, seed=0):
         self.clock, self.cost, self.watts, self.burst, self.drift = FakeClock(), cost, watts, burst, drift
         self.meter = FakeMeter(self.clock)
-        self.turns = {name: -2 for name in cost}  # the warm-up enters once: round r is turn r
+        self.turns = {name: -1 - WARMUP for name in cost}  # the warm-up enters once per pass: round r is turn r
         self.rounds = 0
         self.rng = random.Random(seed)
 
@@ -63,11 +63,12 @@ class FakeMachine:
         methods = [self.method(n) for n in self.cost]
         batches = [torch.zeros(batch, 1)] * 3
         stopwatch = energy.Stopwatch(torch.device("cpu"), clock=self.clock)
-        turns = bench.interleave(methods, batches, rounds=rounds, min_calls=3, warmup=2, meter=self.meter,
+        turns = bench.interleave(methods, batches, rounds=rounds, min_calls=3, warmup=WARMUP, meter=self.meter,
                                  stopwatch=stopwatch, seed=1)
         return turns, bench.summarise(turns)
 
 
+WARMUP = 2
 COST = {"base": 0.010, "tome": 0.006, "intra": 0.005}
 WATTS = {"base": 20.0, "tome": 22.0, "intra": 21.0}
 TRUE_SPEEDUP = {m: COST["base"] / COST[m] for m in COST}
@@ -130,6 +131,22 @@ def test_turns_last_about_min_seconds():
     assert not summary.judged and not summary.busy and "too few" in summary.line()
     with pytest.raises(ValueError, match="base"):
         bench.summarise({"tome": turns["base"]})
+
+
+def test_warm_up_is_round_robin_and_lasts_warmup_seconds():
+    machine, log = FakeMachine({"base": 0.01, "tome": 0.006}, {"base": 1.0, "tome": 1.0}), []
+    methods = [machine.method(n) for n in ("base", "tome")]
+    for m in methods:
+        call = m.call
+        m.call = lambda x, call=call, name=m.name: (log.append(name), call(x))
+    stopwatch = energy.Stopwatch(torch.device("cpu"), clock=machine.clock)
+    per_call = bench.warm_up(methods, [torch.zeros(1, 1)], 1, stopwatch, min_seconds=0.5)
+    assert log[:4] == ["base", "tome", "base", "tome"]  # one call of each per pass, not all of one first
+    assert len(log) == 2 * 32  # passes of 16 ms until 0.5 s passed by the stopwatch's clock: 32 passes
+    assert per_call == pytest.approx(0.008, rel=0.02)  # median of the last pass
+    log.clear()
+    bench.warm_up(methods, [torch.zeros(1, 1)], 3, stopwatch)  # no time floor: the calls alone
+    assert log == ["base", "tome"] * 3
 
 
 def loader(groups=((0, 1), (1, 1), (3,))):

@@ -26,7 +26,7 @@ from vwt import cli, datasets, energy, flops
 from vwt import efficiency as fx
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--seconds", "0.001", "--min-iters", "2", "--warmup", "0", "--rounds", "2", "--paper-warmup", "1",
+FAST = ["--seconds", "0.001", "--min-iters", "2", "--warmup", "0", "--warmup-seconds", "0", "--rounds", "2", "--paper-warmup", "1",
         "--limit", "4", "--device", "cpu"]
 
 

@@ -18,7 +18,7 @@ import vwt
 from vwt import datasets as D
 
 len_script = importlib.import_module("len")
-FAST = ["--seconds", "0.001", "--min-iters", "1", "--warmup", "0", "--device", "cpu", "--metric", "time"]
+FAST = ["--seconds", "0.001", "--min-iters", "1", "--warmup", "0", "--warmup-seconds", "0", "--device", "cpu", "--metric", "time"]
 
 
 def test_token_stats_definition():

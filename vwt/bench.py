@@ -91,19 +91,26 @@ def size_of(x) -> int:
 # --------------------------------------------------------------------------------------------------
 # Interleaved rounds
 # --------------------------------------------------------------------------------------------------
-def warm_up(methods: Sequence[Method], batches: Sequence, calls: int, stopwatch: energy.Stopwatch) -> float:
-    """``calls`` calls of every method, cycling its batches (the shared warm-up); returns the median
-    seconds of one call, from which :func:`interleave` sizes its turns."""
-    times = []
-    for m in methods:
-        xs = m.inputs if m.inputs is not None else batches
-        m.enter()
-        try:
-            for i in range(calls):
-                times.append(stopwatch(lambda x=xs[i % len(xs)]: m.call(x)))
-        finally:
-            m.leave()
-    return statistics.median(times) if times else 0.0
+def warm_up(methods: Sequence[Method], batches: Sequence, calls: int, stopwatch: energy.Stopwatch,
+            min_seconds: float = 0.0) -> float:
+    """The shared warm-up: round-robin passes, one call of every method per pass (cycling its batches),
+    until each method had ``calls`` calls and the passes lasted ``min_seconds``. A fresh process runs
+    its first calls slowly (memory touched for the first time, kernels chosen); a warm-up shorter than
+    that shows up as latencies drifting over the rounds. Returns the median seconds of one call in the
+    last pass, from which :func:`interleave` sizes its turns."""
+    last: list = []
+    spent, done = 0.0, 0  # seconds by the stopwatch's clock (a test's fake clock included)
+    while done < calls or spent < min_seconds:
+        last = []
+        for m in methods:
+            xs = m.inputs if m.inputs is not None else batches
+            m.enter()
+            try:
+                last.append(stopwatch(lambda x=xs[done % len(xs)]: m.call(x)))
+            finally:
+                m.leave()
+        done, spent = done + 1, spent + sum(last)
+    return statistics.median(last) if last else 0.0
 
 
 def run_turn(m: Method, indices: Sequence[int], batches: Sequence, rnd: int, position: int,
@@ -127,18 +134,18 @@ def run_turn(m: Method, indices: Sequence[int], batches: Sequence, rnd: int, pos
 
 
 def interleave(methods: Sequence[Method], batches: Sequence, rounds: int = 7, min_seconds: float = 0.0,
-               min_calls: int = 1, warmup: int = 1, meter: Optional[energy.Meter] = None,
+               min_calls: int = 1, warmup: int = 1, warmup_seconds: float = 0.0, meter: Optional[energy.Meter] = None,
                stopwatch: Optional[energy.Stopwatch] = None, seed: int = 0,
                progress: Optional[Callable[[int], Any]] = None) -> dict[str, list[Turn]]:
-    """Time every method once per round, in an order shuffled each round, after ``warmup`` calls of
-    each. Every turn of a round runs the same batches: ``min_calls`` calls, or more so that a turn
+    """Time every method once per round, in an order shuffled each round, after the shared warm-up
+    (``warmup`` calls of each, round-robin, for at least ``warmup_seconds``). Every turn of a round runs the same batches: ``min_calls`` calls, or more so that a turn
     lasts about ``min_seconds`` (sized from the warm-up's median call); successive rounds move on
     through the batches. ``progress(round)`` is called after each round. Returns each method's turns,
     in round order."""
     if not methods or not batches or rounds < 1:
         raise ValueError("interleave needs methods, batches and at least one round")
     stopwatch = stopwatch or energy.Stopwatch()
-    per_call = warm_up(methods, batches, warmup, stopwatch) if warmup > 0 else 0.0
+    per_call = warm_up(methods, batches, warmup, stopwatch, warmup_seconds) if warmup > 0 or warmup_seconds > 0 else 0.0
     calls = max(min_calls, math.ceil(min_seconds / per_call) if per_call > 0 else 1)
     rng = random.Random(seed)
     order = list(range(len(methods)))

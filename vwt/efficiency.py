@@ -112,9 +112,10 @@ def check_numbers(args) -> None:
     """One-line errors for measurement settings out of range."""
     if any(b < 1 for b in args.batch):
         raise cli.UserError(f"--batch sizes must be at least 1; got {args.batch}")
-    if args.seconds <= 0 or args.min_iters < 1 or args.warmup < 0 or args.rounds < 1 or args.paper_warmup < 0:
-        raise cli.UserError("--seconds must be positive, --min-iters and --rounds at least 1, --warmup and "
-                            "--paper-warmup at least 0")
+    if (args.seconds <= 0 or args.min_iters < 1 or args.warmup < 0 or args.rounds < 1 or args.paper_warmup < 0
+            or args.warmup_seconds < 0):
+        raise cli.UserError("--seconds must be positive, --min-iters and --rounds at least 1, --warmup, "
+                            "--warmup-seconds and --paper-warmup at least 0")
     if not 0.01 <= args.interval <= 1:
         raise cli.UserError(f"--interval is the power sampling period, between 0.01 and 1 s; got {args.interval}")
     if args.limit is not None and args.limit < 1:
@@ -325,7 +326,8 @@ def measure_batch_size(preps: list[Prepared], b: int, run: Run) -> tuple[dict, b
     meter = run.meter if args.metric != "time" and run.meter.measurable else None
     bar = tqdm(total=args.rounds, desc=f"rounds, batch {b}", leave=False)
     turns = bench.interleave(methods, methods[0].inputs, rounds=args.rounds, min_seconds=args.seconds,
-                             min_calls=args.min_iters, warmup=args.warmup, meter=meter,
+                             min_calls=args.min_iters, warmup=args.warmup,
+                             warmup_seconds=args.warmup_seconds, meter=meter,
                              stopwatch=energy.Stopwatch(run.device), progress=lambda r: bar.update())
     bar.close()
     summary = bench.summarise(turns, base="base")
