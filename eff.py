@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="images to cycle through in the rounds (default: all 12 samples, 64 of other data sets); "
                         "the paper's protocol runs the whole split unless --limit is given")
     g.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    g.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=None,
+                   help="give configurations with an input reducer batches of neighbours in token count (the same "
+                        "images, regrouped; every turn then runs the whole pool): on by default at batch > 1")
     g.add_argument("--out", default="results", type=Path, help="output folder (default results/)")
     g = p.add_argument_group("measurement")
     g.add_argument("--metric", default="all", choices=["watt", "time", "energy", "all"],

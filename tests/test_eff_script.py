@@ -159,6 +159,42 @@ class CountingMeter(energy.Meter):
         return 42.0
 
 
+def test_bucketing_regroups_the_same_images_and_every_turn_runs_the_whole_pool(tmp_path, monkeypatch):
+    """--bucket (default at batch > 1 with an input reducer): inter-image times batches of neighbours in
+    token count, the same images as the base model's batches; every turn then covers the whole pool,
+    so each round compares the two on the same images. Token counts do not depend on the grouping."""
+    no_rapl(monkeypatch, tmp_path)
+    loaded = tiny_loaded()
+    argv = ["--methods", "base,inter,tome", "--batch", "1", "3", "--vocab", "8", "--metric", "time",
+            "--protocol", "standard"] + FAST
+    runs = {}
+    for flag in ("--bucket", "--no-bucket"):
+        eff.main(argv + [flag, "--out", str(tmp_path / flag)], loaded=loaded)
+        runs[flag] = pd.read_csv(written(tmp_path / flag)[0])
+    default = eff.main(argv + ["--out", str(tmp_path / "default")], loaded=loaded)
+    pool = 4 // 3 + 1  # --limit 4 images in batches of 3: two batches (the last one cycles back)
+    on, off = (runs[f].set_index(["method", "batch"]) for f in ("--bucket", "--no-bucket"))
+    assert on.loc[("inter", 3), "bucket"] and not on.loc[("inter", 1), "bucket"]
+    assert not on.loc[("base", 3), "bucket"] and not on.loc[("tome", 3), "bucket"]  # no input reducer
+    assert not off["bucket"].any()
+    assert list(default["bucket"]) == list(on["bucket"])  # on by default at batch > 1
+    assert on.loc[("inter", 3), "calls"] == 2 * pool and off.loc[("inter", 3), "calls"] == 2 * 2  # rounds x calls
+    for col in ("tokens_in", "tokens_mean", "gflops_per_image"):
+        assert on.loc[("inter", 3), col] == pytest.approx(off.loc[("inter", 3), col])
+    assert written(tmp_path / "--bucket")[0].name != written(tmp_path / "--no-bucket")[0].name  # timing differs
+
+
+def test_bucketed_batches_hold_the_same_slots_sorted_by_tokens():
+    images = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 3, 2, 2)  # image i is filled with i
+    batches = fx.make_batches(images, 4, "cpu", torch.float32)  # slots 0..7: images 0..5, 0, 1
+    first_block = torch.tensor([5, 1, 4, 1, 3, 2, 5, 1])  # tokens of each slot
+    regrouped = fx.bucketed(batches, first_block)
+    slots = [int(x[0, 0, 0]) for batch in regrouped for x in batch]
+    assert [len(b) for b in regrouped] == [4, 4]
+    assert sorted(slots) == sorted(int(x[0, 0, 0]) for b in batches for x in b)  # the same images
+    assert slots == [1, 3, 1, 5, 4, 2, 0, 0]  # ascending tokens; ties in slot order
+
+
 @pytest.mark.parametrize("metric", ["all", "energy", "watt", "time"])
 def test_energy_accounting_with_a_measurable_meter(tmp_path, monkeypatch, metric):
     meter = CountingMeter()

@@ -22,6 +22,7 @@ import torch
 
 from . import bench, cli, datasets, energy, flops, results
 from .backends import family_of
+from .batching import buckets, input_reducer
 from .patch import patch, stats, token_stats, unpatch
 from .vocab import Vocabulary
 
@@ -30,7 +31,7 @@ INPUT_METHODS = ("intra", "inter")
 BLOCK_METHODS = ("tome", "evit", "lgtm")
 METHODS = ("base",) + INPUT_METHODS + BLOCK_METHODS + ("int8",)
 DEFAULT_METHODS = "base,intra,inter,tome,evit,lgtm,int8"
-COLUMNS = ["model", "weights", "device", "dtype", "data", "protocol", "method", "config", "batch", "rounds", "calls",
+COLUMNS = ["model", "weights", "device", "dtype", "data", "protocol", "method", "config", "batch", "bucket", "rounds", "calls",
            "images", "tokens_in", "tokens_mean", "gflops_per_image", "flops_ratio", "latency_ms_median",
            "latency_ms_p90", "batch_ms_median", "throughput_img_s", "speedup_median", "speedup_iqr", "power_w_mean",
            "energy_j_per_image", "energy_ratio_median", "energy_ratio_iqr", "energy_source", "energy_window_s",
@@ -272,10 +273,11 @@ def make_batches(images: torch.Tensor, b: int, device, dtype) -> list:
     return [images[torch.arange(j * b, (j + 1) * b) % n].to(device=device, dtype=dtype) for j in range(count)]
 
 
-def tokens_and_flops(p: Prepared, batches: list, images: int) -> dict:
+def tokens_and_flops(p: Prepared, batches: list, images: int) -> tuple[dict, torch.Tensor]:
     """Mean per image over the first ``images`` slots (each image once, whatever the batch size), from
     one patched pass over every batch (which also warms every input shape up): tokens entering the
-    first block, tokens entering a block (mean over blocks), analytic FLOPs (vwt.flops)."""
+    first block, tokens entering a block (mean over blocks), analytic FLOPs (vwt.flops). Also the
+    tokens each slot of the batches enters the first block with (what --bucket sorts by)."""
     counts, fl = [], []
     patch(p.tower, *p.reducers)
     try:
@@ -286,9 +288,24 @@ def tokens_and_flops(p: Prepared, batches: list, images: int) -> dict:
                 fl.append(flops.flops_of_last_forward(p.tower))
     finally:
         unpatch(p.tower)
+    per_slot = token_stats(torch.cat(counts))
     tokens, fl = token_stats(torch.cat(counts)[:images]), torch.cat(fl)[:images]
     return dict(tokens_in=tokens["tokens_first_block"].mean().item(), tokens_mean=tokens["tokens_mean"].mean().item(),
-                gflops_per_image=fl.mean().item() / 1e9)
+                gflops_per_image=fl.mean().item() / 1e9), per_slot["tokens_first_block"]
+
+
+def bucketed(batches: list, first_block: torch.Tensor) -> list:
+    """The same slots as ``batches``, regrouped so that each batch holds neighbours in token count
+    (``first_block``: each slot's tokens entering the first block; vwt.buckets)."""
+    b = batches[0].shape[0]
+    slots = torch.cat(batches)  # (S, C, H, W): every slot in order
+    return [slots[idx] for idx in buckets(first_block, b)]
+
+
+def bucket_on(p: Prepared, args, b: int) -> bool:
+    """--bucket (on by default) for a configuration with an input reducer at batch > 1 (at batch 1
+    there is nothing to regroup)."""
+    return input_reducer(p.reducers) is not None and b > 1 and args.bucket is not False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,14 +336,18 @@ def measure_batch_size(preps: list[Prepared], b: int, run: Run) -> tuple[dict, b
         dtype = float_dtype(p.tower)
         if dtype not in by_dtype:
             by_dtype[dtype] = make_batches(run.images, b, run.device, dtype)
-        rows[p.name] = tokens_and_flops(p, by_dtype[dtype], len(run.images))
+        rows[p.name], first_block = tokens_and_flops(p, by_dtype[dtype], len(run.images))
+        bucket = bucket_on(p, args, b)
         rows[p.name].update(flops_ratio=rows[p.name]["gflops_per_image"] * 1e9 / run.dense_flops,
-                            dtype=str(dtype).replace("torch.", ""))
-        methods.append(bench.Method(p.name, p.call, p.enter, p.leave, inputs=by_dtype[dtype]))
+                            dtype=str(dtype).replace("torch.", ""), bucket=bucket)
+        inputs = bucketed(by_dtype[dtype], first_block) if bucket else by_dtype[dtype]
+        methods.append(bench.Method(p.name, p.call, p.enter, p.leave, inputs=inputs))
     meter = run.meter if args.metric != "time" and run.meter.measurable else None
     bar = tqdm(total=args.rounds, desc=f"rounds, batch {b}", leave=False)
+    regrouped = any(row.get("bucket") for row in rows.values())  # then every turn runs the whole pool
     turns = bench.interleave(methods, methods[0].inputs, rounds=args.rounds, min_seconds=args.seconds,
-                             min_calls=args.min_iters, warmup=args.warmup,
+                             min_calls=args.min_iters, cover=len(methods[0].inputs) if regrouped else 1,
+                             warmup=args.warmup,
                              warmup_seconds=args.warmup_seconds, meter=meter,
                              stopwatch=energy.Stopwatch(run.device), progress=lambda r: bar.update())
     bar.close()
@@ -400,8 +421,10 @@ def table(rows: list[dict]):
 # --------------------------------------------------------------------------------------------------
 def stem(args, model: str, configs: list[Config], config: dict) -> str:
     """``eff__<data>__<model>__<methods>__<hash of the whole configuration>``: runs that differ in
-    anything (dtype, vocabulary file, protocol, batch, limit, weights, ...) never share a name."""
-    return results.run_stem(["eff", args.data, model, "-".join(c.name for c in configs)], config)
+    anything (dtype, vocabulary file, protocol, batch, limit, weights, --bucket, ...) never share a name
+    (--bucket changes only the order of other scripts' work, but what eff.py times)."""
+    timing = [k for k in results.NOT_CONFIG if k != "bucket"]
+    return results.run_stem(["eff", args.data, model, "-".join(c.name for c in configs)], config, ignore=timing)
 
 
 def _atomic_savefig(fig, path: Path) -> Path:
