@@ -25,7 +25,6 @@ Models must have pretrained weights: caption scores of random weights mean nothi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -57,10 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0, help="seed (matters for the --random ablations; default 0)")
     g.add_argument("--restart", action="store_true", help="discard this configuration's earlier captions and start over")
     g.add_argument("--no-score", action="store_true", help="write the captions only; score them in a later run")
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="image-decoding processes (0: in the main process)")
-    g.add_argument("--summary", action="store_true",
-                   help="do not caption: gather the results files under <out>/blip into summary.md and summary.csv")
+    cli.add_workers_and_summary(g, "blip", "caption")
     return p.parse_args(argv)
 
 

@@ -26,7 +26,6 @@ Models must have pretrained weights: accuracy on random weights means nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,10 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "vocabulary per seed")
     g.add_argument("--prompt", default="a photo of a {}", help="zero-shot prompt, {} = label (default 'a photo of a {}')")
     g.add_argument("--labels", default=None, help="comma-separated class names replacing the defaults (in class order)")
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="image-decoding processes (0: in the main process)")
-    g.add_argument("--summary", action="store_true",
-                   help="do not evaluate: gather the results files under <out>/clip into summary.md and summary.csv")
+    cli.add_workers_and_summary(g, "clip", "evaluate")
     return p.parse_args(argv)
 
 

@@ -110,6 +110,15 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant", action="store_true", help="int8 linear layers (bitsandbytes on CUDA, torchao on CPU)")
 
 
+def add_workers_and_summary(g, task: str, verb: str) -> None:
+    """``--workers`` and ``--summary`` of the evaluation scripts (clip.py, blip.py): ``task`` names the
+    results folder under --out, ``verb`` what a run does instead of summarising."""
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image-decoding processes (0: in the main process)")
+    g.add_argument("--summary", action="store_true",
+                   help=f"do not {verb}: gather the results files under <out>/{task} into summary.md and summary.csv")
+
+
 # --------------------------------------------------------------------------------------------------
 # Devices and seeds
 # --------------------------------------------------------------------------------------------------
