@@ -4,7 +4,7 @@ interleaved rounds (vwt.bench) with tokens and analytic FLOPs, the paper's own p
 the table, the plot and collision-free results files (vwt.results).
 
 A configuration is at most one input reducer (intra, inter), one in-network reducer (tome, evit,
-lgtm) and int8; the rule itself is build_reducers's. The base model is always measured: every
+lgtm) and int8; the rule itself is vwt.methods.build_reducers's. The base model is always measured: every
 ratio is to it.
 """
 from __future__ import annotations
@@ -68,14 +68,14 @@ def settings(args) -> dict:
 
 
 def reducer_settings(names, s: dict) -> dict:
-    """build_reducers's keyword settings for the named methods (None for the others)."""
+    """vwt.methods.build_reducers's keyword settings for the named methods (None for the others)."""
     return dict(top_k=s["top_k"] if "intra" in names else None, tome=s["tome"] if "tome" in names else None,
                 evit=s["evit"] if "evit" in names else None, lgtm=s["lgtm"] if "lgtm" in names else None)
 
 
 def parse_config(text: str, s: dict) -> Config:
     """One '+'-joined item of --methods. Names are checked here; the combination rule (one input + one
-    in-network reducer) and the settings by build_reducers, with a stand-in vocabulary."""
+    in-network reducer) and the settings by vwt.methods.build_reducers, with a stand-in vocabulary."""
     parts = [t.strip().lower() for t in text.split("+") if t.strip()]
     unknown = [t for t in parts if t not in METHODS]
     if not parts or unknown:
@@ -229,7 +229,7 @@ def quantized(vision):
 
 
 def prepare(configs: list[Config], args, s: dict, vision, vocab, vocab_name: str) -> list[Prepared]:
-    """Reducers (built by build_reducers, so ``--protocol paper`` times the paper's ToMe on the
+    """Reducers (built by vwt.methods.build_reducers, so ``--protocol paper`` times the paper's ToMe on the
     families it ran) and towers of every configuration."""
     out, int8, family = [], None, family_of(vision).name
     for cfg in configs:
