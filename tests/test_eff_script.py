@@ -22,7 +22,7 @@ import eff
 import vwt
 from tiny import NUM_PATCHES, hf_clip, open_clip_model, timm_vit
 from tiny import loaded as tiny_loaded
-from vwt import cli, datasets, energy, flops
+from vwt import cli, datasets, energy, flops, models
 from vwt import efficiency as fx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,7 +287,7 @@ def closed_port() -> int:
 @pytest.mark.parametrize("kind", ["closed port", "silent server"])
 def test_unreachable_hub_is_found_out_at_once(monkeypatch, kind):
     """A refused connection, or a server that accepts and never answers (a firewall that drops): no
-    answer within cli.HUB_TIMEOUT, the hub clients go offline; under HF_HUB_OFFLINE nothing is asked."""
+    answer within models.HUB_TIMEOUT, the hub clients go offline; under HF_HUB_OFFLINE nothing is asked."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
@@ -295,22 +295,22 @@ def test_unreachable_hub_is_found_out_at_once(monkeypatch, kind):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(cli, "_hub_answered", None)
+    monkeypatch.setattr(models, "_hub_answered", None)
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     try:
         t = time.perf_counter()
-        assert cli.hub_reachable() is False
-        assert time.perf_counter() - t < cli.HUB_TIMEOUT + 0.5
+        assert models.hub_reachable() is False
+        assert time.perf_counter() - t < models.HUB_TIMEOUT + 0.5
     finally:
         silent.close()
     assert hub_constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
-    assert cli.hub_reachable() is False  # found out once: not asked again
+    assert models.hub_reachable() is False  # found out once: not asked again
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(cli, "_answers", lambda *a: pytest.fail("HF_HUB_OFFLINE set: the hub is not asked"))
-    monkeypatch.setattr(cli, "_hub_answered", None)
-    assert cli.hub_reachable() is False
+    monkeypatch.setattr(models, "_answers", lambda *a: pytest.fail("HF_HUB_OFFLINE set: the hub is not asked"))
+    monkeypatch.setattr(models, "_hub_answered", None)
+    assert models.hub_reachable() is False
 
 
 def test_load_model_falls_back_to_random_weights_with_one_note(monkeypatch, capsys):
@@ -322,18 +322,18 @@ def test_load_model_falls_back_to_random_weights_with_one_note(monkeypatch, caps
             raise cli.UserError(f"cannot load model {name!r}: no connection")
         return tiny_loaded()
 
-    monkeypatch.setattr(cli, "_load", fake_load)
-    monkeypatch.setattr(cli, "hub_reachable", lambda: False)
+    monkeypatch.setattr(models, "_load", fake_load)
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
     with pytest.raises(cli.UserError, match="no connection"):
-        cli.load_model("some/model", torch.device("cpu"))
-    loaded = cli.load_model("some/model", torch.device("cpu"), fallback_random=True)
+        models.load_model("some/model", torch.device("cpu"))
+    loaded = models.load_model("some/model", torch.device("cpu"), fallback_random=True)
     out = capsys.readouterr().out.splitlines()
     assert asked == [False, False, True] and not loaded.pretrained and "no connection" in loaded.note
     assert len(out) == 1 and out[0].startswith("note: some/model: ") and "random weights" in out[0]
 
 
 def test_fast_random_weights_are_finite_seeded_and_not_constant():
-    a, b = cli.fill_random(hf_clip()), cli.fill_random(hf_clip())
+    a, b = models.fill_random(hf_clip()), models.fill_random(hf_clip())
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.isfinite(p).all() and torch.equal(p, q), name
         assert p.numel() == 1 or p.std() > 0.01, name

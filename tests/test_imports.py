@@ -1,5 +1,5 @@
 """The shape of the library: no import cycle among the modules of vwt/ (imports inside functions
-included), and no function in vwt/ over 60 lines."""
+included), no module of vwt/ but cli.py imports vwt.cli, and no function in vwt/ over 60 lines."""
 import ast
 from pathlib import Path
 
@@ -82,6 +82,21 @@ def test_the_graph_sees_imports_inside_functions():
 def test_no_import_cycle_in_vwt():
     cycle = _cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_library_never_imports_its_cli():
+    """vwt.cli (argparse helpers for the scripts) may import the library, never the other way round."""
+    graph = import_graph()
+    assert "vwt.cli" in graph and "vwt.efficiency" in graph
+    importers = sorted(m for m, deps in graph.items() if "vwt.cli" in deps and m != "vwt.cli")
+    assert not importers, "these library modules import vwt.cli: " + ", ".join(importers)
+
+
+def test_the_cli_rule_sees_a_hidden_import(tmp_path):
+    """The rule reads imports anywhere in a file, as a module inside a function would hide one."""
+    mod = tmp_path / "hidden.py"
+    mod.write_text("def f():\n    from . import cli\n    return cli\n")
+    assert "vwt.cli" in _imports("vwt.hidden", mod, set(_modules()))
 
 
 def _functions():

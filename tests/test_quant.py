@@ -97,7 +97,7 @@ def test_scripts_report_a_quantizer_that_cannot_run_as_a_user_error(monkeypatch)
     def cannot(model, backend="auto"):
         raise RuntimeError("vwt.quantize: torchao is not importable (no module); install torchao")
 
-    monkeypatch.setattr(vwt, "quantize", cannot)
+    monkeypatch.setattr(vwt.quant, "quantize", cannot)
     with pytest.raises(cli.UserError, match="torchao is not importable"):
         cli.quantize(timm_vit())
 

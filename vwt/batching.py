@@ -7,6 +7,8 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from . import datasets
+from .backends.base import patch_info
 from .encoder import Reducer
 from .tokenizer import tokenize
 
@@ -30,3 +32,16 @@ def token_counts(vision: nn.Module, reducer: Reducer, pixel_batches: Iterable[Te
 def input_reducer(reducers: Sequence[Reducer]) -> Optional[Reducer]:
     """The input reducer (VWT intra- or inter-image) among ``reducers``, or None."""
     return next((r for r in reducers if r.kind == "input"), None)
+
+
+def batch_order(args, loaded, dataset, device, dtype) -> list:
+    """The index batches a script reads ``dataset`` in: ``--bucket`` (default: on with an input reducer
+    and --batch > 1) sorts the images by the tokens the patched model's input reducer leaves them
+    and batches neighbours; otherwise data-set order. ``loaded``: a ``vwt.models.Loaded``."""
+    info = patch_info(loaded.model)
+    reducer = input_reducer(info.reducers) if info is not None else None
+    bucket = args.bucket if args.bucket is not None else (reducer is not None and args.batch > 1)
+    if not bucket or reducer is None:
+        return list(torch.arange(len(dataset)).split(args.batch))
+    pixels = (x.to(device, dtype) for x, _ in datasets.batches(dataset, args.batch, args.workers))
+    return buckets(token_counts(loaded.vision, reducer, pixels), args.batch)

@@ -4,7 +4,7 @@ interleaved rounds (vwt.bench) with tokens and analytic FLOPs, the paper's own p
 the table, the plot and collision-free results files (vwt.results).
 
 A configuration is at most one input reducer (intra, inter), one in-network reducer (tome, evit,
-lgtm) and int8; the rule itself is cli.build_reducers's. The base model is always measured: every
+lgtm) and int8; the rule itself is vwt.methods.build_reducers's. The base model is always measured: every
 ratio is to it.
 """
 from __future__ import annotations
@@ -13,18 +13,22 @@ import copy
 import math
 import os
 import tempfile
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from . import bench, cli, datasets, energy, flops, results
+from . import bench, datasets, energy, flops, results
 from .backends import family_of
 from .batching import buckets, input_reducer
+from .errors import UserError, first_line
+from .methods import build_reducers, method_label
+from .models import Loaded, load_model
 from .patch import patch, stats, token_stats, unpatch
 from .vocab import Vocabulary
+from .vocab_files import read_vocabulary, samples_vocabulary, tokenizer_dir
 
 PAPER = {"top_k": 0.5, "vocab": 1000, "thresh": 0.1, "tome": 13, "evit": 0.7}
 INPUT_METHODS = ("intra", "inter")
@@ -65,25 +69,25 @@ def settings(args) -> dict:
 
 
 def reducer_settings(names, s: dict) -> dict:
-    """cli.build_reducers's keyword settings for the named methods (None for the others)."""
+    """vwt.methods.build_reducers's keyword settings for the named methods (None for the others)."""
     return dict(top_k=s["top_k"] if "intra" in names else None, tome=s["tome"] if "tome" in names else None,
                 evit=s["evit"] if "evit" in names else None, lgtm=s["lgtm"] if "lgtm" in names else None)
 
 
 def parse_config(text: str, s: dict) -> Config:
     """One '+'-joined item of --methods. Names are checked here; the combination rule (one input + one
-    in-network reducer) and the settings by cli.build_reducers, with a stand-in vocabulary."""
+    in-network reducer) and the settings by vwt.methods.build_reducers, with a stand-in vocabulary."""
     parts = [t.strip().lower() for t in text.split("+") if t.strip()]
     unknown = [t for t in parts if t not in METHODS]
     if not parts or unknown:
-        raise cli.UserError(f"unknown method {text!r} in --methods; use {', '.join(METHODS)}, joined with '+'")
+        raise UserError(f"unknown method {text!r} in --methods; use {', '.join(METHODS)}, joined with '+'")
     if ("base" in parts and len(parts) > 1) or len(set(parts)) < len(parts):
-        raise cli.UserError(f"--methods {text!r}: 'base' stands alone and a method appears once")
+        raise UserError(f"--methods {text!r}: 'base' stands alone and a method appears once")
     stand_in = Vocabulary(torch.ones(1, 3), space="embed") if "inter" in parts else None
     try:
-        cli.build_reducers(**reducer_settings(parts, s), vocab=stand_in, thresh=s["thresh"])
-    except cli.UserError as e:
-        raise cli.UserError(f"--methods {text!r}: {e}") from None
+        build_reducers(**reducer_settings(parts, s), vocab=stand_in, thresh=s["thresh"])
+    except UserError as e:
+        raise UserError(f"--methods {text!r}: {e}") from None
     return Config(next((t for t in parts if t in INPUT_METHODS), None),
                   next((t for t in parts if t in BLOCK_METHODS), None), "int8" in parts)
 
@@ -105,30 +109,30 @@ def plan(args) -> list[Config]:
         if c is not None and c not in configs:
             configs.append(c)
     if not configs:
-        raise cli.UserError("--methods names no configuration")
+        raise UserError("--methods names no configuration")
     return configs if Config() in configs else [Config()] + configs
 
 
 def check_numbers(args) -> None:
     """One-line errors for measurement settings out of range."""
     if any(b < 1 for b in args.batch):
-        raise cli.UserError(f"--batch sizes must be at least 1; got {args.batch}")
+        raise UserError(f"--batch sizes must be at least 1; got {args.batch}")
     if (args.seconds <= 0 or args.min_iters < 1 or args.warmup < 0 or args.rounds < 1 or args.paper_warmup < 0
             or args.warmup_seconds < 0):
-        raise cli.UserError("--seconds must be positive, --min-iters and --rounds at least 1, --warmup, "
-                            "--warmup-seconds and --paper-warmup at least 0")
+        raise UserError("--seconds must be positive, --min-iters and --rounds at least 1, --warmup, "
+                        "--warmup-seconds and --paper-warmup at least 0")
     if not 0.01 <= args.interval <= 1:
-        raise cli.UserError(f"--interval is the power sampling period, between 0.01 and 1 s; got {args.interval}")
+        raise UserError(f"--interval is the power sampling period, between 0.01 and 1 s; got {args.interval}")
     if args.limit is not None and args.limit < 1:
-        raise cli.UserError(f"--limit must be at least 1; got {args.limit}")
+        raise UserError(f"--limit must be at least 1; got {args.limit}")
 
 
 # --------------------------------------------------------------------------------------------------
 # Model, images, vocabulary
 # --------------------------------------------------------------------------------------------------
-def load(args, device, dtype) -> tuple[cli.Loaded, str]:
+def load(args, device, dtype) -> tuple[Loaded, str]:
     """The model (random weights where the pretrained ones cannot be had), and a sentence saying which."""
-    loaded = cli.load_model(args.model, device, dtype, random_weights=args.random_weights, fallback_random=True)
+    loaded = load_model(args.model, device, dtype, random_weights=args.random_weights, fallback_random=True)
     if args.random_weights:
         return loaded, "random (--random-weights)"
     return loaded, "pretrained" if loaded.pretrained else f"random: {loaded.note}"
@@ -141,7 +145,7 @@ def dataset(args, preprocess, limit: Optional[int]):
     else:
         ds = datasets.load(args.data, args.data_root, preprocess, split=args.split, limit=limit)
     if len(ds) == 0:
-        raise cli.UserError(f"{args.data}: no images found")
+        raise UserError(f"{args.data}: no images found")
     return ds
 
 
@@ -155,7 +159,7 @@ def load_images(ds) -> torch.Tensor:
 def _fitting(vocab, patch_size: int, path: Path):
     """Refuse a pixel-space vocabulary made for another patch size, before any forward."""
     if vocab.space == "pixel" and vocab.patch_size != patch_size:
-        raise cli.UserError(f"vocabulary {path} holds {vocab.patch_size}x{vocab.patch_size} pixel patches; the "
+        raise UserError(f"vocabulary {path} holds {vocab.patch_size}x{vocab.patch_size} pixel patches; the "
                             f"model's patches are {patch_size}x{patch_size}")
     return vocab
 
@@ -163,37 +167,20 @@ def _fitting(vocab, patch_size: int, path: Path):
 def vocabulary(args, s: dict, images: torch.Tensor, vision, preprocess) -> tuple[Vocabulary, str, Path]:
     """The inter-image vocabulary, its short name and its file: --vocab-path; else process.py's
     tokenizers/<vocab-data or data>/v<size>/vocab.pt; for the samples, learned on them and cached in
-    tokenizers/samples/ (relearned when the cache does not fit the model)."""
+    tokenizers/samples/ (``vocab_files.samples_vocabulary``; its lines on stdout, as eff.py's others)."""
     patch_size = flops.dims_of(vision).patch_size
     if args.vocab_path is not None:
         path = Path(args.vocab_path)
-        return _fitting(cli.read_vocabulary(path), patch_size, path), path.parent.name or path.stem, path
+        return _fitting(read_vocabulary(path), patch_size, path), path.parent.name or path.stem, path
     data, name = args.vocab_data or args.data, f"v{s['vocab']}"
     if data != "samples":
-        path = cli.tokenizer_dir(data, s["vocab"]) / "vocab.pt"
+        path = tokenizer_dir(data, s["vocab"]) / "vocab.pt"
         hint = (f"; learn it with `python process.py --data {data} --vocab {s['vocab']}`, or pass --vocab-path "
                 "(e.g. a published ImageNet vocab.pt)")
-        return _fitting(cli.read_vocabulary(path, hint), patch_size, path), name, path
-    size = images.shape[-1]
-    cache = cli.tokenizer_dir("samples", s["vocab"])
-    path = (cache if (patch_size, size) == (16, 224) else cache.with_name(f"{name}-p{patch_size}-{size}px")) / "vocab.pt"
-    if path.exists():
-        vocab = cli.read_vocabulary(path)
-        if (vocab.space, vocab.patch_size, tuple(vocab.meta.get("mean", ())), tuple(vocab.meta.get("std", ()))) == \
-                ("pixel", patch_size, tuple(preprocess.mean), tuple(preprocess.std)):
-            return vocab, name, path
-    n = images.shape[0] * (images.shape[-1] // patch_size) * (images.shape[-2] // patch_size)
-    if n < s["vocab"]:
-        raise cli.UserError(f"cannot learn {s['vocab']} visual words from the {n} patches of the samples; use a "
-                            "smaller --vocab or pass --vocab-path")
-    started = time.perf_counter()
-    print(f"learning a {s['vocab']}-word vocabulary on the {images.shape[0]} sample images -> {path}", flush=True)
-    vocab = Vocabulary.learn([images[i:i + 64] for i in range(0, len(images), 64)], size=s["vocab"], space="pixel",
-                             patch_size=patch_size, data="samples", image_size=size, mean=preprocess.mean,
-                             std=preprocess.std)
-    vocab.save(path.parent)
-    vocab.meta["learned_in_s"] = time.perf_counter() - started
-    print(f"learned the vocabulary in {vocab.meta['learned_in_s']:.1f} s", flush=True)
+        return _fitting(read_vocabulary(path, hint), patch_size, path), name, path
+    vocab, path = samples_vocabulary(s["vocab"], vision, preprocess, images, stream=sys.stdout)
+    if "learned_in_s" in vocab.meta:
+        print(f"learned the vocabulary in {vocab.meta['learned_in_s']:.1f} s", flush=True)
     return vocab, name, path
 
 
@@ -240,23 +227,23 @@ def quantized(vision):
     try:
         return quantize(copy.deepcopy(vision))
     except Exception as e:
-        return f"not run: {type(e).__name__}: {cli.first_line(e, 200)}"
+        return f"not run: {type(e).__name__}: {first_line(e, 200)}"
 
 
 def prepare(configs: list[Config], args, s: dict, vision, vocab, vocab_name: str) -> list[Prepared]:
-    """Reducers (built by cli.build_reducers, so ``--protocol paper`` times the paper's ToMe on the
+    """Reducers (built by vwt.methods.build_reducers, so ``--protocol paper`` times the paper's ToMe on the
     families it ran) and towers of every configuration."""
     out, int8, family = [], None, family_of(vision).name
     for cfg in configs:
         names = [n for n in (cfg.input, cfg.block) if n]
         chosen = reducer_settings(names, s)
         inter = dict(thresh=s["thresh"], random=args.random)
-        label = cli.method_label(**chosen, **inter, vocab=vocab_name if cfg.input == "inter" else None, quant=cfg.quant)
+        label = method_label(**chosen, **inter, vocab=vocab_name if cfg.input == "inter" else None, quant=cfg.quant)
         try:
-            reducers = cli.build_reducers(**chosen, **inter, vocab=vocab if cfg.input == "inter" else None,
+            reducers = build_reducers(**chosen, **inter, vocab=vocab if cfg.input == "inter" else None,
                                           prop_attn=args.prop_attn, protocol=args.protocol, family=family)
-        except cli.UserError as e:
-            raise cli.UserError(f"{cfg.name}: {e}") from None
+        except UserError as e:
+            raise UserError(f"{cfg.name}: {e}") from None
         if cfg.quant and int8 is None:
             int8 = quantized(vision)
         if cfg.quant and isinstance(int8, str):  # this install cannot run int8 (e.g. no backend for it)

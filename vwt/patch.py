@@ -105,3 +105,8 @@ def token_summary(per_image: list) -> dict[str, float]:
     :func:`token_stats`, from the ``vwt.stats`` (or ``token_stats``) dicts of its batches."""
     keys = ("tokens_first_block", "tokens_last_block", "tokens_mean")
     return {k: float(torch.cat([s[k].reshape(-1).float().cpu() for s in per_image]).mean()) for k in keys}
+
+
+def describe_tokens(first_block: float, mean: float) -> str:
+    """The scripts' one-line reading of the token statistics (``vwt.token_stats``)."""
+    return f"tokens entering block 1: {first_block:.1f}, mean over blocks: {mean:.1f}"

@@ -1,6 +1,6 @@
 """Results files: names that never collide, configurations recorded as JSON, atomic writes.
 
-A leaf module (standard library only). Every script names its results ``<readable>__<hash>`` where
+A leaf module (the standard library and ``vwt.errors`` only). Every script names its results ``<readable>__<hash>`` where
 ``readable`` says what a person needs to find the file (data, model, method) and ``hash`` is a short
 digest of the whole configuration, so two runs that differ in anything (dtype, vocabulary file,
 protocol, batch, limit, ...) never write the same file. Writes go to a temporary file in the same
@@ -14,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from .errors import UserError, first_line
 
 # Options that change where or how fast a run works, never what it computes (--bucket only reorders
 # the batches: every image's result is the same, to float rounding).
@@ -76,3 +78,34 @@ def atomic_write_text(path: Path, text: str) -> Path:
 def write_json(path: Path, payload: Any) -> Path:
     """Write ``payload`` as indented JSON, atomically."""
     return atomic_write_text(path, json.dumps(jsonable(payload), indent=2) + "\n")
+
+
+def model_label(name: str) -> str:
+    """A model's name as results file names show it: a local model folder by its last component (the
+    file name's hash still tells two folders of the same name apart), anything else as it is."""
+    return Path(name).name if os.path.isdir(name) else name
+
+
+def writable_dir(path, flag: str = "--out") -> Path:
+    """Make sure results can be written into the folder ``path`` (created if missing) before any long
+    work: an existing file in the way or a folder that refuses a file is a one-line UserError."""
+    path = Path(path)
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{flag} {path}: {parent} is a file, not a folder; pass a folder "
+                            "(it is created if missing)")
+    created = [d for d in [path, *path.parents] if not d.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable ({first_line(e)}); pass a folder you can write to") from None
+    finally:
+        for d in created:  # leave no empty folders behind: the results create them when they are written
+            try:
+                d.rmdir()
+            except OSError:
+                break
+    return path

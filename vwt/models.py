@@ -1,0 +1,195 @@
+"""Models by name: Hugging Face CLIP and BLIP ids, ``open_clip:ARCH[/PRETRAINED]`` and ``timm:NAME``,
+with pretrained or random weights, and the one check of whether the model hub answers at all."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .backends import family_of
+from .errors import UserError, first_line
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch16"
+DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
+
+
+@dataclass
+class Loaded:
+    model: nn.Module           # the whole model (CLIPModel, BlipForConditionalGeneration, open_clip CLIP, timm ViT)
+    family: Optional[str]      # hf_clip, hf_blip, open_clip, timm: the registry's name (None: look it up)
+    name: str
+    pretrained: bool           # False: random weights
+    tokenizer: Optional[Callable] = None  # text tokenizer / processor where the family has one
+    note: str = ""             # why the weights are random where pretrained ones were asked for
+
+    def __post_init__(self):
+        found = family_of(self.model).name
+        if self.family not in (None, found):
+            raise ValueError(f"Loaded: {type(self.model).__name__} is a {found} model, not {self.family}")
+        self.family = found
+
+    @property
+    def vision(self) -> nn.Module:
+        """The vision tower alone (what eff.py times): the module the family's backend patches."""
+        return family_of(self.model).vision(self.model)
+
+
+def _hf_random_config(name: str):
+    low = name.lower()
+    if "blip" in low:
+        from transformers import BlipConfig
+
+        return BlipConfig()  # defaults are BLIP base: ViT-B/16 at 384 px
+    from transformers import CLIPConfig
+
+    patch = 14 if "patch14" in low else 32 if "patch32" in low else 16
+    size = 336 if "336" in low else 224
+    if "large" in low:
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      patch_size=patch, image_size=size)
+        return CLIPConfig(vision_config=vision, text_config=dict(hidden_size=768, intermediate_size=3072,
+                                                                 num_attention_heads=12), projection_dim=768)
+    return CLIPConfig(vision_config=dict(patch_size=patch, image_size=size))
+
+
+HUB_TIMEOUT = 2.0  # seconds: how long to wait for the hub to answer, once per process
+_hub_answered: Optional[bool] = None
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def go_offline() -> None:
+    """Make the hub clients use their local cache only, from now on (no retries, no waiting)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True  # read at import; the clients ask it on every call
+    except ImportError:
+        pass
+
+
+def _answers(url: str, timeout: float) -> bool:
+    """Whether ``url`` gives any HTTP answer within ``timeout`` seconds (name lookup included: the
+    request runs in a daemon thread that is abandoned when it takes longer)."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answered: list = []
+
+    def ask():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)  # an error page is an answer
+        except Exception:
+            answered.append(False)
+
+    thread = threading.Thread(target=ask, name="vwt-hub-check", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered and answered[0])
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``, default huggingface.co) answers: False at once
+    under HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE; otherwise asked once per process, within ``timeout``
+    seconds. When it does not answer, the hub clients go offline at once (cache only) instead of
+    retrying for tens of seconds."""
+    global _hub_answered
+    if _offline_env():
+        return False
+    if _hub_answered is None:
+        _hub_answered = _answers(os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/", timeout)
+        if not _hub_answered:
+            go_offline()
+    return _hub_answered
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32, random_weights: bool = False,
+               fallback_random: bool = False) -> Loaded:
+    """Load a model by name. ``random_weights`` builds the same architecture with random weights
+    (for runtime, energy and pixel-space work only: they do not depend on weights). Before touching
+    the hub, :func:`hub_reachable` decides once whether to work offline. ``fallback_random``: where
+    the pretrained weights cannot be loaded, build random ones and print a one-line note (kept in
+    ``Loaded.note``)."""
+    if not random_weights:
+        hub_reachable()
+    try:
+        loaded = _load(name, random_weights)
+    except UserError as e:
+        if not fallback_random or random_weights:
+            raise
+        loaded = _load(name, True)
+        loaded.note = f"pretrained weights unavailable ({first_line(e, 160)})"
+        print(f"note: {name}: {loaded.note}; using random weights of the same architecture "
+              "(runtime and energy do not depend on weights)")
+    loaded.model.to(device=device, dtype=dtype).eval()
+    return loaded
+
+
+def _load(name: str, random_weights: bool) -> Loaded:
+    try:
+        if name.startswith("open_clip:"):
+            import open_clip
+
+            arch, _, pre = name[len("open_clip:"):].partition("/")
+            model = open_clip.create_model(arch, pretrained=None if random_weights else (pre or None))
+            return Loaded(model, "open_clip", name, not random_weights and bool(pre), open_clip.get_tokenizer(arch))
+        if name.startswith("timm:"):
+            import timm
+
+            return Loaded(timm.create_model(name[len("timm:"):], pretrained=not random_weights), "timm", name,
+                          not random_weights)
+        return _load_hf(name, random_weights)
+    except UserError:
+        raise
+    except Exception as e:  # hub unreachable, unknown name, ...
+        raise UserError(f"cannot load model {name!r}: {first_line(e)}. Models come from the Hugging Face hub "
+                        "(or its local cache); pass a cached or local model, or --random-weights where "
+                        "the script offers it") from None
+
+
+def fill_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Give every parameter random values quickly: one seeded normal(0, std) block of 2^20 values,
+    tiled (drawing 150M fresh values takes seconds on a small CPU; timing and pixel-space work do not
+    depend on the values)."""
+    block = torch.randn(2 ** 20, generator=torch.Generator().manual_seed(seed)) * std
+    with torch.no_grad():
+        for p in model.parameters():
+            flat = p.view(-1)
+            for i in range(0, flat.numel(), block.numel()):
+                part = flat[i:i + block.numel()]
+                part.copy_(block[:part.numel()])
+    return model
+
+
+def _load_hf(name: str, random_weights: bool) -> Loaded:
+    is_blip = "blip" in name.lower()
+    if is_blip:  # import only the family asked for: each costs seconds on a small CPU
+        from transformers import BlipForConditionalGeneration as cls
+    else:
+        from transformers import CLIPModel as cls
+    if random_weights:
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():
+            model = cls(_hf_random_config(name))
+        return Loaded(fill_random(model), "hf_blip" if is_blip else "hf_clip", name, False)
+    model = cls.from_pretrained(name)
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(name)
+    except Exception:
+        processor = None
+    return Loaded(model, "hf_blip" if is_blip else "hf_clip", name, True, processor)
+

@@ -1,0 +1,134 @@
+"""Where vocabularies live on disk: process.py's folders (the paper's ``v<SIZE>/seed_<N>/`` and ours),
+which file a run's flags name, loading one with one-line errors, and the samples vocabulary learned on
+first use."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import datasets
+from .errors import UserError
+from .flops import dims_of
+from .results import writable_dir
+from .vocab import Vocabulary
+
+
+def tokenizer_dir(data: str, size: int) -> Path:
+    """Where process.py puts the vocabularies of ``size`` words learned on ``data``, as the paper's code:
+    ``vocab.pt`` here for data sets learned once (COCO, ImageNet), ``seed_<N>/vocab.pt`` below it for
+    those learned once per seed (Waterbirds, CelebA, MetaShift)."""
+    return Path("tokenizers") / data / f"v{size}"
+
+
+# The in-domain vocabulary of a data set where it is not the data set's own (the paper's blip.py reads
+# COCO's for NoCaps; no vocabulary is learned on OpenImages, whose runs use ImageNet's).
+IN_DOMAIN = {"nocaps": "coco", "openimages-common": "imgnet", "openimages-rare": "imgnet"}
+
+
+def vocab_data(args) -> str:
+    """The data set whose --vocab vocabulary a run reads: --imgnet, --vocab-data, or by default the
+    in-domain one under --protocol paper (as the paper's scripts) and ImageNet's under standard."""
+    chosen = getattr(args, "vocab_data", None)
+    if getattr(args, "imgnet", False):
+        if chosen not in (None, "imgnet"):
+            raise UserError(f"--imgnet reads the ImageNet vocabulary; it contradicts --vocab-data {chosen}: drop one")
+        return "imgnet"
+    if chosen:
+        return chosen
+    if getattr(args, "protocol", "paper") == "standard":
+        return "imgnet"
+    data = getattr(args, "data", None) or "imgnet"
+    return IN_DOMAIN.get(data, data)
+
+
+def vocab_candidates(data: str, size: int, seed: Optional[int] = None) -> list:
+    """The vocab.pt files that may hold ``data``'s ``size``-word vocabulary for ``seed``, best first:
+    the paper's ``v<SIZE>/seed_<N>/`` and ours ``v<SIZE>-seed<N>/`` for a seed other than 0, then the
+    seed-less ``v<SIZE>/`` (data sets learned once), then for no seed the lowest ``v<SIZE>/seed_<N>/``."""
+    base = tokenizer_dir(data, size)
+    found = []
+    if seed:
+        found += [base / f"seed_{seed}" / "vocab.pt", base.with_name(f"{base.name}-seed{seed}") / "vocab.pt"]
+    found += [base / "vocab.pt", base / "seed_0" / "vocab.pt"]
+    if seed is None and base.is_dir():
+        seeds = sorted(int(d.name[5:]) for d in base.glob("seed_*") if d.name[5:].isdigit())
+        found += [base / f"seed_{s}" / "vocab.pt" for s in seeds]
+    return found
+
+
+def vocab_path(args, seed: Optional[int] = None) -> Optional[Path]:
+    """The vocabulary file a run uses for ``seed`` (None: the data set's one, or its first seed's):
+    --vocab-path ('{seed}' in it replaced by the seed, 0 for none), or for --vocab SIZE the first
+    existing of :func:`vocab_candidates` (the first candidate when none exists, for the error)."""
+    if getattr(args, "vocab_path", None) is not None:
+        path = str(args.vocab_path)
+        return Path(path.format(seed=seed or 0) if "{seed}" in path else path)
+    if getattr(args, "vocab", None) is None:
+        return None
+    candidates = vocab_candidates(vocab_data(args), args.vocab, seed)
+    return next((c for c in candidates if c.exists()), candidates[0])
+
+
+def read_vocabulary(path: Path, missing_hint: str = ""):
+    """Load a vocabulary; a missing or unreadable file is a one-line UserError."""
+    if not Path(path).exists():
+        raise UserError(f"vocabulary {path} not found{missing_hint}")
+    try:
+        return Vocabulary.load(path)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UserError(f"cannot read vocabulary {path}: {e}") from None
+
+
+
+def missing_vocab_hint(args) -> str:
+    """What to do when the vocabulary the flags name does not exist (appended to 'not found')."""
+    if getattr(args, "vocab_path", None) is not None:
+        return "; check the path, or learn one with `python process.py --data DATA --vocab SIZE --out FOLDER`"
+    data = vocab_data(args)
+    if data not in PROCESS_DATA:
+        return f"; process.py does not learn on {data}: pass --vocab-data, --imgnet or --vocab-path"
+    return (f"; learn it with `python process.py --data {data} --vocab {args.vocab}`, or pass --vocab-data, "
+            "--imgnet or --vocab-path")
+
+
+PROCESS_DATA = ("imgnet", "waterbirds", "celeba", "meta", "coco", "samples")  # what process.py learns on
+
+
+def samples_vocabulary(size: int, vision: nn.Module, preprocess, images: Optional[torch.Tensor] = None,
+                       stream=None):
+    """A pixel-space vocabulary of ``size`` words learned on the ``samples`` photographs with the model's
+    patch size and preprocessing, cached in tokenizers/samples/v<size>/ (v<size>-p<P>-<S>px for models
+    other than patch 16 at 224 px): learned on first use, relearned when the cache does not fit the
+    model. ``images``: the preprocessed samples where the caller has them. ``stream``: where the one
+    "learning ..." line goes (default stderr). A vocabulary learned here has ``meta["learned_in_s"]``.
+    Returns (vocab, path)."""
+    patch, px = dims_of(vision).patch_size, preprocess.size
+    cache = tokenizer_dir("samples", size)
+    path = (cache if (patch, px) == (16, 224) else cache.with_name(f"v{size}-p{patch}-{px}px")) / "vocab.pt"
+    if path.exists():
+        vocab = read_vocabulary(path)
+        if (vocab.space, vocab.patch_size, tuple(vocab.meta.get("mean", ())), tuple(vocab.meta.get("std", ()))) == \
+                ("pixel", patch, tuple(preprocess.mean), tuple(preprocess.std)):
+            return vocab, path
+    if images is None:
+        ds = datasets.Samples(preprocess)
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+    n = images.shape[0] * (images.shape[-1] // patch) * (images.shape[-2] // patch)
+    if n < size:
+        raise UserError(f"cannot learn {size} visual words from the {n} patches of the samples; use a smaller "
+                        "--vocab or pass --vocab-path")
+    writable_dir(path.parent, "the vocabulary folder")
+    started = time.perf_counter()
+    print(f"learning a {size}-word vocabulary on the {images.shape[0]} sample images -> {path}",
+          file=sys.stderr if stream is None else stream, flush=True)
+    vocab = Vocabulary.learn([images[i:i + 64] for i in range(0, len(images), 64)], size=size, space="pixel",
+                             patch_size=patch, data="samples", image_size=px, mean=list(preprocess.mean),
+                             std=list(preprocess.std))
+    vocab.save(path.parent)
+    vocab.meta["learned_in_s"] = time.perf_counter() - started
+    return vocab, path
