@@ -88,6 +88,8 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     if any(getattr(args, k) is not None for k in ("tome", "evit", "lgtm")) or args.quant:
         raise UserError("len.py counts the tokens the VWT tokenizer leaves: use --vocab/--vocab-path or --top_k, "
                         "not --tome/--evit/--lgtm/--quant")
+    if args.bucket:  # accepted like every script's data flags, so one command line serves them all
+        print("note: len.py runs only the tokenizer, which pads nothing: --bucket changes nothing here")
     args = seeded(args)
     reducers = cli.reducers_from_args(args)
     if not reducers:

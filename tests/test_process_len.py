@@ -204,6 +204,15 @@ def test_len_intra_on_coco_and_samples(root, tmp_path):
         assert set(res["per_image"]) == {1 + tiny.NUM_PATCHES // 2} and "word_counts" not in res
 
 
+def test_len_bucket_says_it_changes_nothing_and_changes_nothing(root, tmp_path, capsys):
+    argv = ["--data", "samples", "--data-root", str(root), "--top_k", "0.5", "--batch", "4"]
+    plain = count(argv + ["--out", str(tmp_path / "a")])
+    assert "--bucket changes nothing" not in capsys.readouterr().out
+    bucketed = count(argv + ["--bucket", "--out", str(tmp_path / "b")])
+    assert "--bucket changes nothing here" in capsys.readouterr().out
+    assert bucketed["per_image"] == plain["per_image"]
+
+
 def test_len_refuses_a_vocabulary_that_does_not_fit(tmp_path):
     torch.save(torch.randn(5, 768), tmp_path / "vocab.pt")
     with pytest.raises(cli.UserError, match=r"\(5, 768\).*\(\d+, 16, 192\)"):
