@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Optional
 
 import vwt  # noqa: E402
-from vwt import bench, cli, datasets, energy, flops, results  # noqa: E402
+from vwt import bench, cli, datasets, energy, flops, models, results  # noqa: E402
 from vwt.efficiency import DEFAULT_METHODS, METHODS  # noqa: E402
 
 SHOW = ["config", "batch", "tokens_mean", "gflops_per_image", "latency_ms_median", "latency_ms_p90",
@@ -138,8 +138,9 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
                   protocol=args.protocol)
     learning = vocab.meta.get("learned_in_s", 0.0) if vocab is not None else 0.0
     print(f"measuring {len(configs)} configurations at batch {', '.join(map(str, args.batch))} in {args.rounds} "
-          f"interleaved rounds ({time.perf_counter() - started - learning:.1f} s after start, not counting "
-          f"{learning:.1f} s of vocabulary learning)", flush=True)
+          f"interleaved rounds ({time.perf_counter() - started - learning:.1f} s after start, of which "
+          f"{models.HUB_CHECK['seconds']:.1f} s asking the hub, not counting {learning:.1f} s of vocabulary learning)",
+          flush=True)
     try:
         rows, verdicts = fx.measure(fx.prepare(configs, args, s, vision, vocab, vocab_name), run, common)
     finally:

@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -393,6 +394,8 @@ def test_default_run_goes_offline_at_once_with_the_hub_unreachable(tmp_path):
             assert math.isfinite(elapsed), f"{endpoint}: never started measuring:\n{text}"
             notes = [l for l in text.splitlines() if l.startswith("note: ")]
             assert len(notes) == 1 and "random weights" in notes[0], text
+            asking = float(re.search(r"of which ([\d.]+) s asking the hub", text).group(1))
+            assert asking <= models.HUB_TIMEOUT + 0.5, text  # the one check; no client waits after it
         assert accepted(silent) == 1
     finally:
         silent.close()

@@ -3,6 +3,7 @@ with pretrained or random weights, and the one check of whether the model hub an
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -57,6 +58,7 @@ def _hf_random_config(name: str):
 
 HUB_TIMEOUT = 2.0  # seconds: how long to wait for the hub to answer, once per process
 _hub_answered: Optional[bool] = None
+HUB_CHECK = {"seconds": 0.0}  # how long this process spent asking the hub (scripts report it)
 
 
 def _offline_env() -> bool:
@@ -108,7 +110,9 @@ def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
     if _offline_env():
         return False
     if _hub_answered is None:
+        started = time.perf_counter()
         _hub_answered = _answers(os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/", timeout)
+        HUB_CHECK["seconds"] = time.perf_counter() - started
         if not _hub_answered:
             go_offline()
     return _hub_answered
