@@ -17,7 +17,7 @@ from torch import nn
 
 import vwt  # the library; vwt/__init__ never imports cli, so this is no cycle
 
-from . import datasets, metrics
+from . import datasets, distributed, metrics
 from .backends import family_of
 from .backends.base import patch_info
 from .batching import buckets, input_reducer, token_counts
@@ -40,9 +40,10 @@ def main(fn: Callable[[], Any]) -> None:
     argparse's usage-plus-message is replaced by one ``error: ...`` line while ``fn`` runs."""
     usage_error, argparse.ArgumentParser.error = argparse.ArgumentParser.error, _one_line_usage_error
     try:
-        fn()
+        with distributed.session():  # under torchrun: the process group (see vwt.distributed)
+            fn()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {distributed.tag()}{e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -120,6 +121,7 @@ def seed_everything(seed: int) -> None:
 
     import numpy as np
 
+    seed = distributed.seed(seed)  # under torchrun every process draws its own numbers (rank 0: seed itself)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -566,10 +568,13 @@ def batch_order(args, loaded: Loaded, dataset, device, dtype) -> list:
     info = patch_info(loaded.model)
     reducer = input_reducer(info.reducers) if info is not None else None
     bucket = args.bucket if args.bucket is not None else (reducer is not None and args.batch > 1)
+    plain = list(torch.arange(len(dataset)).split(args.batch))
     if not bucket or reducer is None:
-        return list(torch.arange(len(dataset)).split(args.batch))
-    pixels = (x.to(device, dtype) for x, _ in datasets.batches(dataset, args.batch, args.workers))
-    return buckets(token_counts(loaded.vision, reducer, pixels), args.batch)
+        return plain
+    mine = distributed.shard(plain)  # under torchrun each process counts its share of the batches
+    counts = [token_counts(loaded.vision, reducer, [x.to(device, dtype)])
+              for x, _ in datasets.batches(dataset, args.batch, args.workers, mine)]
+    return buckets(torch.cat(distributed.unshard(counts)), args.batch)
 
 
 def describe_tokens(first_block: float, mean: float) -> str:
