@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 import vwt
-from vwt import cli, datasets, metrics, results
+from vwt import cli, datasets, distributed, metrics, results
 from vwt.cli import UserError
 
 DATA = ("coco", "nocaps")
@@ -232,20 +232,30 @@ def caption(args, loaded: cli.Loaded, todo, path: Path, config: dict, device, dt
     prompt_ids = None
     if args.prompt:
         prompt_ids = text_tokenizer(loaded)(args.prompt, return_tensors="pt")["input_ids"].to(device)
-    writer = CaptionWriter(path, config)
+    writer = CaptionWriter(path, config) if distributed.is_main() else None  # torchrun: rank 0 writes them all
     try:
         order = cli.batch_order(args, loaded, todo, device, dtype)  # --bucket: neighbours in token count
-        bar = tqdm(datasets.batches(todo, args.batch, args.workers, order), total=len(order),
-                   desc=f"{args.data} captions", file=sys.stderr)
-        for pixels, recs in bar:
-            texts = caption_batch(args, loaded, pixels.to(device, dtype), prompt_ids)
-            st = vwt.stats(loaded.model)
-            for i, (rec, text) in enumerate(zip(recs, texts)):
-                writer.write({"image_id": rec["image_id"], "caption": text,
-                              **{k: float(st[k][i]) for k in ("tokens_first_block", "tokens_mean")}})
-            writer.flush()
+        mine = distributed.shard(order)  # torchrun: batch b on rank b % processes, one round at a time
+        bar = tqdm(distributed.lockstep(datasets.batches(todo, args.batch, args.workers, mine), len(order)),
+                   total=distributed.steps(len(order)), desc=f"{args.data} captions", file=sys.stderr,
+                   disable=not distributed.is_main())
+        for batch in bar:
+            lines = []
+            if batch is not None:
+                pixels, recs = batch
+                texts = caption_batch(args, loaded, pixels.to(device, dtype), prompt_ids)
+                st = vwt.stats(loaded.model)
+                lines = [{"image_id": rec["image_id"], "caption": text,
+                          **{k: float(st[k][i]) for k in ("tokens_first_block", "tokens_mean")}}
+                         for i, (rec, text) in enumerate(zip(recs, texts))]
+            for part in distributed.gather(lines) or []:  # the round's batches in one-process order
+                for line in part:
+                    writer.write(line)
+            if writer is not None:
+                writer.flush()
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,10 +297,11 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     path = out / f"{run_name(args, loaded.name, limit=False)}.captions.jsonl"
     config = run_config(args, loaded.name)
     if args.restart:
-        restart(path, config)
-    done = read_captions(path, config)
+        distributed.from_main(lambda: restart(path, config))  # torchrun: the captions file is rank 0's alone
+    done = distributed.from_main(lambda: read_captions(path, config))
     todo = ds.subset(lambda r: r["image_id"] not in done)
-    print(f"{len(ds) - len(todo)} of {len(ds)} images already captioned in {path}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"{len(ds) - len(todo)} of {len(ds)} images already captioned in {path}", file=sys.stderr)
     if len(todo):
         if not loaded.pretrained:
             print("warning: captioning with random weights (test hook)", file=sys.stderr)
@@ -303,7 +314,9 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
             caption(args, loaded, todo, path, config, device, dtype)
         finally:
             vwt.unpatch(loaded.model)
-        done = read_captions(path, config)
+        done = read_captions(path, config) if distributed.is_main() else done
+    if not distributed.is_main():  # torchrun: the main process scores and writes
+        return None
     if args.no_score:
         print(f"captions: {path} (not scored: run again without --no-score)")
         return None

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import vwt
-from vwt import cli, datasets, metrics, results
+from vwt import cli, datasets, distributed, metrics, results
 from vwt.cli import UserError
 
 GROUPED = ("waterbirds", "celeba", "meta")
@@ -183,13 +183,18 @@ def evaluate(args, loaded: cli.Loaded, ds, text, device, dtype, desc: str) -> tu
     """Scores every image, then the task's metrics; also the tokens entering the first block and the
     mean over the blocks (per image). Returns (metrics, the (images, classes) scores)."""
     order = cli.batch_order(args, loaded, ds, device, dtype)  # --bucket: neighbours in token count
-    scores, tokens = [None] * len(ds), []
-    for (pixels, _), idx in tqdm(zip(datasets.batches(ds, args.batch, args.workers, order), order),
-                                 total=len(order), desc=desc, file=sys.stderr):
+    mine, done = distributed.shard(order), []  # torchrun: this process's batches (all of them alone)
+    for (pixels, _), idx in tqdm(zip(datasets.batches(ds, args.batch, args.workers, mine), mine),
+                                 total=len(mine), desc=desc, file=sys.stderr, disable=not distributed.is_main()):
         with torch.inference_mode():
-            for i, row in zip(idx.tolist(), image_scores(loaded, pixels.to(device, dtype), text).cpu()):
-                scores[i] = row
-        tokens.append(vwt.stats(loaded.model))
+            rows = image_scores(loaded, pixels.to(device, dtype), text).cpu()
+        st = vwt.stats(loaded.model)
+        done.append((idx, rows, {k: st[k] for k in ("tokens_first_block", "tokens_last_block", "tokens_mean")}))
+    scores, tokens = [None] * len(ds), []
+    for idx, rows, st in distributed.unshard(done):  # every process's batches, in one-process order
+        for i, row in zip(idx.tolist(), rows):
+            scores[i] = row
+        tokens.append(st)
     s = torch.stack(scores).numpy()
     summary = vwt.token_summary(tokens)
     out = {k: summary[k] for k in ("tokens_first_block", "tokens_mean")}
@@ -288,11 +293,15 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
             cli.seed_everything(seed)
             vwt.patch(loaded.model, *cli.reducers_from_args(args, seed=seed, family=loaded.family))
             run, scores = evaluate(args, loaded, ds, text, device, dtype, desc=f"{args.data} seed {seed}")
-            preds = write_predictions(stem.parent / f"{stem.name}.seed{seed}.predictions.csv", ds, scores)
+            preds = stem.parent / f"{stem.name}.seed{seed}.predictions.csv"
+            if distributed.is_main():  # torchrun: every process has every score; the main one writes
+                write_predictions(preds, ds, scores)
             runs.append({"seed": seed, "vocab_path": None if vocabs[seed] is None else str(vocabs[seed]),
                          "images": len(ds), "predictions": str(preds), **run})
     finally:
         vwt.unpatch(loaded.model)
+    if not distributed.is_main():
+        return None
     agg, summary = aggregate(runs)
     result = {
         "task": "clip", "protocol": args.protocol, "model": loaded.name, "pretrained": loaded.pretrained,
