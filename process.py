@@ -18,6 +18,8 @@ normalisation, space, data, seed, k-means, patches seen, inertia, configuration,
 existing vocabulary is kept unless --overwrite. Pixel-space words need no weights: without the model
 (offline, no cache) its architecture is built with random weights. clip.py, blip.py, len.py and eff.py
 read these folders with ``--vocab SIZE`` (in-domain by default, ``--imgnet``) or ``--vocab-path``.
+Under ``torchrun`` every process loads (and embeds) its part of each batch and rank 0 fits the k-means on
+the whole batches in order: the same vocabulary as one process (README, "torchrun").
 """
 from __future__ import annotations
 

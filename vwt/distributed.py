@@ -64,24 +64,26 @@ def is_main() -> bool:
 
 
 def tag() -> str:
-    """'rank N: ' on the other processes (for their messages), '' on the main one."""
-    return "" if is_main() else f"rank {rank()}: "
+    """'rank N: ' on the other processes started by torchrun (for their messages, also once the group
+    is down), '' on the main one and alone."""
+    r = int(os.environ.get("RANK", 0)) if launched() else 0
+    return f"rank {r}: " if r else ""
 
 
 @contextmanager
 def session():
-    """Under torchrun: start the process group for the block (gloo; ``cpu:gloo,cuda:nccl`` with CUDA,
-    this process on ``cuda:LOCAL_RANK``) and take it down after, error or not. Otherwise nothing."""
+    """Under torchrun: start the process group for the block (gloo; ``cpu:gloo,cuda:nccl`` with a GPU per
+    process, this process on ``cuda:LOCAL_RANK``) and take it down after, error or not. Otherwise nothing."""
     if not launched() or active():
         yield
         return
     import torch.distributed as dist
 
     backend = "gloo"
-    if torch.cuda.is_available():
-        local = int(os.environ["LOCAL_RANK"])
-        if local < torch.cuda.device_count():
-            torch.cuda.set_device(local)
+    if torch.cuda.is_available():  # every process on its own GPU where there are enough, else shared round-robin
+        gpus = torch.cuda.device_count()
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % gpus)
+        if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) <= gpus:  # the same choice on every process
             backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend)
     try:
