@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import vwt
-from vwt import captioning as cap, cli, datasets, results
+from vwt import captioning as cap, cli, datasets, distributed, results
 from vwt.captioning import DATA
 from vwt.cli import UserError
 
@@ -92,10 +92,11 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     path = out / f"{cap.run_name(args, loaded.name, limit=False)}.captions.jsonl"
     config = cap.run_config(args, loaded.name)
     if args.restart:
-        cap.restart(path, config)
-    done = cap.read_captions(path, config)
+        distributed.from_main(lambda: cap.restart(path, config))  # torchrun: the captions file is rank 0's alone
+    done = distributed.from_main(lambda: cap.read_captions(path, config))
     todo = ds.subset(lambda r: r["image_id"] not in done)
-    print(f"{len(ds) - len(todo)} of {len(ds)} images already captioned in {path}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"{len(ds) - len(todo)} of {len(ds)} images already captioned in {path}", file=sys.stderr)
     if len(todo):
         if not loaded.pretrained:
             print("warning: captioning with random weights (test hook)", file=sys.stderr)
@@ -108,7 +109,9 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
             cap.caption_images(args, loaded, todo, path, config, device, dtype)
         finally:
             vwt.unpatch(loaded.model)
-        done = cap.read_captions(path, config)
+        done = cap.read_captions(path, config) if distributed.is_main() else done
+    if not distributed.is_main():  # torchrun: the main process scores and writes
+        return None
     if args.no_score:
         print(f"captions: {path} (not scored: run again without --no-score)")
         return None

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import vwt
-from vwt import cli, results, zeroshot as zs
+from vwt import cli, distributed, results, zeroshot as zs
 from vwt.cli import UserError
 from vwt.zeroshot import DATA, GROUPED
 
@@ -97,11 +97,15 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
             cli.seed_everything(seed)
             vwt.patch(loaded.model, *cli.reducers_from_args(args, seed=seed, family=loaded.family))
             run, scores = zs.evaluate(args, loaded, ds, text, device, dtype, desc=f"{args.data} seed {seed}")
-            preds = zs.write_predictions(stem.parent / f"{stem.name}.seed{seed}.predictions.csv", ds, scores)
+            preds = stem.parent / f"{stem.name}.seed{seed}.predictions.csv"
+            if distributed.is_main():  # torchrun: every process has every score; the main one writes
+                zs.write_predictions(preds, ds, scores)
             runs.append({"seed": seed, "vocab_path": None if vocabs[seed] is None else str(vocabs[seed]),
                          "images": len(ds), "predictions": str(preds), **run})
     finally:
         vwt.unpatch(loaded.model)
+    if not distributed.is_main():
+        return None
     agg, summary = zs.aggregate(runs)
     result = {
         "task": "clip", "protocol": args.protocol, "model": loaded.name, "pretrained": loaded.pretrained,

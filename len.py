@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import vwt
-from vwt import cli, datasets, metrics, results
+from vwt import cli, datasets, distributed, metrics, results
 from vwt.cli import UserError
 from vwt.tokenizer import tokenize
 
@@ -108,39 +108,20 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     full = cli.check_input_reducers(loaded.vision, reducers, pre.size, device, dtype)
     inter = reducer if isinstance(reducer, vwt.InterImage) else None
 
-    from tqdm import tqdm
-
-    from vwt.vis import MatchRecorder
-
-    recorder = MatchRecorder(inter) if inter is not None else None
-    counts, groups = [], []
-    words = np.zeros(len(inter.vocab), dtype=np.int64) if inter is not None else None
-    paper_words = np.zeros(len(inter.vocab), dtype=np.int64) if inter is not None else None
-    try:
-        for pixels, records in tqdm(datasets.batches(data, args.batch, args.workers), desc=f"len {args.data}",
-                                    unit="batch", total=-(-len(data) // args.batch)):
-            try:
-                state, _ = tokenize(loaded.vision, reducer, pixels.to(device, dtype))
-            except ValueError as e:  # a vocabulary that does not fit the model
-                raise UserError(str(e)) from None
-            counts.append(vwt.token_stats(state.layer_counts())["tokens_first_block"].long().cpu())
-            groups += [r.get("group", -1) for r in records]
-            if recorder is not None:
-                keys = recorder.keys()
-                paper_words += metrics.dense_label_counts(keys, len(paper_words))
-                keys = keys.ravel()
-                words += np.bincount(keys[keys >= 0], minlength=len(words))
-    finally:
-        if recorder is not None:
-            recorder.detach()
-    counts = torch.cat(counts).numpy()
-    groups = np.asarray(groups)
+    per_batch = distributed.unshard(count_batches(args, loaded, reducer, data, device, dtype))
+    if not distributed.is_main():  # under torchrun: the main process writes and prints
+        return None
+    counts = torch.cat([b["counts"] for b in per_batch]).numpy()
+    groups = np.asarray([g for b in per_batch for g in b["groups"]])
+    words = sum(b["words"] for b in per_batch) if inter is not None else None
+    paper_words = sum(b["paper_words"] for b in per_batch) if inter is not None else None
+    patches, prefix = per_batch[0]["patches"], per_batch[0]["prefix"]
 
     method = cli.method_name(args)
     result = {
         "data": args.data, "split": args.split, "model": loaded.name, "method": method,
         "reducer": repr(reducer), "tokens_include_class_token": True,
-        "patches_per_image": int(state.labels.shape[1]), "tokens": summary(counts),
+        "patches_per_image": patches, "tokens": summary(counts),
         "groups": {}, "config": results.config_of(args),
         "environment": cli.environment(device),
     }
@@ -162,13 +143,45 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     figure(png_path, counts, words, f"{args.data}: {method} ({loaded.name})", paper_words)
     t = result["tokens"]
     print(f"{args.data} {method}: tokens per image {t['mean']:.2f} ± {t['std']:.2f} (min {t['min']}, max {t['max']}) "
-          f"of {result['patches_per_image'] + state.prefix}")
+          f"of {patches + prefix}")
     if result["note"]:
         print(result["note"])
     for name, s in result["groups"].items():
         print(f"  {name}: {s['mean']:.2f} ± {s['std']:.2f} (min {s['min']}, max {s['max']}, {s['images']} images)")
     print(f"written: {json_path}, {png_path}")
     return result
+
+
+def count_batches(args, loaded: cli.Loaded, reducer, data, device, dtype) -> list[dict]:
+    """Per batch (this process's share under torchrun, see vwt.distributed): the tokens entering the first
+    block of each image, its group, and the batch's visual-word counts (ours and the paper's)."""
+    from tqdm import tqdm
+
+    from vwt.vis import MatchRecorder
+
+    inter = reducer if isinstance(reducer, vwt.InterImage) else None
+    recorder = MatchRecorder(inter) if inter is not None else None
+    mine = distributed.shard(list(torch.arange(len(data)).split(args.batch)))
+    out = []
+    try:
+        for pixels, records in tqdm(datasets.batches(data, args.batch, args.workers, mine), desc=f"len {args.data}",
+                                    unit="batch", total=len(mine), disable=not distributed.is_main()):
+            try:
+                state, _ = tokenize(loaded.vision, reducer, pixels.to(device, dtype))
+            except ValueError as e:  # a vocabulary that does not fit the model
+                raise UserError(str(e)) from None
+            out.append({"counts": vwt.token_stats(state.layer_counts())["tokens_first_block"].long().cpu(),
+                        "groups": [r.get("group", -1) for r in records],
+                        "patches": int(state.labels.shape[1]), "prefix": int(state.prefix)})
+            if recorder is not None:
+                keys = recorder.keys()
+                out[-1]["paper_words"] = metrics.dense_label_counts(keys, len(inter.vocab))
+                keys = keys.ravel()
+                out[-1]["words"] = np.bincount(keys[keys >= 0], minlength=len(inter.vocab))
+    finally:
+        if recorder is not None:
+            recorder.detach()
+    return out
 
 
 def figure(path: Path, counts: np.ndarray, words, title: str, paper_words=None) -> None:

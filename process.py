@@ -18,6 +18,8 @@ normalisation, space, data, seed, k-means, patches seen, inertia, configuration,
 existing vocabulary is kept unless --overwrite. Pixel-space words need no weights: without the model
 (offline, no cache) its architecture is built with random weights. clip.py, blip.py, len.py and eff.py
 read these folders with ``--vocab SIZE`` (in-domain by default, ``--imgnet``) or ``--vocab-path``.
+Under ``torchrun`` every process loads (and embeds) its part of each batch and rank 0 fits the k-means on
+the whole batches in order: the same vocabulary as one process (README, "torchrun").
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 import vwt
-from vwt import cli, datasets, results
+from vwt import cli, datasets, distributed, results
 from vwt.cli import UserError
 from vwt.results import slug
 from vwt.tokenizer import tokenize
@@ -151,6 +153,8 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
             data = per_caption(data)
         with torch.inference_mode():
             vocabs[seed] = learn(args, seed, data, split, loaded, pre, patch_size, device, dtype)
+        if not distributed.is_main():  # under torchrun the main process learns and writes; the others load
+            continue
         vocab = vocabs[seed]
         save(vocab, path.parent)
         per_patch = vocab.meta["inertia"] / max(vocab.meta["inertia_patches"], 1)
@@ -183,6 +187,18 @@ def learn(args, seed, data, split, loaded, pre, patch_size, device, dtype) -> vw
     def pixels():  # streamed, one batch at a time (map keeps no reference to a batch once it is handed on)
         return map(lambda b: b[0].to(device, dtype), datasets.batches(data, args.batch, args.workers))
 
+    def part(x, embed=embed):  # torchrun: what a process sends of its part of a batch, pixels or embeddings
+        x = x.to(device, dtype)
+        return x if embed is None else embed(x)
+
+    if distributed.world() > 1:  # each batch loaded in parts across the processes, whole again on rank 0
+        stream = distributed.BatchStream(len(data), args.batch,
+                                         lambda order: datasets.batches(data, args.batch, args.workers, order),
+                                         part, device)
+        if not distributed.is_main():
+            return stream.serve()
+        pixels, embed = stream.__iter__, (None if embed is None else (lambda e: e))  # embedded where loaded
+
     meta = dict(data=args.data, split=split, data_seed=seed, protocol=args.protocol, images=len(data),
                 image_size=size, mean=list(getattr(pre, "mean", datasets.OPENAI_CLIP_MEAN)),
                 std=list(getattr(pre, "std", datasets.OPENAI_CLIP_STD)), model=loaded.name,
@@ -201,6 +217,8 @@ def learn(args, seed, data, split, loaded, pre, patch_size, device, dtype) -> vw
             Pixels(), size=args.vocab, space=args.space, patch_size=patch_size, embed=embed, passes=args.passes,
             refine=args.refine, seed=seed, device=device, kmeans="fast",
             progress=lambda it: tqdm(it, total=steps, desc=desc, unit="batch"), **meta)
+    if distributed.world() > 1:
+        stream.close()
     vocab.meta["seconds"] = round(time.time() - started, 1)
     return vocab
 

@@ -7,7 +7,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from . import datasets
+from . import datasets, distributed
 from .backends.base import patch_info
 from .encoder import Reducer
 from .tokenizer import tokenize
@@ -41,7 +41,10 @@ def batch_order(args, loaded, dataset, device, dtype) -> list:
     info = patch_info(loaded.model)
     reducer = input_reducer(info.reducers) if info is not None else None
     bucket = args.bucket if args.bucket is not None else (reducer is not None and args.batch > 1)
+    plain = list(torch.arange(len(dataset)).split(args.batch))
     if not bucket or reducer is None:
-        return list(torch.arange(len(dataset)).split(args.batch))
-    pixels = (x.to(device, dtype) for x, _ in datasets.batches(dataset, args.batch, args.workers))
-    return buckets(token_counts(loaded.vision, reducer, pixels), args.batch)
+        return plain
+    mine = distributed.shard(plain)  # under torchrun each process counts its share of the batches
+    counts = [token_counts(loaded.vision, reducer, [x.to(device, dtype)])
+              for x, _ in datasets.batches(dataset, args.batch, args.workers, mine)]
+    return buckets(torch.cat(distributed.unshard(counts)), args.batch)

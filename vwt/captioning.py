@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import datasets, metrics, results
+from . import datasets, distributed, metrics, results
 from .batching import batch_order
 from .errors import UserError
 from .methods import method_name
@@ -181,20 +181,33 @@ def caption_images(args, loaded, todo, path: Path, config: dict, device, dtype) 
     prompt_ids = None
     if args.prompt:
         prompt_ids = text_tokenizer(loaded)(args.prompt, return_tensors="pt")["input_ids"].to(device)
-    writer = CaptionWriter(path, config)
+    writer = CaptionWriter(path, config) if distributed.is_main() else None  # torchrun: rank 0 writes them all
     try:
         order = batch_order(args, loaded, todo, device, dtype)  # --bucket: neighbours in token count
-        bar = tqdm(datasets.batches(todo, args.batch, args.workers, order), total=len(order),
-                   desc=f"{args.data} captions", file=sys.stderr)
-        for pixels, recs in bar:
-            texts = caption_batch(args, loaded, pixels.to(device, dtype), prompt_ids)
-            st = stats(loaded.model)
-            for i, (rec, text) in enumerate(zip(recs, texts)):
-                writer.write({"image_id": rec["image_id"], "caption": text,
-                              **{k: float(st[k][i]) for k in ("tokens_first_block", "tokens_mean")}})
-            writer.flush()
+        mine = distributed.shard(order)  # torchrun: batch b on rank b % processes, one round at a time
+        bar = tqdm(distributed.lockstep(datasets.batches(todo, args.batch, args.workers, mine), len(order)),
+                   total=distributed.steps(len(order)), desc=f"{args.data} captions", file=sys.stderr,
+                   disable=not distributed.is_main())
+        for batch in bar:
+            lines = caption_lines(args, loaded, batch, prompt_ids, device, dtype) if batch is not None else []
+            for part in distributed.gather(lines) or []:  # the round's batches in one-process order
+                for line in part:
+                    writer.write(line)
+            if writer is not None:
+                writer.flush()
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+
+
+def caption_lines(args, loaded, batch, prompt_ids, device, dtype) -> list[dict]:
+    """The captions file's records of one batch: image id, caption and token statistics."""
+    pixels, recs = batch
+    texts = caption_batch(args, loaded, pixels.to(device, dtype), prompt_ids)
+    st = stats(loaded.model)
+    return [{"image_id": rec["image_id"], "caption": text,
+             **{k: float(st[k][i]) for k in ("tokens_first_block", "tokens_mean")}}
+            for i, (rec, text) in enumerate(zip(recs, texts))]
 
 
 def refs_source(args) -> str:

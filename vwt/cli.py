@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from . import metrics
+from . import distributed, metrics
 # re-exported for the scripts: the library's own definitions, in one place each
 from .batching import batch_order  # noqa: F401
 from .errors import UserError, first_line  # noqa: F401
@@ -39,9 +39,10 @@ def main(fn: Callable[[], Any]) -> None:
     argparse's usage-plus-message is replaced by one ``error: ...`` line while ``fn`` runs."""
     usage_error, argparse.ArgumentParser.error = argparse.ArgumentParser.error, _one_line_usage_error
     try:
-        fn()
+        with distributed.session():  # under torchrun: the process group (see vwt.distributed)
+            fn()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {distributed.tag()}{e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -128,6 +129,7 @@ def seed_everything(seed: int) -> None:
 
     import numpy as np
 
+    seed = distributed.seed(seed)  # under torchrun every process draws its own numbers (rank 0: seed itself)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

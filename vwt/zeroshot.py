@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import datasets, metrics, results
+from . import datasets, distributed, metrics, results
 from .batching import batch_order
 from .errors import UserError
 from .methods import method_name
@@ -131,13 +131,18 @@ def score_images(args, loaded, ds, text, device, dtype, desc: str) -> tuple[np.n
     """The one loop over the images: every image's scores ((images, classes), in data-set order) and
     the per-image token statistics averaged over the images (``vwt.token_summary``)."""
     order = batch_order(args, loaded, ds, device, dtype)  # --bucket: neighbours in token count
-    scores, tokens = [None] * len(ds), []
-    for (pixels, _), idx in tqdm(zip(datasets.batches(ds, args.batch, args.workers, order), order),
-                                 total=len(order), desc=desc, file=sys.stderr):
+    mine, done = distributed.shard(order), []  # torchrun: this process's batches (all of them alone)
+    for (pixels, _), idx in tqdm(zip(datasets.batches(ds, args.batch, args.workers, mine), mine),
+                                 total=len(mine), desc=desc, file=sys.stderr, disable=not distributed.is_main()):
         with torch.inference_mode():
-            for i, row in zip(idx.tolist(), image_scores(loaded, pixels.to(device, dtype), text).cpu()):
-                scores[i] = row
-        tokens.append(stats(loaded.model))
+            rows = image_scores(loaded, pixels.to(device, dtype), text).cpu()
+        st = stats(loaded.model)
+        done.append((idx, rows, {k: st[k] for k in ("tokens_first_block", "tokens_last_block", "tokens_mean")}))
+    scores, tokens = [None] * len(ds), []
+    for idx, rows, st in distributed.unshard(done):  # every process's batches, in one-process order
+        for i, row in zip(idx.tolist(), rows):
+            scores[i] = row
+        tokens.append(st)
     return torch.stack(scores).numpy(), token_summary(tokens)
 
 
