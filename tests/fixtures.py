@@ -306,3 +306,23 @@ def word_bert_tokenizer(directory):
     (directory / "vocab.txt").write_text("\n".join(words) + "\n")
     return BertTokenizer(str(directory / "vocab.txt"), bos_token="[DEC]")
 
+
+def save_tiny_models(d: Path) -> tuple[Path, Path]:
+    """Tiny CLIP and BLIP saved in local folders with their processors, as --model takes them."""
+    import torch
+    from transformers import BlipImageProcessor, BlipProcessor, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    import tiny
+
+    tok = char_clip_tokenizer(d / "clip-tokenizer")
+    cfg = tiny.hf_clip_config()
+    cfg.text_config.eos_token_id = tok.eos_token_id
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(d / "tiny-clip")
+    size = {"height": tiny.IMAGE, "width": tiny.IMAGE}
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": tiny.IMAGE}, crop_size=size),
+                  tokenizer=tok).save_pretrained(d / "tiny-clip")
+    tiny.hf_blip().save_pretrained(d / "tiny-blip")
+    BlipProcessor(image_processor=BlipImageProcessor(size=size),
+                  tokenizer=word_bert_tokenizer(d / "blip-tokenizer")).save_pretrained(d / "tiny-blip")
+    return d / "tiny-clip", d / "tiny-blip"

@@ -163,22 +163,6 @@ def snapshot(folder: Path) -> dict:
 # --------------------------------------------------------------------------------------------------
 # The world: tiny models in local folders, tiny data sets, vocabularies, and earlier runs' results
 # --------------------------------------------------------------------------------------------------
-def _save_models(d: Path) -> tuple[Path, Path]:
-    from transformers import (BlipImageProcessor, BlipProcessor, CLIPImageProcessor, CLIPModel,
-                              CLIPProcessor)
-
-    tok = fixtures.char_clip_tokenizer(d / "clip-tokenizer")
-    cfg = tiny.hf_clip_config()
-    cfg.text_config.eos_token_id = tok.eos_token_id
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(d / "tiny-clip")
-    size = {"height": tiny.IMAGE, "width": tiny.IMAGE}
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": tiny.IMAGE}, crop_size=size),
-                  tokenizer=tok).save_pretrained(d / "tiny-clip")
-    tiny.hf_blip().save_pretrained(d / "tiny-blip")
-    BlipProcessor(image_processor=BlipImageProcessor(size=size),
-                  tokenizer=fixtures.word_bert_tokenizer(d / "blip-tokenizer")).save_pretrained(d / "tiny-blip")
-    return d / "tiny-clip", d / "tiny-blip"
 
 
 def _vocab_pair(folder: Path, words, sidecar=None) -> Path:
@@ -232,7 +216,7 @@ def world(tmp_path_factory):
     _warm()
     w = World()
     w.dir = tmp_path_factory.mktemp("world")
-    w.clip, w.blip = _save_models(w.dir / "models")
+    w.clip, w.blip = fixtures.save_tiny_models(w.dir / "models")
     w.data = w.dir / "data"
     fixtures.write_waterbirds(w.data)
     fixtures.write_coco(w.data)

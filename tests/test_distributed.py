@@ -19,31 +19,12 @@ import clip as clip_script
 import fixtures
 import len as len_script
 import process as process_script
-import tiny
 from fixtures import meteor_once, use_meteor  # noqa: F401 (fixtures)
 from vwt import distributed
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 COCO_IMAGES = 40  # enough rounds for a blip.py run to be killed in the middle
-
-
-def _models(d: Path) -> tuple[Path, Path]:
-    """Tiny CLIP and BLIP saved in local folders with their processors, as --model takes them."""
-    from transformers import BlipImageProcessor, BlipProcessor, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tok = fixtures.char_clip_tokenizer(d / "clip-tokenizer")
-    cfg = tiny.hf_clip_config()
-    cfg.text_config.eos_token_id = tok.eos_token_id
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(d / "tiny-clip")
-    size = {"height": tiny.IMAGE, "width": tiny.IMAGE}
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": tiny.IMAGE}, crop_size=size),
-                  tokenizer=tok).save_pretrained(d / "tiny-clip")
-    tiny.hf_blip().save_pretrained(d / "tiny-blip")
-    BlipProcessor(image_processor=BlipImageProcessor(size=size),
-                  tokenizer=fixtures.word_bert_tokenizer(d / "blip-tokenizer")).save_pretrained(d / "tiny-blip")
-    return d / "tiny-clip", d / "tiny-blip"
 
 
 def _more_coco(root: Path, n: int) -> None:
@@ -63,7 +44,7 @@ def world(tmp_path_factory):
     fixtures.write_waterbirds(d / "data")
     fixtures.write_coco(d / "data")
     _more_coco(d / "data", COCO_IMAGES)
-    clip_dir, blip_dir = _models(d)
+    clip_dir, blip_dir = fixtures.save_tiny_models(d)
     return {"dir": d, "data": d / "data", "clip": clip_dir, "blip": blip_dir}
 
 
