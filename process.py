@@ -9,8 +9,8 @@
 batch_size=1024, n_init="auto") seeded 0, one partial_fit per batch of 1024 images in loader order, one
 pass, on the data set's train split with its own preprocessing; Waterbirds, CelebA and MetaShift once per
 seed 1-3 (each on that seed's re-split train data, into seed_<N>/), COCO and ImageNet once. Only one
-batch's patches are held at a time. --kmeans fast is FAISS k-means (faiss.Kmeans, --niter iterations,
-on the GPUs when FAISS has GPU support) on a seeded uniformly random sample of --max-points-per-centroid
+batch's patches are held at a time. --kmeans fast is FAISS k-means (faiss.Kmeans, AFK-MC2 seeding,
+--niter iterations, on the GPUs when FAISS has GPU support) on a seeded uniformly random sample of --max-points-per-centroid
 patches per word, reservoir-sampled while the images stream (memory: the sample); the README compares the
 two. --protocol standard uses it by default, with the model's own preprocessing and images (not captions) once.
 
@@ -35,7 +35,7 @@ from vwt import cli, datasets, results
 from vwt.cli import UserError
 from vwt.results import slug
 from vwt.tokenizer import tokenize
-from vwt.vocab import MAX_POINTS_PER_CENTROID, NITER, patch_embedder
+from vwt.vocab import INIT, INITS, MAX_POINTS_PER_CENTROID, NITER, patch_embedder
 
 DATA = cli.PROCESS_DATA
 PER_SEED = ("waterbirds", "celeba", "meta")  # learned once per seed (the paper's seeds 1-3) under paper
@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--niter", default=None, type=int,
                    help=f"--kmeans fast: FAISS k-means iterations (default {NITER}; FAISS's own default, 25, "
                         "gives better words in more time)")
+    p.add_argument("--init", default=None, choices=INITS,
+                   help=f"--kmeans fast: first centres, FAISS's AFK-MC2 seeding or k random patches (default {INIT})")
     p.add_argument("--max-points-per-centroid", default=None, type=int, metavar="N",
                    help=f"--kmeans fast: sample at most N patches per word (default {MAX_POINTS_PER_CENTROID}, "
                         "as FAISS; a pass over the data either way)")
@@ -85,12 +87,13 @@ def settle(args) -> None:
     """Fill the defaults that depend on the protocol, the k-means and the data; refuse bad values."""
     args.kmeans = args.kmeans or ("paper" if args.protocol == "paper" else "fast")
     fast = args.kmeans == "fast"
-    for flag in ("niter", "max_points_per_centroid"):
+    for flag in ("niter", "init", "max_points_per_centroid"):
         if getattr(args, flag) is not None and not fast:
             raise UserError(f"--{flag.replace('_', '-')} belongs to --kmeans fast; the paper's recipe is one "
                             "scikit-learn pass")
     if fast:  # the paper's runs record neither
         args.niter = NITER if args.niter is None else args.niter
+        args.init = args.init or INIT
         if args.max_points_per_centroid is None:
             args.max_points_per_centroid = MAX_POINTS_PER_CENTROID
     args.batch = args.batch or (32 if fast else 1024)
@@ -207,7 +210,7 @@ def learn(args, seed, data, split, loaded, pre, patch_size, device, dtype) -> vw
         with tqdm(total=steps, desc=desc, unit="batch") as bar:
             vocab = vwt.Vocabulary.learn(
                 pixels(), size=args.vocab, space=args.space, patch_size=patch_size, embed=embed, niter=args.niter,
-                max_points_per_centroid=args.max_points_per_centroid, seed=seed,
+                max_points_per_centroid=args.max_points_per_centroid, seed=seed, init=args.init,
                 gpu=False if device.type == "cpu" else None, kmeans="fast", progress=bar, **meta)
     vocab.meta["seconds"] = round(time.time() - started, 1)
     return vocab

@@ -92,8 +92,8 @@ def test_fast_kmeans_is_faiss_on_a_reservoir_sample_of_the_images(root, tmp_path
     pixels = torch.stack([ds[i][0] for i in order])
     blocks = (pixel_patches(pixels[s:s + 3], tiny.PATCH).reshape(-1, 3 * tiny.PATCH ** 2) for s in range(0, len(ds), 3))
     sample, seen = reservoir_sample(blocks, 35, seed=2)
-    words, total, _ = faiss_kmeans(sample, 5, niter=4, seed=2)
-    assert torch.equal(vocab.words, words) and vocab.meta["inertia"] == total
+    words, run = faiss_kmeans(sample, 5, niter=4, seed=2)
+    assert torch.equal(vocab.words, words) and vocab.meta["inertia"] == run["inertia"]
     info = json.loads((tmp_path / "a" / "seed_2" / "vocab.json").read_text())
     assert (info["kmeans"], info["niter"], info["max_points_per_centroid"], info["sample"]) == ("fast", 4, 7, 35)
     assert info["patches_seen"] == seen == len(ds) * tiny.NUM_PATCHES and info["inertia_patches"] == 35

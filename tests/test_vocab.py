@@ -8,7 +8,7 @@ import torch
 import vwt
 from tiny import NUM_PATCHES, PATCH, images, timm_vit
 from vwt.tokenizer import pixel_patches
-from vwt.vocab import NITER, faiss_kmeans, inertia, patch_embedder, reservoir_sample
+from vwt.vocab import INIT, INITS, NITER, faiss_kmeans, inertia, patch_embedder, reservoir_sample
 
 D = 3 * PATCH * PATCH
 
@@ -122,18 +122,22 @@ def test_reservoir_sample_keeps_a_short_stream_whole():
 def test_faiss_kmeans_is_seeded_euclidean_lloyd():
     """Same seed: the same words, bitwise; another seed: others. Run to convergence, the words are a
     fixed point of Lloyd's step (each the plain mean of the rows nearest it: Euclidean, not normalised),
-    and the inertia it reports is the sum of squared distances to them."""
+    and the inertia it reports (at the last assignment) is then the sum of squared distances to them."""
     x, _ = _blobs(k=12, per=100, dim=10, seed=2)
     x = x + 3 * torch.randn_like(x)  # overlapping: a real clustering problem
-    a, ia, where = faiss_kmeans(x, 12, niter=4, seed=3)
-    b, ib, _ = faiss_kmeans(x, 12, niter=4, seed=3)
-    assert torch.equal(a, b) and ia == ib and where == "cpu"
-    assert not torch.equal(a, faiss_kmeans(x, 12, niter=4, seed=4)[0])
-    c, ic, _ = faiss_kmeans(x, 12, niter=200, seed=3)
+    for init in INITS:
+        a, ra = faiss_kmeans(x, 12, niter=4, seed=3, init=init)
+        b, rb = faiss_kmeans(x, 12, niter=4, seed=3, init=init)
+        assert torch.equal(a, b) and ra == rb == {"inertia": ra["inertia"], "kmeans_on": "cpu", "init": init}
+        assert not torch.equal(a, faiss_kmeans(x, 12, niter=4, seed=4, init=init)[0])
+    ia = ra["inertia"]
+    c, rc = faiss_kmeans(x, 12, niter=200, seed=3)
+    ic = rc["inertia"]
     nearest = torch.cdist(x.double(), c.double()).argmin(1)
     for j in range(12):
         assert torch.allclose(c[j].double(), x[nearest == j].double().mean(0), atol=1e-4)
     assert ic == pytest.approx(inertia(x, c), rel=1e-5) and ic <= ia
+    assert ia >= inertia(x, a) * (1 - 1e-6)  # before the last update: an upper bound
     assert c.norm(dim=1).std() > 0.1  # not unit vectors
 
 
@@ -145,8 +149,8 @@ def test_learn_is_faiss_on_the_seeded_sample_and_records_it():
     b = vwt.Vocabulary.learn([(x, None) for x in batches], size=10, patch_size=PATCH, seed=1, max_points_per_centroid=4)
     assert torch.equal(a.words, b.words)
     sample, _ = reservoir_sample((pixel_patches(x, PATCH).reshape(-1, D) for x in batches), 40, seed=1)
-    words, total, _ = faiss_kmeans(sample, 10, niter=NITER, seed=1)
-    assert torch.equal(a.words, words) and a.meta["inertia"] == total
+    words, run = faiss_kmeans(sample, 10, niter=NITER, seed=1)
+    assert torch.equal(a.words, words) and a.meta["inertia"] == run["inertia"] and a.meta["init"] == INIT
     assert a.meta["patches_seen"] == 3 * 4 * NUM_PATCHES and a.meta["sample"] == a.meta["inertia_patches"] == 40
     assert (a.meta["data"], a.meta["kmeans"], a.meta["niter"], a.meta["seed"]) == ("random", "fast", NITER, 1)
     assert not torch.equal(vwt.Vocabulary.learn(batches, size=10, patch_size=PATCH, seed=2).words, a.words)

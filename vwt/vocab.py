@@ -36,6 +36,8 @@ CHUNK_FLOATS = 1 << 21  # bounds computed per row chunk: (rows, V) floats, kept 
 # The fast k-means (Vocabulary.learn, process.py --kmeans fast): FAISS on a reservoir sample.
 MAX_POINTS_PER_CENTROID = 256  # the sample: this many patches per word (FAISS's own default cap)
 NITER = 3  # Lloyd iterations (benchmarks/bench_kmeans.py)
+INITS = ("afk-mc2", "random")  # first centres: FAISS's AFK-MC2 seeding, or k random rows (FAISS's default)
+INIT = "afk-mc2"
 
 
 def _pixel_patch_size(dim: int) -> Optional[int]:
@@ -223,7 +225,7 @@ class Vocabulary:
     def learn(cls, batches: Iterable, size: int = 1000, space: str = "pixel", patch_size: Optional[int] = 16,
               embed: Optional[Callable[[Tensor], Tensor]] = None, niter: int = NITER,
               max_points_per_centroid: int = MAX_POINTS_PER_CENTROID, seed: int = 0, gpu: Optional[bool] = None,
-              progress: Optional[Callable] = None, **meta) -> "Vocabulary":
+              init: str = INIT, progress: Optional[Callable] = None, **meta) -> "Vocabulary":
         """Learn ``size`` words by FAISS k-means on a seeded, uniformly random sample of the patches
         (process.py --kmeans fast).
 
@@ -232,12 +234,13 @@ class Vocabulary:
         space:   "pixel" (patches of ``patch_size``) or "embed" (``embed(pixels) -> (B, N, C)``, e.g.
                  :func:`patch_embedder` of a model whose patch size is ``patch_size``).
         max_points_per_centroid: the sample holds at most ``size`` times this many patches
-                 (:func:`reservoir_sample`; 256 as FAISS's own default); niter: Lloyd iterations
-                 (:func:`faiss_kmeans`); gpu: None uses the GPUs when FAISS has GPU support and sees any.
+                 (:func:`reservoir_sample`; 256 as FAISS's own default); niter, init: Lloyd iterations
+                 and first centres (:func:`faiss_kmeans`); gpu: None uses the GPUs when FAISS has GPU
+                 support and sees any.
         progress: an object with ``update(1)`` (e.g. ``tqdm(total=batches)``), told after each batch.
         ``meta`` is saved in the sidecar.
         Euclidean k-means on the raw rows, as the paper's recipe (words are matched by cosine later).
-        The recorded inertia is the sum of squared distances of the sample's patches to their word.
+        The recorded inertia is that of the sample at the last iteration's assignment (:func:`faiss_kmeans`).
         """
         _check_space(space, embed)
         if size < 1 or niter < 1 or max_points_per_centroid < 1:
@@ -254,11 +257,10 @@ class Vocabulary:
         sample, seen = reservoir_sample(feats(), size * max_points_per_centroid, seed)
         if sample.shape[0] < size:
             raise ValueError(f"k-means with {size} centres needs at least {size} patches; got {sample.shape[0]}")
-        centres, total, where = faiss_kmeans(sample, size, niter=niter, seed=seed, gpu=gpu)
+        centres, run = faiss_kmeans(sample, size, niter=niter, seed=seed, gpu=gpu, init=init)
         info = {"kmeans": "fast", **meta}
         info.update(patches_seen=seen, sample=sample.shape[0], max_points_per_centroid=max_points_per_centroid,
-                    niter=niter, seed=seed, inertia=total, inertia_patches=sample.shape[0], kmeans_on=where,
-                    faiss=_faiss().__version__)
+                    niter=niter, seed=seed, inertia_patches=sample.shape[0], faiss=_faiss().__version__, **run)
         return cls(centres, space=space, patch_size=patch_size, **info)
 
     @classmethod
@@ -401,34 +403,36 @@ def _faiss():
     return faiss
 
 
-def faiss_kmeans(x: Tensor, k: int, niter: int = NITER, seed: int = 0, gpu: Optional[bool] = None):
-    """FAISS k-means (``faiss.Kmeans``: k rows of ``x`` drawn with ``seed`` as the first centres, then
-    ``niter`` Lloyd iterations, Euclidean) over all the rows of ``x`` (n, D), n >= k: FAISS's own
-    subsampling is off, the caller samples. ``gpu``: None uses every GPU FAISS sees when it was built
-    with GPU support, True insists on them, False stays on the CPU. Returns the (k, D) float32 centres,
-    the inertia of ``x`` to them (float64 sum of squared distances) and where it ran ("cpu" or "N gpu")."""
+def faiss_kmeans(x: Tensor, k: int, niter: int = NITER, seed: int = 0, gpu: Optional[bool] = None,
+                 init: str = INIT) -> tuple[Tensor, dict]:
+    """FAISS k-means (``faiss.Kmeans``, Euclidean) over all the rows of ``x`` (n, D), n >= k: FAISS's
+    own subsampling is off, the caller samples. First centres (seeded with ``seed``): "afk-mc2"
+    (Bachem et al. 2016, an MCMC approximation of k-means++ seeding: lower inertia after a few
+    iterations, benchmarks/bench_kmeans.py; random where this FAISS lacks it) or "random" (k rows, FAISS's
+    default); then ``niter`` Lloyd iterations. ``gpu``: None uses every GPU FAISS sees when it was built
+    with GPU support, True insists on them, False stays on the CPU. Returns the (k, D) float32 centres
+    and {"inertia": the sum of squared distances of the rows to their centre at the last iteration's
+    assignment, before its update (free; an upper bound on the final one, which costs one more pass),
+    "kmeans_on": "cpu" or "N gpu", "init": the seeding used}."""
     import numpy as np
 
     faiss = _faiss()
+    if init not in INITS:
+        raise ValueError(f"k-means init must be one of {INITS}; got {init!r}")
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if gpu and not gpus:
         raise ValueError("FAISS k-means on the GPU needs a FAISS built with GPU support and a visible GPU; "
                          "this one sees none (install faiss-gpu-cu12, or let it run on the CPU)")
     use = gpus if (gpu is None or gpu) and gpus else 0
+    method = getattr(faiss, "ClusteringInitMethod_AFK_MC2", None) if init == "afk-mc2" else None
     data = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-    n = data.shape[0]
     km = faiss.Kmeans(data.shape[1], k, niter=niter, seed=seed, gpu=use or False, verbose=False,
-                      max_points_per_centroid=-(-n // k), min_points_per_centroid=1)
+                      max_points_per_centroid=-(-data.shape[0] // k), min_points_per_centroid=1,
+                      **({"init_method": method} if method is not None else {}))
     km.train(data)
-    centres = np.array(km.centroids, dtype=np.float32).reshape(k, -1)
-    index = km.index
-    if index.ntotal != k:  # the index holds the final centres after training; rebuild it if not
-        index.reset()
-        index.add(centres)
-    total = 0.0
-    for s in range(0, n, 1 << 16):
-        total += float(index.search(data[s:s + (1 << 16)], 1)[0].astype(np.float64).sum())
-    return torch.from_numpy(centres), total, (f"{use} gpu" if use else "cpu")
+    centres = torch.from_numpy(np.array(km.centroids, dtype=np.float32).reshape(k, -1))
+    return centres, {"inertia": float(km.obj[-1]), "kmeans_on": f"{use} gpu" if use else "cpu",
+                     "init": "afk-mc2" if method is not None else "random"}
 
 
 # --------------------------------------------------------------------------------------------------
