@@ -10,9 +10,10 @@ batch_size=1024, n_init="auto") seeded 0, one partial_fit per batch of 1024 imag
 pass, on the data set's train split with its own preprocessing; Waterbirds, CelebA and MetaShift once per
 seed 1-3 (each on that seed's re-split train data, into seed_<N>/), COCO and ImageNet once. Only one
 batch's patches are held at a time. --kmeans fast is FAISS k-means (faiss.Kmeans, AFK-MC2 seeding,
---niter iterations, on the GPUs when FAISS has GPU support) on a seeded uniformly random sample of --max-points-per-centroid
-patches per word, reservoir-sampled while the images stream (memory: the sample); the README compares the
-two. --protocol standard uses it by default, with the model's own preprocessing and images (not captions) once.
+--niter iterations, on the GPUs when FAISS has GPU support) on a seeded uniformly random sample of
+--max-points-per-centroid patches per word, reservoir-sampled while the images stream (memory: the
+sample); the README compares the two. --protocol standard uses it by default, with the model's own
+preprocessing and images (not captions) once.
 
 Writes ``vocab.pt`` (raw centres, the published format) and ``vocab.json`` (patch size, image size,
 normalisation, space, data, seed, k-means, patches seen, inertia, configuration, versions, machine); an
@@ -104,7 +105,7 @@ def settle(args) -> None:
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
     if fast and importlib.util.find_spec("faiss") is None:
-        raise UserError("--kmeans fast needs FAISS: pip install faiss-cpu (faiss-gpu-cu12 on a CUDA machine), "
+        raise UserError("--kmeans fast needs FAISS: pip install faiss-cpu (faiss-gpu on a CUDA machine), "
                         "or use --kmeans paper")
     if args.max_images is not None and args.max_images < 1:
         raise UserError(f"--max-images must be at least 1; got {args.max_images}")

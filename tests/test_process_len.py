@@ -185,6 +185,14 @@ def test_defaults_follow_the_protocol_and_the_data():
         process_script.settle(process_script.parse_args(["--kmeans", "fast", "--max-points-per-centroid", "0"]))
 
 
+def test_fast_kmeans_without_faiss_is_one_line_before_any_work(monkeypatch):
+    real = process_script.importlib.util.find_spec
+    monkeypatch.setattr(process_script.importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
+    with pytest.raises(cli.UserError, match="--kmeans fast needs FAISS: pip install faiss-cpu"):
+        process_script.settle(process_script.parse_args(["--kmeans", "fast"]))
+    process_script.settle(process_script.parse_args(["--kmeans", "paper"]))  # the paper's recipe needs none
+
+
 def _direct_counts(loaded, ds, reducer):
     pixels = torch.stack([ds[i][0] for i in range(len(ds))])
     vwt.patch(loaded.model, reducer)
