@@ -1,4 +1,4 @@
-"""Learn a VWT visual-word vocabulary by mini-batch k-means over the patches of a data set's train split.
+"""Learn a VWT visual-word vocabulary by k-means over the patches of a data set's train split.
 
     python process.py --data imgnet --vocab 1000         # tokenizers/imgnet/v1000/vocab.pt
     python process.py --data waterbirds --vocab 100      # tokenizers/waterbirds/v100/seed_{1,2,3}/vocab.pt
@@ -9,21 +9,23 @@
 batch_size=1024, n_init="auto") seeded 0, one partial_fit per batch of 1024 images in loader order, one
 pass, on the data set's train split with its own preprocessing; Waterbirds, CelebA and MetaShift once per
 seed 1-3 (each on that seed's re-split train data, into seed_<N>/), COCO and ImageNet once. Only one
-batch's patches are held at a time. --kmeans fast is this project's k-means (32-image updates in a
-seeded random order, then --refine Lloyd passes; the README compares the two); --protocol standard uses
-it by default, with the model's own preprocessing and images (not captions) once.
+batch's patches are held at a time. --kmeans fast is FAISS k-means (faiss.Kmeans, AFK-MC2 seeding,
+--niter iterations, on the GPUs when FAISS has GPU support) on a seeded uniformly random sample of
+--max-points-per-centroid patches per word, reservoir-sampled while the images stream (memory: the
+sample); the README compares the two. --protocol standard uses it by default, with the model's own
+preprocessing and images (not captions) once.
 
 Writes ``vocab.pt`` (raw centres, the published format) and ``vocab.json`` (patch size, image size,
 normalisation, space, data, seed, k-means, patches seen, inertia, configuration, versions, machine); an
 existing vocabulary is kept unless --overwrite. Pixel-space words need no weights: without the model
 (offline, no cache) its architecture is built with random weights. clip.py, blip.py, len.py and eff.py
 read these folders with ``--vocab SIZE`` (in-domain by default, ``--imgnet``) or ``--vocab-path``.
-Under ``torchrun`` every process loads (and embeds) its part of each batch and rank 0 fits the k-means on
-the whole batches in order: the same vocabulary as one process (README, "torchrun").
+Under torchrun each process loads (and embeds) part of every batch; rank 0 fits: one process's words.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ from vwt import cli, datasets, distributed, results
 from vwt.cli import UserError
 from vwt.results import slug
 from vwt.tokenizer import tokenize
-from vwt.vocab import patch_embedder
+from vwt.vocab import INIT, INITS, MAX_POINTS_PER_CENTROID, NITER, patch_embedder
 
 DATA = cli.PROCESS_DATA
 PER_SEED = ("waterbirds", "celeba", "meta")  # learned once per seed (the paper's seeds 1-3) under paper
@@ -57,19 +59,24 @@ def parse_args(argv=None):
     cli.add_protocol_arg(p)
     p.add_argument("--kmeans", default=None, choices=("paper", "fast"),
                    help="paper: scikit-learn's MiniBatchKMeans as the paper ran it (default under --protocol paper); "
-                        "fast: this project's k-means (default under standard)")
+                        "fast: FAISS k-means on a seeded random sample of the patches (default under standard)")
     p.add_argument("--seeds", default=None, type=int, nargs="+",
                    help="data seeds, one vocabulary each (default under paper: 1 2 3 for waterbirds, celeba, meta, "
                         "else 0; under standard 0). Seeds other than 0 re-split the data as the paper's code and, "
-                        "for --kmeans fast, also seed its order and k-means")
+                        "for --kmeans fast, also seed its sample and k-means")
     p.add_argument("--batch", default=None, type=int,
-                   help="images per k-means update (default 1024 for --kmeans paper, as the paper; 32 for fast)")
+                   help="images per batch: per k-means update for --kmeans paper (default 1024, as the paper); "
+                        "per read while sampling for fast (default 32)")
     p.add_argument("--max-images", default=None, type=int,
                    help="use at most this many images (paper: the first in loader order; fast: a seeded random subset)")
-    p.add_argument("--passes", default=None, type=int, help="--kmeans fast: mini-batch passes (default 1)")
-    p.add_argument("--refine", default=None, type=int,
-                   help="--kmeans fast: then this many Lloyd passes, each one more pass over the images (default 2; "
-                        "0 for the single mini-batch pass)")
+    p.add_argument("--niter", default=None, type=int,
+                   help=f"--kmeans fast: FAISS k-means iterations (default {NITER}; FAISS's own default, 25, "
+                        "gives better words in more time)")
+    p.add_argument("--init", default=None, choices=INITS,
+                   help=f"--kmeans fast: first centres, FAISS's AFK-MC2 seeding or k random patches (default {INIT})")
+    p.add_argument("--max-points-per-centroid", default=None, type=int, metavar="N",
+                   help=f"--kmeans fast: sample at most N patches per word (default {MAX_POINTS_PER_CENTROID}, "
+                        "as FAISS; a pass over the data either way)")
     p.add_argument("--workers", default=4, type=int, help="data-loading worker processes (default 4; 0 = none)")
     p.add_argument("--overwrite", action="store_true", help="learn again where the vocabulary already exists")
     p.add_argument("--out", default=None, type=Path,
@@ -82,20 +89,25 @@ def settle(args) -> None:
     """Fill the defaults that depend on the protocol, the k-means and the data; refuse bad values."""
     args.kmeans = args.kmeans or ("paper" if args.protocol == "paper" else "fast")
     fast = args.kmeans == "fast"
-    for flag in ("passes", "refine"):
+    for flag in ("niter", "init", "max_points_per_centroid"):
         if getattr(args, flag) is not None and not fast:
-            raise UserError(f"--{flag} belongs to --kmeans fast; the paper's recipe is one scikit-learn pass")
-    args.passes = 1 if args.passes is None else args.passes
-    args.refine = 2 if args.refine is None else args.refine
+            raise UserError(f"--{flag.replace('_', '-')} belongs to --kmeans fast; the paper's recipe is one "
+                            "scikit-learn pass")
+    if fast:  # the paper's runs record neither
+        args.niter = NITER if args.niter is None else args.niter
+        args.init = args.init or INIT
+        if args.max_points_per_centroid is None:
+            args.max_points_per_centroid = MAX_POINTS_PER_CENTROID
     args.batch = args.batch or (32 if fast else 1024)
     if args.seeds is None:
         args.seeds = [1, 2, 3] if args.protocol == "paper" and args.data in PER_SEED else [0]
     args.model = args.model or (cli.DEFAULT_BLIP if args.data == "coco" else cli.DEFAULT_CLIP)
-    for flag in ("vocab", "batch", "passes"):
+    for flag in ("vocab", "batch") + (("niter", "max_points_per_centroid") if fast else ()):
         if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1; got {getattr(args, flag)}")
-    if args.refine < 0:
-        raise UserError(f"--refine must be 0 or more; got {args.refine}")
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
+    if fast and importlib.util.find_spec("faiss") is None:
+        raise UserError("--kmeans fast needs FAISS: pip install faiss-cpu (faiss-gpu on a CUDA machine), "
+                        "or use --kmeans paper")
     if args.max_images is not None and args.max_images < 1:
         raise UserError(f"--max-images must be at least 1; got {args.max_images}")
     if min(args.seeds) < 0:
@@ -158,14 +170,15 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
         vocab = vocabs[seed]
         save(vocab, path.parent)
         per_patch = vocab.meta["inertia"] / max(vocab.meta["inertia_patches"], 1)
-        print(f"seed {seed}: {len(vocab)} {args.space}-space words of {vocab.dim} values from "
+        sampled = f"a sample of {vocab.meta['sample']} of " if "sample" in vocab.meta else ""
+        print(f"seed {seed}: {len(vocab)} {args.space}-space words of {vocab.dim} values from {sampled}"
               f"{vocab.meta['patches_seen']} patches ({vocab.meta['images']} images, --kmeans {args.kmeans}); "
               f"inertia {per_patch:.4g} per patch; written: {path}")
     return vocabs
 
 
 def learn(args, seed, data, split, loaded, pre, patch_size, device, dtype) -> vwt.Vocabulary:
-    """One vocabulary: the paper's recipe in loader order, or ours in a seeded random order."""
+    """One vocabulary: the paper's recipe in loader order, or FAISS on a seeded sample (read in a seeded order)."""
     from tqdm import tqdm
 
     paper = args.kmeans == "paper"
@@ -205,18 +218,15 @@ def learn(args, seed, data, split, loaded, pre, patch_size, device, dtype) -> vw
                 pretrained=loaded.pretrained, config=results.config_of(args),
                 environment=cli.environment(device))
     started = time.time()
-    if paper:
-        with tqdm(total=steps, desc=desc, unit="batch") as bar:
+    with tqdm(total=steps, desc=desc, unit="batch") as bar:
+        if paper:
             vocab = vwt.Vocabulary.learn_paper(pixels(), size=args.vocab, space=args.space, patch_size=patch_size,
                                                embed=embed, batch_size=args.batch, seed=0, progress=bar, **meta)
-    else:
-        class Pixels:  # re-iterable for --passes > 1 and the Lloyd passes
-            __iter__ = staticmethod(pixels)
-
-        vocab = vwt.Vocabulary.learn(
-            Pixels(), size=args.vocab, space=args.space, patch_size=patch_size, embed=embed, passes=args.passes,
-            refine=args.refine, seed=seed, device=device, kmeans="fast",
-            progress=lambda it: tqdm(it, total=steps, desc=desc, unit="batch"), **meta)
+        else:
+            vocab = vwt.Vocabulary.learn(
+                pixels(), size=args.vocab, space=args.space, patch_size=patch_size, embed=embed, niter=args.niter,
+                max_points_per_centroid=args.max_points_per_centroid, seed=seed, init=args.init,
+                gpu=False if device.type == "cpu" else None, kmeans="fast", progress=bar, **meta)
     if distributed.world() > 1:
         stream.close()
     vocab.meta["seconds"] = round(time.time() - started, 1)

@@ -246,7 +246,7 @@ def world(tmp_path_factory):
     w.len_args = ["--model", w.clip, "--data", "waterbirds", "--top_k", "0.5", *common]
     for name, argv in (("clip.py", w.clip_args + ["--vocab-path", w.good, "--thresh", "0.9"]),
                        ("blip.py", w.blip_args + ["--limit", "2"]), ("len.py", w.len_args),
-                       ("process.py", ["--model", w.clip, "--data", "samples", "--vocab", "6", "--kmeans", "fast", "--refine", "0",
+                       ("process.py", ["--model", w.clip, "--data", "samples", "--vocab", "6", "--kmeans", "fast",
                                        "--workers", "0", "--device", "cpu", "--out", w.out / "tok"])):
         done = script(name, *argv, cwd=w.dir)
         assert done.code == 0, done
@@ -676,7 +676,7 @@ def test_sigkill_mid_run_leaves_only_whole_files(world, tmp_path, name):
             "blip.py": ["--model", world.blip, "--data", "coco", "--out", out, "--no-score", *common],
             "len.py": ["--model", world.clip, "--data", "waterbirds", "--vocab-path", world.good, "--out", out, *common],
             "process.py": ["--model", world.clip, "--data", "waterbirds", "--split", "test", "--vocab", "6",
-                           "--kmeans", "fast", "--passes", "2", "--out", out / "tok", *common]}[name]
+                           "--kmeans", "fast", "--out", out / "tok", *common]}[name]
     bar = {"clip.py": "waterbirds seed", "blip.py": "coco captions", "len.py": "len waterbirds",
            "process.py": "k-means waterbirds"}[name]
     pid, o, e = start(name, *argv, cwd=world.dir)

@@ -20,6 +20,7 @@ import vwt
 from vwt import cli
 from vwt import datasets as D
 from vwt.tokenizer import pixel_patches
+from vwt.vocab import NITER
 from test_vocab import sklearn_by_hand
 
 len_script = importlib.import_module("len")
@@ -74,8 +75,29 @@ def test_process_on_samples_writes_the_default_folder(tmp_path, monkeypatch, cap
     assert torch.equal(again.words, vocab.words)
     # our k-means and embed space: the paper's embed folder is the model's name below v<SIZE>/
     fast = learn(["--data", "samples", "--vocab", "12", "--kmeans", "fast", "--space", "embed", "--out", "f"])[0]
-    assert fast.meta["kmeans"] == "fast" and fast.meta["refine"] == 2
+    assert fast.meta["kmeans"] == "fast" and fast.meta["niter"] == NITER and fast.meta["kmeans_on"] == "cpu"
     assert vwt.Vocabulary.load(tmp_path / "f" / "clip").dim == tiny.WIDTH
+
+
+def test_fast_kmeans_is_faiss_on_a_reservoir_sample_of_the_images(root, tmp_path):
+    """process.py --kmeans fast = the data read in the seed's random order, a reservoir sample of
+    --max-points-per-centroid patches per word (seeded), FAISS k-means on it (seeded), --niter iterations."""
+    from vwt.vocab import faiss_kmeans, reservoir_sample
+
+    argv = ["--data", "samples", "--vocab", "5", "--kmeans", "fast", "--batch", "3", "--seeds", "2",
+            "--max-points-per-centroid", "7", "--niter", "4"]
+    vocab = learn(argv + ["--out", str(tmp_path / "a")])[2]
+    ds = D.load("samples", root, D.transform_for("samples", "paper", image_size=tiny.IMAGE), seed=2, protocol="paper")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(2)).tolist()
+    pixels = torch.stack([ds[i][0] for i in order])
+    blocks = (pixel_patches(pixels[s:s + 3], tiny.PATCH).reshape(-1, 3 * tiny.PATCH ** 2) for s in range(0, len(ds), 3))
+    sample, seen = reservoir_sample(blocks, 35, seed=2)
+    words, run = faiss_kmeans(sample, 5, niter=4, seed=2)
+    assert torch.equal(vocab.words, words) and vocab.meta["inertia"] == run["inertia"]
+    info = json.loads((tmp_path / "a" / "seed_2" / "vocab.json").read_text())
+    assert (info["kmeans"], info["niter"], info["max_points_per_centroid"], info["sample"]) == ("fast", 4, 7, 35)
+    assert info["patches_seen"] == seen == len(ds) * tiny.NUM_PATCHES and info["inertia_patches"] == 35
+    assert torch.equal(learn(argv + ["--out", str(tmp_path / "b")])[2].words, words)  # reproducible
 
 
 def patches_of(ds, batch):
@@ -156,9 +178,19 @@ def test_defaults_follow_the_protocol_and_the_data():
     assert (args.model, args.seeds) == (cli.DEFAULT_CLIP, [1, 2, 3])
     args = process_script.parse_args(["--data", "meta", "--protocol", "standard"])
     process_script.settle(args)
-    assert (args.kmeans, args.batch, args.seeds, args.refine) == ("fast", 32, [0], 2)
-    with pytest.raises(cli.UserError, match="--refine belongs to --kmeans fast"):
-        process_script.settle(process_script.parse_args(["--refine", "1"]))
+    assert (args.kmeans, args.batch, args.seeds, args.niter, args.max_points_per_centroid) == ("fast", 32, [0], NITER, 256)
+    with pytest.raises(cli.UserError, match="--niter belongs to --kmeans fast"):
+        process_script.settle(process_script.parse_args(["--niter", "1"]))
+    with pytest.raises(cli.UserError, match="--max-points-per-centroid must be at least 1; got 0"):
+        process_script.settle(process_script.parse_args(["--kmeans", "fast", "--max-points-per-centroid", "0"]))
+
+
+def test_fast_kmeans_without_faiss_is_one_line_before_any_work(monkeypatch):
+    real = process_script.importlib.util.find_spec
+    monkeypatch.setattr(process_script.importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
+    with pytest.raises(cli.UserError, match="--kmeans fast needs FAISS: pip install faiss-cpu"):
+        process_script.settle(process_script.parse_args(["--kmeans", "fast"]))
+    process_script.settle(process_script.parse_args(["--kmeans", "paper"]))  # the paper's recipe needs none
 
 
 def _direct_counts(loaded, ds, reducer):

@@ -46,7 +46,7 @@ def _reference(loaded, pixels, reducers):
 
 def _vocab(tmp_path, pixels):
     """Six words learned on the images themselves, and a threshold at which some patches match."""
-    vocab = vwt.Vocabulary.learn([pixels], size=6, patch_size=tiny.PATCH, refine=0)
+    vocab = vwt.Vocabulary.learn([pixels], size=6, patch_size=tiny.PATCH)
     path = vocab.save(tmp_path / "v6")
     return vwt.Vocabulary.load(path), path
 

@@ -7,7 +7,8 @@ import torch
 
 import vwt
 from tiny import NUM_PATCHES, PATCH, images, timm_vit
-from vwt.vocab import MiniBatchKMeans, inertia, patch_embedder
+from vwt.tokenizer import pixel_patches
+from vwt.vocab import INIT, INITS, NITER, faiss_kmeans, inertia, patch_embedder, reservoir_sample
 
 D = 3 * PATCH * PATCH
 
@@ -77,60 +78,117 @@ def _blobs(k=6, per=400, dim=16, seed=0):
     return x[torch.randperm(len(x), generator=g)], means
 
 
-def test_kmeans_finds_separated_blobs():
-    x, means = _blobs()
-    km = MiniBatchKMeans(6, seed=0, init_size=600).fit(x, batch=256)
-    err = torch.cdist(means, km.centres).min(1).values
-    assert err.max() < 0.1  # every true mean has a centre within the noise
-    assert inertia(x, km.centres) < 1.05 * inertia(x, means)
+def _stream(x, sizes):
+    """``x`` cut into consecutive blocks of the given sizes (cycled)."""
+    out, s, i = [], 0, 0
+    while s < len(x):
+        out.append(x[s:s + sizes[i % len(sizes)]])
+        s, i = s + sizes[i % len(sizes)], i + 1
+    return out
 
 
-def test_kmeans_no_worse_than_sklearn_on_small_data():
-    from sklearn.cluster import MiniBatchKMeans as SK
+def test_reservoir_sample_is_uniform_over_the_stream():
+    """Row r of the stream holds the value r. 48,000 rows in blocks of uneven sizes (one straddles the
+    moment the sample fills), 4,000 kept: each of 8 equal parts of the stream should give 500 of them.
+    A part's count is hypergeometric, std sqrt(4000 * 1/8 * 7/8 * 44000/47999) = 20.0; we allow 5 std
+    (100) per part and seed by seed, and the mean over 5 seeds within 3 std of the mean (27)."""
+    n, cap, parts = 48_000, 4_000, 8
+    x = torch.arange(n, dtype=torch.float32)[:, None]
+    counts = []
+    for seed in range(5):
+        sample, seen = reservoir_sample(_stream(x, [1000, 2500, 777, 64]), cap, seed=seed)
+        assert seen == n and sample.shape == (cap, 1)
+        rows = sample[:, 0].long()
+        assert len(rows.unique()) == cap and bool(((rows >= 0) & (rows < n)).all())  # distinct rows of the stream
+        assert torch.equal(sample[:, 0], rows.float())
+        counts.append(torch.bincount(rows // (n // parts), minlength=parts).float())
+        assert (counts[-1] - cap / parts).abs().max() <= 100, counts[-1]
+    assert (torch.stack(counts).mean(0) - cap / parts).abs().max() <= 27
+    # the same seed gives the same sample; another seed another one
+    again = reservoir_sample(_stream(x, [1000, 2500, 777, 64]), cap, seed=4)[0]
+    assert torch.equal(again, sample)
+    assert not torch.equal(reservoir_sample(_stream(x, [1000]), cap, seed=5)[0], sample)
 
-    x, _ = _blobs(k=20, per=150, dim=12, seed=1)
-    x = x + torch.randn_like(x)  # overlapping: a real clustering problem
-    ours = MiniBatchKMeans(20, seed=0).fit(x, batch=500, passes=2)
-    sk = SK(n_clusters=20, random_state=0, n_init=1)
-    for _ in range(2):
-        for s in range(0, len(x), 500):
-            sk.partial_fit(x[s:s + 500].numpy())
-    theirs = torch.from_numpy(sk.cluster_centers_).float()
-    assert inertia(x, ours.centres) <= 1.02 * inertia(x, theirs)
+
+def test_reservoir_sample_keeps_a_short_stream_whole():
+    x = torch.randn(1000, 6)
+    for cap in (1000, 5000):
+        sample, seen = reservoir_sample(_stream(x, [300, 1, 99]), cap, seed=0)
+        assert seen == 1000 and torch.equal(sample, x)
+    with pytest.raises(ValueError, match="no data"):
+        reservoir_sample(iter([]), 10)
 
 
-def test_lloyd_pass_is_one_exact_lloyd_step_and_never_raises_inertia():
-    x, _ = _blobs(k=12, per=80, dim=10, seed=2)
-    x = x + torch.randn_like(x)
-    km = MiniBatchKMeans(12, seed=0).fit(x, batch=200)
-    before = km.centres.clone()
-    km.lloyd_pass(x[s:s + 200] for s in range(0, len(x), 200))
-    nearest = torch.cdist(x, before).argmin(1)  # the Lloyd step computed directly
+def test_faiss_kmeans_is_seeded_euclidean_lloyd():
+    """Same seed: the same words, bitwise; another seed: others. Run to convergence, the words are a
+    fixed point of Lloyd's step (each the plain mean of the rows nearest it: Euclidean, not normalised),
+    and the inertia it reports (at the last assignment) is then the sum of squared distances to them."""
+    x, _ = _blobs(k=12, per=100, dim=10, seed=2)
+    x = x + 3 * torch.randn_like(x)  # overlapping: a real clustering problem
+    for init in INITS:
+        a, ra = faiss_kmeans(x, 12, niter=4, seed=3, init=init)
+        b, rb = faiss_kmeans(x, 12, niter=4, seed=3, init=init)
+        assert torch.equal(a, b) and ra == rb == {"inertia": ra["inertia"], "kmeans_on": "cpu", "init": init}
+        assert not torch.equal(a, faiss_kmeans(x, 12, niter=4, seed=4, init=init)[0])
+    ia = ra["inertia"]
+    c, rc = faiss_kmeans(x, 12, niter=200, seed=3)
+    ic = rc["inertia"]
+    nearest = torch.cdist(x.double(), c.double()).argmin(1)
     for j in range(12):
-        expected = x[nearest == j].mean(0) if (nearest == j).any() else before[j]
-        assert torch.allclose(km.centres[j], expected, atol=1e-5)
-    assert km.pass_inertia == pytest.approx(inertia(x, before), rel=1e-5)
-    assert inertia(x, km.centres) <= inertia(x, before)
+        assert torch.allclose(c[j].double(), x[nearest == j].double().mean(0), atol=1e-4)
+    assert ic == pytest.approx(inertia(x, c), rel=1e-5) and ic <= ia
+    assert ia >= inertia(x, a) * (1 - 1e-6)  # before the last update: an upper bound
+    assert c.norm(dim=1).std() > 0.1  # not unit vectors
 
 
-def test_refining_learn_needs_re_iterable_batches():
-    once = (images(4, seed=s) for s in range(3))
-    with pytest.raises(ValueError, match="re-iterable"):
-        vwt.Vocabulary.learn(once, size=10, patch_size=PATCH, refine=1)
-
-
-def test_learn_is_seeded_and_records_what_it_saw():
+def test_learn_is_faiss_on_the_seeded_sample_and_records_it():
+    """Vocabulary.learn = reservoir_sample over the batches' patches + faiss_kmeans, both seeded alike;
+    a sample of 4 patches per word from 3 x 4 images (192 patches)."""
     batches = [images(4, seed=s) for s in range(3)]
-    a = vwt.Vocabulary.learn(batches, size=10, patch_size=PATCH, seed=1, data="random")
-    b = vwt.Vocabulary.learn([(x, None) for x in batches], size=10, patch_size=PATCH, seed=1)
+    a = vwt.Vocabulary.learn(batches, size=10, patch_size=PATCH, seed=1, max_points_per_centroid=4, data="random")
+    b = vwt.Vocabulary.learn([(x, None) for x in batches], size=10, patch_size=PATCH, seed=1, max_points_per_centroid=4)
     assert torch.equal(a.words, b.words)
-    assert a.meta["patches_seen"] == 3 * 4 * NUM_PATCHES and a.meta["data"] == "random"
-    assert a.meta["inertia"] > 0 and a.dim == D
+    sample, _ = reservoir_sample((pixel_patches(x, PATCH).reshape(-1, D) for x in batches), 40, seed=1)
+    words, run = faiss_kmeans(sample, 10, niter=NITER, seed=1)
+    assert torch.equal(a.words, words) and a.meta["inertia"] == run["inertia"] and a.meta["init"] == INIT
+    assert a.meta["patches_seen"] == 3 * 4 * NUM_PATCHES and a.meta["sample"] == a.meta["inertia_patches"] == 40
+    assert (a.meta["data"], a.meta["kmeans"], a.meta["niter"], a.meta["seed"]) == ("random", "fast", NITER, 1)
+    assert not torch.equal(vwt.Vocabulary.learn(batches, size=10, patch_size=PATCH, seed=2).words, a.words)
+
+
+def test_learn_holds_one_batch_at_a_time():
+    """When each batch of pixels is read, no earlier batch's pixels or patches are alive (the sample
+    holds copies of some rows)."""
+    import weakref
+
+    refs, alive = [], []
+
+    def make(seed):
+        alive.append(sum(r() is not None for r in refs))
+        x = images(3, seed=seed)
+        refs.append(weakref.ref(x))
+        return x
+
+    def stream(n):
+        for s in range(n):
+            yield make(s)  # the generator keeps no reference to what it handed on
+
+    class Bar:
+        ticks = 0
+
+        def update(self, n):
+            self.ticks += n
+
+    bar = Bar()
+    vocab = vwt.Vocabulary.learn(stream(6), size=8, patch_size=PATCH, progress=bar)
+    assert alive == [0] * 6 and bar.ticks == 6 and vocab.meta["patches_seen"] == 6 * 3 * NUM_PATCHES
 
 
 def test_learn_refuses_fewer_patches_than_words():
     with pytest.raises(ValueError, match="at least 100 patches"):
         vwt.Vocabulary.learn([images(1)], size=100, patch_size=PATCH)
+    with pytest.raises(ValueError, match="at least 1"):
+        vwt.Vocabulary.learn([images(1)], size=4, patch_size=PATCH, niter=0)
 
 
 def test_learn_in_embed_space():

@@ -1,4 +1,4 @@
-"""Visual-word vocabularies: learn (mini-batch k-means over patches), save, load, normalise.
+"""Visual-word vocabularies: learn (k-means over patches), save, load, normalise.
 
 On disk a vocabulary is ``vocab.pt`` (the raw centres, a float32 (V, D) tensor, as the paper's authors
 published theirs) plus a JSON sidecar ``vocab.json`` (patch size, image size, normalisation, space, data,
@@ -33,6 +33,12 @@ SLACK = 2e-4
 DENSE_ROW = 1024  # a patch with more candidate words than this gets its whole exact row instead
 PAIR_CHUNK = 2048  # candidate (patch, word) dot products per gather, to stay in cache
 CHUNK_FLOATS = 1 << 21  # bounds computed per row chunk: (rows, V) floats, kept near the cache size
+# The fast k-means (Vocabulary.learn, process.py --kmeans fast): FAISS on a reservoir sample.
+MAX_POINTS_PER_CENTROID = 256  # the sample: this many patches per word (FAISS's own default cap)
+NITER = 4  # Lloyd iterations: lower inertia than vwt's former k-means, 1.9x faster (benchmarks/bench_kmeans.py)
+INITS = ("afk-mc2", "random")  # first centres: FAISS's AFK-MC2 seeding, or k random rows (FAISS's default)
+INIT = "afk-mc2"
+AFK_CHAIN = 10  # AFK-MC2's Markov chain per centre: 5x cheaper than FAISS's 50 at the same inertia (1000 words)
 
 
 def _pixel_patch_size(dim: int) -> Optional[int]:
@@ -218,42 +224,45 @@ class Vocabulary:
     # ---------------------------------------------------------------------------------------------
     @classmethod
     def learn(cls, batches: Iterable, size: int = 1000, space: str = "pixel", patch_size: Optional[int] = 16,
-              embed: Optional[Callable[[Tensor], Tensor]] = None, passes: int = 1, refine: int = 2,
-              seed: int = 0, device=None, init_size: Optional[int] = None,
-              progress: Optional[Callable] = None, **meta) -> "Vocabulary":
-        """Learn ``size`` words by mini-batch k-means over the patches of ``batches``.
+              embed: Optional[Callable[[Tensor], Tensor]] = None, niter: int = NITER,
+              max_points_per_centroid: int = MAX_POINTS_PER_CENTROID, seed: int = 0, gpu: Optional[bool] = None,
+              init: str = INIT, progress: Optional[Callable] = None, **meta) -> "Vocabulary":
+        """Learn ``size`` words by FAISS k-means on a seeded, uniformly random sample of the patches
+        (process.py --kmeans fast).
 
-        batches: an iterable (re-iterable when passes > 1) of normalised pixels (B, 3, H, W), or of
-                 (pixels, anything) pairs as data loaders give. Each batch is one k-means update.
+        batches: an iterable of normalised pixels (B, 3, H, W), or of (pixels, anything) pairs as data
+                 loaders give, read once; only one batch and the sample are in memory.
         space:   "pixel" (patches of ``patch_size``) or "embed" (``embed(pixels) -> (B, N, C)``, e.g.
                  :func:`patch_embedder` of a model whose patch size is ``patch_size``).
-        passes:  mini-batch passes over the data; refine: then that many Lloyd passes (each one more
-                 pass over the data: every centre moves to the mean of all the patches nearest to it).
-                 Refining makes the words better than scikit-learn's mini-batch k-means at the same data
-                 (benchmarks/bench_kmeans.py); ``refine=0`` is the plain single mini-batch pass.
-        progress: wraps each pass's iterable (e.g. tqdm). ``meta`` is saved in the sidecar.
-        The recorded inertia is the sum of squared distances of the last pass's patches to their
-        centre, each measured as its batch was assigned (before that batch's update; for a Lloyd pass,
-        before the pass's update), as scikit-learn's mini-batch k-means reports it.
+        max_points_per_centroid: the sample holds at most ``size`` times this many patches
+                 (:func:`reservoir_sample`; 256 as FAISS's own default); niter, init: Lloyd iterations
+                 and first centres (:func:`faiss_kmeans`); gpu: None uses the GPUs when FAISS has GPU
+                 support and sees any.
+        progress: an object with ``update(1)`` (e.g. ``tqdm(total=batches)``), told after each batch.
+        ``meta`` is saved in the sidecar.
+        Euclidean k-means on the raw rows, as the paper's recipe (words are matched by cosine later).
+        The recorded inertia is that of the sample at the last iteration's assignment (:func:`faiss_kmeans`).
         """
         _check_space(space, embed)
-        km = MiniBatchKMeans(size, seed=seed, device=device, init_size=init_size)
+        if size < 1 or niter < 1 or max_points_per_centroid < 1:
+            raise ValueError(f"k-means needs size, niter and max_points_per_centroid of at least 1; got {size}, "
+                             f"{niter}, {max_points_per_centroid}")
+        def feats():  # keeps no reference to a batch once its rows are handed on
+            for batch in batches:
+                rows, batch = batch_features(batch, space, patch_size, embed), None
+                yield rows
+                rows = None
+                if progress is not None:
+                    progress.update(1)
 
-        def features():
-            for batch in (progress(batches) if progress else batches):
-                yield batch_features(batch, space, patch_size, embed)
-
-        for _ in range(passes):
-            km.start_pass()
-            for feats in features():
-                km.partial_fit(feats)
-            km.flush()
-        for _ in range(refine):
-            km.lloyd_pass(features())
-        info = dict(meta)
-        info.update(patches_seen=km.seen, passes=passes, refine=refine, seed=seed, inertia=km.pass_inertia,
-                    inertia_patches=km.pass_patches)
-        return cls(km.centres.cpu(), space=space, patch_size=patch_size, **info)
+        sample, seen = reservoir_sample(feats(), size * max_points_per_centroid, seed)
+        if sample.shape[0] < size:
+            raise ValueError(f"k-means with {size} centres needs at least {size} patches; got {sample.shape[0]}")
+        centres, run = faiss_kmeans(sample, size, niter=niter, seed=seed, gpu=gpu, init=init)
+        info = {"kmeans": "fast", **meta}
+        info.update(patches_seen=seen, sample=sample.shape[0], max_points_per_centroid=max_points_per_centroid,
+                    niter=niter, seed=seed, inertia_patches=sample.shape[0], faiss=_faiss().__version__, **run)
+        return cls(centres, space=space, patch_size=patch_size, **info)
 
     @classmethod
     def learn_paper(cls, batches: Iterable, size: int = 1000, space: str = "pixel", patch_size: Optional[int] = 16,
@@ -351,7 +360,84 @@ def _jsonable(o):
 
 
 # --------------------------------------------------------------------------------------------------
-# Mini-batch k-means (torch, CPU or CUDA)
+# The fast path: a reservoir sample of the stream, FAISS k-means on it
+# --------------------------------------------------------------------------------------------------
+def reservoir_sample(blocks: Iterable[Tensor], capacity: int, seed: int = 0) -> tuple[Tensor, int]:
+    """A uniformly random sample of ``capacity`` rows (all of them when there are fewer) from a stream of
+    (n, D) blocks, read once, and the number of rows seen: Algorithm R (Vitter 1985) vectorised per
+    block. Row i (0-based over the stream) takes slot i while the sample fills; after that it draws
+    j uniform in 0..i and replaces slot j when j < capacity (the later row wins a slot drawn twice in
+    a block, as one row at a time would), so every row ends in the sample with probability capacity / n.
+    Memory: the sample (float32, on the CPU) and one block. Seeded: the same stream gives the same sample."""
+    gen = torch.Generator().manual_seed(seed)
+    buf, seen = None, 0
+    for x in blocks:
+        x = x.detach().to("cpu", torch.float32).reshape(-1, x.shape[-1])
+        if buf is None:
+            buf = torch.empty(capacity, x.shape[1])  # pages are only committed as rows are written
+        elif x.shape[1] != buf.shape[1]:
+            raise ValueError(f"the stream's rows changed width from {buf.shape[1]} to {x.shape[1]}")
+        n = x.shape[0]
+        fill = min(max(capacity - seen, 0), n)
+        buf[seen:seen + fill] = x[:fill]
+        if fill < n:
+            i = torch.arange(seen + fill, seen + n, dtype=torch.float64)
+            j = (torch.rand(n - fill, generator=gen, dtype=torch.float64) * (i + 1)).long()
+            take = j < capacity
+            slots, rows = j[take], take.nonzero()[:, 0] + fill
+            if len(slots):
+                uniq, inv = torch.unique(slots, return_inverse=True)
+                last = torch.full((len(uniq),), -1, dtype=torch.long).scatter_reduce_(0, inv, rows, "amax")
+                buf[uniq] = x[last]
+        seen, x = seen + n, None  # hold no block while the next one is made
+    if buf is None:
+        raise ValueError("k-means got no data")
+    return (buf if seen >= capacity else buf[:seen].clone()), seen
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("--kmeans fast needs FAISS: pip install faiss-cpu (or faiss-gpu on a CUDA machine; "
+                          "see the README)") from None
+    return faiss
+
+
+def faiss_kmeans(x: Tensor, k: int, niter: int = NITER, seed: int = 0, gpu: Optional[bool] = None,
+                 init: str = INIT) -> tuple[Tensor, dict]:
+    """FAISS k-means (``faiss.Kmeans``, Euclidean) over all the rows of ``x`` (n, D), n >= k: FAISS's
+    own subsampling is off, the caller samples. First centres (seeded with ``seed``): "afk-mc2"
+    (Bachem et al. 2016, an MCMC approximation of k-means++ seeding, chains of ``AFK_CHAIN``: lower
+    inertia after a few iterations, benchmarks/bench_kmeans.py; random where this FAISS lacks it) or "random" (k rows, FAISS's
+    default); then ``niter`` Lloyd iterations. ``gpu``: None uses every GPU FAISS sees when it was built
+    with GPU support, True insists on them, False stays on the CPU. Returns the (k, D) float32 centres
+    and {"inertia": the sum of squared distances of the rows to their centre at the last iteration's
+    assignment, before its update (free; an upper bound on the final one, which costs one more pass),
+    "kmeans_on": "cpu" or "N gpu", "init": the seeding used}."""
+    import numpy as np
+
+    faiss = _faiss()
+    if init not in INITS:
+        raise ValueError(f"k-means init must be one of {INITS}; got {init!r}")
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if gpu and not gpus:
+        raise ValueError("FAISS k-means on the GPU needs a FAISS built with GPU support and a visible GPU; "
+                         "this one sees none (install faiss-gpu, or let it run on the CPU)")
+    use = gpus if (gpu is None or gpu) and gpus else 0
+    method = getattr(faiss, "ClusteringInitMethod_AFK_MC2", None) if init == "afk-mc2" else None
+    data = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+    km = faiss.Kmeans(data.shape[1], k, niter=niter, seed=seed, gpu=use or False, verbose=False,
+                      max_points_per_centroid=-(-data.shape[0] // k), min_points_per_centroid=1,
+                      **({"init_method": method, "afkmc2_chain_length": AFK_CHAIN} if method is not None else {}))
+    km.train(data)
+    centres = torch.from_numpy(np.array(km.centroids, dtype=np.float32).reshape(k, -1))
+    return centres, {"inertia": float(km.obj[-1]), "kmeans_on": f"{use} gpu" if use else "cpu",
+                     "init": "afk-mc2" if method is not None else "random"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Inertia (tests and benchmarks measure every k-means with it)
 # --------------------------------------------------------------------------------------------------
 def _chunk_rows(k: int) -> int:
     return max(256, (1 << 24) // max(k, 1))  # keep the (rows, k) distance block near 64 MB
@@ -375,165 +461,6 @@ def assign(x: Tensor, centres: Tensor, centre_sq: Optional[Tensor] = None) -> tu
 def inertia(x: Tensor, centres: Tensor) -> float:
     """Sum of squared distances of the rows of ``x`` to their nearest centre (float64 total)."""
     return float(assign(x, centres)[1].double().sum())
-
-
-class MiniBatchKMeans:
-    """Mini-batch k-means with per-centre counts, as scikit-learn's ``MiniBatchKMeans.partial_fit``:
-    greedy k-means++ initialisation on the first batches (all their patches, once there are at least
-    ``init_size``, default 3 * k; at most 65,536), refined by two Lloyd passes over that sample; then each batch moves every centre to the
-    running mean of the points it has been given; centres with very few points are re-seeded from the
-    batch every ``10 * k`` points (reassignment ratio 0.01). Distances are one matmul per chunk."""
-
-    def __init__(self, k: int, seed: int = 0, device=None, init_size: Optional[int] = None,
-                 reassignment_ratio: float = 0.01, init_lloyd: int = 2):
-        if k < 1:
-            raise ValueError(f"k-means needs at least one centre; got {k}")
-        self.k, self.seed = int(k), seed
-        self.device = torch.device(device) if device is not None else None
-        self.init_size = init_size or 3 * self.k
-        self.ratio, self.init_lloyd = reassignment_ratio, init_lloyd
-        self.centres: Optional[Tensor] = None
-        self.counts: Optional[Tensor] = None
-        self._buffer: list = []
-        self._buffered = 0
-        self.seen = 0
-        self._since_reassign = 0
-        self.pass_inertia, self.pass_patches = 0.0, 0
-        self.gen = torch.Generator().manual_seed(seed)
-
-    # -- public ------------------------------------------------------------------------------------
-    def start_pass(self) -> None:
-        self.pass_inertia, self.pass_patches = 0.0, 0
-
-    def partial_fit(self, x: Tensor) -> "MiniBatchKMeans":
-        """One mini-batch update with the rows of ``x`` (n, D)."""
-        x = x.detach()
-        if self.device is None:
-            self.device = x.device
-        x = x.to(self.device, torch.float32)
-        if self.centres is None:
-            self._buffer.append(x)
-            self._buffered += x.shape[0]
-            if self._buffered >= self.init_size:
-                self.flush()
-            return self
-        self._step(x)
-        return self
-
-    def flush(self) -> None:
-        """Initialise from what is buffered (when the data ran out before ``init_size``) and apply it."""
-        if self.centres is not None or not self._buffer:
-            return
-        batches, self._buffer = self._buffer, []
-        sample = torch.cat(batches)
-        if sample.shape[0] < self.k:
-            raise ValueError(f"k-means with {self.k} centres needs at least {self.k} patches; got {sample.shape[0]}")
-        if sample.shape[0] > max(self.init_size, 65536):
-            idx = torch.randperm(sample.shape[0], generator=self.gen)[: max(self.init_size, 65536)]
-            sample = sample[idx.to(sample.device)]
-        self._init(sample)
-        for b in batches:
-            self._step(b)
-
-    def fit(self, x: Tensor, batch: int = 6272, passes: int = 1, refine: int = 0) -> "MiniBatchKMeans":
-        """Mini-batch k-means over a tensor already in memory, in row order, ``passes`` times, then
-        ``refine`` Lloyd passes."""
-        for _ in range(passes):
-            self.start_pass()
-            for s in range(0, x.shape[0], batch):
-                self.partial_fit(x[s:s + batch])
-            self.flush()
-        for _ in range(refine):
-            self.lloyd_pass(x[s:s + batch] for s in range(0, x.shape[0], batch))
-        return self
-
-    def lloyd_pass(self, batches: Iterable[Tensor]) -> "MiniBatchKMeans":
-        """One exact Lloyd step streamed over the data: assign every row of every batch to its nearest
-        centre, then move each centre to the mean of its rows (a centre given no row stays). Never
-        raises the inertia; records the pass's inertia before the move."""
-        if self.centres is None:
-            raise ValueError("lloyd_pass needs initialised centres: run a mini-batch pass first")
-        self.start_pass()
-        sums = torch.zeros_like(self.centres, dtype=torch.float64)
-        counts = torch.zeros(self.k, dtype=torch.float64, device=self.centres.device)
-        centre_sq = self.centres.pow(2).sum(1)
-        for x in batches:
-            x = x.detach().to(self.centres.device, torch.float32)
-            labels, dist = assign(x, self.centres, centre_sq)
-            self.pass_inertia += float(dist.double().sum())
-            self.pass_patches += x.shape[0]
-            sums.index_add_(0, labels, x.double())
-            counts += torch.bincount(labels, minlength=self.k).double()
-        if self.pass_patches == 0:
-            raise ValueError("a Lloyd pass got no data: give k-means a re-iterable (e.g. a DataLoader or a list), "
-                             "not a one-shot iterator, when passes > 1 or refine > 0")
-        hit = counts > 0
-        self.centres[hit] = (sums[hit] / counts[hit, None]).float()
-        return self
-
-    # -- internals ---------------------------------------------------------------------------------
-    def _rand(self, n: int) -> Tensor:
-        return torch.rand(n, generator=self.gen).to(self.device)
-
-    def _init(self, x: Tensor) -> None:
-        """Greedy k-means++ (2 + log k candidates per centre, the one lowering the potential most)."""
-        n, k = x.shape[0], self.k
-        trials = 2 + int(math.log(k))
-        x_sq = x.pow(2).sum(1)
-        xt = x.T.contiguous()
-        centres = torch.empty(k, x.shape[1], device=x.device)
-        first = int(torch.randint(n, (1,), generator=self.gen))
-        centres[0] = x[first]
-        closest = (x_sq - 2 * x @ x[first] + x_sq[first]).clamp_min_(0)
-        for c in range(1, k):
-            cum = closest.cumsum(0)
-            total = cum[-1]
-            if total <= 0:  # fewer distinct points than centres: repeat points
-                cand = torch.randint(n, (trials,), generator=self.gen).to(x.device)
-            else:
-                cand = torch.searchsorted(cum, self._rand(trials) * total).clamp_max_(n - 1)
-            d = torch.addmm(x_sq[None], x[cand], xt, alpha=-2).add_(x_sq[cand, None]).clamp_min_(0)  # (trials, n)
-            d = torch.minimum(d, closest)
-            best = int(d.sum(1).argmin())
-            closest = d[best]
-            centres[c] = x[cand[best]]
-        for _ in range(self.init_lloyd):  # a couple of Lloyd steps on the init sample
-            labels, _ = assign(x, centres)
-            sums = torch.zeros_like(centres).index_add_(0, labels, x)
-            cnt = torch.bincount(labels, minlength=k).to(x.dtype)
-            nonempty = cnt > 0
-            centres[nonempty] = sums[nonempty] / cnt[nonempty, None]
-        self.centres = centres
-        self.counts = torch.zeros(k, device=x.device)
-
-    def _step(self, x: Tensor) -> None:
-        labels, dist = assign(x, self.centres)
-        self.pass_inertia += float(dist.double().sum())
-        self.pass_patches += x.shape[0]
-        self.seen += x.shape[0]
-        n_j = torch.bincount(labels, minlength=self.k).to(x.dtype)
-        sums = torch.zeros_like(self.centres).index_add_(0, labels, x)
-        new_counts = self.counts + n_j
-        hit = n_j > 0
-        # running mean: c <- (c * count + sum) / (count + n)
-        self.centres[hit] = (self.centres[hit] * self.counts[hit, None] + sums[hit]) / new_counts[hit, None]
-        self.counts = new_counts
-        self._since_reassign += x.shape[0]
-        if self.ratio > 0 and (self._since_reassign >= 10 * self.k or bool((self.counts == 0).any())):
-            self._since_reassign = 0
-            self._reassign(x)
-
-    def _reassign(self, x: Tensor) -> None:
-        low = self.counts < self.ratio * self.counts.max()
-        if bool(low.sum() > 0.5 * x.shape[0]):
-            keep = self.counts.argsort()[int(0.5 * x.shape[0]):]
-            low[keep] = False
-        n = int(low.sum())
-        if n == 0 or bool(low.all()):
-            return
-        pick = torch.randperm(x.shape[0], generator=self.gen)[:n].to(x.device)
-        self.centres[low] = x[pick]
-        self.counts[low] = self.counts[~low].min()
 
 
 # --------------------------------------------------------------------------------------------------
