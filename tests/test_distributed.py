@@ -123,7 +123,7 @@ def test_sharding_rules(monkeypatch):
 @pytest.mark.parametrize("space,kmeans", [("pixel", "paper"), ("embed", "fast")])
 def test_process_learns_the_same_vocabulary(world, tmp_path, space, kmeans):
     """The paper's scikit-learn recipe (its partial_fit order matters) over two seeds and batches of 3
-    of 4 images (a part left empty), and the fast k-means in embed space (several passes)."""
+    of 4 images (a part left empty), and the fast k-means (FAISS on a reservoir sample) in embed space."""
     argv = ["--data", "waterbirds", "--vocab", "8", "--batch", "3", "--seeds", "1", "2", "--space", space,
             "--kmeans", kmeans, "--model", world["clip"]]
     ref = one(process_script, argv + ["--out", tmp_path / "one"], world)
