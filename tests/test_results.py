@@ -36,3 +36,21 @@ def test_failed_atomic_write_keeps_the_earlier_file(tmp_path):
         results.atomic_write_text(path, None)  # fails while writing the temporary file
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_writable_dir_checks_and_tidies_on_the_main_process_only(tmp_path, monkeypatch):
+    """A new folder is probed and removed again (results create it when written); an unwritable one is a
+    UserError. torchrun's other ranks write no results and skip the check, so they never remove the
+    folder from under rank 0's probe (the race two processes hit)."""
+    from vwt.errors import UserError
+
+    target = tmp_path / "a" / "b"
+    assert results.writable_dir(target) == target and not (tmp_path / "a").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        results.writable_dir(tmp_path / "file" / "sub")
+    monkeypatch.setenv("RANK", "1")
+    assert results.writable_dir(tmp_path / "file" / "sub") == tmp_path / "file" / "sub"  # rank 1: no check
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError):
+        results.writable_dir(tmp_path / "file" / "sub")

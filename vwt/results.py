@@ -88,8 +88,12 @@ def model_label(name: str) -> str:
 
 def writable_dir(path, flag: str = "--out") -> Path:
     """Make sure results can be written into the folder ``path`` (created if missing) before any long
-    work: an existing file in the way or a folder that refuses a file is a one-line UserError."""
+    work: an existing file in the way or a folder that refuses a file is a one-line UserError. Under
+    torchrun only rank 0 writes results, and only it checks: ranks probing and tidying the same new
+    folder at once would remove it under each other."""
     path = Path(path)
+    if os.environ.get("RANK", "0") != "0":
+        return path
     for parent in [path, *path.parents]:
         if parent.exists() and not parent.is_dir():
             raise UserError(f"{flag} {path}: {parent} is a file, not a folder; pass a folder "
