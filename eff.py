@@ -9,12 +9,13 @@ How it measures (vwt/bench.py, vwt/energy.py): inputs are on the device before t
 runs once per configuration at the measured shape (which also counts the tokens), then --warmup more
 calls of each, round-robin, for at least --warmup-seconds. Then --rounds interleaved rounds: each
 round times every configuration, base included, once on the same batches, in a shuffled order; a
-turn lasts at least --seconds and --min-iters calls, with the energy read around it (NVIDIA GPUs:
-the NVML total-energy counter and a power trace sampled every --interval seconds; CPUs: RAPL package
-counters where readable; elsewhere the results say energy is not measurable, NaN, never a number).
-Ratios to base are medians of the per-round ratios, with their interquartile range: a busy machine
-slows one turn, not one method. When a ratio's spread is wide or latencies drift over the rounds,
-one line says the machine was busy and the results carry the flag (column busy).
+turn runs every image of the pool (an input reducer's cost depends on the image) and lasts at least
+--seconds and --min-iters calls, with the energy read around it (NVIDIA GPUs: the NVML total-energy
+counter and a power trace sampled every --interval seconds; CPUs: RAPL package counters where
+readable; elsewhere the results say energy is not measurable, NaN, never a number). Ratios to base
+are medians of the per-round ratios, with their interquartile range: a busy machine slows one turn,
+not one method. When a ratio's spread is wide or latencies drift over the rounds, one line says the
+machine was busy and the results carry the flag (column busy).
 
 --protocol paper (default) also runs the VWT paper's own measurement (its eff.py): the whole split
 (or --limit images) through a loader, 50 warm-up calls at batch 1 on random inputs, the mean per-batch

@@ -331,9 +331,11 @@ def measure_batch_size(preps: list[Prepared], b: int, run: Run) -> tuple[dict, b
         methods.append(bench.Method(p.name, p.call, p.enter, p.leave, inputs=inputs))
     meter = run.meter if args.metric != "time" and run.meter.measurable else None
     bar = tqdm(total=args.rounds, desc=f"rounds, batch {b}", leave=False)
-    regrouped = any(row.get("bucket") for row in rows.values())  # then every turn runs the whole pool
+    # every turn runs the whole pool: an input reducer's cost depends on the image (inter-image keeps
+    # 42 to 197 tokens of the samples), so turns over different images would spread the per-round
+    # ratios for what they hold, not for how busy the machine was; and bucketed batches regroup it
     turns = bench.interleave(methods, methods[0].inputs, rounds=args.rounds, min_seconds=args.seconds,
-                             min_calls=args.min_iters, cover=len(methods[0].inputs) if regrouped else 1,
+                             min_calls=args.min_iters, cover=len(methods[0].inputs),
                              warmup=args.warmup,
                              warmup_seconds=args.warmup_seconds, meter=meter,
                              stopwatch=energy.Stopwatch(run.device), progress=lambda r: bar.update())
