@@ -1,0 +1,36 @@
+"""The figures README.md and results/benchmarks.md quote from the default eff.py run are the committed
+results CSV's, rendered by benchmarks/quote_results.py: a document and the CSV never disagree."""
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("quote_results", ROOT / "benchmarks" / "quote_results.py")
+quote_results = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quote_results)
+
+
+def test_documents_quote_the_committed_default_run():
+    csv = quote_results.default_run()
+    table = quote_results.render(csv)
+    for name in quote_results.DOCUMENTS:
+        text = (ROOT / name).read_text()
+        blocks = quote_results.BLOCK.findall(text)
+        assert blocks, f"{name} quotes no default run"
+        assert all(b[1] == table for b in blocks), f"{name} differs from {csv.name}: run benchmarks/quote_results.py"
+
+
+def test_render_shows_each_configuration_and_batch(tmp_path):
+    rows = [dict(config=c, method=m, batch=b, tokens_mean=t, gflops_per_image=g, latency_ms_median=ms,
+                 speedup_median=s, speedup_iqr=0.05, busy=busy)
+            for c, m, t, g, s in (("base", "base", 197, 35.1, 1.0), ("tome13", "tome", 125.5, 20.7, 1.5))
+            for b, ms, busy in ((1, 200.0 / s, False), (8, 150.0 / s, True))]
+    csv = tmp_path / "run.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    lines = quote_results.render(csv).splitlines()
+    assert lines[2] == "| base | 197.0 | 35.1 | 200.0 | 150.0 | 1 | 1 |"
+    assert lines[3] == "| tome13 | 125.5 | 20.7 | 133.3 | 100.0 | 1.50 (IQR 0.05) | 1.50 (IQR 0.05) |"
+    assert "batch 1: not busy, batch 8: busy" in lines[-1]
+    marked = "a\n<!-- eff-default:begin -->\nold\n<!-- eff-default:end -->\nb"
+    assert quote_results.quote(marked, "new\n") == "a\n<!-- eff-default:begin -->\nnew\n<!-- eff-default:end -->\nb"
