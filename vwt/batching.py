@@ -34,15 +34,20 @@ def input_reducer(reducers: Sequence[Reducer]) -> Optional[Reducer]:
     return next((r for r in reducers if r.kind == "input"), None)
 
 
+def bucketing(flag: Optional[bool], reducer: Optional[Reducer], batch: int) -> bool:
+    """Whether ``--bucket`` (``flag``; None: not given) applies: by default with an input reducer at
+    batch > 1; never without an input reducer (no token counts to sort by)."""
+    return reducer is not None and (flag if flag is not None else batch > 1)
+
+
 def batch_order(args, loaded, dataset, device, dtype) -> list:
     """The index batches a script reads ``dataset`` in: ``--bucket`` (default: on with an input reducer
     and --batch > 1) sorts the images by the tokens the patched model's input reducer leaves them
     and batches neighbours; otherwise data-set order. ``loaded``: a ``vwt.models.Loaded``."""
     info = patch_info(loaded.model)
     reducer = input_reducer(info.reducers) if info is not None else None
-    bucket = args.bucket if args.bucket is not None else (reducer is not None and args.batch > 1)
     plain = list(torch.arange(len(dataset)).split(args.batch))
-    if not bucket or reducer is None:
+    if not bucketing(args.bucket, reducer, args.batch):
         return plain
     mine = distributed.shard(plain)  # under torchrun each process counts its share of the batches
     counts = [token_counts(loaded.vision, reducer, [x.to(device, dtype)])

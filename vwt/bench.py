@@ -139,15 +139,16 @@ def interleave(methods: Sequence[Method], batches: Sequence, rounds: int = 7, mi
                stopwatch: Optional[energy.Stopwatch] = None, seed: int = 0,
                progress: Optional[Callable[[int], Any]] = None) -> dict[str, list[Turn]]:
     """Time every method once per round, in an order shuffled each round, after the shared warm-up
-    (``warmup`` calls of each, round-robin, for at least ``warmup_seconds``). Every turn of a round runs the same batches: ``min_calls`` calls, or more so that a turn
-    lasts about ``min_seconds`` (sized from the warm-up's median call), rounded up to a multiple of
-    ``cover`` (``len(batches)``: every turn runs every batch, for methods whose batches hold the same
-    images grouped differently); successive rounds move on through the batches. ``progress(round)`` is called after each round. Returns each method's turns,
-    in round order."""
+    (``warmup`` calls of each, round-robin, for at least ``warmup_seconds``). Every turn of a round
+    runs the same batches: ``min_calls`` calls, or more so that a turn lasts about ``min_seconds``
+    (sized from the warm-up's median call), rounded up to a multiple of ``cover`` (``len(batches)``:
+    every turn runs every batch, where a method's cost depends on the images or its batches hold the
+    same images grouped differently); successive rounds move on through the batches. ``progress(round)`` is called after
+    each round. Returns each method's turns, in round order."""
     if not methods or not batches or rounds < 1:
         raise ValueError("interleave needs methods, batches and at least one round")
     stopwatch = stopwatch or energy.Stopwatch()
-    per_call = warm_up(methods, batches, warmup, stopwatch, warmup_seconds) if warmup > 0 or warmup_seconds > 0 else 0.0
+    per_call = warm_up(methods, batches, warmup, stopwatch, warmup_seconds)  # 0.0 when there is none
     calls = max(min_calls, math.ceil(min_seconds / per_call) if per_call > 0 else 1)
     calls = cover * math.ceil(calls / cover)
     rng = random.Random(seed)

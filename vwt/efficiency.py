@@ -22,7 +22,7 @@ import torch
 
 from . import bench, datasets, energy, flops, results
 from .backends import family_of
-from .batching import buckets, input_reducer
+from .batching import buckets, bucketing, input_reducer
 from .errors import UserError, first_line
 from .methods import build_reducers, method_label
 from .models import Loaded, load_model
@@ -275,10 +275,10 @@ def tokens_and_flops(p: Prepared, batches: list, images: int) -> tuple[dict, tor
                 fl.append(flops.flops_of_last_forward(p.tower))
     finally:
         unpatch(p.tower)
-    per_slot = token_stats(torch.cat(counts))
-    tokens, fl = token_stats(torch.cat(counts)[:images]), torch.cat(fl)[:images]
-    return dict(tokens_in=tokens["tokens_first_block"].mean().item(), tokens_mean=tokens["tokens_mean"].mean().item(),
-                gflops_per_image=fl.mean().item() / 1e9), per_slot["tokens_first_block"]
+    per_slot, fl = token_stats(torch.cat(counts)), torch.cat(fl)[:images]
+    first, mean = per_slot["tokens_first_block"], per_slot["tokens_mean"]
+    return dict(tokens_in=first[:images].mean().item(), tokens_mean=mean[:images].mean().item(),
+                gflops_per_image=fl.mean().item() / 1e9), first
 
 
 def bucketed(batches: list, first_block: torch.Tensor) -> list:
@@ -292,7 +292,7 @@ def bucketed(batches: list, first_block: torch.Tensor) -> list:
 def bucket_on(p: Prepared, args, b: int) -> bool:
     """--bucket (on by default) for a configuration with an input reducer at batch > 1 (at batch 1
     there is nothing to regroup)."""
-    return input_reducer(p.reducers) is not None and b > 1 and args.bucket is not False
+    return b > 1 and bucketing(args.bucket, input_reducer(p.reducers), b)
 
 
 # --------------------------------------------------------------------------------------------------
