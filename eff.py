@@ -7,15 +7,16 @@ per image and mean power.
 
 How it measures (vwt/bench.py, vwt/energy.py): inputs are on the device before timing; every batch
 runs once per configuration at the measured shape (which also counts the tokens), then --warmup more
-calls of each, round-robin, for at least --warmup-seconds. Then --rounds interleaved rounds: each
-round times every configuration, base included, once on the same batches, in a shuffled order; a
-turn runs every image of the pool (an input reducer's cost depends on the image) and lasts at least
---seconds and --min-iters calls, with the energy read around it (NVIDIA GPUs: the NVML total-energy
-counter and a power trace sampled every --interval seconds; CPUs: RAPL package counters where
-readable; elsewhere the results say energy is not measurable, NaN, never a number). Ratios to base
-are medians of the per-round ratios, with their interquartile range: a busy machine slows one turn,
-not one method. When a ratio's spread is wide or latencies drift over the rounds, one line says the
-machine was busy and the results carry the flag (column busy).
+calls of each, round-robin, for at least --warmup-seconds, with --threads torch threads (on a CPU by
+default half its cores: a second run or other work beside it then does not oversubscribe them). Then
+--rounds interleaved rounds: each round times every configuration, base included, once on the same
+batches, in a shuffled order; a turn runs every image of the pool (an input reducer's cost depends
+on the image) and lasts at least --seconds and --min-iters calls, with the energy read around it
+(NVIDIA GPUs: the NVML total-energy counter and a power trace sampled every --interval seconds;
+CPUs: RAPL package counters where readable; elsewhere the results say energy is not measurable, NaN,
+never a number). Ratios to base are medians of the per-round ratios, with their interquartile range:
+a busy machine slows one turn, not one method. When a ratio's spread is wide or latencies drift over
+the rounds, one line says the machine was busy and the results carry the flag (column busy).
 
 --protocol paper (default) also runs the VWT paper's own measurement (its eff.py): the whole split
 (or --limit images) through a loader, 50 warm-up calls at batch 1 on random inputs, the mean per-batch
@@ -94,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--paper-warmup", type=int, default=bench.PAPER_WARMUP,
                    help=f"--protocol paper: warm-up calls at batch 1 before each of its runs (default "
                         f"{bench.PAPER_WARMUP}, the paper's)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads while measuring (default: on a CPU, half the cores this process may use, at "
+                        "least 1, so that a second run or other work beside it does not oversubscribe the cores, "
+                        "which skews ratios to base; on a GPU, torch's default). Recorded in the results")
     g.add_argument("--interval", type=float, default=0.05,
                    help="power sampling interval in seconds for the instant-power trace (default 0.05)")
     g.add_argument("--random-weights", action="store_true",
@@ -134,28 +139,33 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
     print(f"energy: {meter.note}")
     paper_data = fx.dataset(args, preprocess, args.limit) if args.protocol == "paper" else None
     run = fx.Run(args, device, meter, images, flops.dense_flops(flops.dims_of(vision)), paper_data)
+    threads = bench.measuring_threads(args.threads, device)
     kind = "pretrained" if weights == "pretrained" else "random"
     common = dict(model=loaded.name, weights=kind, device=str(device), dtype=args.dtype, data=args.data,
                   protocol=args.protocol)
     learning = vocab.meta.get("learned_in_s", 0.0) if vocab is not None else 0.0
+    preps = fx.prepare(configs, args, s, vision, vocab, vocab_name)  # reducers; int8 on first use
     print(f"measuring {len(configs)} configurations at batch {', '.join(map(str, args.batch))} in {args.rounds} "
-          f"interleaved rounds ({time.perf_counter() - started - learning:.1f} s after start, of which "
-          f"{models.HUB_CHECK['seconds']:.1f} s asking the hub, not counting {learning:.1f} s of vocabulary learning)",
+          f"interleaved rounds with {threads} torch thread{'s' * (threads != 1)} "
+          f"({time.perf_counter() - started - learning:.1f} s after start, of which {models.HUB_CHECK['seconds']:.1f} "
+          f"s asking the hub, not counting {learning:.1f} s of vocabulary learning)",
           flush=True)
     try:
-        rows, verdicts = fx.measure(fx.prepare(configs, args, s, vision, vocab, vocab_name), run, common)
+        with bench.torch_threads(threads):
+            rows, verdicts = fx.measure(preps, run, common)
+            env = cli.environment(device)  # torch_threads: the count measured with
     finally:
         info_end = meter.info()  # clocks and temperature after the runs
         meter.close()
     df = fx.table(rows)
 
-    config = dict(results.config_of(args), device=str(device), weights=kind,
+    config = dict(results.config_of(args), device=str(device), weights=kind, threads=threads,
                   vocabulary_file=str(vocab_file) if vocab_file else None)
     name = fx.stem(args, loaded.name, configs, config)
     wall = time.perf_counter() - started
     meta = {"script": "eff.py", "args": config, "weights": weights, "settings": s, "vocabulary": vocab_name or None,
             "busy": bool(df["busy"].fillna(False).any()), "rounds_verdict": verdicts, "meter": info,
-            "meter_after": info_end, "environment": cli.environment(device), "wall_seconds": wall}
+            "meter_after": info_end, "environment": env, "wall_seconds": wall}
     title = f"{loaded.name} ({weights.split(':')[0]} weights), {args.data}, {device}"
     paths = fx.write(df, meta, args.out, name, title)
     show(df, args, meter, verdicts)

@@ -280,6 +280,87 @@ def test_runs_that_differ_in_dtype_or_vocabulary_file_write_different_files(tmp_
     assert len(written(tmp_path / "res")) == 3 and "replacing the results" in capsys.readouterr().out
 
 
+def test_measures_with_threads_it_records_and_restores(tmp_path, monkeypatch, capsys):
+    """By default a CPU run measures with half the usable cores (here pretended to be 4, so 2 threads),
+    says so, records the count in the configuration (so the results name) and the environment, and
+    leaves torch's own count as it found it; --threads overrides it and writes another file."""
+    no_rapl(monkeypatch, tmp_path)
+    monkeypatch.setattr(vwt.bench, "usable_cores", lambda: 4)
+    seen = []
+    real_measure = fx.measure
+    monkeypatch.setattr(fx, "measure", lambda *a: (seen.append(torch.get_num_threads()), real_measure(*a))[1])
+    before = torch.get_num_threads()
+    argv = ["--methods", "tome", "--batch", "2", "--metric", "time", "--protocol", "standard",
+            "--out", str(tmp_path)] + FAST
+    eff.main(argv, loaded=tiny_loaded())
+    assert "with 2 torch threads" in capsys.readouterr().out
+    eff.main(argv + ["--threads", "1"], loaded=tiny_loaded())
+    assert "with 1 torch thread " in capsys.readouterr().out
+    assert seen == [2, 1] and torch.get_num_threads() == before
+    metas = [json.loads(p.read_text()) for p in written(tmp_path, ".json")]
+    assert len(metas) == 2
+    assert sorted(m["args"]["threads"] for m in metas) == [1, 2]
+    assert all(m["environment"]["torch_threads"] == m["args"]["threads"] for m in metas)
+
+
+def test_the_int8_tower_shares_the_float_weights_and_leaves_them_alone():
+    """On a CPU, the int8 copy of the tower swaps in its own int8 weights: the float tower keeps the same
+    parameter objects with the same values (no copy of its weights is made), and the copy computes
+    nearly what it computes."""
+    vision = tiny_loaded().vision
+    before = {k: (p, p.detach().clone()) for k, p in vision.named_parameters()}
+    int8 = fx.quantized(vision)
+    if isinstance(int8, str):
+        pytest.skip(int8)  # this install cannot run int8
+    after = dict(vision.named_parameters())
+    assert all(after[k] is p and torch.equal(p, v) for k, (p, v) in before.items())
+    quantized = [k for k, p in int8.named_parameters() if type(p).__name__ == "Int8Tensor"]
+    assert quantized and all(type(after[k]) is torch.nn.Parameter for k in quantized)
+    shared = [k for k, p in int8.named_parameters() if p is after.get(k)]
+    assert shared  # layer norms, embeddings: the same tensors, not copies
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        a, b = vision(x).last_hidden_state, int8(x).last_hidden_state
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_the_int8_tower_is_made_once_after_measuring_starts(tmp_path, monkeypatch):
+    """The int8 copy (a second of work for ViT-B on a small CPU) is made once, when its configuration's
+    turn first comes, after the "measuring" line; a copy this install cannot make gives a row saying
+    why instead of figures."""
+    no_rapl(monkeypatch, tmp_path)
+    events = []
+    monkeypatch.setattr(eff, "print", lambda *a, **k: events.append(str(a[0]).split()[0]) if a else None,
+                        raising=False)
+    monkeypatch.setattr(fx, "quantized", lambda vision: events.append("int8") or "not run: no int8 here")
+    table = eff.main(["--methods", "int8,tome+int8", "--batch", "1", "2", "--metric", "time", "--protocol",
+                      "standard", "--out", str(tmp_path)] + FAST, loaded=tiny_loaded())
+    assert events.count("int8") == 1 and events.index("measuring") < events.index("int8")
+    skipped = table[table["method"] != "base"]
+    assert len(skipped) == 4 and (skipped["note"] == "not run: no int8 here").all()
+    assert skipped["latency_ms_median"].isna().all()
+
+
+@pytest.mark.parametrize("name", ["openai/clip-vit-base-patch16", "Salesforce/blip-image-captioning-base"])
+def test_vision_only_random_weights_keep_the_vision_tower_whole(name):
+    """eff.py's random fallback builds the named vision tower, parameter for parameter, and only a
+    one-layer text tower (it times nothing else)."""
+    cpu = torch.device("cpu")
+    full = models.load_model(name, cpu, random_weights=True)
+    small = models.load_model(name, cpu, random_weights=True, vision_only=True)
+    shapes = lambda m: [(k, tuple(p.shape)) for k, p in m.named_parameters()]  # noqa: E731
+    assert shapes(small.vision) == shapes(full.vision)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(small.model) - count(small.vision) < (count(full.model) - count(full.vision)) / 10
+
+
+def test_default_threads_leave_room_for_a_second_run(monkeypatch):
+    for cores, want in ((1, 1), (2, 1), (3, 1), (16, 8)):
+        monkeypatch.setattr(vwt.bench, "usable_cores", lambda: cores)
+        assert vwt.bench.measuring_threads(None, "cpu") == want
+        assert vwt.bench.measuring_threads(3, "cpu") == 3  # asked for: given
+
+
 def closed_port() -> int:
     """A local TCP port nothing listens on."""
     with socket.socket() as s:
@@ -319,7 +400,7 @@ def test_unreachable_hub_is_found_out_at_once(monkeypatch, kind):
 def test_load_model_falls_back_to_random_weights_with_one_note(monkeypatch, capsys):
     asked = []
 
-    def fake_load(name, random_weights):
+    def fake_load(name, random_weights, vision_only=False):
         asked.append(random_weights)
         if not random_weights:
             raise cli.UserError(f"cannot load model {name!r}: no connection")
@@ -458,7 +539,8 @@ def test_bad_configurations_are_user_errors(argv):
 
 
 def test_bad_numbers_are_user_errors(tmp_path):
-    for argv in (["--batch", "0"], ["--seconds", "0"], ["--interval", "5"], ["--rounds", "0"], ["--limit", "0"]):
+    for argv in (["--batch", "0"], ["--seconds", "0"], ["--interval", "5"], ["--rounds", "0"], ["--limit", "0"],
+                 ["--threads", "0"]):
         with pytest.raises(cli.UserError):
             eff.main(argv + ["--out", str(tmp_path)], loaded=tiny_loaded())
 

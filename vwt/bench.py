@@ -19,14 +19,49 @@ run all of this on a fake clock and meter.
 from __future__ import annotations
 
 import math
+import os
 import random
 import statistics
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from . import energy
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS says, else all of them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def measuring_threads(requested: Optional[int], device) -> int:
+    """Torch threads to measure with: ``requested``; by default, on a CPU, half the usable cores (at
+    least 1), so that a second run or other work beside this one does not oversubscribe the cores.
+    With more threads than free cores every parallel operator waits for a descheduled thread, a cost
+    that grows with the number of small operators rather than with FLOPs (ToMe, the tokenizer and int8
+    suffer most), so ratios to base would depend on what else runs. On a GPU: torch's own count (the
+    host threads only launch kernels)."""
+    if requested is not None:
+        return requested
+    if torch.device(device).type == "cpu":
+        return max(1, usable_cores() // 2)
+    return torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def _nothing() -> None:

@@ -10,13 +10,14 @@ ratio is to it.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import tempfile
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -125,6 +126,8 @@ def check_numbers(args) -> None:
         raise UserError(f"--interval is the power sampling period, between 0.01 and 1 s; got {args.interval}")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1; got {args.limit}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1; got {args.threads}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,7 +135,8 @@ def check_numbers(args) -> None:
 # --------------------------------------------------------------------------------------------------
 def load(args, device, dtype) -> tuple[Loaded, str]:
     """The model (random weights where the pretrained ones cannot be had), and a sentence saying which."""
-    loaded = load_model(args.model, device, dtype, random_weights=args.random_weights, fallback_random=True)
+    loaded = load_model(args.model, device, dtype, random_weights=args.random_weights, fallback_random=True,
+                        vision_only=True)
     if args.random_weights:
         return loaded, "random (--random-weights)"
     return loaded, "pretrained" if loaded.pretrained else f"random: {loaded.note}"
@@ -190,17 +194,28 @@ def vocabulary(args, s: dict, images: torch.Tensor, vision, preprocess) -> tuple
 @dataclass
 class Prepared:
     """A configuration ready to run: its tower (the int8 copy for int8), reducers and label, or the
-    reason it cannot run on this install."""
+    reason it cannot run on this install. ``make`` builds the tower on first use (:meth:`ready`): the
+    int8 copy takes about a second on a small CPU, which is spent once measuring has started."""
 
     config: Config
     label: str
     tower: Optional[torch.nn.Module] = None
     reducers: list = field(default_factory=list)
     skip: str = ""
+    make: Optional[Callable[[], object]] = None  # the tower, or a string saying why it cannot be made
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    def ready(self) -> "Prepared":
+        if self.make is not None:
+            made, self.make = self.make(), None
+            if isinstance(made, str):
+                self.skip = made
+            else:
+                self.tower = made
+        return self
 
     def enter(self) -> None:
         if self.reducers:
@@ -220,12 +235,22 @@ def float_dtype(module) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
+def sharing_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module``'s modules that shares its parameters and buffers: torchao's int8 swaps in new
+    weight tensors and leaves the old ones alone, so the float tower is kept without copying its
+    weights (which takes most of a second for ViT-B on a small CPU)."""
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, shared)
+
+
 def quantized(vision):
-    """An int8 copy of the vision tower, or the reason this install cannot make one."""
+    """An int8 copy of the vision tower, or the reason this install cannot make one. On a CPU the copy
+    shares the float weights (torchao replaces them); bitsandbytes on CUDA gets a full copy."""
     from .quant import quantize
 
+    on_cpu = next(vision.parameters()).device.type == "cpu"
     try:
-        return quantize(copy.deepcopy(vision))
+        return quantize(sharing_copy(vision) if on_cpu else copy.deepcopy(vision))
     except Exception as e:
         return f"not run: {type(e).__name__}: {first_line(e, 200)}"
 
@@ -233,7 +258,8 @@ def quantized(vision):
 def prepare(configs: list[Config], args, s: dict, vision, vocab, vocab_name: str) -> list[Prepared]:
     """Reducers (built by vwt.methods.build_reducers, so ``--protocol paper`` times the paper's ToMe on the
     families it ran) and towers of every configuration."""
-    out, int8, family = [], None, family_of(vision).name
+    out, family = [], family_of(vision).name
+    int8 = functools.lru_cache(maxsize=1)(lambda: quantized(vision))  # one int8 tower, made on first use
     for cfg in configs:
         names = [n for n in (cfg.input, cfg.block) if n]
         chosen = reducer_settings(names, s)
@@ -244,12 +270,10 @@ def prepare(configs: list[Config], args, s: dict, vision, vocab, vocab_name: str
                                           prop_attn=args.prop_attn, protocol=args.protocol, family=family)
         except UserError as e:
             raise UserError(f"{cfg.name}: {e}") from None
-        if cfg.quant and int8 is None:
-            int8 = quantized(vision)
-        if cfg.quant and isinstance(int8, str):  # this install cannot run int8 (e.g. no backend for it)
-            out.append(Prepared(cfg, label, skip=int8))
+        if cfg.quant:  # made when its turn first comes; a string says this install cannot run int8
+            out.append(Prepared(cfg, label, reducers=reducers, make=int8))
         else:
-            out.append(Prepared(cfg, label, int8 if cfg.quant else vision, reducers))
+            out.append(Prepared(cfg, label, vision, reducers))
     return out
 
 
@@ -317,7 +341,7 @@ def measure_batch_size(preps: list[Prepared], b: int, run: Run) -> tuple[dict, b
 
     args, by_dtype, rows, methods = run.args, {}, {}, []
     for p in preps:
-        if p.skip:
+        if p.ready().skip:
             rows[p.name] = dict(note=p.skip)
             continue
         dtype = float_dtype(p.tower)

@@ -38,12 +38,17 @@ class Loaded:
         return family_of(self.model).vision(self.model)
 
 
-def _hf_random_config(name: str):
+SMALL_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1)
+
+
+def _hf_random_config(name: str, vision_only: bool = False):
+    """The named model's configuration; ``vision_only``: its text tower shrunk to SMALL_TEXT."""
     low = name.lower()
     if "blip" in low:
         from transformers import BlipConfig
 
-        return BlipConfig()  # defaults are BLIP base: ViT-B/16 at 384 px
+        # defaults are BLIP base: ViT-B/16 at 384 px
+        return BlipConfig(text_config=dict(SMALL_TEXT)) if vision_only else BlipConfig()
     from transformers import CLIPConfig
 
     patch = 14 if "patch14" in low else 32 if "patch32" in low else 16
@@ -51,9 +56,11 @@ def _hf_random_config(name: str):
     if "large" in low:
         vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                       patch_size=patch, image_size=size)
-        return CLIPConfig(vision_config=vision, text_config=dict(hidden_size=768, intermediate_size=3072,
-                                                                 num_attention_heads=12), projection_dim=768)
-    return CLIPConfig(vision_config=dict(patch_size=patch, image_size=size))
+        text = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12)
+        return CLIPConfig(vision_config=vision, text_config=dict(SMALL_TEXT) if vision_only else text,
+                          projection_dim=768)
+    return CLIPConfig(vision_config=dict(patch_size=patch, image_size=size),
+                      text_config=dict(SMALL_TEXT) if vision_only else None)
 
 
 HUB_TIMEOUT = 2.0  # seconds: how long to wait for the hub to answer, once per process
@@ -119,20 +126,21 @@ def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32, random_weights: bool = False,
-               fallback_random: bool = False) -> Loaded:
+               fallback_random: bool = False, vision_only: bool = False) -> Loaded:
     """Load a model by name. ``random_weights`` builds the same architecture with random weights
     (for runtime, energy and pixel-space work only: they do not depend on weights). Before touching
     the hub, :func:`hub_reachable` decides once whether to work offline. ``fallback_random``: where
     the pretrained weights cannot be loaded, build random ones and print a one-line note (kept in
-    ``Loaded.note``)."""
+    ``Loaded.note``). ``vision_only``: random Hugging Face CLIP and BLIP get a one-layer text tower
+    (eff.py times the vision tower alone; making ViT-B/16 CLIP's text tower costs half a second)."""
     if not random_weights:
         hub_reachable()
     try:
-        loaded = _load(name, random_weights)
+        loaded = _load(name, random_weights, vision_only)
     except UserError as e:
         if not fallback_random or random_weights:
             raise
-        loaded = _load(name, True)
+        loaded = _load(name, True, vision_only)
         loaded.note = f"pretrained weights unavailable ({first_line(e, 160)})"
         print(f"note: {name}: {loaded.note}; using random weights of the same architecture "
               "(runtime and energy do not depend on weights)")
@@ -140,7 +148,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
     return loaded
 
 
-def _load(name: str, random_weights: bool) -> Loaded:
+def _load(name: str, random_weights: bool, vision_only: bool = False) -> Loaded:
     try:
         if name.startswith("open_clip:"):
             import open_clip
@@ -153,7 +161,7 @@ def _load(name: str, random_weights: bool) -> Loaded:
 
             return Loaded(timm.create_model(name[len("timm:"):], pretrained=not random_weights), "timm", name,
                           not random_weights)
-        return _load_hf(name, random_weights)
+        return _load_hf(name, random_weights, vision_only)
     except UserError:
         raise
     except Exception as e:  # hub unreachable, unknown name, ...
@@ -176,7 +184,7 @@ def fill_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module
     return model
 
 
-def _load_hf(name: str, random_weights: bool) -> Loaded:
+def _load_hf(name: str, random_weights: bool, vision_only: bool = False) -> Loaded:
     is_blip = "blip" in name.lower()
     if is_blip:  # import only the family asked for: each costs seconds on a small CPU
         from transformers import BlipForConditionalGeneration as cls
@@ -186,7 +194,7 @@ def _load_hf(name: str, random_weights: bool) -> Loaded:
         from transformers.initialization import no_init_weights
 
         with no_init_weights():
-            model = cls(_hf_random_config(name))
+            model = cls(_hf_random_config(name, vision_only))
         return Loaded(fill_random(model), "hf_blip" if is_blip else "hf_clip", name, False)
     model = cls.from_pretrained(name)
     from transformers import AutoProcessor
