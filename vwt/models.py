@@ -38,6 +38,7 @@ class Loaded:
         return family_of(self.model).vision(self.model)
 
 
+HF = ("hf_clip", "hf_blip")  # the families whose random text tower ``vision_only`` shrinks
 SMALL_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1)
 
 
@@ -142,7 +143,8 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
             raise
         loaded = _load(name, True, vision_only)
         loaded.note = f"pretrained weights unavailable ({first_line(e, 160)})"
-        print(f"note: {name}: {loaded.note}; using random weights of the same architecture "
+        same = "vision tower (and a one-layer text tower)" if vision_only and loaded.family in HF else "architecture"
+        print(f"note: {name}: {loaded.note}; using random weights of the same {same} "
               "(runtime and energy do not depend on weights)")
     loaded.model.to(device=device, dtype=dtype).eval()
     return loaded
