@@ -9,7 +9,6 @@ ratio is to it.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
@@ -235,22 +234,13 @@ def float_dtype(module) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-def sharing_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``module``'s modules that shares its parameters and buffers: torchao's int8 swaps in new
-    weight tensors and leaves the old ones alone, so the float tower is kept without copying its
-    weights (which takes most of a second for ViT-B on a small CPU)."""
-    shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return copy.deepcopy(module, shared)
-
-
 def quantized(vision):
-    """An int8 copy of the vision tower, or the reason this install cannot make one. On a CPU the copy
-    shares the float weights (torchao replaces them); bitsandbytes on CUDA gets a full copy."""
-    from .quant import quantize
+    """An int8 copy of the vision tower (on a CPU sharing its float weights), or the reason this install
+    cannot make one."""
+    from .quant import quantized_copy
 
-    on_cpu = next(vision.parameters()).device.type == "cpu"
     try:
-        return quantize(sharing_copy(vision) if on_cpu else copy.deepcopy(vision))
+        return quantized_copy(vision)
     except Exception as e:
         return f"not run: {type(e).__name__}: {first_line(e, 200)}"
 

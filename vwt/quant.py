@@ -15,6 +15,7 @@ only the MLP (``c_fc``, ``c_proj``) is int8. open_clip's own ``Attention`` block
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -44,15 +45,30 @@ def quantize(model: nn.Module, backend: str = "auto") -> nn.Module:
     weights, per-row; CPU or CUDA), or "auto": bitsandbytes when the model is on a CUDA device,
     torchao otherwise. Quantizing twice is a no-op for the layers already quantized.
     """
+    chosen, tower = _backend(model, backend), vision_tower(model)
+    if chosen == "bitsandbytes":
+        return _bitsandbytes(model, tower, next(tower.parameters()).device)
+    return _torchao(model, tower)
+
+
+def quantized_copy(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """An int8 copy of ``model`` (as :func:`quantize`), leaving ``model`` as it is. torchao swaps new
+    weight tensors into the copy's Linear modules and leaves the old ones alone, so there the copy
+    shares the float parameters and buffers (copying ViT-B's weights takes most of a second on a small
+    CPU); bitsandbytes casts the whole model to float16 in place, so it gets a full copy."""
+    if _backend(model, backend) == "torchao":
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        return quantize(copy.deepcopy(model, shared), "torchao")
+    return quantize(copy.deepcopy(model), "bitsandbytes")
+
+
+def _backend(model: nn.Module, backend: str) -> str:
+    """``backend`` checked, with "auto" resolved: bitsandbytes when the tower is on a CUDA device."""
     if backend not in BACKENDS:
         raise ValueError(f"vwt.quantize: backend must be one of {BACKENDS}, got {backend!r}")
-    tower = vision_tower(model)
-    param = next(tower.parameters())
     if backend == "auto":
-        backend = "bitsandbytes" if param.device.type == "cuda" else "torchao"
-    if backend == "bitsandbytes":
-        return _bitsandbytes(model, tower, param.device)
-    return _torchao(model, tower)
+        return "bitsandbytes" if next(vision_tower(model).parameters()).device.type == "cuda" else "torchao"
+    return backend
 
 
 def _bitsandbytes(model: nn.Module, tower: nn.Module, device: torch.device) -> nn.Module:
