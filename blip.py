@@ -31,14 +31,13 @@ from pathlib import Path
 
 import vwt
 from vwt import captioning as cap, cli, datasets, distributed, results
-from vwt.captioning import DATA
 from vwt.cli import UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(p, default=cli.DEFAULT_BLIP)
-    cli.add_data_args(p, default="coco", choices=DATA)
+    cli.add_data_args(p, default="coco", choices=cap.data_names())
     cli.add_method_args(p)
     cli.add_protocol_arg(p)
     g = p.add_argument_group("captioning")

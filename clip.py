@@ -31,15 +31,14 @@ import time
 from pathlib import Path
 
 import vwt
-from vwt import cli, distributed, results, zeroshot as zs
+from vwt import cli, distributed, protocol, results, zeroshot as zs
 from vwt.cli import UserError
-from vwt.zeroshot import DATA, GROUPED
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(p)
-    cli.add_data_args(p, default="waterbirds", choices=DATA)
+    cli.add_data_args(p, default="waterbirds", choices=zs.data_names())
     cli.add_method_args(p)
     cli.add_protocol_arg(p)
     g = p.add_argument_group("evaluation")
@@ -77,7 +76,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
         full = cli.check_input_reducers(loaded.vision, cli.reducers_from_args(args, seed=seed, family=loaded.family),
                                         transform.size, device, dtype)
     names = zs.class_names(args, ds)
-    quant_first = args.quant and args.protocol == "paper"  # the paper's text features come from the int8 model
+    quant_first = args.quant and protocol.get(args.protocol).whole_model_int8  # the paper's text features: int8
     if quant_first:
         cli.quantize(loaded.model, args.protocol, loaded.family)
     text = None if loaded.family == "timm" else zs.text_features(loaded, [args.prompt.format(n) for n in names], device)
@@ -112,7 +111,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
         "method": cli.method_name(args),
         "data": args.data + (f"-{args.split}" if args.split else "") + (f" (first {args.limit})" if args.limit else ""),
         "split": args.split, "resplit_per_seed": zs.resplit(args), "images": len(ds), "prompt": args.prompt,
-        "labels": names if args.data in GROUPED else None,
+        "labels": names if zs.task_of(args.data) == "groups" else None,
         "seeds": seeds, "deterministic": deterministic, "runs": runs, "metrics": agg, "summary": summary,
         "config": results.config_of(args),
         "environment": cli.environment(device), "seconds": time.time() - started,

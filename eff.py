@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Optional
 
 import vwt  # noqa: E402
-from vwt import bench, cli, datasets, energy, flops, models, results  # noqa: E402
-from vwt.efficiency import DEFAULT_METHODS, METHODS  # noqa: E402
+from vwt import bench, cli, datasets, energy, flops, models, protocol, results  # noqa: E402
+from vwt.efficiency import default_methods, method_names  # noqa: E402
 
 SHOW = ["config", "batch", "tokens_mean", "gflops_per_image", "latency_ms_median", "latency_ms_p90",
         "speedup_median", "speedup_iqr", "energy_j_per_image", "energy_ratio_median", "power_w_mean",
@@ -77,8 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "latency and energy, and the paper's power run (one NVML reading after each batch); all: "
                         "everything (default)")
     g.add_argument("--methods", default=None,
-                   help=f"comma-separated configurations from {', '.join(METHODS)}, joined with '+' to "
-                        f"combine (e.g. inter+tome+int8), or 'all' (default {DEFAULT_METHODS}). Without "
+                   help=f"comma-separated configurations from {', '.join(method_names())}, joined with '+' to "
+                        f"combine (e.g. inter+tome+int8), or 'all' (default {default_methods()}). Without "
                         "--methods, giving --top_k, --vocab, --tome, --evit, --lgtm or --quant measures base "
                         "and the one configuration those flags describe; with --methods, the flags set the "
                         "named methods' settings (defaults: the paper's). Base is always measured")
@@ -137,7 +137,7 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
     print(f"model {loaded.name} ({loaded.family}), weights: {weights}; device {device}, {args.dtype}; "
           f"data {args.data} ({images.shape[0]} images); protocol {args.protocol}")
     print(f"energy: {meter.note}")
-    paper_data = fx.dataset(args, preprocess, args.limit) if args.protocol == "paper" else None
+    paper_data = fx.dataset(args, preprocess, args.limit) if protocol.get(args.protocol).paper_measurement else None
     run = fx.Run(args, device, meter, images, flops.dense_flops(flops.dims_of(vision)), paper_data)
     threads = bench.measuring_threads(args.threads, device)
     kind = "pretrained" if weights == "pretrained" else "random"
@@ -184,7 +184,7 @@ def show(df, args, meter: energy.Meter, verdicts: dict) -> None:
     if not meter.measurable:
         print(f"energy: {meter.note}: energy and power columns are empty (NaN)")
     reason = bench.paper_power_reader(meter)[1]
-    if args.protocol == "paper" and args.metric in ("watt", "all") and reason:
+    if protocol.get(args.protocol).paper_measurement and args.metric in ("watt", "all") and reason:
         print(reason)
     for verdict in verdicts.values():
         print(verdict["line"])

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import vwt
-from vwt import cli, datasets, distributed, metrics, results
+from vwt import cli, datasets, distributed, methods, metrics, protocol, results
 from vwt.cli import UserError
 from vwt.tokenizer import tokenize
 
@@ -63,11 +63,11 @@ def seeded(args) -> argparse.Namespace:
     seed_<N> / -seed<N> folder), else 1 (the paper's frequency figure); none otherwise."""
     import re
 
-    resplit = args.protocol == "paper" and args.data in datasets.CONFOUNDED
-    if args.seed is None and resplit:
+    rules = protocol.get(args.protocol)
+    if args.seed is None and rules.resplits(datasets.row(args.data).resplit):
         found = cli.vocab_path(args)
         learned = re.fullmatch(r"(?:seed_|v\d+-seed)(\d+)", found.parent.name) if found is not None else None
-        args.seed = int(learned.group(1)) if learned else 1
+        args.seed = int(learned.group(1)) if learned else rules.len_seed
     if args.vocab_path is None and args.vocab is not None:
         args.vocab_path = cli.vocab_path(args, seed=args.seed)
     return args
@@ -76,7 +76,8 @@ def seeded(args) -> argparse.Namespace:
 def data_for(args, own: datasets.Preprocess):
     """The images to count, with the protocol's preprocessing (the paper's for the data set at the
     model's size and normalisation, or the model's own) and split (the seed's re-split under paper)."""
-    pre = own if args.protocol == "standard" else datasets.transform_for(args.data, "paper", own.size, own.mean, own.std)
+    pre = (datasets.transform_for(args.data, image_size=own.size, mean=own.mean, std=own.std, data_preprocessing=True)
+           if protocol.get(args.protocol).data_preprocessing else own)
     return datasets.load(args.data, args.data_root, pre, split=args.split, seed=args.seed, protocol=args.protocol,
                          limit=args.max_images)
 
@@ -85,9 +86,11 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     """Run len.py. ``loaded`` (tests only) replaces --model with an already-loaded model."""
     args = parse_args(argv)
     cli.at_least_one(args, "batch", "max_images")
-    if any(getattr(args, k) is not None for k in ("tome", "evit", "lgtm")) or args.quant:
-        raise UserError("len.py counts the tokens the VWT tokenizer leaves: use --vocab/--vocab-path or --top_k, "
-                        "not --tome/--evit/--lgtm/--quant")
+    others = [m for m in methods.rows() if m.kind != "input"]
+    if any(getattr(args, m.dest, None) not in (None, False) for m in others):
+        inputs = " or ".join(m.flag for m in methods.rows("input"))
+        raise UserError(f"len.py counts the tokens the VWT tokenizer leaves: use {inputs}, "
+                        f"not {'/'.join(m.flag for m in others)}")
     if args.bucket:  # accepted like every script's data flags, so one command line serves them all
         print("note: len.py runs only the tokenizer, which pads nothing: --bucket changes nothing here")
     args = seeded(args)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import vwt
-from vwt import cli, results, vis
+from vwt import cli, methods, results, vis
 from vwt import datasets
 from vwt.datasets import preprocess_for
 from vwt.patch import patch_info
@@ -67,10 +67,12 @@ def figure_dir(args, loaded) -> Path:
 
 
 def in_network(args) -> bool:
-    return any(getattr(args, k) is not None for k in ("tome", "evit", "lgtm"))
+    return any(getattr(args, m.dest, None) is not None for m in methods.rows("block"))
 
 
-METHOD_FLAGS = ("top_k", "vocab", "vocab_path", "tome", "evit", "lgtm")
+def method_flags() -> tuple:
+    """The flags that choose a reducer (the method table's input and in-network rows, and --vocab-path)."""
+    return tuple(m.dest for m in methods.rows() if m.kind != "int8") + ("vocab_path",)
 DEFAULTS = (dict(top_k=0.5), dict(vocab=100, vocab_data="samples"))
 
 
@@ -98,7 +100,7 @@ def run(args, loaded=None) -> dict:
         raise cli.UserError(f"--alpha is an opacity in (0, 1]; got {args.alpha}")
     device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
     cli.writable_dir(Path(args.out) / "figures" / "match")
-    if all(getattr(args, k) is None for k in METHOD_FLAGS):
+    if all(getattr(args, k, None) is None for k in method_flags()):
         print("no method flag: drawing VWT intra-image (--top_k 0.5) and inter-image (--vocab 100 --vocab-data "
               "samples)", file=sys.stderr)
         loaded = loaded or load(args, device, dtype)

@@ -33,19 +33,17 @@ from pathlib import Path
 import torch
 
 import vwt
-from vwt import cli, datasets, distributed, results
+from vwt import cli, datasets, distributed, protocol, results
 from vwt.cli import UserError
 from vwt.results import slug
 from vwt.tokenizer import tokenize
 from vwt.vocab import INIT, INITS, MAX_POINTS_PER_CENTROID, NITER, patch_embedder
 
-DATA = cli.PROCESS_DATA
-PER_SEED = ("waterbirds", "celeba", "meta")  # learned once per seed (the paper's seeds 1-3) under paper
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="imgnet", choices=DATA, help="data set to learn the words on (default imgnet)")
+    p.add_argument("--data", default="imgnet", choices=datasets.names(learnable=True), help="data set to learn the words on (default imgnet)")
     p.add_argument("--data-root", default="data", type=Path, help="where data sets live (default data/)")
     p.add_argument("--split", default=None,
                    help="split to read (default train; samples has none; COCO train needs Karpathy's dataset_coco.json)")
@@ -87,7 +85,8 @@ def parse_args(argv=None):
 
 def settle(args) -> None:
     """Fill the defaults that depend on the protocol, the k-means and the data; refuse bad values."""
-    args.kmeans = args.kmeans or ("paper" if args.protocol == "paper" else "fast")
+    rules = protocol.get(args.protocol)
+    args.kmeans = args.kmeans or rules.kmeans
     fast = args.kmeans == "fast"
     for flag in ("niter", "init", "max_points_per_centroid"):
         if getattr(args, flag) is not None and not fast:
@@ -100,7 +99,7 @@ def settle(args) -> None:
             args.max_points_per_centroid = MAX_POINTS_PER_CENTROID
     args.batch = args.batch or (32 if fast else 1024)
     if args.seeds is None:
-        args.seeds = [1, 2, 3] if args.protocol == "paper" and args.data in PER_SEED else [0]
+        args.seeds = rules.seeds_for(True) if rules.vocab_per_seed and datasets.row(args.data).resplit else [0]
     args.model = args.model or (cli.DEFAULT_BLIP if args.data == "coco" else cli.DEFAULT_CLIP)
     for flag in ("vocab", "batch") + (("niter", "max_points_per_centroid") if fast else ()):
         if getattr(args, flag) < 1:
@@ -145,7 +144,8 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     if loaded is None:  # pixel-space words do not depend on the weights
         loaded = cli.load_model(args.model, device, dtype, fallback_random=args.space == "pixel")
     own = datasets.preprocess_for(loaded.model)
-    pre = own if args.protocol == "standard" else datasets.transform_for(args.data, args.protocol, image_size=own.size)
+    rules = protocol.get(args.protocol)
+    pre = datasets.transform_for(args.data, image_size=own.size) if rules.process_data_preprocessing else own
     blank = torch.zeros(1, 3, own.size, own.size, device=device, dtype=dtype)
     patch_size = tokenize(loaded.vision, None, blank)[1].patch_size
     vocabs = {}
@@ -161,7 +161,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
             continue
         data = sets[seed]
         data.transform = pre
-        if args.protocol == "paper" and args.data == "coco":
+        if rules.process_coco_per_caption and datasets.row(args.data).task == "captions":
             data = per_caption(data)
         with torch.inference_mode():
             vocabs[seed] = learn(args, seed, data, split, loaded, pre, patch_size, device, dtype)

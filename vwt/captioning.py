@@ -13,14 +13,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import datasets, distributed, metrics, results
+from . import datasets, distributed, methods, metrics, results
 from .batching import batch_order
 from .errors import UserError
 from .methods import method_name
 from .patch import describe_tokens, stats
+from .protocol import get as get_protocol
 from .vocab_files import vocab_path
 
-DATA = ("coco", "nocaps")
+
+
+def data_names() -> tuple:
+    """The data sets blip.py captions: the data-set table's rows of task "captions"."""
+    return datasets.names("captions")
 HEADLINE = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
 
@@ -28,10 +33,12 @@ def caption_settings(args):
     """Fill in the decoding settings left to the protocol: the prompt (none under paper: the paper's
     ``utils/dec.py`` calls ``generate`` without input ids, so decoding starts from BOS; 'a picture of '
     under standard) and the max length (20, or 40 with a length penalty above 1, as the paper's)."""
+    protocol = get_protocol(args.protocol)
+    _, _, max_length, penalised = protocol.caption_lengths  # (beams, min length: the flags default to the same)
     if args.prompt is None:
-        args.prompt = "" if args.protocol == "paper" else "a picture of "
+        args.prompt = protocol.caption_prompt
     if args.max_length is None:
-        args.max_length = 40 if args.penalty > 1 else 20
+        args.max_length = penalised if args.penalty > 1 else max_length
     return args
 
 
@@ -52,7 +59,8 @@ def run_config(args, model_name: str) -> dict:
     """What the captions depend on: a resumed run must match it."""
     keys = ("data", "split", "beams", "max_length", "min_length", "penalty", "prompt", "protocol", "dtype", "top_k",
             "vocab", "vocab_path", "vocab_data", "imgnet", "thresh", "random", "prop_attn", "tome", "evit", "lgtm",
-            "quant")
+            "quant")  # the order of the header's keys; a method row added later is appended
+    keys += tuple(m.dest for m in methods.rows() if m.dest not in keys)
     cfg = results.config_of({k: getattr(args, k, None) for k in keys})
     vocab_file = vocab_path(args)  # the file --vocab resolves to (in-domain or ImageNet's)
     cfg.update(model=model_name, method=method_name(args), seed=args.seed if args.random else None,
@@ -213,7 +221,7 @@ def caption_lines(args, loaded, batch, prompt_ids, device, dtype) -> list[dict]:
 def refs_source(args) -> str:
     """Where the references come from: BLIP's coco_karpathy_<split>_gt.json under paper where present
     (the file the paper scores against), else the data set's own captions."""
-    if getattr(args, "protocol", "paper") == "paper" and args.data == "coco":
+    if get_protocol(getattr(args, "protocol", None)).coco_blip_references and args.data == "coco":
         if datasets.coco_gt_references(args.data_root, args.split or "test") is not None:
             return f"coco_karpathy_{args.split or 'test'}_gt.json"
     return "data set captions"

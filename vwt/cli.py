@@ -15,18 +15,18 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from . import distributed, metrics
+from . import distributed, methods, metrics, protocol
 # re-exported for the scripts: the library's own definitions, in one place each
 from .batching import batch_order  # noqa: F401
 from .errors import UserError, first_line  # noqa: F401
-from .methods import (IN_NETWORK, INPUT_FLAGS, PAPER_FAMILIES, build_reducers, check_methods,  # noqa: F401
-                      method_label, method_name, quantize, reducers_from_args)
+from .methods import (PAPER_FAMILIES, build_reducers, check_methods, method_label, method_name,  # noqa: F401
+                      quantize, reducers_from_args)
 from .models import (DEFAULT_BLIP, DEFAULT_CLIP, HUB_TIMEOUT, Loaded, fill_random, go_offline,  # noqa: F401
                      hub_reachable, load_model)
 from .patch import describe_tokens  # noqa: F401
 from .results import model_label, write_json, writable_dir  # noqa: F401
 from .tokenizer import tokenize
-from .vocab_files import (IN_DOMAIN, PROCESS_DATA, missing_vocab_hint, read_vocabulary,  # noqa: F401
+from .vocab_files import (missing_vocab_hint, read_vocabulary,  # noqa: F401
                           samples_vocabulary, tokenizer_dir, vocab_candidates, vocab_data, vocab_path)
 
 
@@ -75,40 +75,19 @@ def add_data_args(p: argparse.ArgumentParser, default: str = "samples", choices=
     g.add_argument("--out", default="results", type=Path, help="output folder (default results/)")
 
 
-PROTOCOLS = ("paper", "standard")
 
 
 def add_protocol_arg(p: argparse.ArgumentParser) -> None:
     """``--protocol paper|standard``: ``paper`` (default) reproduces what the VWT paper's code did;
     ``standard`` uses this project's choices where they are better for a user (README, protocol table)."""
-    p.add_argument("--protocol", default="paper", choices=PROTOCOLS,
+    p.add_argument("--protocol", default=protocol.DEFAULT.name, choices=list(protocol.PROTOCOLS),
                    help="paper (default): as the VWT paper's code ran it; standard: this project's choices "
                         "(official ToMe, vision-tower int8, ...); the README's protocol table lists each difference")
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("methods (one input reducer + one in-network reducer, optionally --quant)")
-    g.add_argument("--top_k", type=float, default=None, metavar="DROP",
-                   help="VWT intra-image: fraction of patches to drop (lowest pixel variance)")
-    g.add_argument("--vocab", type=int, default=None, metavar="SIZE",
-                   help="VWT inter-image: vocabulary size, read from process.py's folders "
-                        "tokenizers/<vocab data>/v<SIZE>/[seed_<N>/]vocab.pt")
-    g.add_argument("--vocab-path", type=Path, default=None,
-                   help="VWT inter-image: a vocab.pt (ours or the published ones) instead of --vocab; "
-                        "'{seed}' in it picks one per seed")
-    g.add_argument("--vocab-data", default=None,
-                   help="data set the --vocab vocabulary was learned on (default: under --protocol paper the "
-                        "evaluated data set's own, COCO's for NoCaps, ImageNet's for OpenImages; under "
-                        "--protocol standard imgnet)")
-    g.add_argument("--imgnet", action="store_true",
-                   help="use the ImageNet vocabulary (tokenizers/imgnet/v<SIZE>/), as the paper's --imgnet True")
-    g.add_argument("--thresh", type=float, default=0.1, help="VWT inter-image: cosine-distance threshold")
-    g.add_argument("--random", action="store_true", help="VWT ablation: random drop / random matching scores")
-    g.add_argument("--prop-attn", action="store_true", help="VWT inter-image: proportional attention")
-    g.add_argument("--tome", type=int, default=None, metavar="R", help="ToMe: merge R tokens per block")
-    g.add_argument("--evit", type=float, default=None, metavar="KEEP", help="EViT: keep rate at its layers")
-    g.add_argument("--lgtm", type=int, default=None, metavar="R", help="DFE + LGTM: merge R tokens per block")
-    g.add_argument("--quant", action="store_true", help="int8 linear layers (bitsandbytes on CUDA, torchao on CPU)")
+    """The method flags, one per row of the method table (``vwt.methods.METHODS``)."""
+    methods.add_method_args(p)
 
 
 def add_workers_and_summary(g, task: str, verb: str) -> None:

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from .backends import find
 from .backends.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: F401  (re-exported)
 from .errors import UserError, first_line
+from .protocol import Protocol, get as get_protocol
 
 SAMPLE_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
                 "retina", "camera", "coins", "brick", "grass", "moon")
@@ -84,26 +85,28 @@ class PaperPreprocess(Preprocess):
 
 
 CELEBA_CROP = 178  # the aligned CelebA images are 178 x 218: the paper crops the central square
-CAPTION_DATA = ("coco", "nocaps")
 
 
-def transform_for(name: str, protocol: str = "paper", image_size: Optional[int] = None,
-                  mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD) -> Preprocess:
+def transform_for(name: str, protocol: Union[str, Protocol] = "paper", image_size: Optional[int] = None,
+                  mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
+                  data_preprocessing: Optional[bool] = None) -> Preprocess:
     """The preprocessing of data set ``name`` under ``protocol``: PIL image -> normalised tensor.
 
-    ``paper``: the transform the paper's loader of that data set applies (see :class:`PaperPreprocess`);
-    ``standard``: this project's, the model's own (short side to the size, bicubic, centre crop; COCO
-    and NoCaps resized to a square). ``image_size`` defaults to the protocol's: 384 for COCO and NoCaps
-    (BLIP), 224 otherwise. ``mean``/``std``: CLIP's, as every loader of the paper normalises."""
-    if protocol not in ("paper", "standard"):
-        raise ValueError(f"unknown protocol {protocol!r}; choose paper or standard")
-    caption = name in CAPTION_DATA
-    size = int(image_size or (384 if caption else 224))
+    With the data set's own preprocessing (``protocol.data_preprocessing``, the paper's; or
+    ``data_preprocessing`` given explicitly): the transform the paper's loader of that data set applies
+    (its table row's ``paper_transform``, see :class:`PaperPreprocess`); otherwise this project's, the
+    model's own (short side to the size, bicubic, centre crop; COCO and NoCaps resized to a square).
+    ``image_size`` defaults to the data set's: 384 for COCO and NoCaps (BLIP), 224 otherwise.
+    ``mean``/``std``: CLIP's, as every loader of the paper normalises."""
+    if data_preprocessing is None:
+        data_preprocessing = get_protocol(protocol).data_preprocessing
+    row = DATASETS.get(name)
+    caption = row is not None and row.task == "captions"
+    size = int(image_size or (row.image_size if row is not None else 224))
     mean, std = tuple(mean), tuple(std)
-    if protocol == "standard":
+    if not data_preprocessing:
         return Preprocess(size, mean, std, crop=not caption)
-    mode = "square" if caption else "celeba" if name == "celeba" else "resize-crop"
-    return PaperPreprocess(size, mean, std, crop=not caption, mode=mode)
+    return PaperPreprocess(size, mean, std, crop=not caption, mode=row.paper_transform if row else "resize-crop")
 
 
 def preprocess_for(model: nn.Module) -> Preprocess:
@@ -174,13 +177,12 @@ LAYOUTS = {
     "nocaps": "<root>/nocaps/{nocaps_val_4500_captions.json, val/<file_name>}",
     "imgnet": "<root>/imagenet/{train,val}/<synset id>/*.JPEG (val sorted into synset folders)",
 }
-NAMES = ("samples", "waterbirds", "celeba", "meta", "openimages-common", "openimages-rare", "coco", "nocaps",
-         "imgnet")
 
 
 def layout(name: str) -> str:
     """The expected layout of a data set, as error messages and data/README.md give it."""
-    return LAYOUTS.get("openimages" if name.startswith("openimages") else name, "")
+    row = DATASETS.get(name)
+    return row.layout if row is not None else LAYOUTS.get(name, "")
 
 
 def _where(name: str) -> str:
@@ -262,8 +264,6 @@ def _read_csv(name: str, path: Path, columns: Sequence[str]):
 
 
 WATERBIRDS_DIR = "waterbird_complete95_forest2water2"
-CONFOUNDED = ("waterbirds", "celeba", "meta")
-PAPER_SEEDS = (1, 2, 3)
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 # Class names, in label order, and the zero-shot template, as the paper's loaders give them (CelebA's
@@ -272,6 +272,7 @@ TEMPLATE = "a photo of a {}"
 CLASSNAMES = {"waterbirds": ("landbird", "waterbird"), "celeba": ("non-blond", "blond"), "meta": ("dog", "cat")}
 STANDARD_CLASSNAMES = {"waterbirds": ("landbird", "waterbird"), "celeba": ("non-blond person", "blond person"),
                        "meta": ("cat", "dog")}
+CLASS_NAME_TABLES = {"paper": CLASSNAMES, "standard": STANDARD_CLASSNAMES}  # by Protocol.class_names
 GROUP_NAMES = {"waterbirds": ("landbird on land", "landbird on water", "waterbird on land", "waterbird on water"),
                "celeba": ("not blond, female", "not blond, male", "blond, female", "blond, male"),
                "meta": ("dog outdoor", "dog indoor", "cat outdoor", "cat indoor")}
@@ -305,20 +306,16 @@ def _select(name: str, table, split: str, seed: Optional[int]):
     return table.iloc[paper_resplit(table["split"].to_numpy(), table["group"].to_numpy(), int(seed))[split]]
 
 
-def _confounded(name: str, base: Path, table, split: str, seed, protocol: str, transform, extra: str) -> "ImageRecords":
+def _confounded(name: str, base: Path, table, split: str, seed, class_names: str, transform,
+                extra: str) -> "ImageRecords":
     rows = _select(name, table, split, seed)
     records = [{"path": str(base / f), "image_id": f, "index": int(i), "label": int(y), extra: int(c),
                 "group": int(g)} for i, f, y, c, g in zip(rows.index, rows["file"], rows["y"], rows["c"], rows["group"])]
-    names = CLASSNAMES if protocol == "paper" else STANDARD_CLASSNAMES
-    return ImageRecords(name, records, transform, classes=names[name], group_names=GROUP_NAMES[name])
+    return ImageRecords(name, records, transform, classes=CLASS_NAME_TABLES[class_names][name],
+                        group_names=GROUP_NAMES[name])
 
 
-def _check_protocol(protocol: str) -> None:
-    if protocol not in ("paper", "standard"):
-        raise UserError(f"unknown protocol {protocol!r}; choose paper or standard")
-
-
-def waterbirds(root: Path, transform, split=None, seed=None, protocol="paper") -> ImageRecords:
+def waterbirds(root: Path, transform, split=None, seed=None, class_names: str = "paper") -> ImageRecords:
     """Waterbirds (Sagawa et al. 2020): y 0 landbird / 1 waterbird, place 0 land / 1 water, split column
     0/1/2 = train/val/test (default test); group = 2 * y + place. Read from the paper's ``<root>/cub/``
     (metadata.csv and the image folders), ``<root>/waterbirds/waterbird_complete95_forest2water2/`` or
@@ -328,10 +325,10 @@ def waterbirds(root: Path, transform, split=None, seed=None, protocol="paper") -
     base = next((c for c in candidates if (c / "metadata.csv").exists()), candidates[1])
     df = _read_csv("waterbirds", base / "metadata.csv", ("img_filename", "y", "split", "place"))
     table = df.assign(file=df["img_filename"], c=df["place"].astype(int), group=2 * df["y"].astype(int) + df["place"].astype(int))
-    return _confounded("waterbirds", base, table, split, seed, protocol, transform, "place")
+    return _confounded("waterbirds", base, table, split, seed, class_names, transform, "place")
 
 
-def celeba(root: Path, transform, split=None, seed=None, protocol="paper") -> ImageRecords:
+def celeba(root: Path, transform, split=None, seed=None, class_names: str = "paper") -> ImageRecords:
     """CelebA (Liu et al. 2015), the public CSVs: target Blond_Hair, groups by Male (attributes are -1/1);
     list_eval_partition 0/1/2 = train/val/test (default test); group = 2 * blond + male, rows in the
     order of list_attr_celeba.csv. The images may sit in ``img_align_celeba/`` or the Kaggle copy's
@@ -349,7 +346,7 @@ def celeba(root: Path, transform, split=None, seed=None, protocol="paper") -> Im
                         f"{df['image_id'][df['partition'].isna()].iloc[0]}{_where('celeba')}")
     y, male = (df["Blond_Hair"] == 1).astype(int), (df["Male"] == 1).astype(int)
     table = df.assign(file=df["image_id"], y=y, c=male, group=2 * y + male, split=df["partition"].astype(int))
-    return _confounded("celeba", images, table, split, seed, protocol, transform, "male")
+    return _confounded("celeba", images, table, split, seed, class_names, transform, "male")
 
 
 METASHIFT_DIR = "MetaShift-Cat-Dog-indoor-outdoor"
@@ -400,22 +397,23 @@ def _metashift_base(root: Path) -> Path:
     return _need("meta", "folder", root / "metashift" / METASHIFT_DIR)
 
 
-def metashift(root: Path, transform, split=None, seed=None, protocol="paper") -> ImageRecords:
+def metashift(root: Path, transform, split=None, seed=None, generated: bool = True,
+              class_names: str = "paper") -> ImageRecords:
     """MetaShift cat/dog (Liang and Zou 2022), the authors' indoor/outdoor release, under ``<root>/meta/``
     (the paper's path) or ``<root>/metashift/MetaShift-Cat-Dog-indoor-outdoor/``.
 
-    ``paper``: the paper's split, ``metadata.csv`` beside the images (generated once by
+    ``generated`` (the paper's): its split, ``metadata.csv`` beside the images (generated once by
     :func:`metashift_metadata`, then reused): label 0 dog / 1 cat, place 1 indoor, group = 2 * label +
-    place, default split test, ``seed`` re-splits as for Waterbirds. ``standard``: the release's folders,
+    place, default split test, ``seed`` re-splits as for Waterbirds. Otherwise the release's folders,
     ``train`` = cat(indoor) + dog(outdoor), ``test`` = cat(outdoor) + dog(indoor), default ``all`` (every
     group present); label 0 cat / 1 dog, context 0 indoor / 1 outdoor, group = 2 * label + context."""
     base = _metashift_base(root)
-    if protocol == "paper":
+    if generated:
         split = _split("meta", split, ("train", "val", "test"), "test")
         df = _read_csv("meta", metashift_metadata(base), ("img_filename", "y", "place", "split"))
         table = df.assign(file=df["img_filename"], c=df["place"].astype(int),
                           group=2 * df["y"].astype(int) + df["place"].astype(int))
-        return _confounded("meta", base, table, split, seed, protocol, transform, "place")
+        return _confounded("meta", base, table, split, seed, class_names, transform, "place")
     split = _split("meta", split, ("train", "test", "all"), "all")
     records = []
     for part in (("train", "test") if split == "all" else (split,)):
@@ -478,21 +476,21 @@ def _coco_file(base: Path, filename: str) -> Path:
                 base / "annotations" / filename)
 
 
-def coco(root: Path, transform, split=None, protocol="paper") -> ImageRecords:
+def coco(root: Path, transform, split=None, per_caption: bool = True) -> ImageRecords:
     """COCO 2014 with the Karpathy split (default test, 5000 images). Reads BLIP's
     ``coco_karpathy_<split>.json`` (a list of {"image", "caption": [...]}; in ``<root>/coco/`` as the
     paper's code keeps it, or in ``<root>/coco/annotations/``), or else Karpathy's ``dataset_coco.json``
     ({"images": [{"filepath", "filename", "split", "cocoid", "sentences"}]}). Records carry "image_id"
-    (the COCO id) and "captions". The train split under ``paper`` is BLIP's train file as the paper's
-    vocabulary learning reads it, one record per caption (an image about five times); under
-    ``standard`` every train (and restval) image once, from Karpathy's file."""
+    (the COCO id) and "captions". The train split with ``per_caption`` (the paper's) is BLIP's train
+    file as the paper's vocabulary learning reads it, one record per caption (an image about five
+    times); otherwise every train (and restval) image once, from Karpathy's file."""
     split = _split("coco", split, ("train", "val", "test"), "test")
     base = root / "coco"
     blip = _coco_file(base, f"coco_karpathy_{split}.json")
     karpathy = base / "dataset_coco.json"
     records = []
     expected = 'a list of {"image": "val2014/<file>", "caption": [...]}'
-    if blip.exists() and split == "train" and protocol == "paper":
+    if blip.exists() and split == "train" and per_caption:
         with _structure("coco", blip, 'a list of {"image": "train2014/<file>", "caption": "..."}'):
             for item in _read_json("coco", blip):
                 caption = item["caption"]
@@ -600,34 +598,125 @@ def _read_json(name: str, path: Path):
         raise UserError(f"{name}: {path} is not valid JSON ({e}){_where(name)}") from None
 
 
+# --------------------------------------------------------------------------------------------------
+# The data-set table: one row per data set; a new data set is one reader, one row and one fixture
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataSet:
+    """One data set: how to read it and what the scripts do with it.
+
+    ``read(root, transform, split, seed, protocol)`` returns the records (``seed`` is given only where
+    the protocol re-splits this data set); ``task``: "groups" (label + group: average and worst-group
+    accuracy), "tags" (multi-label mAP), "top1" (a classifier's top-1), "captions" or "images" (no
+    labels); ``resplit``: the paper's seeds re-split it; ``paper_transform``: its loader's preprocessing
+    (:class:`PaperPreprocess` mode); ``vocab``: the data set whose vocabulary is its in-domain one;
+    ``learnable``: process.py learns vocabularies on it; ``image_size``: its default input size."""
+
+    name: str
+    read: Callable
+    layout: str
+    task: str
+    resplit: bool = False
+    paper_transform: str = "resize-crop"
+    vocab: Optional[str] = None
+    learnable: bool = False
+    image_size: int = 224
+
+    @property
+    def in_domain(self) -> str:
+        return self.vocab or self.name
+
+
+def _samples(root, transform, split, seed, protocol):
+    return Samples(transform)
+
+
+def _openimages(subset: str) -> Callable:
+    return lambda root, transform, split, seed, protocol: openimages(root, transform, subset, split)
+
+
+def _plain(reader: Callable) -> Callable:
+    return lambda root, transform, split, seed, protocol: reader(root, transform, split=split)
+
+
+def _confounder(reader: Callable) -> Callable:
+    return lambda root, transform, split, seed, protocol: reader(root, transform, split=split, seed=seed,
+                                                                 class_names=protocol.class_names)
+
+
+DATASETS: dict = {}
+
+
+def register(row: DataSet) -> DataSet:
+    """Add (or replace) a data set's row: every script that reads ``DATASETS`` accepts it."""
+    DATASETS[row.name] = row
+    return row
+
+
+for _row in (
+    DataSet("samples", _samples, LAYOUTS["samples"], "images", learnable=True),
+    DataSet("waterbirds", _confounder(waterbirds), LAYOUTS["waterbirds"], "groups", resplit=True, learnable=True),
+    DataSet("celeba", _confounder(celeba), LAYOUTS["celeba"], "groups", resplit=True, paper_transform="celeba",
+            learnable=True),
+    DataSet("meta", lambda root, transform, split, seed, protocol: metashift(
+        root, transform, split=split, seed=seed, generated=protocol.metashift_generated,
+        class_names=protocol.class_names), LAYOUTS["meta"], "groups", resplit=True, learnable=True),
+    DataSet("openimages-common", _openimages("common"), LAYOUTS["openimages"], "tags", vocab="imgnet"),
+    DataSet("openimages-rare", _openimages("rare"), LAYOUTS["openimages"], "tags", vocab="imgnet"),
+    DataSet("coco", lambda root, transform, split, seed, protocol: coco(
+        root, transform, split, per_caption=protocol.coco_train_per_caption), LAYOUTS["coco"], "captions",
+        paper_transform="square", learnable=True, image_size=384),
+    DataSet("nocaps", _plain(nocaps), LAYOUTS["nocaps"], "captions", paper_transform="square", vocab="coco",
+            image_size=384),
+    DataSet("imgnet", _plain(imagenet), LAYOUTS["imgnet"], "top1", learnable=True),
+):
+    register(_row)
+
+
+def names(task: Optional[str] = None, **where) -> tuple:
+    """The data sets' names in table order, those of ``task`` (a string or a tuple of them) and with the
+    given row attributes (e.g. ``resplit=True``, ``learnable=True``) only."""
+    tasks = (task,) if isinstance(task, str) else task
+    return tuple(r.name for r in DATASETS.values() if (tasks is None or r.task in tasks)
+                 and all(getattr(r, k) == v for k, v in where.items()))
+
+
+def row(name: str) -> DataSet:
+    """The table row of ``name``; an unknown data set is a one-line UserError listing the known ones."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise UserError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}") from None
+
+
+def __getattr__(attr: str):  # the name lists, read from the table when asked (rows may be registered later)
+    if attr == "NAMES":
+        return tuple(DATASETS)
+    if attr == "CONFOUNDED":
+        return names(resplit=True)
+    if attr == "CAPTION_DATA":
+        return names("captions")
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
 def load(name: str, root, transform: Optional[Callable], split: Optional[str] = None, seed: Optional[int] = None,
-         protocol: str = "paper", limit: Optional[int] = None) -> torch.utils.data.Dataset:
-    """The data set ``name`` (see NAMES) under the data root, yielding (transform(image), record).
+         protocol: Union[str, Protocol] = "paper", limit: Optional[int] = None) -> torch.utils.data.Dataset:
+    """The data set ``name`` (a row of ``DATASETS``) under the data root, yielding (transform(image), record).
 
     Records carry what the tasks need: "path", "image_id", and "label" + "group" (grouped data),
     "labels" (OpenImages tag indices), "captions" (COCO, NoCaps). ``split`` None picks the evaluation
-    split; ``seed`` under ``protocol`` paper re-splits Waterbirds, CelebA and MetaShift as the paper's
-    code does (it uses seeds 1, 2, 3; see paper_resplit); None, the other data sets and the standard
-    protocol keep the one fixed split. ``protocol`` also picks MetaShift's split, the class names and
+    split; ``seed`` re-splits a data set whose row says ``resplit`` where ``protocol.resplit`` (the
+    paper's code uses seeds 1, 2, 3; see paper_resplit); None, the other data sets and the standard
+    protocol keep the one fixed split. ``protocol`` also gives MetaShift's split, the class names and
     COCO's train records (see each reader); ``limit`` keeps the first records. A missing file is a
     one-line UserError naming it and the expected layout."""
-
-    root = Path(root)
-    _check_protocol(protocol)
-    seed = seed if protocol == "paper" else None  # standard: the release's fixed split for every seed
-    if name == "samples":
-        return Samples(transform, limit=limit)
-    confounded = {"waterbirds": waterbirds, "celeba": celeba, "meta": metashift}
-    readers = {"coco": lambda r, t, split: coco(r, t, split, protocol), "nocaps": nocaps, "imgnet": imagenet,
-               "openimages-common": lambda r, t, split: openimages(r, t, "common", split),
-               "openimages-rare": lambda r, t, split: openimages(r, t, "rare", split)}
-    if name in confounded:
-        ds = confounded[name](root, transform, split=split, seed=seed, protocol=protocol)
-    elif name in readers:
-        ds = readers[name](root, transform, split=split)
-    else:
-        raise UserError(f"unknown data set {name!r}; choose one of {', '.join(NAMES)}")
+    protocol = get_protocol(protocol)
+    entry = row(name)
+    seed = seed if protocol.resplits(entry.resplit) else None  # standard: the release's fixed split for every seed
+    ds = entry.read(Path(root), transform, split, seed, protocol)
     if limit is not None:
+        if hasattr(ds, "items"):
+            ds.items = ds.items[:limit]
         ds.records = ds.records[:limit]
     return ds
 

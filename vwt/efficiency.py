@@ -20,21 +20,40 @@ from typing import Callable, Optional
 
 import torch
 
-from . import bench, datasets, energy, flops, results
+from . import bench, datasets, energy, flops, methods, results
 from .backends import family_of
 from .batching import buckets, bucketing, input_reducer
 from .errors import UserError, first_line
 from .methods import build_reducers, method_label
 from .models import Loaded, load_model
 from .patch import patch, stats, token_stats, unpatch
+from .protocol import get as get_protocol
 from .vocab import Vocabulary
 from .vocab_files import read_vocabulary, samples_vocabulary, tokenizer_dir
 
-PAPER = {"top_k": 0.5, "vocab": 1000, "thresh": 0.1, "tome": 13, "evit": 0.7}
-INPUT_METHODS = ("intra", "inter")
-BLOCK_METHODS = ("tome", "evit", "lgtm")
-METHODS = ("base",) + INPUT_METHODS + BLOCK_METHODS + ("int8",)
-DEFAULT_METHODS = "base,intra,inter,tome,evit,lgtm,int8"
+def paper_settings() -> dict:
+    """Each method's setting in the paper (the method table's defaults: what eff.py measures unless a
+    flag says otherwise), and the inter-image threshold."""
+    return dict({m.dest: m.default for m in methods.rows() if m.kind != "int8"}, thresh=0.1)
+
+
+def method_names() -> tuple:
+    """The words of --methods: base and every row of the method table."""
+    return ("base",) + tuple(m.name for m in methods.rows())
+
+
+def default_methods() -> str:
+    """What eff.py measures without --methods: base and every method alone."""
+    return ",".join(method_names())
+
+
+def __getattr__(attr: str):  # the former constants, read from the table when asked (rows may be registered later)
+    table = {"PAPER": paper_settings, "METHODS": method_names, "DEFAULT_METHODS": default_methods,
+             "INPUT_METHODS": lambda: tuple(m.name for m in methods.rows("input")),
+             "BLOCK_METHODS": lambda: tuple(m.name for m in methods.rows("block"))}
+    if attr in table:
+        return table[attr]()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 COLUMNS = ["model", "weights", "device", "dtype", "data", "protocol", "method", "config", "batch", "bucket", "rounds", "calls",
            "images", "tokens_in", "tokens_mean", "gflops_per_image", "flops_ratio", "latency_ms_median",
            "latency_ms_p90", "batch_ms_median", "throughput_img_s", "speedup_median", "speedup_iqr", "power_w_mean",
@@ -60,27 +79,26 @@ class Config:
 
 
 def settings(args) -> dict:
-    """Each method's setting: the flag where given, else the paper's."""
-    s = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PAPER.items()}
-    from .merge import LGTM
-
-    s["lgtm"] = args.lgtm if args.lgtm is not None else LGTM().r
-    return s
+    """Each method's setting: the flag where given, else the paper's (the method table's default)."""
+    return {k: getattr(args, k, None) if getattr(args, k, None) is not None else v
+            for k, v in paper_settings().items()}
 
 
 def reducer_settings(names, s: dict) -> dict:
-    """vwt.methods.build_reducers's keyword settings for the named methods (None for the others)."""
-    return dict(top_k=s["top_k"] if "intra" in names else None, tome=s["tome"] if "tome" in names else None,
-                evit=s["evit"] if "evit" in names else None, lgtm=s["lgtm"] if "lgtm" in names else None)
+    """vwt.methods.build_reducers's keyword values for the named methods (None for the others; the
+    vocabulary, a loaded object, is the caller's)."""
+    return {m.dest: (s[m.dest] if m.name in names else None) for m in methods.rows()
+            if m.kind != "int8" and m.dest != "vocab"}
 
 
 def parse_config(text: str, s: dict) -> Config:
     """One '+'-joined item of --methods. Names are checked here; the combination rule (one input + one
     in-network reducer) and the settings by vwt.methods.build_reducers, with a stand-in vocabulary."""
     parts = [t.strip().lower() for t in text.split("+") if t.strip()]
-    unknown = [t for t in parts if t not in METHODS]
+    known = method_names()
+    unknown = [t for t in parts if t not in known]
     if not parts or unknown:
-        raise UserError(f"unknown method {text!r} in --methods; use {', '.join(METHODS)}, joined with '+'")
+        raise UserError(f"unknown method {text!r} in --methods; use {', '.join(known)}, joined with '+'")
     if ("base" in parts and len(parts) > 1) or len(set(parts)) < len(parts):
         raise UserError(f"--methods {text!r}: 'base' stands alone and a method appears once")
     stand_in = Vocabulary(torch.ones(1, 3), space="embed") if "inter" in parts else None
@@ -88,21 +106,21 @@ def parse_config(text: str, s: dict) -> Config:
         build_reducers(**reducer_settings(parts, s), vocab=stand_in, thresh=s["thresh"])
     except UserError as e:
         raise UserError(f"--methods {text!r}: {e}") from None
-    return Config(next((t for t in parts if t in INPUT_METHODS), None),
-                  next((t for t in parts if t in BLOCK_METHODS), None), "int8" in parts)
+    kind = {m.name: m.kind for m in methods.rows()}
+    return Config(next((t for t in parts if kind.get(t) == "input"), None),
+                  next((t for t in parts if kind.get(t) == "block"), None), "int8" in parts)
 
 
 def plan(args) -> list[Config]:
     """The configurations to measure, from --methods or from the method flags; base always first
     (every ratio is to it)."""
     s = settings(args)
-    flags = {"intra": args.top_k is not None, "inter": args.vocab is not None or args.vocab_path is not None,
-             "tome": args.tome is not None, "evit": args.evit is not None, "lgtm": args.lgtm is not None}
-    if args.methods is None and (any(flags[k] for k in ("intra",) + BLOCK_METHODS) or args.vocab is not None
-                                 or args.quant):
-        text = "base," + ("+".join([k for k in METHODS if flags.get(k)] + (["int8"] if args.quant else [])) or "base")
+    given = {m.name: getattr(args, m.dest, None) not in (None, False) for m in methods.rows()}
+    if args.methods is None and any(given.values()):  # a --vocab-path alone names a vocabulary, not a choice
+        given["inter"] = given.get("inter", False) or args.vocab_path is not None
+        text = "base," + "+".join(name for name, on in given.items() if on)
     else:
-        text = DEFAULT_METHODS if args.methods in (None, "all") else args.methods
+        text = default_methods() if args.methods in (None, "all") else args.methods
     configs = []
     for item in text.split(","):
         c = parse_config(item, s) if item.strip() else None
@@ -393,7 +411,7 @@ def measure(preps: list[Prepared], run: Run, common: dict) -> tuple[list[dict], 
     for b in args.batch:
         rows, summary = measure_batch_size(preps, b, run)
         verdicts[b] = dict(line=f"batch {b}: {summary.line()}", busy=summary.busy, reasons=summary.reasons)
-        if args.protocol == "paper":
+        if get_protocol(args.protocol).paper_measurement:
             for p in preps:
                 if not p.skip:
                     rows[p.name].update(paper_fields(p, b, run))

@@ -14,6 +14,7 @@ from torch import nn
 from . import datasets
 from .errors import UserError
 from .flops import dims_of
+from .protocol import get as get_protocol
 from .results import writable_dir
 from .vocab import Vocabulary
 
@@ -25,9 +26,12 @@ def tokenizer_dir(data: str, size: int) -> Path:
     return Path("tokenizers") / data / f"v{size}"
 
 
-# The in-domain vocabulary of a data set where it is not the data set's own (the paper's blip.py reads
-# COCO's for NoCaps; no vocabulary is learned on OpenImages, whose runs use ImageNet's).
-IN_DOMAIN = {"nocaps": "coco", "openimages-common": "imgnet", "openimages-rare": "imgnet"}
+def __getattr__(attr: str):  # the table's lists, read when asked (rows may be registered later)
+    if attr == "IN_DOMAIN":  # a data set's in-domain vocabulary where it is not its own (NoCaps: COCO's)
+        return {r.name: r.vocab for r in datasets.DATASETS.values() if r.vocab}
+    if attr == "PROCESS_DATA":  # what process.py learns on
+        return datasets.names(learnable=True)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def vocab_data(args) -> str:
@@ -40,10 +44,10 @@ def vocab_data(args) -> str:
         return "imgnet"
     if chosen:
         return chosen
-    if getattr(args, "protocol", "paper") == "standard":
+    if not get_protocol(getattr(args, "protocol", None)).in_domain_vocab:
         return "imgnet"
     data = getattr(args, "data", None) or "imgnet"
-    return IN_DOMAIN.get(data, data)
+    return datasets.DATASETS[data].in_domain if data in datasets.DATASETS else data
 
 
 def vocab_candidates(data: str, size: int, seed: Optional[int] = None) -> list:
@@ -90,13 +94,11 @@ def missing_vocab_hint(args) -> str:
     if getattr(args, "vocab_path", None) is not None:
         return "; check the path, or learn one with `python process.py --data DATA --vocab SIZE --out FOLDER`"
     data = vocab_data(args)
-    if data not in PROCESS_DATA:
+    if data not in datasets.names(learnable=True):
         return f"; process.py does not learn on {data}: pass --vocab-data, --imgnet or --vocab-path"
     return (f"; learn it with `python process.py --data {data} --vocab {args.vocab}`, or pass --vocab-data, "
             "--imgnet or --vocab-path")
 
-
-PROCESS_DATA = ("imgnet", "waterbirds", "celeba", "meta", "coco", "samples")  # what process.py learns on
 
 
 def samples_vocabulary(size: int, vision: nn.Module, preprocess, images: Optional[torch.Tensor] = None,

@@ -20,10 +20,18 @@ from .batching import batch_order
 from .errors import UserError
 from .methods import method_name
 from .patch import describe_tokens, stats, token_summary
+from .protocol import get as get_protocol
 
-GROUPED = ("waterbirds", "celeba", "meta")
-TAGS = ("openimages-common", "openimages-rare")
-DATA = GROUPED + TAGS + ("imgnet",)
+TASKS = ("groups", "tags", "top1")  # the data-set table's tasks clip.py evaluates
+
+
+def data_names() -> tuple:
+    """The data sets clip.py evaluates: every row of the data-set table with one of ``TASKS``."""
+    return datasets.names(TASKS)
+
+
+def task_of(data: str) -> str:
+    return datasets.row(data).task
 
 
 def _tensor(out) -> torch.Tensor:
@@ -74,9 +82,9 @@ def class_names(args, ds) -> list[str]:
 
 def check_model_and_data(args, loaded) -> None:
     """ImageNet needs a timm classifier; the other data sets a CLIP model."""
-    if args.data == "imgnet" and loaded.family != "timm":
-        raise UserError("--data imgnet measures the top-1 of a timm classifier: pass --model timm:NAME")
-    if args.data != "imgnet" and loaded.family not in ("hf_clip", "open_clip"):
+    if task_of(args.data) == "top1" and loaded.family != "timm":
+        raise UserError(f"--data {args.data} measures the top-1 of a timm classifier: pass --model timm:NAME")
+    if task_of(args.data) != "top1" and loaded.family not in ("hf_clip", "open_clip"):
         raise UserError(f"zero-shot {args.data} needs a CLIP model (Hugging Face or open_clip:ARCH/PRETRAINED); "
                         f"{loaded.name} is {loaded.family}")
 
@@ -86,14 +94,12 @@ def default_seeds(args) -> list[int]:
     the others, which it ran once), or 0 1 2."""
     if args.seeds is not None:
         return list(args.seeds)
-    if args.protocol == "paper":
-        return list(datasets.PAPER_SEEDS) if args.data in GROUPED else [0]
-    return [0, 1, 2]
+    return get_protocol(args.protocol).seeds_for(datasets.row(args.data).resplit)
 
 
 def resplit(args) -> bool:
     """Whether each seed re-splits the data (the paper's protocol on Waterbirds, CelebA, MetaShift)."""
-    return args.protocol == "paper" and args.data in GROUPED
+    return get_protocol(args.protocol).resplits(datasets.row(args.data).resplit)
 
 
 def load_data(args, seed: int, transform=None):
@@ -109,9 +115,9 @@ def transform_of(args, loaded):
     """The preprocessing: the paper's for the data set (at the model's input size and normalisation;
     CLIP's for CLIP) under paper, the model's own under standard."""
     own = datasets.preprocess_for(loaded.model)
-    if args.protocol == "standard":
+    if not get_protocol(args.protocol).data_preprocessing:
         return own
-    return datasets.transform_for(args.data, "paper", image_size=own.size, mean=own.mean, std=own.std)
+    return datasets.transform_for(args.data, image_size=own.size, mean=own.mean, std=own.std, data_preprocessing=True)
 
 
 def write_predictions(path: Path, ds, scores: np.ndarray) -> Path:
@@ -149,11 +155,12 @@ def score_images(args, loaded, ds, text, device, dtype, desc: str) -> tuple[np.n
 def task_metrics(args, loaded, ds, s: np.ndarray) -> dict:
     """The task's metrics from the (images, classes) scores ``s``."""
     recs, out = ds.records, {}
-    if args.data in GROUPED:
+    task = task_of(args.data)
+    if task == "groups":
         label, group = [r["label"] for r in recs], [r["group"] for r in recs]
         out.update(metrics.group_accuracy(s.argmax(1), label, group, ds.group_names))
         out.update(metrics.group_loss(s, label, group, ds.group_names))
-    elif args.data in TAGS:
+    elif task == "tags":
         targets = np.zeros_like(s, dtype=bool)
         for i, r in enumerate(recs):
             targets[i, r["labels"]] = True
@@ -162,7 +169,7 @@ def task_metrics(args, loaded, ds, s: np.ndarray) -> dict:
     else:
         if s.shape[1] != len(ds.classes):  # labels index the sorted synset folders: all of them must be there
             raise UserError(f"{loaded.name} has {s.shape[1]} classes but {args.data} has {len(ds.classes)} synset "
-                            f"folders; the top-1 needs every class folder ({datasets.layout('imgnet')})")
+                            f"folders; the top-1 needs every class folder ({datasets.layout(args.data)})")
         out["top1"] = metrics.top1(s, [r["label"] for r in recs])
     return out
 
