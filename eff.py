@@ -18,11 +18,15 @@ never a number). Ratios to base are medians of the per-round ratios, with their 
 a busy machine slows one turn, not one method. When a ratio's spread is wide or latencies drift over
 the rounds, one line says the machine was busy and the results carry the flag (column busy).
 
---protocol paper (default) also runs the VWT paper's own measurement (its eff.py): the whole split
-(or --limit images) through a loader, 50 warm-up calls at batch 1 on random inputs, the mean per-batch
-milliseconds with the host-to-device copy (CUDA events on a GPU), and, in a separate run, one NVML
-power reading after each batch, overall and per group for the data sets with groups (columns
-time_ms_paper, power_w_paper, *_group<g>). --protocol standard runs ours only.
+--protocol paper (default) also runs the VWT paper's own measurement (its eff.py) on the paper's data
+side, as clip.py reads it: on Waterbirds, CelebA and MetaShift seeds 1 2 3, each on its re-split test
+images with the data set's own transform and its seed's vocabulary (tokenizers/<data>/v<V>/seed_<i>/;
+ImageNet's with --imgnet), other data sets once; the whole split (or --limit images) through a loader,
+50 warm-up calls at batch 1 on random inputs, the mean per-batch milliseconds with the host-to-device
+copy (CUDA events on a GPU), and, in a separate run, one NVML power reading after each batch, overall
+and per group for the data sets with groups (columns time_ms_paper, power_w_paper, *_group<g>: the mean
+over the seeds; *_paper_seed<i>*: each seed's). Our interleaved rounds run the first seed's split and
+vocabulary with the model's preprocessing. --protocol standard runs ours only, on the fixed split.
 
 The default run (no arguments) is CLIP ViT-B/16's vision tower on the `samples` photographs, every
 method at the paper's setting (intra drop 0.5, inter vocabulary 1000 learned on the samples and
@@ -127,9 +131,12 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
         loaded.model.to(device=device, dtype=dtype).eval()
     vision, preprocess = loaded.vision, datasets.preprocess_for(loaded.model)
     limit = args.limit if args.limit is not None or args.data == "samples" else 64
-    images = fx.load_images(fx.dataset(args, preprocess, limit))
-    vocab, vocab_name, vocab_file = (fx.vocabulary(args, s, images, vision, preprocess)
-                                     if any(c.input == "inter" for c in configs) else (None, "", None))
+    seeds = fx.paper_seeds(args)  # the paper's data side: each seed's split and vocabulary; our rounds: the first's
+    paper_data = fx.paper_datasets(args, preprocess) if seeds != [None] else None  # missing images fail first
+    images = fx.load_images(fx.dataset(args, preprocess, limit, seeds[0]))
+    vocabs = ({seed: fx.vocabulary(args, s, images, vision, preprocess, seed) for seed in seeds}
+              if any(c.input == "inter" for c in configs) else {})
+    vocab, vocab_name, vocab_file = vocabs[seeds[0]] if vocabs else (None, "", None)
     if vocab is not None:  # a vocabulary that does not fit the model fails before any measurement
         cli.check_input_reducers(vision, [vwt.InterImage(vocab)], images.shape[-1], device, dtype)
     meter = energy.best_meter(device, args.interval) if args.metric != "time" else energy.NullMeter("--metric time")
@@ -137,8 +144,13 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
     print(f"model {loaded.name} ({loaded.family}), weights: {weights}; device {device}, {args.dtype}; "
           f"data {args.data} ({images.shape[0]} images); protocol {args.protocol}")
     print(f"energy: {meter.note}")
-    paper_data = fx.dataset(args, preprocess, args.limit) if protocol.get(args.protocol).paper_measurement else None
-    run = fx.Run(args, device, meter, images, flops.dense_flops(flops.dims_of(vision)), paper_data)
+    if paper_data is not None and seeds != [0]:
+        print(f"the paper's measurement: seeds {' '.join(map(str, seeds))}, each on its own {args.data} split "
+              f"({', '.join(str(len(d)) for d in paper_data.values())} images)"
+              + (f" and vocabulary ({', '.join(str(v[2]) for v in vocabs.values())})" if vocabs else "")
+              + f"; the rounds run seed {seeds[0]}'s")
+    run = fx.Run(args, device, meter, images, flops.dense_flops(flops.dims_of(vision)), paper_data,
+                 {seed: v[0] for seed, v in vocabs.items()})
     threads = bench.measuring_threads(args.threads, device)
     kind = "pretrained" if weights == "pretrained" else "random"
     common = dict(model=loaded.name, weights=kind, device=str(device), dtype=args.dtype, data=args.data,
@@ -164,6 +176,9 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
     name = fx.stem(args, loaded.name, configs, config)
     wall = time.perf_counter() - started
     meta = {"script": "eff.py", "args": config, "weights": weights, "settings": s, "vocabulary": vocab_name or None,
+            "paper_seeds": None if paper_data is None else list(paper_data),
+            "paper_images": None if paper_data is None else {str(k): len(d) for k, d in paper_data.items()},
+            "paper_vocabularies": {str(k): str(v[2]) for k, v in vocabs.items()} if paper_data is not None else None,
             "busy": bool(df["busy"].fillna(False).any()), "rounds_verdict": verdicts, "meter": info,
             "meter_after": info_end, "environment": env, "wall_seconds": wall}
     title = f"{loaded.name} ({weights.split(':')[0]} weights), {args.data}, {device}"

@@ -247,8 +247,12 @@ def test_paper_protocol_per_group_with_a_fake_nvml(tmp_path, monkeypatch, capsys
     groups = [f"power_w_paper_group{g}" for g in range(4)]
     assert set(groups + [f"time_ms_paper_group{g}" for g in range(4)]) <= set(table.columns)
     assert table[groups + ["power_w_paper"]].notna().all().all() and table["time_ms_paper"].isna().all()
-    # 8 test images at batch 3: three batches, one NVML reading after each, per configuration
-    assert [b - a for a, b in zip(before[::2], before[1::2])] == [3, 3]
+    # the paper's seeds 1-3, each on its own re-split of 8 test images at batch 3: three batches, one NVML
+    # reading after each, per configuration and seed; per-seed columns beside their mean
+    assert [b - a for a, b in zip(before[::2], before[1::2])] == [3] * 6
+    seeds = [f"power_w_paper_seed{i}" for i in (1, 2, 3)]
+    assert table[seeds].notna().all().all()
+    assert table["power_w_paper"].tolist() == pytest.approx(table[seeds].mean(axis=1).tolist())
 
     monkeypatch.undo()
     monkeypatch.setattr(datasets, "sample_images", _sample_images)
@@ -551,3 +555,79 @@ def test_script_prints_one_line_error():
     assert r.returncode == 2
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "bogus" in lines[0] and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's data side under --protocol paper: each seed's re-split, its vocabulary, the data's transform
+# --------------------------------------------------------------------------------------------------
+def _paper_side(tmp_path, monkeypatch, extra=()):
+    """eff.py --protocol paper on the Waterbirds fixture with one vocabulary per seed (and ImageNet's):
+    returns, per call of the paper's measurement of inter-image, (image ids, vocabulary words, transform),
+    and the words of every vocabulary written."""
+    from fixtures import write_waterbirds
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    no_rapl(monkeypatch, tmp_path)
+    root = write_waterbirds(tmp_path / "data")
+    words = {}
+    for name, folder in [(f"seed{i}", Path("tokenizers/waterbirds/v8") / f"seed_{i}") for i in (1, 2, 3)] + \
+            [("imgnet", Path("tokenizers/imgnet/v8"))]:
+        vocab = vwt.Vocabulary(torch.randn(8, 3 * 8 * 8, generator=torch.Generator().manual_seed(len(words))),
+                               patch_size=8)
+        vocab.save(tmp_path / folder)
+        words[name] = vocab.words
+    calls = []
+    real = fx.paper_fields_of
+
+    def recording(p, b, run, ds):
+        if p.config.input == "inter":
+            inter = next(r for r in p.reducers if isinstance(r, vwt.InterImage))
+            calls.append(([r["image_id"] for r in ds.records], inter.vocab.words, ds.transform))
+        return real(p, b, run, ds)
+
+    monkeypatch.setattr(fx, "paper_fields_of", recording)
+    argv = ["--data", "waterbirds", "--data-root", str(root), "--batch", "4", "--methods", "base,inter", "--vocab", "8",
+            "--metric", "time", "--out", "res"] + [a for a in FAST if a not in ("--limit", "4")] + list(extra)
+    table = eff.main(argv, loaded=tiny_loaded())
+    return root, calls, words, table
+
+
+def test_paper_eff_times_exactly_each_seeds_resplit_test_images(tmp_path, monkeypatch):
+    root, calls, _, table = _paper_side(tmp_path, monkeypatch)
+    expected = [[r["image_id"] for r in datasets.load("waterbirds", root, None, seed=s, protocol="paper").records]
+                for s in (1, 2, 3)]
+    fixed = [r["image_id"] for r in datasets.load("waterbirds", root, None, protocol="standard").records]
+    assert any(sorted(e) != sorted(fixed) for e in expected)  # the fixture's re-splits move images
+    assert [c[0] for c in calls] == expected
+    assert {f"time_ms_paper_seed{s}" for s in (1, 2, 3)} <= set(table.columns)
+    meta = json.loads(written(tmp_path / "res", ".json")[0].read_text())
+    assert meta["paper_seeds"] == [1, 2, 3] and meta["paper_images"] == {"1": 8, "2": 8, "3": 8}
+
+
+def test_paper_eff_reads_each_seeds_vocabulary_or_imagenets(tmp_path, monkeypatch):
+    _, calls, words, _ = _paper_side(tmp_path, monkeypatch)
+    assert len(calls) == 3
+    for (_, used, _), seed in zip(calls, (1, 2, 3)):
+        assert torch.equal(used, words[f"seed{seed}"])
+    meta = json.loads(written(tmp_path / "res", ".json")[0].read_text())
+    assert meta["paper_vocabularies"] == {str(s): f"tokenizers/waterbirds/v8/seed_{s}/vocab.pt" for s in (1, 2, 3)}
+
+    _, calls, words, table = _paper_side(tmp_path / "imgnet", monkeypatch, ["--imgnet"])
+    assert len(calls) == 3 and all(torch.equal(used, words["imgnet"]) for _, used, _ in calls)
+    assert (table[table["method"] == "inter"]["config"] == "inter-v8-imgnet-t0.1").all()
+
+
+def test_paper_eff_uses_the_data_sets_own_transform(tmp_path, monkeypatch):
+    _, calls, _, _ = _paper_side(tmp_path, monkeypatch)
+    own = datasets.preprocess_for(tiny_loaded().model)
+    paper = datasets.transform_for("waterbirds", image_size=own.size, mean=own.mean, std=own.std,
+                                   data_preprocessing=True)
+    assert isinstance(paper, datasets.PaperPreprocess) and paper != own
+    assert all(transform == paper for _, _, transform in calls)
+
+
+def test_standard_eff_runs_no_paper_measurement_and_one_vocabulary(tmp_path, monkeypatch):
+    _, calls, _, table = _paper_side(tmp_path, monkeypatch, ["--protocol", "standard", "--vocab-data", "imgnet"])
+    assert calls == [] and table["time_ms_paper"].isna().all()
+    assert not any(c.startswith("time_ms_paper_seed") for c in table.columns)

@@ -9,6 +9,7 @@ ratio is to it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -159,12 +160,14 @@ def load(args, device, dtype) -> tuple[Loaded, str]:
     return loaded, "pretrained" if loaded.pretrained else f"random: {loaded.note}"
 
 
-def dataset(args, preprocess, limit: Optional[int]):
-    """The data set's evaluation split (its first ``limit`` images), preprocessed on the fly."""
+def dataset(args, preprocess, limit: Optional[int], seed: Optional[int] = None):
+    """The data set's evaluation split under the run's protocol (``seed``'s re-split where the protocol
+    re-splits it; its first ``limit`` images), preprocessed on the fly."""
     if args.data == "samples":
         ds = datasets.Samples(preprocess, limit=limit)
     else:
-        ds = datasets.load(args.data, args.data_root, preprocess, split=args.split, limit=limit)
+        ds = datasets.load(args.data, args.data_root, preprocess, split=args.split, seed=seed, protocol=args.protocol,
+                           limit=limit)
     if len(ds) == 0:
         raise UserError(f"{args.data}: no images found")
     return ds
@@ -185,15 +188,69 @@ def _fitting(vocab, patch_size: int, path: Path):
     return vocab
 
 
-def vocabulary(args, s: dict, images: torch.Tensor, vision, preprocess) -> tuple[Vocabulary, str, Path]:
-    """The inter-image vocabulary, its short name and its file: --vocab-path; else process.py's
-    tokenizers/<vocab-data or data>/v<size>/vocab.pt; for the samples, learned on them and cached in
-    tokenizers/samples/ (``vocab_files.samples_vocabulary``; its lines on stdout, as eff.py's others)."""
+def paper_seeds(args) -> list:
+    """The seeds of the paper's data side (a protocol with ``paper_measurement``): the protocol's for the
+    data set, as clip.py's (paper: 1 2 3 on Waterbirds, CelebA and MetaShift, each its own re-split and
+    vocabulary; 0 on the others); [None] without the paper's measurement (one fixed split, one vocabulary)."""
+    rules = get_protocol(args.protocol)
+    if not rules.paper_measurement:
+        return [None]
+    return rules.seeds_for(datasets.row(args.data).resplit)
+
+
+def paper_datasets(args, own) -> dict:
+    """{seed: the images the paper's measurement runs}: the evaluation split (--split), that seed's
+    re-split where the protocol re-splits the data set, with the data set's own transform where the
+    protocol says so (the paper's loaders; at the model's size and normalisation), else the model's
+    own preprocessing ``own``; its first --limit images (default all, as the paper's eff.py)."""
+    rules = get_protocol(args.protocol)
+    pre = (datasets.transform_for(args.data, image_size=own.size, mean=own.mean, std=own.std, data_preprocessing=True)
+           if rules.data_preprocessing else own)
+    out = {}
+    for seed in paper_seeds(args):
+        out[seed] = datasets.load(args.data, args.data_root, pre, split=args.split, seed=seed, protocol=rules,
+                                  limit=args.limit)
+        if len(out[seed]) == 0:
+            raise UserError(f"{args.data}: no images in split {args.split or 'default'}" +
+                            (f" of seed {seed}'s re-split" if seed else ""))
+    return out
+
+
+def _paper_vocabulary_file(args, s: dict, seed: Optional[int]) -> tuple[Optional[Path], str, str]:
+    """Under the paper's data side: the vocabulary file --vocab names for ``seed`` as clip.py reads it
+    (in-domain ``tokenizers/<data>/v<V>/seed_<i>/vocab.pt``, ImageNet's with --imgnet, --vocab-data), its
+    short name and the hint for a missing file; (None, name, "") for the samples (learned on first use)."""
+    import argparse
+
+    from .vocab_files import missing_vocab_hint, vocab_data, vocab_path
+
+    flags = argparse.Namespace(vocab=s["vocab"], vocab_path=None, vocab_data=args.vocab_data, imgnet=args.imgnet,
+                               protocol=args.protocol, data=args.data)
+    source = vocab_data(flags)
+    name = f"v{s['vocab']}" + ("" if source == args.data else f"-{source}")
+    if source == "samples":
+        return None, name, ""
+    return vocab_path(flags, seed), name, missing_vocab_hint(flags)
+
+
+def vocabulary(args, s: dict, images: torch.Tensor, vision, preprocess,
+               seed: Optional[int] = None) -> tuple[Vocabulary, str, Path]:
+    """The inter-image vocabulary, its short name and its file: --vocab-path ('{seed}' in it picks the
+    seed's); else under the paper's data side (``seed`` given, see :func:`paper_seeds`) the one clip.py
+    reads for that seed; otherwise process.py's tokenizers/<vocab-data or data>/v<size>/vocab.pt; for the
+    samples, learned on them and cached in tokenizers/samples/ (``vocab_files.samples_vocabulary``; its
+    lines on stdout, as eff.py's others)."""
     patch_size = flops.dims_of(vision).patch_size
     if args.vocab_path is not None:
-        path = Path(args.vocab_path)
+        text = str(args.vocab_path)
+        path = Path(text.format(seed=seed or 0) if "{seed}" in text else text)
         return _fitting(read_vocabulary(path), patch_size, path), path.parent.name or path.stem, path
     data, name = args.vocab_data or args.data, f"v{s['vocab']}"
+    if seed is not None:
+        path, name, hint = _paper_vocabulary_file(args, s, seed)
+        if path is not None:
+            return _fitting(read_vocabulary(path, hint), patch_size, path), name, path
+        data = "samples"
     if data != "samples":
         path = tokenizer_dir(data, s["vocab"]) / "vocab.pt"
         hint = (f"; learn it with `python process.py --data {data} --vocab {s['vocab']}`, or pass --vocab-path "
@@ -220,6 +277,7 @@ class Prepared:
     reducers: list = field(default_factory=list)
     skip: str = ""
     make: Optional[Callable[[], object]] = None  # the tower, or a string saying why it cannot be made
+    rebuild: Optional[Callable[[object], list]] = None  # inter-image: the reducers with another vocabulary
 
     @property
     def name(self) -> str:
@@ -278,10 +336,14 @@ def prepare(configs: list[Config], args, s: dict, vision, vocab, vocab_name: str
                                           prop_attn=args.prop_attn, protocol=args.protocol, family=family)
         except UserError as e:
             raise UserError(f"{cfg.name}: {e}") from None
+        rebuild = None
+        if cfg.input == "inter":  # the paper's data side: each seed's own vocabulary
+            rebuild = functools.partial(lambda chosen, v: build_reducers(
+                **chosen, **inter, vocab=v, prop_attn=args.prop_attn, protocol=args.protocol, family=family), chosen)
         if cfg.quant:  # made when its turn first comes; a string says this install cannot run int8
-            out.append(Prepared(cfg, label, reducers=reducers, make=int8))
+            out.append(Prepared(cfg, label, reducers=reducers, make=int8, rebuild=rebuild))
         else:
-            out.append(Prepared(cfg, label, vision, reducers))
+            out.append(Prepared(cfg, label, vision, reducers, rebuild=rebuild))
     return out
 
 
@@ -339,7 +401,8 @@ class Run:
     meter: energy.Meter
     images: torch.Tensor
     dense_flops: float
-    paper_data: object = None  # the data set the paper's protocol runs through its loader
+    paper_data: Optional[dict] = None  # {seed: the data set the paper's protocol runs through its loader}
+    paper_vocabs: dict = field(default_factory=dict)  # {seed: its vocabulary} where inter-image is measured
 
 
 def measure_batch_size(preps: list[Prepared], b: int, run: Run) -> tuple[dict, bench.Summary]:
@@ -379,10 +442,34 @@ def measure_batch_size(preps: list[Prepared], b: int, run: Run) -> tuple[dict, b
 
 
 def paper_fields(p: Prepared, b: int, run: Run) -> dict:
-    """The paper's figures of one configuration at batch ``b`` (--protocol paper): mean per-batch ms
+    """The paper's figures of one configuration at batch ``b`` (--protocol paper), on every seed's data
+    (its eff.py loops the seeds): with one seed the figures of :func:`paper_fields_of`; with several,
+    each seed's (columns ``*_paper_seed<i>[_group<g>]``) and their mean over the seeds (``*_paper``,
+    ``*_paper_group<g>``). An inter-image configuration runs each seed with that seed's vocabulary."""
+    per_seed = {}
+    for seed, ds in run.paper_data.items():
+        vocab = run.paper_vocabs.get(seed)
+        q = p if vocab is None or p.rebuild is None else dataclasses.replace(p, reducers=p.rebuild(vocab))
+        per_seed[seed] = paper_fields_of(q, b, run, ds)
+    if len(per_seed) == 1:
+        return next(iter(per_seed.values()))
+    out = {}
+    for seed, fields in per_seed.items():
+        out.update({k.replace("_paper", f"_paper_seed{seed}", 1): v for k, v in fields.items() if k != "note"})
+    for k in sorted({k for f in per_seed.values() for k in f if k != "note"}):
+        values = [f[k] for f in per_seed.values() if k in f and not math.isnan(f[k])]
+        out[k] = sum(values) / len(values) if values else math.nan
+    notes = [f["note"] for f in per_seed.values() if f.get("note")]
+    if notes:
+        out["note"] = notes[0]
+    return out
+
+
+def paper_fields_of(p: Prepared, b: int, run: Run, ds) -> dict:
+    """The paper's figures of one configuration at batch ``b`` on the data set ``ds``: mean per-batch ms
     with the host-to-device copy, and one NVML power reading per batch in a separate run, overall and
     per group; power empty with a one-line reason where there is no NVML."""
-    args, ds = run.args, run.paper_data
+    args = run.args
     power, reason = bench.paper_power_reader(run.meter) if args.metric in ("watt", "all") else (None, "")
     loader = lambda: datasets.batches(ds, b)  # noqa: E731
     dtype = float_dtype(p.tower)
