@@ -5,12 +5,16 @@ in MetaShift), at sizes that are not the models' input size so resizing and crop
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
 @lru_cache(maxsize=1)
@@ -326,3 +330,18 @@ def save_tiny_models(d: Path) -> tuple[Path, Path]:
     BlipProcessor(image_processor=BlipImageProcessor(size=size),
                   tokenizer=word_bert_tokenizer(d / "blip-tokenizer")).save_pretrained(d / "tiny-blip")
     return d / "tiny-clip", d / "tiny-blip"
+
+
+def fresh_clone(dest: Path) -> Path:
+    """A copy of the repository's own files (git's view where there is one), without results/ and tokenizers/."""
+    try:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+                 if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts]
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith(("results/", "tokenizers/")):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / f, dest / f)
+    return dest

@@ -598,21 +598,6 @@ def test_device_names(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # The README's commands on a fresh clone, offline and without a model cache
 # --------------------------------------------------------------------------------------------------
-def _fresh_clone(dest: Path) -> Path:
-    """A copy of the repository's own files (git's view where there is one), without results/ and tokenizers/."""
-    try:
-        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        files = [str(p.relative_to(REPO)) for p in REPO.rglob("*")
-                 if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts]
-    for f in files:
-        if (REPO / f).is_file() and not f.startswith(("results/", "tokenizers/")):
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(REPO / f, dest / f)
-    return dest
-
-
 @pytest.mark.slow  # CLIP ViT-B/16 with random weights in a fresh interpreter: about 15 s of CPU
 def test_readme_figure_commands_work_on_a_fresh_clone_offline(tmp_path):
     """`python match.py --vocab 100 --vocab-data samples`, then `python word.py --vocab 100 --vocab-data
@@ -620,7 +605,7 @@ def test_readme_figure_commands_work_on_a_fresh_clone_offline(tmp_path):
     the samples vocabulary is learned on first use and reused, the default model falls back to random
     weights with one note, and the figures are written. (--limit 1 keeps the ViT-B/16 work short; the
     vocabulary is still learned on all the samples. match.py with no method flag: tests/test_vis.py.)"""
-    clone = _fresh_clone(tmp_path / "clone")
+    clone = fixtures.fresh_clone(tmp_path / "clone")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     first = real("match.py", "--vocab", "100", "--vocab-data", "samples", "--limit", "1", cwd=clone, env=env)
     assert first.code == 0, first
