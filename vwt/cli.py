@@ -4,6 +4,7 @@ library names the scripts use are imported here so that a script needs ``vwt.cli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -15,19 +16,18 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from . import distributed, methods, metrics, protocol
+from . import distributed, methods, metrics, protocol, vocab_files
 # re-exported for the scripts: the library's own definitions, in one place each
 from .batching import batch_order  # noqa: F401
 from .errors import UserError, first_line  # noqa: F401
-from .methods import (PAPER_FAMILIES, build_reducers, check_methods, method_label, method_name,  # noqa: F401
-                      quantize, reducers_from_args)
+from .methods import PAPER_FAMILIES, build_reducers, check_methods, method_label, quantize  # noqa: F401
 from .models import (DEFAULT_BLIP, DEFAULT_CLIP, HUB_TIMEOUT, Loaded, fill_random, go_offline,  # noqa: F401
                      hub_reachable, load_model)
 from .patch import describe_tokens  # noqa: F401
 from .results import model_label, write_json, writable_dir  # noqa: F401
 from .tokenizer import tokenize
-from .vocab_files import (missing_vocab_hint, read_vocabulary,  # noqa: F401
-                          samples_vocabulary, tokenizer_dir, vocab_candidates, vocab_data, vocab_path)
+from .spec import SETTINGS, Recipe, RunSpec
+from .vocab_files import read_vocabulary, samples_vocabulary, tokenizer_dir, vocab_candidates  # noqa: F401
 
 
 def _one_line_usage_error(self: argparse.ArgumentParser, message: str) -> None:
@@ -97,6 +97,74 @@ def add_workers_and_summary(g, task: str, verb: str) -> None:
                    help="image-decoding processes (0: in the main process)")
     g.add_argument("--summary", action="store_true",
                    help=f"do not {verb}: gather the results files under <out>/{task} into summary.md and summary.csv")
+
+
+# --------------------------------------------------------------------------------------------------
+# The seam: a command line becomes a RunSpec here, once
+# --------------------------------------------------------------------------------------------------
+SPEC_NAMES = {"data_root": "root"}  # command-line name -> RunSpec field, where they differ
+
+
+def spec_from_args(args: argparse.Namespace, options: Optional[type] = None) -> RunSpec:
+    """The RunSpec of a parsed command line: its common settings, the method recipe (the method table's
+    flags and the VWT settings) and the experiment's own settings as an ``options`` dataclass (its
+    fields named as the flags). Every flag must land somewhere: a flag nothing takes is a TypeError
+    (a script bug), never a setting silently dropped."""
+    given = dict(vars(args))
+    common = {f.name for f in dataclasses.fields(RunSpec)} - {"method", "options", "names"}
+    top, recipe, opts = {}, {}, {}
+    own = {f.name for f in dataclasses.fields(options)} if options is not None else set()
+    dests = {m.dest for m in methods.rows()}
+    for name, value in given.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        field_name = SPEC_NAMES.get(name, name)
+        if name in own:
+            opts[name] = value
+        elif field_name in common:
+            top[field_name] = value
+        elif name in dests or name in SETTINGS:
+            recipe[name] = value
+        else:
+            raise TypeError(f"spec_from_args: the flag {name!r} belongs to no RunSpec field, method row or "
+                            f"{getattr(options, '__name__', 'options')} field")
+    return RunSpec(**top, method=Recipe(**recipe), options=options(**opts) if options is not None else None,
+                   names=tuple(given))
+
+
+def as_spec(run) -> RunSpec:
+    """``run`` as a RunSpec: a RunSpec as it is, a parsed command line through :func:`spec_from_args`
+    (with its script-only flags as plain options)."""
+    if isinstance(run, RunSpec):
+        return run
+    dests = {m.dest for m in methods.rows()} | set(SETTINGS)
+    common = {f.name for f in dataclasses.fields(RunSpec)}
+    rest = [k for k in vars(run) if k not in dests and SPEC_NAMES.get(k, k) not in common]
+    extra = dataclasses.make_dataclass("ScriptOptions", rest, frozen=True) if rest else None
+    return spec_from_args(run, extra)
+
+
+def method_name(run) -> str:
+    """The label of the configuration a command line (or RunSpec) asks for (``vwt.methods.method_name``)."""
+    return methods.method_name(as_spec(run))
+
+
+def reducers_from_args(run, *, seed: Optional[int] = None, family: Optional[str] = None) -> list:
+    """The reducers a command line (or RunSpec) asks for (``vwt.methods.reducers_for``)."""
+    return methods.reducers_for(as_spec(run), seed=seed, family=family)
+
+
+def vocab_path(run, seed: Optional[int] = None):
+    """The vocabulary file a command line (or RunSpec) reads for ``seed`` (``vwt.vocab_files.vocab_path``)."""
+    return vocab_files.vocab_path(as_spec(run), seed)
+
+
+def vocab_data(run) -> str:
+    return vocab_files.vocab_data(as_spec(run))
+
+
+def missing_vocab_hint(run) -> str:
+    return vocab_files.missing_vocab_hint(as_spec(run))
 
 
 # --------------------------------------------------------------------------------------------------

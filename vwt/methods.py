@@ -168,16 +168,18 @@ def method_label(thresh: float = 0.1, random: bool = False, vocab: Optional[str]
     return "+".join(p for p in parts if p) or "base"
 
 
-def method_name(args) -> str:
-    """The label of the configuration the method flags ask for (see :func:`method_label`)."""
-    vocab = None
-    if getattr(args, "vocab", None) is not None:  # another data set's vocabulary is named, as the paper's v<SIZE>-imgnet
-        source = vocab_data(args)
-        vocab = f"v{args.vocab}" + ("" if source == (getattr(args, "data", None) or source) else f"-{source}")
-    elif getattr(args, "vocab_path", None) is not None:
-        vocab = Path(args.vocab_path).parent.name
-    values = {m.dest: getattr(args, m.dest, None) for m in rows() if m.dest != "vocab"}
-    return method_label(getattr(args, "thresh", 0.1), getattr(args, "random", False), vocab, **values)
+def method_name(spec) -> str:
+    """The label of the configuration a run's recipe asks for (see :func:`method_label`); ``spec``: a
+    ``vwt.spec.RunSpec``."""
+    recipe, vocab = spec.method, None
+    if recipe.vocab is not None:  # another data set's vocabulary is named, as the paper's v<SIZE>-imgnet
+        source = vocab_data(spec)
+        vocab = f"v{recipe.vocab}" + ("" if source == (spec.data or source) else f"-{source}")
+    elif recipe.vocab_path is not None:
+        vocab = Path(recipe.vocab_path).parent.name
+    values = {d: v for d, v in recipe.values().items() if d != "vocab"}
+    thresh = 0.1 if recipe.thresh is None else recipe.thresh
+    return method_label(thresh, recipe.random, vocab, **values)
 
 
 def check_methods(**chosen) -> None:
@@ -218,16 +220,17 @@ def build_reducers(thresh: float = 0.1, random: bool = False, prop_attn: bool = 
         raise UserError(str(e)) from None
 
 
-def reducers_from_args(args, *, seed: Optional[int] = None, family: Optional[str] = None) -> list:
-    """The reducers the method flags ask for, with ``seed``'s vocabulary (see :func:`vocab_path`;
-    loaded and checked here), under ``args.protocol`` (default paper) for a model of ``family`` (see
-    :func:`build_reducers`)."""
-    path = vocab_path(args, seed)
-    values = {m.dest: getattr(args, m.dest, None) for m in rows() if m.kind != "int8"}
+def reducers_for(spec, *, seed: Optional[int] = None, family: Optional[str] = None) -> list:
+    """The reducers a run's recipe asks for (``spec``: a ``vwt.spec.RunSpec``), with ``seed``'s
+    vocabulary (see :func:`vocab_path`; loaded and checked here), under the run's protocol for a model
+    of ``family`` (see :func:`build_reducers`)."""
+    recipe = spec.method
+    path = vocab_path(spec, seed)
+    values = {m.dest: getattr(recipe, m.dest) for m in rows() if m.kind != "int8"}
     check_methods(**dict(values, vocab=path))
-    values["vocab"] = None if path is None else read_vocabulary(path, missing_vocab_hint(args))
-    return build_reducers(getattr(args, "thresh", 0.1), getattr(args, "random", False), getattr(args, "prop_attn", False),
-                          protocol=getattr(args, "protocol", "paper"), family=family, **values)
+    values["vocab"] = None if path is None else read_vocabulary(path, missing_vocab_hint(spec))
+    return build_reducers(0.1 if recipe.thresh is None else recipe.thresh, recipe.random, recipe.prop_attn,
+                          protocol=spec.protocol, family=family, **values)
 
 
 def quantize(model: nn.Module, protocol: str = "standard", family: Optional[str] = None) -> nn.Module:

@@ -14,7 +14,7 @@ from torch import nn
 from . import datasets
 from .errors import UserError
 from .flops import dims_of
-from .protocol import get as get_protocol
+from .spec import RunSpec
 from .results import writable_dir
 from .vocab import Vocabulary
 
@@ -34,19 +34,19 @@ def __getattr__(attr: str):  # the table's lists, read when asked (rows may be r
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-def vocab_data(args) -> str:
+def vocab_data(spec: RunSpec) -> str:
     """The data set whose --vocab vocabulary a run reads: --imgnet, --vocab-data, or by default the
-    in-domain one under --protocol paper (as the paper's scripts) and ImageNet's under standard."""
-    chosen = getattr(args, "vocab_data", None)
-    if getattr(args, "imgnet", False):
+    in-domain one where the protocol says so (the paper's scripts) and ImageNet's otherwise."""
+    chosen = spec.method.vocab_data
+    if spec.method.imgnet:
         if chosen not in (None, "imgnet"):
             raise UserError(f"--imgnet reads the ImageNet vocabulary; it contradicts --vocab-data {chosen}: drop one")
         return "imgnet"
     if chosen:
         return chosen
-    if not get_protocol(getattr(args, "protocol", None)).in_domain_vocab:
+    if not spec.protocol.in_domain_vocab:
         return "imgnet"
-    data = getattr(args, "data", None) or "imgnet"
+    data = spec.data or "imgnet"
     return datasets.DATASETS[data].in_domain if data in datasets.DATASETS else data
 
 
@@ -65,16 +65,16 @@ def vocab_candidates(data: str, size: int, seed: Optional[int] = None) -> list:
     return found
 
 
-def vocab_path(args, seed: Optional[int] = None) -> Optional[Path]:
+def vocab_path(spec: RunSpec, seed: Optional[int] = None) -> Optional[Path]:
     """The vocabulary file a run uses for ``seed`` (None: the data set's one, or its first seed's):
     --vocab-path ('{seed}' in it replaced by the seed, 0 for none), or for --vocab SIZE the first
     existing of :func:`vocab_candidates` (the first candidate when none exists, for the error)."""
-    if getattr(args, "vocab_path", None) is not None:
-        path = str(args.vocab_path)
+    if spec.method.vocab_path is not None:
+        path = str(spec.method.vocab_path)
         return Path(path.format(seed=seed or 0) if "{seed}" in path else path)
-    if getattr(args, "vocab", None) is None:
+    if spec.method.vocab is None:
         return None
-    candidates = vocab_candidates(vocab_data(args), args.vocab, seed)
+    candidates = vocab_candidates(vocab_data(spec), spec.method.vocab, seed)
     return next((c for c in candidates if c.exists()), candidates[0])
 
 
@@ -89,14 +89,14 @@ def read_vocabulary(path: Path, missing_hint: str = ""):
 
 
 
-def missing_vocab_hint(args) -> str:
+def missing_vocab_hint(spec: RunSpec) -> str:
     """What to do when the vocabulary the flags name does not exist (appended to 'not found')."""
-    if getattr(args, "vocab_path", None) is not None:
+    if spec.method.vocab_path is not None:
         return "; check the path, or learn one with `python process.py --data DATA --vocab SIZE --out FOLDER`"
-    data = vocab_data(args)
+    data = vocab_data(spec)
     if data not in datasets.names(learnable=True):
         return f"; process.py does not learn on {data}: pass --vocab-data, --imgnet or --vocab-path"
-    return (f"; learn it with `python process.py --data {data} --vocab {args.vocab}`, or pass --vocab-data, "
+    return (f"; learn it with `python process.py --data {data} --vocab {spec.method.vocab}`, or pass --vocab-data, "
             "--imgnet or --vocab-path")
 
 
