@@ -166,10 +166,11 @@ def test_without_a_readable_config_random_weights_guess_from_the_name_and_say_so
     out = capsys.readouterr().out.splitlines()
     assert loaded.family == family and loaded.model.config.vision_config.image_size == size
     assert "guessed from the name" in loaded.guessed and loaded.guessed in loaded.note
-    assert len(out) == 1 and out[0].startswith(f"note: {name}: random weights of an architecture guessed from the name")
+    assert len(out) == 1 and out[0].startswith(f"note: {name}: using random weights of an architecture guessed from the name")
     fallen = models.load_model(name, CPU, fallback_random=True, vision_only=True)
     out = capsys.readouterr().out.splitlines()
     assert fallen.family == family and not fallen.pretrained
     assert len(out) == 1 and "pretrained weights unavailable" in out[0] and "guessed from the name" in out[0]
+    assert "using random weights" in out[0]
     with pytest.raises(cli.UserError, match="cannot load model"):  # pretrained weights: nothing to guess
         models.load_model(name, CPU)

@@ -151,7 +151,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
     tower = " (and a one-layer text tower)" if vision_only and loaded.family in HF else ""
     why = "" if random_weights else " (runtime and energy do not depend on weights)"
     if loaded.guessed:  # asked for or fallen back to: say the architecture is a guess
-        loaded.note = "; ".join(filter(None, (loaded.note, f"random weights of {loaded.guessed}{tower}")))
+        loaded.note = "; ".join(filter(None, (loaded.note, f"using random weights of {loaded.guessed}{tower}")))
         print(f"note: {name}: {loaded.note}{why}")
     elif loaded.note:
         print(f"note: {name}: {loaded.note}; using random weights of the same "
