@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .backends import family_of
+from .backends import family_for_config, family_of, hf_supported
 from .errors import UserError, first_line
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
@@ -25,6 +25,7 @@ class Loaded:
     pretrained: bool           # False: random weights
     tokenizer: Optional[Callable] = None  # text tokenizer / processor where the family has one
     note: str = ""             # why the weights are random where pretrained ones were asked for
+    guessed: str = ""          # random weights of an architecture guessed from the name: which, and why
 
     def __post_init__(self):
         found = family_of(self.model).name
@@ -43,7 +44,8 @@ SMALL_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, nu
 
 
 def _hf_random_config(name: str, vision_only: bool = False):
-    """The named model's configuration; ``vision_only``: its text tower shrunk to SMALL_TEXT."""
+    """A configuration guessed from the name alone, for random weights where the checkpoint's own
+    config.json cannot be read (a hub id, offline, not cached); ``vision_only``: text tower SMALL_TEXT."""
     low = name.lower()
     if "blip" in low:
         from transformers import BlipConfig
@@ -128,8 +130,9 @@ def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32, random_weights: bool = False,
                fallback_random: bool = False, vision_only: bool = False) -> Loaded:
-    """Load a model by name. ``random_weights`` builds the same architecture with random weights
-    (for runtime, energy and pixel-space work only: they do not depend on weights). Before touching
+    """Load a model by name; a Hugging Face id or folder as the family its own config.json names.
+    ``random_weights`` builds the same architecture with random weights (for runtime, energy and
+    pixel-space work only: they do not depend on weights). Before touching
     the hub, :func:`hub_reachable` decides once whether to work offline. ``fallback_random``: where
     the pretrained weights cannot be loaded, build random ones and print a one-line note (kept in
     ``Loaded.note``). ``vision_only``: random Hugging Face CLIP and BLIP get a one-layer text tower
@@ -138,14 +141,21 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
         hub_reachable()
     try:
         loaded = _load(name, random_weights, vision_only)
+    except UnsupportedModel:
+        raise
     except UserError as e:
         if not fallback_random or random_weights:
             raise
         loaded = _load(name, True, vision_only)
         loaded.note = f"pretrained weights unavailable ({first_line(e, 160)})"
-        same = "vision tower (and a one-layer text tower)" if vision_only and loaded.family in HF else "architecture"
-        print(f"note: {name}: {loaded.note}; using random weights of the same {same} "
-              "(runtime and energy do not depend on weights)")
+    tower = " (and a one-layer text tower)" if vision_only and loaded.family in HF else ""
+    why = "" if random_weights else " (runtime and energy do not depend on weights)"
+    if loaded.guessed:  # asked for or fallen back to: say the architecture is a guess
+        loaded.note = "; ".join(filter(None, (loaded.note, f"using random weights of {loaded.guessed}{tower}")))
+        print(f"note: {name}: {loaded.note}{why}")
+    elif loaded.note:
+        print(f"note: {name}: {loaded.note}; using random weights of the same "
+              f"{'vision tower' + tower if tower else 'architecture'}{why}")
     loaded.model.to(device=device, dtype=dtype).eval()
     return loaded
 
@@ -186,24 +196,70 @@ def fill_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module
     return model
 
 
+class UnsupportedModel(UserError):
+    """A checkpoint whose own configuration names a model type no backend loads (random weights of it
+    would not help either)."""
+
+
+def _hf_config(name: str):
+    """The checkpoint's own configuration, as its family's config class, and the backend of that
+    family; (None, None, why) where config.json cannot be read (a hub id offline and not cached, no
+    such folder). A config.json of a model type no backend loads is an :class:`UnsupportedModel`."""
+    from transformers import PretrainedConfig
+
+    try:
+        found, _ = PretrainedConfig.get_config_dict(name)
+    except Exception as e:  # offline and not cached, no such repository or folder, no config.json
+        return None, None, e
+    backend = family_for_config(found)
+    if backend is None:
+        kind = f"a {found['model_type']!r} model" if found.get("model_type") else "a model of no Hugging Face model_type"
+        archs = ", ".join(found.get("architectures") or ())
+        raise UnsupportedModel(f"{name} is {kind}{f' ({archs})' if archs else ''} by its config.json; vwt loads "
+                               f"Hugging Face model types {hf_supported()}, 'open_clip:ARCH[/PRETRAINED]' and "
+                               "'timm:NAME'")
+    return _hf_class(backend).config_class.from_dict(found), backend, None
+
+
+def _hf_class(backend):
+    """The transformers class of ``backend``'s checkpoints, imported alone (each family costs seconds)."""
+    import transformers
+
+    return getattr(transformers, backend.hf_class)
+
+
+def _guess(config) -> str:
+    """What a name-guessed configuration builds, for the note."""
+    v = config.vision_config
+    return (f"an architecture guessed from the name (its config.json cannot be read): {config.model_type.upper()} "
+            f"ViT width {v.hidden_size}, {v.num_hidden_layers} blocks, patch {v.patch_size}, {v.image_size} px")
+
+
 def _load_hf(name: str, random_weights: bool, vision_only: bool = False) -> Loaded:
-    is_blip = "blip" in name.lower()
-    if is_blip:  # import only the family asked for: each costs seconds on a small CPU
-        from transformers import BlipForConditionalGeneration as cls
-    else:
-        from transformers import CLIPModel as cls
+    """A Hugging Face checkpoint as the family its own config.json names, whatever its name or folder
+    says; only where that cannot be read do random weights fall back to a guess from the name."""
+    config, backend, unread = _hf_config(name)
+    guessed = ""
+    if config is None:
+        if not random_weights:
+            raise unread  # nothing to load the weights with: _load words it
+        config = _hf_random_config(name, vision_only)
+        backend, guessed = family_for_config(config), _guess(config)
+    elif random_weights and vision_only and hasattr(config, "text_config"):
+        for key, value in SMALL_TEXT.items():
+            setattr(config.text_config, key, value)
+    cls = _hf_class(backend)
     if random_weights:
         from transformers.initialization import no_init_weights
 
         with no_init_weights():
-            model = cls(_hf_random_config(name, vision_only))
-        return Loaded(fill_random(model), "hf_blip" if is_blip else "hf_clip", name, False)
-    model = cls.from_pretrained(name)
+            model = cls(config)
+        return Loaded(fill_random(model), backend.name, name, False, guessed=guessed)
+    model = cls.from_pretrained(name, config=config)
     from transformers import AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(name)
     except Exception:
         processor = None
-    return Loaded(model, "hf_blip" if is_blip else "hf_clip", name, True, processor)
-
+    return Loaded(model, backend.name, name, True, processor)

@@ -32,6 +32,23 @@ def family_of(model: nn.Module, who: str = "vwt") -> Backend:
     return backend
 
 
+def family_for_config(config) -> Optional[Backend]:
+    """The backend whose Hugging Face checkpoints have this configuration (a transformers config or
+    config.json's dict): by its ``model_type``, else (no model_type) by the class in its
+    ``architectures``; None where no registered family loads it."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    model_type = get("model_type")
+    if model_type:
+        return next((b for b in REGISTRY if model_type in b.model_types), None)
+    architectures = get("architectures") or ()
+    return next((b for b in REGISTRY if b.hf_class and b.hf_class in architectures), None)
+
+
+def hf_supported() -> str:
+    """The Hugging Face model types vwt loads and the class each is loaded as, for error messages."""
+    return ", ".join(f"{t} ({b.hf_class})" for b in REGISTRY for t in b.model_types)
+
+
 def by_name(name: str) -> Backend:
     """The registered backend called ``name`` (hf_clip, hf_blip, open_clip, timm)."""
     for b in REGISTRY:
@@ -40,4 +57,4 @@ def by_name(name: str) -> Backend:
     raise KeyError(f"no vwt backend {name!r}; registered: {', '.join(b.name for b in REGISTRY)}")
 
 
-__all__ = ["REGISTRY", "Backend", "supported", "find", "family_of", "by_name"]
+__all__ = ["REGISTRY", "Backend", "supported", "find", "family_of", "family_for_config", "hf_supported", "by_name"]

@@ -48,6 +48,10 @@ class Backend:
 
     name: str = ""
     describes: str = ""  # the classes it handles, for error messages
+    # Hugging Face checkpoints: the config ``model_type`` values of this family, and the transformers
+    # class (by name: imported only when loaded) that ``vwt.models`` loads them into. Empty: none.
+    model_types: tuple[str, ...] = ()
+    hf_class: str = ""
 
     def vision(self, model: nn.Module) -> Optional[nn.Module]:
         raise NotImplementedError

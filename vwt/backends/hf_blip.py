@@ -94,6 +94,8 @@ class HFBlip(HFClip):
     name = "hf_blip"
     describes = "BlipForConditionalGeneration / BlipVisionModel"
     crop = False  # BLIP's processor resizes to size x size
+    model_types = ("blip",)
+    hf_class = "BlipForConditionalGeneration"
 
     def vision(self, model):
         return vision_model(model)

@@ -81,6 +81,8 @@ class HFClip(Backend):
     name = "hf_clip"
     describes = "Hugging Face CLIPModel / CLIPVisionModel / CLIPVisionModelWithProjection"
     crop = True  # CLIP's processor resizes the short side, then centre-crops
+    model_types = ("clip",)
+    hf_class = "CLIPModel"
 
     def vision(self, model):
         return vision_transformer(model)
