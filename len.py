@@ -22,7 +22,6 @@ name .png (token-count histogram, the paper's and our word frequency).
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +86,7 @@ def main(argv=None, loaded: cli.Loaded | None = None) -> dict:
     args = parse_args(argv)
     cli.at_least_one(args, "batch", "max_images")
     others = [m for m in methods.rows() if m.kind != "input"]
-    if any(getattr(args, m.dest, None) not in (None, False) for m in others):
+    if any(methods.given(getattr(args, m.dest, None)) for m in others):
         inputs = " or ".join(m.flag for m in methods.rows("input"))
         raise UserError(f"len.py counts the tokens the VWT tokenizer leaves: use {inputs}, "
                         f"not {'/'.join(m.flag for m in others)}")
@@ -215,13 +214,9 @@ def figure(path: Path, counts: np.ndarray, words, title: str, paper_words=None) 
         ax.set(xlabel="Visual Word", ylabel="Probability", title=f"$T_{{inter}}^{{{size}}}$ (paper's figure)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)  # never a half-written figure under the final name
+        results.atomic_savefig(fig, path, dpi=100)  # never a half-written figure under the final name
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
 
 

@@ -21,6 +21,7 @@ def flags(argv):
     (["--vocab-path", "published/vocab.pt", "--thresh", "0.2", "--random"], "inter-vpublished-t0.2-random"),
     (["--evit", "0.7"], "evit0.7"),
     (["--lgtm", "8"], "lgtm8"),
+    (["--top_k", "0"], "intra0"),  # 0 is a value, not "not asked for"
 ])
 def test_method_name_labels_the_flags(argv, label):
     assert cli.method_name(flags(argv)) == label

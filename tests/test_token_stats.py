@@ -53,7 +53,7 @@ def _vocab(tmp_path, pixels):
 
 def _eff(loaded, tmp_path, data, root, images, flags):
     eff.main(["--data", data, "--data-root", str(root), "--limit", str(images), "--batch", "1", "2",
-              "--methods", "inter,tome,inter+tome", "--out", str(tmp_path / "eff")] + flags + FAST, loaded=loaded)
+              "--methods", "inter,tome,inter+tome", "--out", str(tmp_path / "eff"), "--protocol", "standard"] + flags + FAST, loaded=loaded)
     (csv,) = (tmp_path / "eff").rglob("*.csv")
     table = pd.read_csv(csv)
     return {m: (part["tokens_in"].tolist(), part["tokens_mean"].tolist()) for m, part in table.groupby("method")}

@@ -40,16 +40,17 @@ def bucketing(flag: Optional[bool], reducer: Optional[Reducer], batch: int) -> b
     return reducer is not None and (flag if flag is not None else batch > 1)
 
 
-def batch_order(args, loaded, dataset, device, dtype) -> list:
-    """The index batches a script reads ``dataset`` in: ``--bucket`` (default: on with an input reducer
-    and --batch > 1) sorts the images by the tokens the patched model's input reducer leaves them
-    and batches neighbours; otherwise data-set order. ``loaded``: a ``vwt.models.Loaded``."""
+def batch_order(spec, loaded, dataset, device, dtype) -> list:
+    """The index batches a run (``spec``: a ``vwt.spec.RunSpec``, its batch, bucket and workers) reads
+    ``dataset`` in: bucketing (default: on with an input reducer and batch > 1) sorts the images by the
+    tokens the patched model's input reducer leaves them and batches neighbours; otherwise data-set
+    order. ``loaded``: a ``vwt.models.Loaded``."""
     info = patch_info(loaded.model)
     reducer = input_reducer(info.reducers) if info is not None else None
-    plain = list(torch.arange(len(dataset)).split(args.batch))
-    if not bucketing(args.bucket, reducer, args.batch):
+    plain = list(torch.arange(len(dataset)).split(spec.batch))
+    if not bucketing(spec.bucket, reducer, spec.batch):
         return plain
     mine = distributed.shard(plain)  # under torchrun each process counts its share of the batches
     counts = [token_counts(loaded.vision, reducer, [x.to(device, dtype)])
-              for x, _ in datasets.batches(dataset, args.batch, args.workers, mine)]
-    return buckets(torch.cat(distributed.unshard(counts)), args.batch)
+              for x, _ in datasets.batches(dataset, spec.batch, spec.workers, mine)]
+    return buckets(torch.cat(distributed.unshard(counts)), spec.batch)

@@ -19,6 +19,7 @@ from .errors import UserError
 from .methods import method_name
 from .patch import describe_tokens, stats
 from .protocol import get as get_protocol
+from .spec import from_namespace  # TRANSITION
 from .vocab_files import vocab_path
 
 
@@ -62,7 +63,7 @@ def run_config(args, model_name: str) -> dict:
             "quant")  # the order of the header's keys; a method row added later is appended
     keys += tuple(m.dest for m in methods.rows() if m.dest not in keys)
     cfg = results.config_of({k: getattr(args, k, None) for k in keys})
-    vocab_file = vocab_path(args)  # the file --vocab resolves to (in-domain or ImageNet's)
+    vocab_file = vocab_path(from_namespace(args))  # the file --vocab resolves to (in-domain or ImageNet's)
     cfg.update(model=model_name, method=method_name(args), seed=args.seed if args.random else None,
                vocab_file=None if vocab_file is None else str(vocab_file))
     return cfg

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import tempfile
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +114,7 @@ def plan(args) -> list[Config]:
     """The configurations to measure, from --methods or from the method flags; base always first
     (every ratio is to it)."""
     s = settings(args)
-    given = {m.name: getattr(args, m.dest, None) not in (None, False) for m in methods.rows()}
+    given = {m.name: methods.given(getattr(args, m.dest, None)) for m in methods.rows()}
     if args.methods is None and any(given.values()):  # a --vocab-path alone names a vocabulary, not a choice
         given["inter"] = given.get("inter", False) or args.vocab_path is not None
         text = "base," + "+".join(name for name, on in given.items() if on)
@@ -220,12 +218,11 @@ def _paper_vocabulary_file(args, s: dict, seed: Optional[int]) -> tuple[Optional
     """Under the paper's data side: the vocabulary file --vocab names for ``seed`` as clip.py reads it
     (in-domain ``tokenizers/<data>/v<V>/seed_<i>/vocab.pt``, ImageNet's with --imgnet, --vocab-data), its
     short name and the hint for a missing file; (None, name, "") for the samples (learned on first use)."""
-    import argparse
-
+    from .spec import Recipe, RunSpec
     from .vocab_files import missing_vocab_hint, vocab_data, vocab_path
 
-    flags = argparse.Namespace(vocab=s["vocab"], vocab_path=None, vocab_data=args.vocab_data, imgnet=args.imgnet,
-                               protocol=args.protocol, data=args.data)
+    flags = RunSpec(data=args.data, protocol=args.protocol,
+                    method=Recipe(vocab=s["vocab"], vocab_data=args.vocab_data, imgnet=args.imgnet))
     source = vocab_data(flags)
     name = f"v{s['vocab']}" + ("" if source == args.data else f"-{source}")
     if source == "samples":
@@ -535,20 +532,6 @@ def stem(args, model: str, configs: list[Config], config: dict) -> str:
     return results.run_stem(["eff", args.data, model, "-".join(c.name for c in configs)], config, ignore=timing)
 
 
-def _atomic_savefig(fig, path: Path) -> Path:
-    """Save a figure through a temporary file in the same folder and a rename (never half a PNG)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def plot(df, path: Path, title: str) -> Path:
     """Energy (or, where not measurable, latency) per image against tokens per image, one marker per
     batch size, each point labelled with its method."""
@@ -576,7 +559,7 @@ def plot(df, path: Path, title: str) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        return _atomic_savefig(fig, path)
+        return results.atomic_savefig(fig, path, dpi=120)
     finally:
         plt.close(fig)
 

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import IO, Any, Callable, Iterable, Mapping
 
 from .errors import UserError, first_line
 
@@ -38,9 +38,10 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def config_of(args: Any, drop: Iterable[str] = ()) -> dict:
-    """The configuration a run records: its argparse namespace (or a mapping) as JSON data."""
-    items = vars(args) if not isinstance(args, Mapping) else args
+def config_of(run: Any, drop: Iterable[str] = ()) -> dict:
+    """The configuration a run records, as JSON data: a ``vwt.spec.RunSpec``'s :meth:`config` (every
+    setting by its command-line name), or a mapping."""
+    items = run if isinstance(run, Mapping) else run.config() if hasattr(run, "config") else vars(run)
     skip = set(drop)
     return {k: jsonable(v) for k, v in items.items() if k not in skip}
 
@@ -58,14 +59,16 @@ def run_stem(readable: Iterable[str], config: Mapping, ignore: Iterable[str] = N
     return "__".join([slug(p) for p in readable if p] + [config_hash(config, ignore)])
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """The one atomic writer of every results file (text, JSON, CSV, PNG, tensors): ``write(f)`` fills
+    a temporary file in the same folder (opened binary), which is synced and renamed onto ``path``; a
+    crash or a full disk never leaves a truncated file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -73,6 +76,16 @@ def atomic_write_text(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_savefig(fig, path: Path, **kwargs) -> Path:
+    """Save a matplotlib figure as a PNG atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", **kwargs))
 
 
 def write_json(path: Path, payload: Any) -> Path:

@@ -14,14 +14,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .method_table import rows
 from .protocol import DEFAULT, Protocol, get as get_protocol
 
 SETTINGS = ("vocab_path", "vocab_data", "imgnet", "thresh", "random", "prop_attn")  # shared by the VWT rows
 
 
 def _method_dests() -> tuple:
-    from .methods import rows
-
     return tuple(m.dest for m in rows())
 
 
@@ -60,7 +59,7 @@ class Recipe:
 
     def asked(self) -> dict:
         """The rows asked for: {dest: value}."""
-        return {d: v for d, v in self.values().items() if v not in (None, False)}
+        return {d: v for d, v in self.values().items() if v is not None and v is not False}
 
     def replace(self, **changes) -> "Recipe":
         return Recipe(**{**self.settings(), **self._values, **changes})
@@ -72,7 +71,7 @@ class Recipe:
         return hash(tuple(sorted((k, str(v)) for k, v in {**self.settings(), **self.values()}.items())))
 
     def __repr__(self) -> str:
-        given = {**{k: v for k, v in self.settings().items() if v not in (None, False)}, **self.asked()}
+        given = {**{k: v for k, v in self.settings().items() if v is not None and v is not False}, **self.asked()}
         return "Recipe(" + ", ".join(f"{k}={v!r}" for k, v in given.items()) + ")"
 
 
@@ -142,3 +141,14 @@ class RunSpec:
         if self.names:
             return {k: flat[k] for k in self.names if k in flat}
         return flat
+
+
+def from_namespace(ns) -> RunSpec:  # TRANSITION: removed once every experiment takes a RunSpec
+    """A RunSpec of an argparse-like namespace, for modules not yet moved to RunSpec."""
+    given = dict(vars(ns))
+    dests = set(_method_dests()) | set(SETTINGS)
+    recipe = {k: v for k, v in given.items() if k in dests}
+    own = {f.name for f in fields(RunSpec)}
+    top = {("root" if k == "data_root" else k): v for k, v in given.items()
+           if ("root" if k == "data_root" else k) in own and k not in ("method", "options", "names")}
+    return RunSpec(**top, method=Recipe(**recipe), names=tuple(given))

@@ -324,14 +324,7 @@ def save_png(path: Path, array: np.ndarray) -> Path:
     """Write an RGB uint8 array as a PNG, pixel for pixel."""
     from PIL import Image
 
-    import os
+    from .results import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed into place: never a half-written PNG
-    try:
-        Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), "RGB").save(tmp, format="PNG", optimize=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), "RGB")
+    return atomic_write(path, lambda f: image.save(f, format="PNG", optimize=True))  # never a half-written PNG
