@@ -230,7 +230,9 @@ def test_bad_input_is_one_line(root, tmp_path, tok, capsys):
 def test_the_command_line_never_evaluates_random_weights(root, tmp_path, tok, capsys, monkeypatch):
     err = _error(capsys, ["--model", "open_clip:ViT-B-16", "--data-root", str(root), "--out", str(tmp_path)])
     assert "no pretrained weights" in err and "open_clip:ViT-B-16/openai" in err  # refused before building it
-    monkeypatch.setattr(cli, "load_model", lambda name, device, dtype: hf(tok))  # a loader that gave random weights
+    from vwt import models
+
+    monkeypatch.setattr(models, "load_model", lambda name, device, dtype: hf(tok))  # it gave random weights
     err = _error(capsys, ["--model", "org/clip", "--data-root", str(root), "--out", str(tmp_path)])
     assert "org/clip has no pretrained weights" in err
     assert not (tmp_path / "clip").exists()

@@ -8,7 +8,10 @@ import csv
 import io
 import math
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,11 +21,27 @@ from tqdm import tqdm
 from . import datasets, distributed, metrics, results
 from .batching import batch_order
 from .errors import UserError
-from .methods import method_name
+from .methods import method_name, quantize, reducers_for
+from . import models
+from .models import Loaded
+from .patch import patch, unpatch
+from .runtime import (at_least_one, check_input_reducers, environment, nothing_merged_note, resolve_device,
+                      resolve_dtype, save_json, seed_everything)
 from .patch import describe_tokens, stats, token_summary
-from .protocol import get as get_protocol
+from .spec import RunSpec
+from .vocab_files import vocab_path
 
 TASKS = ("groups", "tags", "top1")  # the data-set table's tasks clip.py evaluates
+
+
+@dataclass(frozen=True)
+class ZeroShot:
+    """clip.py's own settings: the prompt template ({} = class name), class names replacing the data
+    set's (comma-separated), and --summary (gather results instead of evaluating)."""
+
+    prompt: str = "a photo of a {}"
+    labels: Optional[str] = None
+    summary: bool = False
 
 
 def data_names() -> tuple:
@@ -70,54 +89,55 @@ def image_scores(loaded, pixels: torch.Tensor, text) -> torch.Tensor:
     return F.normalize(f.float(), dim=-1) @ text.T
 
 
-def class_names(args, ds) -> list[str]:
+def class_names(spec: RunSpec, ds) -> list[str]:
     """The prompt labels: the data set's class (or tag) names, or --labels."""
-    if args.labels is None:
+    labels = spec.options.labels
+    if labels is None:
         return list(ds.classes)
-    names = [s.strip() for s in args.labels.split(",")]
+    names = [s.strip() for s in labels.split(",")]
     if len(names) != len(ds.classes):
-        raise UserError(f"--labels gives {len(names)} names; {args.data} has {len(ds.classes)} classes")
+        raise UserError(f"--labels gives {len(names)} names; {spec.data} has {len(ds.classes)} classes")
     return names
 
 
-def check_model_and_data(args, loaded) -> None:
-    """ImageNet needs a timm classifier; the other data sets a CLIP model."""
-    if task_of(args.data) == "top1" and loaded.family != "timm":
-        raise UserError(f"--data {args.data} measures the top-1 of a timm classifier: pass --model timm:NAME")
-    if task_of(args.data) != "top1" and loaded.family not in ("hf_clip", "open_clip"):
-        raise UserError(f"zero-shot {args.data} needs a CLIP model (Hugging Face or open_clip:ARCH/PRETRAINED); "
+def check_model_and_data(spec: RunSpec, loaded) -> None:
+    """A top-1 data set (ImageNet) needs a timm classifier; the other data sets a CLIP model."""
+    if task_of(spec.data) == "top1" and loaded.family != "timm":
+        raise UserError(f"--data {spec.data} measures the top-1 of a timm classifier: pass --model timm:NAME")
+    if task_of(spec.data) != "top1" and loaded.family not in ("hf_clip", "open_clip"):
+        raise UserError(f"zero-shot {spec.data} needs a CLIP model (Hugging Face or open_clip:ARCH/PRETRAINED); "
                         f"{loaded.name} is {loaded.family}")
 
 
-def default_seeds(args) -> list[int]:
-    """--seeds, or the protocol's: the paper's 1 2 3 re-splits of the confounder data sets (seed 0 for
-    the others, which it ran once), or 0 1 2."""
-    if args.seeds is not None:
-        return list(args.seeds)
-    return get_protocol(args.protocol).seeds_for(datasets.row(args.data).resplit)
+def default_seeds(spec: RunSpec) -> list[int]:
+    """The run's seeds, or the protocol's: the paper's 1 2 3 re-splits of the confounder data sets (seed
+    0 for the others, which it ran once), or 0 1 2."""
+    if spec.seeds is not None:
+        return list(spec.seeds)
+    return spec.protocol.seeds_for(datasets.row(spec.data).resplit)
 
 
-def resplit(args) -> bool:
+def resplit(spec: RunSpec) -> bool:
     """Whether each seed re-splits the data (the paper's protocol on Waterbirds, CelebA, MetaShift)."""
-    return get_protocol(args.protocol).resplits(datasets.row(args.data).resplit)
+    return spec.protocol.resplits(datasets.row(spec.data).resplit)
 
 
-def load_data(args, seed: int, transform=None):
+def load_data(spec: RunSpec, seed: int, transform=None):
     """The evaluated split for ``seed``: the paper's re-split of it (see :func:`resplit`), else the fixed one."""
-    ds = datasets.load(args.data, args.data_root, transform, split=args.split,
-                       seed=seed if resplit(args) else None, protocol=args.protocol, limit=args.limit)
+    ds = datasets.load(spec.data, spec.root, transform, split=spec.split,
+                       seed=seed if resplit(spec) else None, protocol=spec.protocol, limit=spec.limit)
     if len(ds) == 0:
-        raise UserError(f"{args.data}: no images in split {args.split or 'default'}")
+        raise UserError(f"{spec.data}: no images in split {spec.split or 'default'}")
     return ds
 
 
-def transform_of(args, loaded):
-    """The preprocessing: the paper's for the data set (at the model's input size and normalisation;
-    CLIP's for CLIP) under paper, the model's own under standard."""
+def transform_of(spec: RunSpec, loaded):
+    """The preprocessing: the data set's own (the paper's loaders, at the model's input size and
+    normalisation) where the protocol says so, else the model's own."""
     own = datasets.preprocess_for(loaded.model)
-    if not get_protocol(args.protocol).data_preprocessing:
+    if not spec.protocol.data_preprocessing:
         return own
-    return datasets.transform_for(args.data, image_size=own.size, mean=own.mean, std=own.std, data_preprocessing=True)
+    return datasets.transform_for(spec.data, image_size=own.size, mean=own.mean, std=own.std, data_preprocessing=True)
 
 
 def write_predictions(path: Path, ds, scores: np.ndarray) -> Path:
@@ -133,12 +153,12 @@ def write_predictions(path: Path, ds, scores: np.ndarray) -> Path:
     return path
 
 
-def score_images(args, loaded, ds, text, device, dtype, desc: str) -> tuple[np.ndarray, dict]:
+def score_images(spec: RunSpec, loaded, ds, text, device, dtype, desc: str) -> tuple[np.ndarray, dict]:
     """The one loop over the images: every image's scores ((images, classes), in data-set order) and
     the per-image token statistics averaged over the images (``vwt.token_summary``)."""
-    order = batch_order(args, loaded, ds, device, dtype)  # --bucket: neighbours in token count
+    order = batch_order(spec, loaded, ds, device, dtype)  # bucketing: neighbours in token count
     mine, done = distributed.shard(order), []  # torchrun: this process's batches (all of them alone)
-    for (pixels, _), idx in tqdm(zip(datasets.batches(ds, args.batch, args.workers, mine), mine),
+    for (pixels, _), idx in tqdm(zip(datasets.batches(ds, spec.batch, spec.workers, mine), mine),
                                  total=len(mine), desc=desc, file=sys.stderr, disable=not distributed.is_main()):
         with torch.inference_mode():
             rows = image_scores(loaded, pixels.to(device, dtype), text).cpu()
@@ -152,10 +172,10 @@ def score_images(args, loaded, ds, text, device, dtype, desc: str) -> tuple[np.n
     return torch.stack(scores).numpy(), token_summary(tokens)
 
 
-def task_metrics(args, loaded, ds, s: np.ndarray) -> dict:
+def task_metrics(spec: RunSpec, loaded, ds, s: np.ndarray) -> dict:
     """The task's metrics from the (images, classes) scores ``s``."""
     recs, out = ds.records, {}
-    task = task_of(args.data)
+    task = task_of(spec.data)
     if task == "groups":
         label, group = [r["label"] for r in recs], [r["group"] for r in recs]
         out.update(metrics.group_accuracy(s.argmax(1), label, group, ds.group_names))
@@ -168,18 +188,18 @@ def task_metrics(args, loaded, ds, s: np.ndarray) -> dict:
         out["tags_with_positives"] = int(np.isfinite(ap).sum())
     else:
         if s.shape[1] != len(ds.classes):  # labels index the sorted synset folders: all of them must be there
-            raise UserError(f"{loaded.name} has {s.shape[1]} classes but {args.data} has {len(ds.classes)} synset "
-                            f"folders; the top-1 needs every class folder ({datasets.layout(args.data)})")
+            raise UserError(f"{loaded.name} has {s.shape[1]} classes but {spec.data} has {len(ds.classes)} synset "
+                            f"folders; the top-1 needs every class folder ({datasets.layout(spec.data)})")
         out["top1"] = metrics.top1(s, [r["label"] for r in recs])
     return out
 
 
-def evaluate(args, loaded, ds, text, device, dtype, desc: str) -> tuple[dict, np.ndarray]:
+def evaluate(spec: RunSpec, loaded, ds, text, device, dtype, desc: str) -> tuple[dict, np.ndarray]:
     """Scores every image, then the task's metrics; also the tokens entering the first block and the
     mean over the blocks (per image). Returns (metrics, the (images, classes) scores)."""
-    s, summary = score_images(args, loaded, ds, text, device, dtype, desc)
+    s, summary = score_images(spec, loaded, ds, text, device, dtype, desc)
     out = {k: summary[k] for k in ("tokens_first_block", "tokens_mean")}
-    out.update(task_metrics(args, loaded, ds, s))
+    out.update(task_metrics(spec, loaded, ds, s))
     return out, s
 
 
@@ -207,15 +227,15 @@ def aggregate(runs: list[dict]) -> tuple[dict, dict]:
     return agg, summary
 
 
-def results_path(args, model_name: str) -> Path:
-    """<out>/clip/<data>__<model>__<method>[__first<N>]__<hash>.json: the hash covers the whole
-    configuration (dtype, vocabulary file, seeds, ...), so two different runs never share a file."""
-    split = f"-{args.split}" if args.split else ""
-    first = f"first{args.limit}" if args.limit else ""
-    config = {**results.config_of(args), "model": model_name}
-    stem = results.run_stem([f"{args.data}{split}", results.model_label(model_name), method_name(args), first,
-                             args.protocol], config)
-    return Path(args.out) / "clip" / f"{stem}.json"
+def results_path(spec: RunSpec, model_name: str) -> Path:
+    """<out>/clip/<data>__<model>__<method>[__first<N>]__<protocol>__<hash>.json: the hash covers the
+    whole configuration (dtype, vocabulary file, seeds, ...), so two different runs never share a file."""
+    split = f"-{spec.split}" if spec.split else ""
+    first = f"first{spec.limit}" if spec.limit else ""
+    config = {**results.config_of(spec), "model": model_name}
+    stem = results.run_stem([f"{spec.data}{split}", results.model_label(model_name), method_name(spec), first,
+                             spec.protocol.name], config)
+    return Path(spec.out) / "clip" / f"{stem}.json"
 
 
 def report(result: dict) -> str:
@@ -233,3 +253,117 @@ def report(result: dict) -> str:
     if result.get("note"):
         lines.append(f"  {result['note']}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# The experiment: run(spec)
+# --------------------------------------------------------------------------------------------------
+def model_for(spec: RunSpec, loaded: Optional[Loaded], device, dtype) -> Loaded:
+    """The model: ``loaded`` (tests) moved to the device, or the spec's model with pretrained weights
+    (zero-shot accuracy of random weights means nothing)."""
+    if loaded is not None:
+        loaded.model.to(device=device, dtype=dtype).eval()
+        return loaded
+    no_weights = spec.model.startswith("open_clip:") and "/" not in spec.model
+    loaded = None if no_weights else models.load_model(spec.model, device, dtype)
+    if loaded is None or not loaded.pretrained:
+        raise UserError(f"{spec.model} has no pretrained weights (open_clip names need /PRETRAINED, e.g. "
+                        "open_clip:ViT-B-16/openai): zero-shot accuracy of random weights means nothing")
+    return loaded
+
+
+@dataclass
+class Prepared:
+    """A zero-shot run ready to score: the model, each seed's reducers (built once), the preprocessing,
+    the class names and their text features, and the tokens an image has without reduction."""
+
+    loaded: Loaded
+    reducers: dict
+    transform: object
+    names: list
+    text: Optional[torch.Tensor]
+    full: int
+
+
+def prepare(spec: RunSpec, loaded: Optional[Loaded], device, dtype) -> Prepared:
+    """Everything before the first image: bad flags, missing data and every seed's vocabulary fail
+    here, before any image is scored; int8 as the protocol orders it (the paper's text features come
+    from its whole-model int8; otherwise from the float model, then the vision tower is quantized)."""
+    seeds = default_seeds(spec)
+    reducers_for(spec, seed=seeds[0])  # bad flags and missing data fail before the model loads
+    ds = load_data(spec, seeds[0])
+    loaded = model_for(spec, loaded, device, dtype)
+    check_model_and_data(spec, loaded)
+    transform = transform_of(spec, loaded)
+    reducers = {seed: reducers_for(spec, seed=seed, family=loaded.family) for seed in seeds}
+    full = 0
+    for seed in seeds:  # every seed's vocabulary must fit the model before any image is scored
+        full = check_input_reducers(loaded.vision, reducers[seed], transform.size, device, dtype)
+    names = class_names(spec, ds)
+    quant_first = spec.method.quant and spec.protocol.whole_model_int8
+    if quant_first:
+        quantize(loaded.model, spec.protocol, loaded.family)
+    prompts = [spec.options.prompt.format(n) for n in names]
+    text = None if loaded.family == "timm" else text_features(loaded, prompts, device)
+    if spec.method.quant and not quant_first:
+        quantize(loaded.model, spec.protocol, loaded.family)
+    return Prepared(loaded, reducers, transform, names, text, full)
+
+
+def run_seeds(spec: RunSpec, prep: Prepared, seeds: list, device, dtype) -> tuple[list, object]:
+    """Score every seed's split with its reducers; each seed's predictions CSV is written as it ends.
+    Returns (per-seed runs, the last seed's data set)."""
+    loaded, stem, runs, ds = prep.loaded, results_path(spec, prep.loaded.name).with_suffix(""), [], None
+    try:
+        for seed in seeds:
+            ds = load_data(spec, seed, prep.transform)
+            seed_everything(seed)
+            patch(loaded.model, *prep.reducers[seed])
+            run, scores = evaluate(spec, loaded, ds, prep.text, device, dtype, desc=f"{spec.data} seed {seed}")
+            preds = stem.parent / f"{stem.name}.seed{seed}.predictions.csv"
+            if distributed.is_main():  # torchrun: every process has every score; the main one writes
+                write_predictions(preds, ds, scores)
+            vocab = vocab_path(spec, seed=seed)
+            runs.append({"seed": seed, "vocab_path": None if vocab is None else str(vocab),
+                         "images": len(ds), "predictions": str(preds), **run})
+    finally:
+        unpatch(loaded.model)
+    return runs, ds
+
+
+def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
+    """Zero-shot accuracy of ``spec`` (clip.py's experiment): every seed's split scored with its
+    reducers, the task's metrics with their mean and spread over the seeds, the results file and one
+    predictions CSV per seed under ``<out>/clip/``. ``loaded`` (tests) is used as it is, random weights
+    included. A configuration with nothing random (one split, no random ablation, one vocabulary for
+    every seed) runs once, since every seed would give the same numbers. Returns the results (None on
+    torchrun's other processes)."""
+    at_least_one(spec, "batch", "limit")
+    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    results.writable_dir(Path(spec.out) / "clip")
+    started = time.time()
+    prep = prepare(spec, loaded, device, dtype)
+    if not prep.loaded.pretrained:
+        print("warning: evaluating random weights (test hook)", file=sys.stderr)
+    seeds = default_seeds(spec)
+    vocabs = {s: vocab_path(spec, seed=s) for s in seeds}
+    deterministic = not spec.method.random and not resplit(spec) and len(set(vocabs.values())) <= 1
+    seeds = seeds[:1] if deterministic else seeds
+    runs, ds = run_seeds(spec, prep, seeds, device, dtype)
+    if not distributed.is_main():
+        return None
+    agg, summary = aggregate(runs)
+    result = {
+        "task": "clip", "protocol": spec.protocol.name, "model": prep.loaded.name, "pretrained": prep.loaded.pretrained,
+        "method": method_name(spec),
+        "data": spec.data + (f"-{spec.split}" if spec.split else "") + (f" (first {spec.limit})" if spec.limit else ""),
+        "split": spec.split, "resplit_per_seed": resplit(spec), "images": len(ds), "prompt": spec.options.prompt,
+        "labels": prep.names if task_of(spec.data) == "groups" else None,
+        "seeds": seeds, "deterministic": deterministic, "runs": runs, "metrics": agg, "summary": summary,
+        "config": results.config_of(spec),
+        "environment": environment(device), "seconds": time.time() - started,
+    }
+    result["note"] = nothing_merged_note(prep.reducers[seeds[0]], prep.full, agg["tokens_first_block"]["mean"],
+                                         agg["tokens_mean"]["mean"])
+    save_json(results_path(spec, prep.loaded.name), result)
+    return result
