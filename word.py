@@ -19,16 +19,9 @@ learned on the sample photographs on first use and cached in tokenizers/samples/
 from __future__ import annotations
 
 import argparse
-import math
-import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
-import vwt
-from vwt import cli, datasets, results, vis
-from vwt.datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess, preprocess_for
+from vwt import cli, datasets, figures
 
 
 def parse_args(argv=None):
@@ -52,134 +45,14 @@ def parse_args(argv=None):
     g.add_argument("--cols", type=int, default=None, help="cells per row of the word grid (default: square)")
     g.add_argument("--scale", type=int, default=None,
                    help="enlarge the grids by this integer factor (default: so the word grid is about 600 px wide)")
-    p.set_defaults(random=False, prop_attn=False)  # what cli.reducers_from_args reads for InterImage
+    p.set_defaults(random=False, prop_attn=False)  # recorded in the configuration (and its digest) as ever
     return p.parse_args(argv)
 
 
-def vocab_tag(vocab) -> str:
-    return f"{vocab.meta.get('data') or 'vocab'}-v{len(vocab)}"
-
-
-def word_grid(vocab, cols, scale):
-    """The words drawn as (V, P, P, 3) tiles with the vocabulary's own normalisation, and laid out in a
-    grid; returns (tiles, array, Grid)."""
-    pre = Preprocess(int(vocab.meta.get("image_size") or 224), tuple(vocab.meta.get("mean") or OPENAI_CLIP_MEAN),
-                     tuple(vocab.meta.get("std") or OPENAI_CLIP_STD))
-    tiles = vis.word_tiles(vocab.words, vocab.patch_size, pre.denormalise)
-    cols = cols or math.ceil(math.sqrt(len(tiles)))
-    if scale is None:
-        scale = max(1, min(4, round(600 / (cols * (vocab.patch_size + 1) + 1))))
-    arr, grid = vis.tile_grid(tiles, cols=cols, scale=scale)
-    return tiles, arr, grid
-
-
-def load(args, device, dtype):
-    """The model: its weights do not change the figures, so where they cannot be had (offline, no cache)
-    random weights of its architecture do, with a note."""
-    if args.random_weights:
-        return cli.load_model(args.model, device, dtype, random_weights=True)
-    return cli.load_model(args.model, device, dtype, fallback_random=True)
-
-
 def run(args, loaded=None) -> dict:
-    """Draw the figures; ``loaded`` (a cli.Loaded) replaces --model (tests pass tiny models)."""
-    cli.at_least_one(args, "pairs", "limit", "batch")
-    if args.scale is not None and args.scale < 1:
-        raise cli.UserError(f"--scale must be a positive integer; got {args.scale}")
-    device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
-    cli.writable_dir(Path(args.out) / "figures" / "word")
-    args = argparse.Namespace(**vars(args))
-    if cli.vocab_path(args) is None:
-        print("no vocabulary flag: drawing --vocab 100 --vocab-data samples", file=sys.stderr)
-        args.vocab, args.vocab_data = 100, "samples"
-    config = {**results.config_of(args)}
-    learn = args.vocab_path is None and args.vocab_data == "samples"
-    if learn and loaded is None:
-        loaded = load(args, device, dtype)
-    if learn:
-        args.vocab_path = cli.samples_vocabulary(args.vocab, loaded.vision, preprocess_for(loaded.model))[1]
-    inter = cli.reducers_from_args(args)[0]
-    vocab = inter.vocab
-    if vocab.space != "pixel":
-        raise cli.UserError(f"{cli.vocab_path(args)} is an {vocab.space}-space vocabulary: only pixel-space words "
-                            "can be drawn as image patches")
-    if loaded is None:
-        loaded = load(args, device, dtype)
-    pre = preprocess_for(loaded.model)
-    cli.check_input_reducers(loaded.vision, [inter], pre.size, device, dtype)
-    config.update(model=loaded.name)
-    out_dir = Path(args.out) / "figures" / "word" / results.run_stem([vocab_tag(vocab)], config)
-    source = str(cli.vocab_path(args))
-
-    data = datasets.load(args.data, args.data_root, pre)
-    names = [vis.record_name(r) for r in data.records]
-    if not names:
-        raise cli.UserError(f"{args.data}: no images to draw under {args.data_root}; expected layout: "
-                            f"{datasets.layout(args.data)}")
-    chosen = args.images if args.images else names[:args.limit]
-    unknown = [n for n in chosen if n not in names]
-    if unknown:
-        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-        raise cli.UserError(f"unknown image(s) {', '.join(unknown)}; the {args.data} images are: {shown}")
-    data = torch.utils.data.Subset(data, [names.index(n) for n in chosen])
-
-    tiles, arr, grid = word_grid(vocab, args.cols, args.scale)
-    title = (f"{len(vocab)} visual words of {source}\n"
-             f"learned on {vocab.meta.get('data', 'unknown data')}, {vocab.patch_size}x{vocab.patch_size} pixel "
-             f"patches; word index = row x {grid.cols} + column")
-    fig, placed = vis.decorate(arr, title)
-    vis.save_png(out_dir / "words.png", fig)
-    result = {"config": results.config_of(args),
-              "vocab": {"path": source, "size": len(vocab), "patch_size": vocab.patch_size,
-                        **{k: vocab.meta.get(k) for k in ("data", "image_size", "mean", "std")}},
-              "words": {"file": "words.png", "box": [placed.top, placed.left, placed.height, placed.width],
-                        "cols": grid.cols, "tile": list(grid.tile), "gap": grid.gap, "scale": grid.scale,
-                        "count": grid.count},
-              "images": []}
-
-    scale = grid.scale
-    from tqdm import tqdm
-
-    recorder = vis.MatchRecorder(inter)
-    try:
-        vwt.patch(loaded.model, inter)
-        for pixels, records in tqdm(datasets.batches(data, args.batch), desc="word", unit="batch",
-                                    total=-(-len(data) // args.batch)):
-            with torch.inference_mode():
-                loaded.vision(pixels.to(device, dtype))
-            rows, cols = vwt.stats(loaded.model)["grid"]
-            keys = recorder.keys()
-            for b, rec in enumerate(records):
-                name = vis.record_name(rec)
-                image = vis.to_uint8(pre.denormalise(pixels[b].float()))
-                p = vocab.patch_size
-                patches = vis.image_patches(image[:rows * p, :cols * p], (rows, cols))
-                matched = np.flatnonzero(keys[b] >= 0)
-                matched = matched[np.lexsort((matched, keys[b][matched]))]  # by word, then patch order
-                shown = matched[:args.pairs]
-                entry = {"name": name, "file": f"{name}.png", "matched": int(len(matched)),
-                         "patches": int(rows * cols), "pairs": [[int(i), int(keys[b][i])] for i in shown]}
-                title = (f"{name}: {len(matched)} of {rows * cols} patches matched a word "
-                         f"(cosine distance <= {args.thresh:g})\n"
-                         f"each pair: image patch | its visual word of {source}"
-                         + (f"; the first {len(shown)} by word index" if len(shown) < len(matched) else ""))
-                if len(shown):
-                    pairs = vis.side_by_side(patches[shown], tiles[keys[b][shown]])
-                    arr, pgrid = vis.tile_grid(pairs, cols=min(8, len(shown)), gap=4, scale=scale)
-                    fig, placed = vis.decorate(arr, title)
-                    entry.update(box=[placed.top, placed.left, placed.height, placed.width], cols=pgrid.cols,
-                                 tile=list(pgrid.tile), gap=pgrid.gap, scale=pgrid.scale, sep=1)
-                else:
-                    fig, _ = vis.decorate(np.full((8, 8, 3), vis.BACKGROUND, np.uint8), title + "\nno patch matched")
-                vis.save_png(out_dir / entry["file"], fig)
-                result["images"].append(entry)
-    finally:
-        vwt.unpatch(loaded.model)
-        recorder.detach()
-    result.update(model=loaded.name, pretrained=loaded.pretrained, environment=cli.environment(device))
-    cli.save_json(out_dir / "word.json", result)
-    print(f"words and {len(result['images'])} image figures in {out_dir}")
-    return result
+    """Draw the figures (``vwt.figures.words``); ``loaded`` (a cli.Loaded) replaces --model (tests pass
+    tiny models)."""
+    return figures.words(cli.spec_from_args(args, figures.WordFigures), loaded)
 
 
 if __name__ == "__main__":
