@@ -80,7 +80,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
-    return atomic_write(path, lambda f: f.write(text.encode()))
+    return atomic_write(path, lambda f: f.write(bytes(text, "utf-8")))
 
 
 def atomic_savefig(fig, path: Path, **kwargs) -> Path:
