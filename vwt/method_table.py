@@ -136,9 +136,14 @@ def given(value) -> bool:
     return value is not None and value is not False
 
 
+KINDS = ("input", "block", "int8")  # the order of a configuration: what runs first comes first
+
+
 def rows(kind: Optional[str] = None) -> list:
-    """The table's rows in order, those of ``kind`` only where given."""
-    return [m for m in METHODS.values() if kind is None or m.kind == kind]
+    """The table's rows, input reducers first, then in-network reducers, then int8 (in the order they
+    were registered within a kind): the order of flags, labels and --methods; ``kind``: those only."""
+    ordered = sorted(METHODS.values(), key=lambda m: KINDS.index(m.kind))
+    return [m for m in ordered if kind is None or m.kind == kind]
 
 
 def by_dest(dest: str) -> Method:
