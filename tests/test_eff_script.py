@@ -334,8 +334,8 @@ def test_the_int8_tower_is_made_once_after_measuring_starts(tmp_path, monkeypatc
     why instead of figures."""
     no_rapl(monkeypatch, tmp_path)
     events = []
-    monkeypatch.setattr(eff, "print", lambda *a, **k: events.append(str(a[0]).split()[0]) if a else None,
-                        raising=False)
+    monkeypatch.setattr(fx, "print", lambda *a, **k: events.append(str(a[0]).split()[0]) if a else None,
+                        raising=False)  # the "measuring" line: vwt.efficiency.run's
     monkeypatch.setattr(fx, "quantized", lambda vision: events.append("int8") or "not run: no int8 here")
     table = eff.main(["--methods", "int8,tome+int8", "--batch", "1", "2", "--metric", "time", "--protocol",
                       "standard", "--out", str(tmp_path)] + FAST, loaded=tiny_loaded())
@@ -521,8 +521,13 @@ def test_real_data_set_layout_and_its_errors(tmp_path, monkeypatch):
         eff.main(argv + ["--data-root", str(tmp_path / "empty")] + fast, loaded=tiny_loaded())
 
 
+def spec_of(argv):
+    """The RunSpec eff.py makes of a command line."""
+    return cli.spec_from_args(eff.parse_args(argv), fx.Measurement)
+
+
 def test_plan_from_flags_and_methods():
-    names = lambda argv: [c.name for c in fx.plan(eff.parse_args(argv))]  # noqa: E731
+    names = lambda argv: [c.name for c in fx.plan(spec_of(argv))]  # noqa: E731
     assert names([]) == fx.DEFAULT_METHODS.split(",")
     assert names(["--methods", "all"]) == fx.DEFAULT_METHODS.split(",")
     assert names(["--tome", "8"]) == ["base", "tome"]
@@ -530,7 +535,7 @@ def test_plan_from_flags_and_methods():
     assert names(["--vocab-path", "v.pt"]) == fx.DEFAULT_METHODS.split(",")  # a vocabulary, not a choice
     assert names(["--methods", "inter+tome, int8+evit,base"]) == ["inter+tome", "evit+int8", "base"]
     assert names(["--methods", "tome,evit"]) == ["base", "tome", "evit"]  # ratios need base
-    s = fx.settings(eff.parse_args(["--methods", "tome", "--tome", "4"]))
+    s = fx.settings(spec_of(["--methods", "tome", "--tome", "4"]))
     assert s["tome"] == 4 and s["evit"] == fx.PAPER["evit"] and s["top_k"] == fx.PAPER["top_k"]
 
 
@@ -539,7 +544,7 @@ def test_plan_from_flags_and_methods():
                                   ["--tome", "2", "--evit", "0.5"], ["--methods", "intra", "--top_k", "1.5"]])
 def test_bad_configurations_are_user_errors(argv):
     with pytest.raises(cli.UserError):
-        fx.plan(eff.parse_args(argv))
+        fx.plan(spec_of(argv))
 
 
 def test_bad_numbers_are_user_errors(tmp_path):
