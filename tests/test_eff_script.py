@@ -23,8 +23,9 @@ import eff
 import vwt
 from tiny import NUM_PATCHES, hf_clip, open_clip_model, timm_vit
 from tiny import loaded as tiny_loaded
-from vwt import cli, datasets, energy, flops, models
+from vwt import cli, datasets, energy, flops, models, results
 from vwt import efficiency as fx
+from vwt.spec import Recipe, RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--seconds", "0.001", "--min-iters", "2", "--warmup", "0", "--warmup-seconds", "0", "--rounds", "2", "--paper-warmup", "1",
@@ -537,6 +538,36 @@ def test_plan_from_flags_and_methods():
     assert names(["--methods", "tome,evit"]) == ["base", "tome", "evit"]  # ratios need base
     s = fx.settings(spec_of(["--methods", "tome", "--tome", "4"]))
     assert s["tome"] == 4 and s["evit"] == fx.PAPER["evit"] and s["top_k"] == fx.PAPER["top_k"]
+
+
+def test_the_spec_of_a_command_line_holds_what_the_parser_read():
+    """eff.py's own flags land in fx.Measurement, whose defaults are the parser's; the spec records every
+    flag by its name, as the parsed command line did (results names and hashes stay put)."""
+    assert spec_of([]).options == fx.Measurement()
+    argv = ["--methods", "base,tome", "--tome", "4", "--batch", "1", "4", "--rounds", "3", "--threads", "2",
+            "--random-weights", "--data-root", "elsewhere", "--protocol", "standard"]
+    spec = spec_of(argv)
+    assert spec.options == fx.Measurement(methods="base,tome", rounds=3, threads=2, random_weights=True)
+    assert spec.batch == (1, 4) and spec.method.tome == 4 and spec.method.thresh is None
+    assert results.config_of(spec) == results.config_of(vars(eff.parse_args(argv)))
+
+
+def test_run_from_python_without_a_command_line(tmp_path, monkeypatch):
+    """vwt.efficiency.run takes a RunSpec built in Python: the table and its files, as eff.py's; what
+    eff.py prints below the table comes with it."""
+    no_rapl(monkeypatch, tmp_path)
+    fast = fx.Measurement(methods="base,tome", metric="time", rounds=2, seconds=0.001, min_iters=2, warmup=0,
+                          warmup_seconds=0, paper_warmup=1)
+    spec = RunSpec(device="cpu", limit=4, batch=(2,), out=tmp_path / "py", method=Recipe(tome=2), options=fast,
+                   protocol="standard")
+    table = fx.run(spec, loaded=tiny_loaded())
+    assert list(table["method"]) == ["base", "tome"] and list(table["config"]) == ["base", "tome2"]
+    assert table.loc[1, "tokens_mean"] < table.loc[0, "tokens_mean"] and table["latency_ms_median"].notna().all()
+    [csv] = written(tmp_path / "py")
+    report = table.attrs["report"]
+    assert report["files"][0] == str(csv) and report["weights"] == "random" and len(report["verdicts"]) == 1
+    assert "--metric time" in report["energy_note"] and report["power_note"] is None  # no paper power: standard
+    assert json.loads(csv.with_suffix(".json").read_text())["args"]["batch"] == [2]
 
 
 @pytest.mark.parametrize("argv", [["--methods", "bogus"], ["--methods", "intra+inter"], ["--methods", "tome+evit"],
