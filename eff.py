@@ -50,8 +50,7 @@ import argparse  # noqa: E402
 from pathlib import Path
 from typing import Optional
 
-import vwt  # noqa: E402
-from vwt import bench, cli, datasets, energy, flops, models, protocol, results  # noqa: E402
+from vwt import bench, cli, efficiency  # noqa: E402
 from vwt.efficiency import default_methods, method_names  # noqa: E402
 
 SHOW = ["config", "batch", "tokens_mean", "gflops_per_image", "latency_ms_median", "latency_ms_p90",
@@ -115,94 +114,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None, loaded: Optional[cli.Loaded] = None):
     """Run the measurements; ``loaded`` replaces --model (tests pass a tiny model). Returns the table."""
-    from vwt import efficiency as fx
-
     started = _LOADED_AT if __name__ == "__main__" else time.perf_counter()  # the script: since it started
-    args = parse_args(argv)
-    fx.check_numbers(args)
-    configs = fx.plan(args)
-    s = fx.settings(args)
-    device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
-    cli.writable_dir(args.out)  # an unwritable --out fails now, not after the measurements
-    if loaded is None:
-        loaded, weights = fx.load(args, device, dtype)
-    else:
-        weights = "pretrained" if loaded.pretrained else "random"
-        loaded.model.to(device=device, dtype=dtype).eval()
-    vision, preprocess = loaded.vision, datasets.preprocess_for(loaded.model)
-    limit = args.limit if args.limit is not None or args.data == "samples" else 64
-    seeds = fx.paper_seeds(args)  # the paper's data side: each seed's split and vocabulary; our rounds: the first's
-    paper_data = fx.paper_datasets(args, preprocess) if seeds != [None] else None  # missing images fail first
-    images = fx.load_images(fx.dataset(args, preprocess, limit, seeds[0]))
-    vocabs = ({seed: fx.vocabulary(args, s, images, vision, preprocess, seed) for seed in seeds}
-              if any(c.input == "inter" for c in configs) else {})
-    vocab, vocab_name, vocab_file = vocabs[seeds[0]] if vocabs else (None, "", None)
-    if vocab is not None:  # a vocabulary that does not fit the model fails before any measurement
-        cli.check_input_reducers(vision, [vwt.InterImage(vocab)], images.shape[-1], device, dtype)
-    meter = energy.best_meter(device, args.interval) if args.metric != "time" else energy.NullMeter("--metric time")
-    info = meter.info()
-    print(f"model {loaded.name} ({loaded.family}), weights: {weights}; device {device}, {args.dtype}; "
-          f"data {args.data} ({images.shape[0]} images); protocol {args.protocol}")
-    print(f"energy: {meter.note}")
-    if paper_data is not None and seeds != [0]:
-        print(f"the paper's measurement: seeds {' '.join(map(str, seeds))}, each on its own {args.data} split "
-              f"({', '.join(str(len(d)) for d in paper_data.values())} images)"
-              + (f" and vocabulary ({', '.join(str(v[2]) for v in vocabs.values())})" if vocabs else "")
-              + f"; the rounds run seed {seeds[0]}'s")
-    run = fx.Run(args, device, meter, images, flops.dense_flops(flops.dims_of(vision)), paper_data,
-                 {seed: v[0] for seed, v in vocabs.items()})
-    threads = bench.measuring_threads(args.threads, device)
-    kind = "pretrained" if weights == "pretrained" else "random"
-    common = dict(model=loaded.name, weights=kind, device=str(device), dtype=args.dtype, data=args.data,
-                  protocol=args.protocol)
-    learning = vocab.meta.get("learned_in_s", 0.0) if vocab is not None else 0.0
-    preps = fx.prepare(configs, args, s, vision, vocab, vocab_name)  # reducers; int8 on first use
-    print(f"measuring {len(configs)} configurations at batch {', '.join(map(str, args.batch))} in {args.rounds} "
-          f"interleaved rounds with {threads} torch thread{'s' * (threads != 1)} "
-          f"({time.perf_counter() - started - learning:.1f} s after start, of which {models.HUB_CHECK['seconds']:.1f} "
-          f"s asking the hub, not counting {learning:.1f} s of vocabulary learning)",
-          flush=True)
-    try:
-        with bench.torch_threads(threads):
-            rows, verdicts = fx.measure(preps, run, common)
-            env = cli.environment(device)  # torch_threads: the count measured with
-    finally:
-        info_end = meter.info()  # clocks and temperature after the runs
-        meter.close()
-    df = fx.table(rows)
-
-    config = dict(results.config_of(args), device=str(device), weights=kind, threads=threads,
-                  vocabulary_file=str(vocab_file) if vocab_file else None)
-    name = fx.stem(args, loaded.name, configs, config)
-    wall = time.perf_counter() - started
-    meta = {"script": "eff.py", "args": config, "weights": weights, "settings": s, "vocabulary": vocab_name or None,
-            "paper_seeds": None if paper_data is None else list(paper_data),
-            "paper_images": None if paper_data is None else {str(k): len(d) for k, d in paper_data.items()},
-            "paper_vocabularies": {str(k): str(v[2]) for k, v in vocabs.items()} if paper_data is not None else None,
-            "busy": bool(df["busy"].fillna(False).any()), "rounds_verdict": verdicts, "meter": info,
-            "meter_after": info_end, "environment": env, "wall_seconds": wall}
-    title = f"{loaded.name} ({weights.split(':')[0]} weights), {args.data}, {device}"
-    paths = fx.write(df, meta, args.out, name, title)
-    show(df, args, meter, verdicts)
-    print(f"weights: {weights}")
-    print(f"wrote {', '.join(str(p) for p in paths)} in {wall:.0f} s")
+    spec = cli.spec_from_args(parse_args(argv), efficiency.Measurement)
+    df = efficiency.run(spec, loaded, started=started)
+    show(df)
     return df
 
 
-def show(df, args, meter: energy.Meter, verdicts: dict) -> None:
-    """The table, then one line for each thing it cannot show: no energy here, no NVML power, and the
-    rounds' verdict on the machine per batch size."""
+def show(df) -> None:
+    """The table, then one line for each thing it cannot show (no energy here, no NVML power), the
+    rounds' verdict on the machine per batch size, the weights and the files written
+    (``df.attrs["report"]``, from vwt.efficiency.run)."""
     import pandas as pd
 
+    report = df.attrs["report"]
     with pd.option_context("display.width", 220, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(df[SHOW].to_string(index=False))
-    if not meter.measurable:
-        print(f"energy: {meter.note}: energy and power columns are empty (NaN)")
-    reason = bench.paper_power_reader(meter)[1]
-    if protocol.get(args.protocol).paper_measurement and args.metric in ("watt", "all") and reason:
-        print(reason)
-    for verdict in verdicts.values():
-        print(verdict["line"])
+    if report["energy_note"] is not None:
+        print(f"energy: {report['energy_note']}: energy and power columns are empty (NaN)")
+    if report["power_note"]:
+        print(report["power_note"])
+    for line in report["verdicts"]:
+        print(line)
+    print(f"weights: {report['weights']}")
+    print(f"wrote {', '.join(report['files'])} in {report['wall_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

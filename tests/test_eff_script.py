@@ -23,8 +23,9 @@ import eff
 import vwt
 from tiny import NUM_PATCHES, hf_clip, open_clip_model, timm_vit
 from tiny import loaded as tiny_loaded
-from vwt import cli, datasets, energy, flops, models
+from vwt import cli, datasets, energy, flops, models, results
 from vwt import efficiency as fx
+from vwt.spec import Recipe, RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--seconds", "0.001", "--min-iters", "2", "--warmup", "0", "--warmup-seconds", "0", "--rounds", "2", "--paper-warmup", "1",
@@ -334,8 +335,8 @@ def test_the_int8_tower_is_made_once_after_measuring_starts(tmp_path, monkeypatc
     why instead of figures."""
     no_rapl(monkeypatch, tmp_path)
     events = []
-    monkeypatch.setattr(eff, "print", lambda *a, **k: events.append(str(a[0]).split()[0]) if a else None,
-                        raising=False)
+    monkeypatch.setattr(fx, "print", lambda *a, **k: events.append(str(a[0]).split()[0]) if a else None,
+                        raising=False)  # the "measuring" line: vwt.efficiency.run's
     monkeypatch.setattr(fx, "quantized", lambda vision: events.append("int8") or "not run: no int8 here")
     table = eff.main(["--methods", "int8,tome+int8", "--batch", "1", "2", "--metric", "time", "--protocol",
                       "standard", "--out", str(tmp_path)] + FAST, loaded=tiny_loaded())
@@ -521,8 +522,13 @@ def test_real_data_set_layout_and_its_errors(tmp_path, monkeypatch):
         eff.main(argv + ["--data-root", str(tmp_path / "empty")] + fast, loaded=tiny_loaded())
 
 
+def spec_of(argv):
+    """The RunSpec eff.py makes of a command line."""
+    return cli.spec_from_args(eff.parse_args(argv), fx.Measurement)
+
+
 def test_plan_from_flags_and_methods():
-    names = lambda argv: [c.name for c in fx.plan(eff.parse_args(argv))]  # noqa: E731
+    names = lambda argv: [c.name for c in fx.plan(spec_of(argv))]  # noqa: E731
     assert names([]) == fx.DEFAULT_METHODS.split(",")
     assert names(["--methods", "all"]) == fx.DEFAULT_METHODS.split(",")
     assert names(["--tome", "8"]) == ["base", "tome"]
@@ -530,8 +536,38 @@ def test_plan_from_flags_and_methods():
     assert names(["--vocab-path", "v.pt"]) == fx.DEFAULT_METHODS.split(",")  # a vocabulary, not a choice
     assert names(["--methods", "inter+tome, int8+evit,base"]) == ["inter+tome", "evit+int8", "base"]
     assert names(["--methods", "tome,evit"]) == ["base", "tome", "evit"]  # ratios need base
-    s = fx.settings(eff.parse_args(["--methods", "tome", "--tome", "4"]))
+    s = fx.settings(spec_of(["--methods", "tome", "--tome", "4"]))
     assert s["tome"] == 4 and s["evit"] == fx.PAPER["evit"] and s["top_k"] == fx.PAPER["top_k"]
+
+
+def test_the_spec_of_a_command_line_holds_what_the_parser_read():
+    """eff.py's own flags land in fx.Measurement, whose defaults are the parser's; the spec records every
+    flag by its name, as the parsed command line did (results names and hashes stay put)."""
+    assert spec_of([]).options == fx.Measurement()
+    argv = ["--methods", "base,tome", "--tome", "4", "--batch", "1", "4", "--rounds", "3", "--threads", "2",
+            "--random-weights", "--data-root", "elsewhere", "--protocol", "standard"]
+    spec = spec_of(argv)
+    assert spec.options == fx.Measurement(methods="base,tome", rounds=3, threads=2, random_weights=True)
+    assert spec.batch == (1, 4) and spec.method.tome == 4 and spec.method.thresh is None
+    assert results.config_of(spec) == results.config_of(vars(eff.parse_args(argv)))
+
+
+def test_run_from_python_without_a_command_line(tmp_path, monkeypatch):
+    """vwt.efficiency.run takes a RunSpec built in Python: the table and its files, as eff.py's; what
+    eff.py prints below the table comes with it."""
+    no_rapl(monkeypatch, tmp_path)
+    fast = fx.Measurement(methods="base,tome", metric="time", rounds=2, seconds=0.001, min_iters=2, warmup=0,
+                          warmup_seconds=0, paper_warmup=1)
+    spec = RunSpec(device="cpu", limit=4, batch=(2,), out=tmp_path / "py", method=Recipe(tome=2), options=fast,
+                   protocol="standard")
+    table = fx.run(spec, loaded=tiny_loaded())
+    assert list(table["method"]) == ["base", "tome"] and list(table["config"]) == ["base", "tome2"]
+    assert table.loc[1, "tokens_mean"] < table.loc[0, "tokens_mean"] and table["latency_ms_median"].notna().all()
+    [csv] = written(tmp_path / "py")
+    report = table.attrs["report"]
+    assert report["files"][0] == str(csv) and report["weights"] == "random" and len(report["verdicts"]) == 1
+    assert "--metric time" in report["energy_note"] and report["power_note"] is None  # no paper power: standard
+    assert json.loads(csv.with_suffix(".json").read_text())["args"]["batch"] == [2]
 
 
 @pytest.mark.parametrize("argv", [["--methods", "bogus"], ["--methods", "intra+inter"], ["--methods", "tome+evit"],
@@ -539,7 +575,7 @@ def test_plan_from_flags_and_methods():
                                   ["--tome", "2", "--evit", "0.5"], ["--methods", "intra", "--top_k", "1.5"]])
 def test_bad_configurations_are_user_errors(argv):
     with pytest.raises(cli.UserError):
-        fx.plan(eff.parse_args(argv))
+        fx.plan(spec_of(argv))
 
 
 def test_bad_numbers_are_user_errors(tmp_path):

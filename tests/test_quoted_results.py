@@ -1,6 +1,8 @@
 """The figures README.md and results/benchmarks.md quote from the default eff.py run are the committed
-results CSV's, rendered by benchmarks/quote_results.py: a document and the CSV never disagree."""
+results CSV's, rendered by benchmarks/quote_results.py: a document and the CSV never disagree; and that
+run's file is named as today's eff.py names the same run."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -34,3 +36,20 @@ def test_render_shows_each_configuration_and_batch(tmp_path):
     assert "batch 1: not busy, batch 8: busy" in lines[-1]
     marked = "a\n<!-- eff-default:begin -->\nold\n<!-- eff-default:end -->\nb"
     assert quote_results.quote(marked, "new\n") == "a\n<!-- eff-default:begin -->\nnew\n<!-- eff-default:end -->\nb"
+
+
+def test_the_committed_default_run_keeps_its_name():
+    """The committed default run (``python eff.py`` on a CPU: random weights, one torch thread, the
+    samples' 1000-word vocabulary) records the configuration today's eff.py records for that command
+    line, and is named as today's eff.py names it: a change to the code never renames it silently."""
+    import eff
+    from vwt import cli
+    from vwt import efficiency as fx
+
+    csv = quote_results.default_run()
+    recorded = json.loads(csv.with_suffix(".json").read_text())["args"]
+    spec = cli.spec_from_args(eff.parse_args([]), fx.Measurement)
+    config = fx.run_config(spec, recorded["device"], recorded["weights"], recorded["threads"],
+                           recorded["vocabulary_file"])
+    assert config == recorded
+    assert fx.stem(spec, "openai/clip-vit-base-patch16", fx.plan(spec), config) == csv.stem

@@ -6,6 +6,9 @@ the table, the plot and collision-free results files (vwt.results).
 A configuration is at most one input reducer (intra, inter), one in-network reducer (tome, evit,
 lgtm) and int8; the rule itself is vwt.methods.build_reducers's. The base model is always measured: every
 ratio is to it.
+
+From Python: ``run(RunSpec(data="samples", batch=(1, 8), method=Recipe(tome=13),
+options=Measurement(methods="base,tome", rounds=3)))`` returns the table eff.py prints and writes.
 """
 from __future__ import annotations
 
@@ -13,22 +16,26 @@ import dataclasses
 import functools
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from . import bench, datasets, energy, flops, methods, results
+from . import bench, datasets, energy, flops, methods, models, results
 from .backends import family_of
 from .batching import buckets, bucketing, input_reducer
 from .errors import UserError, first_line
 from .methods import build_reducers, method_label
 from .models import Loaded, load_model
 from .patch import patch, stats, token_stats, unpatch
-from .protocol import get as get_protocol
+from .runtime import check_input_reducers, environment, resolve_device, resolve_dtype
+from .spec import RunSpec
+from .tokenizer import InterImage
 from .vocab import Vocabulary
-from .vocab_files import read_vocabulary, samples_vocabulary, tokenizer_dir
+from .vocab_files import missing_vocab_hint, read_vocabulary, samples_vocabulary, tokenizer_dir, vocab_data, vocab_path
+
 
 def paper_settings() -> dict:
     """Each method's setting in the paper (the method table's defaults: what eff.py measures unless a
@@ -60,6 +67,25 @@ COLUMNS = ["model", "weights", "device", "dtype", "data", "protocol", "method", 
            "busy", "time_ms_paper", "power_w_paper", "note"]
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """eff.py's own settings, named as its flags (``RunSpec.options``): what to measure (``metric``,
+    the ``methods`` language), how long (rounds, turns, warm-up), on how many torch threads, the power
+    sampling interval, and whether to skip the hub for random weights. Defaults: eff.py's."""
+
+    metric: str = "all"
+    methods: Optional[str] = None
+    rounds: int = 7
+    seconds: float = 0.5
+    min_iters: int = 1
+    warmup: int = 2
+    warmup_seconds: float = 3.0
+    paper_warmup: int = bench.PAPER_WARMUP
+    threads: Optional[int] = None
+    interval: float = 0.05
+    random_weights: bool = False
+
+
 # --------------------------------------------------------------------------------------------------
 # Configurations
 # --------------------------------------------------------------------------------------------------
@@ -77,10 +103,10 @@ class Config:
         return "+".join(parts) or "base"
 
 
-def settings(args) -> dict:
-    """Each method's setting: the flag where given, else the paper's (the method table's default)."""
-    return {k: getattr(args, k, None) if getattr(args, k, None) is not None else v
-            for k, v in paper_settings().items()}
+def settings(spec: RunSpec) -> dict:
+    """Each method's setting: the run's recipe where given, else the paper's (the method table's default)."""
+    recipe = spec.method
+    return {k: getattr(recipe, k) if getattr(recipe, k) is not None else v for k, v in paper_settings().items()}
 
 
 def reducer_settings(names, s: dict) -> dict:
@@ -110,16 +136,16 @@ def parse_config(text: str, s: dict) -> Config:
                   next((t for t in parts if kind.get(t) == "block"), None), "int8" in parts)
 
 
-def plan(args) -> list[Config]:
-    """The configurations to measure, from --methods or from the method flags; base always first
-    (every ratio is to it)."""
-    s = settings(args)
-    given = {m.name: methods.given(getattr(args, m.dest, None)) for m in methods.rows()}
-    if args.methods is None and any(given.values()):  # a --vocab-path alone names a vocabulary, not a choice
-        given["inter"] = given.get("inter", False) or args.vocab_path is not None
+def plan(spec: RunSpec) -> list[Config]:
+    """The configurations to measure, from --methods (``spec.options.methods``) or from the method
+    flags (the recipe); base always first (every ratio is to it)."""
+    s, chosen = settings(spec), spec.options.methods
+    given = {m.name: methods.given(getattr(spec.method, m.dest)) for m in methods.rows()}
+    if chosen is None and any(given.values()):  # a --vocab-path alone names a vocabulary, not a choice
+        given["inter"] = given.get("inter", False) or spec.method.vocab_path is not None
         text = "base," + "+".join(name for name, on in given.items() if on)
     else:
-        text = default_methods() if args.methods in (None, "all") else args.methods
+        text = default_methods() if chosen in (None, "all") else chosen
     configs = []
     for item in text.split(","):
         c = parse_config(item, s) if item.strip() else None
@@ -130,44 +156,51 @@ def plan(args) -> list[Config]:
     return configs if Config() in configs else [Config()] + configs
 
 
-def check_numbers(args) -> None:
+def batch_sizes(spec: RunSpec) -> tuple:
+    """The run's batch sizes (``spec.batch``: one size or a sequence of them)."""
+    return tuple(spec.batch) if isinstance(spec.batch, (list, tuple)) else (spec.batch,)
+
+
+def check_numbers(spec: RunSpec) -> None:
     """One-line errors for measurement settings out of range."""
-    if any(b < 1 for b in args.batch):
-        raise UserError(f"--batch sizes must be at least 1; got {args.batch}")
-    if (args.seconds <= 0 or args.min_iters < 1 or args.warmup < 0 or args.rounds < 1 or args.paper_warmup < 0
-            or args.warmup_seconds < 0):
+    o = spec.options
+    if any(b < 1 for b in batch_sizes(spec)):
+        raise UserError(f"--batch sizes must be at least 1; got {list(batch_sizes(spec))}")
+    if (o.seconds <= 0 or o.min_iters < 1 or o.warmup < 0 or o.rounds < 1 or o.paper_warmup < 0
+            or o.warmup_seconds < 0):
         raise UserError("--seconds must be positive, --min-iters and --rounds at least 1, --warmup, "
                         "--warmup-seconds and --paper-warmup at least 0")
-    if not 0.01 <= args.interval <= 1:
-        raise UserError(f"--interval is the power sampling period, between 0.01 and 1 s; got {args.interval}")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1; got {args.limit}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1; got {args.threads}")
+    if not 0.01 <= o.interval <= 1:
+        raise UserError(f"--interval is the power sampling period, between 0.01 and 1 s; got {o.interval}")
+    if spec.limit is not None and spec.limit < 1:
+        raise UserError(f"--limit must be at least 1; got {spec.limit}")
+    if o.threads is not None and o.threads < 1:
+        raise UserError(f"--threads must be at least 1; got {o.threads}")
 
 
 # --------------------------------------------------------------------------------------------------
 # Model, images, vocabulary
 # --------------------------------------------------------------------------------------------------
-def load(args, device, dtype) -> tuple[Loaded, str]:
+def load(spec: RunSpec, device, dtype) -> tuple[Loaded, str]:
     """The model (random weights where the pretrained ones cannot be had), and a sentence saying which."""
-    loaded = load_model(args.model, device, dtype, random_weights=args.random_weights, fallback_random=True,
-                        vision_only=True)
-    if args.random_weights:
+    random_weights = spec.options.random_weights
+    loaded = load_model(spec.model or models.DEFAULT_CLIP, device, dtype, random_weights=random_weights,
+                        fallback_random=True, vision_only=True)
+    if random_weights:
         return loaded, "random (--random-weights)"
     return loaded, "pretrained" if loaded.pretrained else f"random: {loaded.note}"
 
 
-def dataset(args, preprocess, limit: Optional[int], seed: Optional[int] = None):
+def dataset(spec: RunSpec, preprocess, limit: Optional[int], seed: Optional[int] = None):
     """The data set's evaluation split under the run's protocol (``seed``'s re-split where the protocol
     re-splits it; its first ``limit`` images), preprocessed on the fly."""
-    if args.data == "samples":
+    if spec.data == "samples":
         ds = datasets.Samples(preprocess, limit=limit)
     else:
-        ds = datasets.load(args.data, args.data_root, preprocess, split=args.split, seed=seed, protocol=args.protocol,
+        ds = datasets.load(spec.data, spec.root, preprocess, split=spec.split, seed=seed, protocol=spec.protocol,
                            limit=limit)
     if len(ds) == 0:
-        raise UserError(f"{args.data}: no images found")
+        raise UserError(f"{spec.data}: no images found")
     return ds
 
 
@@ -186,51 +219,46 @@ def _fitting(vocab, patch_size: int, path: Path):
     return vocab
 
 
-def paper_seeds(args) -> list:
+def paper_seeds(spec: RunSpec) -> list:
     """The seeds of the paper's data side (a protocol with ``paper_measurement``): the protocol's for the
     data set, as clip.py's (paper: 1 2 3 on Waterbirds, CelebA and MetaShift, each its own re-split and
     vocabulary; 0 on the others); [None] without the paper's measurement (one fixed split, one vocabulary)."""
-    rules = get_protocol(args.protocol)
-    if not rules.paper_measurement:
+    if not spec.protocol.paper_measurement:
         return [None]
-    return rules.seeds_for(datasets.row(args.data).resplit)
+    return spec.protocol.seeds_for(datasets.row(spec.data).resplit)
 
 
-def paper_datasets(args, own) -> dict:
+def paper_datasets(spec: RunSpec, own) -> dict:
     """{seed: the images the paper's measurement runs}: the evaluation split (--split), that seed's
     re-split where the protocol re-splits the data set, with the data set's own transform where the
     protocol says so (the paper's loaders; at the model's size and normalisation), else the model's
     own preprocessing ``own``; its first --limit images (default all, as the paper's eff.py)."""
-    rules = get_protocol(args.protocol)
-    pre = (datasets.transform_for(args.data, image_size=own.size, mean=own.mean, std=own.std, data_preprocessing=True)
+    rules, data = spec.protocol, spec.data
+    pre = (datasets.transform_for(data, image_size=own.size, mean=own.mean, std=own.std, data_preprocessing=True)
            if rules.data_preprocessing else own)
     out = {}
-    for seed in paper_seeds(args):
-        out[seed] = datasets.load(args.data, args.data_root, pre, split=args.split, seed=seed, protocol=rules,
-                                  limit=args.limit)
+    for seed in paper_seeds(spec):
+        out[seed] = datasets.load(data, spec.root, pre, split=spec.split, seed=seed, protocol=rules, limit=spec.limit)
         if len(out[seed]) == 0:
-            raise UserError(f"{args.data}: no images in split {args.split or 'default'}" +
+            raise UserError(f"{data}: no images in split {spec.split or 'default'}" +
                             (f" of seed {seed}'s re-split" if seed else ""))
     return out
 
 
-def _paper_vocabulary_file(args, s: dict, seed: Optional[int]) -> tuple[Optional[Path], str, str]:
+def _paper_vocabulary_file(spec: RunSpec, s: dict, seed: Optional[int]) -> tuple[Optional[Path], str, str]:
     """Under the paper's data side: the vocabulary file --vocab names for ``seed`` as clip.py reads it
     (in-domain ``tokenizers/<data>/v<V>/seed_<i>/vocab.pt``, ImageNet's with --imgnet, --vocab-data), its
-    short name and the hint for a missing file; (None, name, "") for the samples (learned on first use)."""
-    from .spec import Recipe, RunSpec
-    from .vocab_files import missing_vocab_hint, vocab_data, vocab_path
-
-    flags = RunSpec(data=args.data, protocol=args.protocol,
-                    method=Recipe(vocab=s["vocab"], vocab_data=args.vocab_data, imgnet=args.imgnet))
+    short name and the hint for a missing file; (None, name, "") for the samples (learned on first use).
+    Only without --vocab-path (which :func:`vocabulary` reads first)."""
+    flags = spec.replace(vocab=s["vocab"])  # the size measured: the flag's, or the paper's
     source = vocab_data(flags)
-    name = f"v{s['vocab']}" + ("" if source == args.data else f"-{source}")
+    name = f"v{s['vocab']}" + ("" if source == spec.data else f"-{source}")
     if source == "samples":
         return None, name, ""
     return vocab_path(flags, seed), name, missing_vocab_hint(flags)
 
 
-def vocabulary(args, s: dict, images: torch.Tensor, vision, preprocess,
+def vocabulary(spec: RunSpec, s: dict, images: torch.Tensor, vision, preprocess,
                seed: Optional[int] = None) -> tuple[Vocabulary, str, Path]:
     """The inter-image vocabulary, its short name and its file: --vocab-path ('{seed}' in it picks the
     seed's); else under the paper's data side (``seed`` given, see :func:`paper_seeds`) the one clip.py
@@ -238,13 +266,13 @@ def vocabulary(args, s: dict, images: torch.Tensor, vision, preprocess,
     samples, learned on them and cached in tokenizers/samples/ (``vocab_files.samples_vocabulary``; its
     lines on stdout, as eff.py's others)."""
     patch_size = flops.dims_of(vision).patch_size
-    if args.vocab_path is not None:
-        text = str(args.vocab_path)
+    if spec.method.vocab_path is not None:
+        text = str(spec.method.vocab_path)
         path = Path(text.format(seed=seed or 0) if "{seed}" in text else text)
         return _fitting(read_vocabulary(path), patch_size, path), path.parent.name or path.stem, path
-    data, name = args.vocab_data or args.data, f"v{s['vocab']}"
+    data, name = spec.method.vocab_data or spec.data, f"v{s['vocab']}"
     if seed is not None:
-        path, name, hint = _paper_vocabulary_file(args, s, seed)
+        path, name, hint = _paper_vocabulary_file(spec, s, seed)
         if path is not None:
             return _fitting(read_vocabulary(path, hint), patch_size, path), name, path
         data = "samples"
@@ -318,7 +346,7 @@ def quantized(vision):
         return f"not run: {type(e).__name__}: {first_line(e, 200)}"
 
 
-def prepare(configs: list[Config], args, s: dict, vision, vocab, vocab_name: str) -> list[Prepared]:
+def prepare(configs: list[Config], spec: RunSpec, s: dict, vision, vocab, vocab_name: str) -> list[Prepared]:
     """Reducers (built by vwt.methods.build_reducers, so ``--protocol paper`` times the paper's ToMe on the
     families it ran) and towers of every configuration."""
     out, family = [], family_of(vision).name
@@ -326,17 +354,18 @@ def prepare(configs: list[Config], args, s: dict, vision, vocab, vocab_name: str
     for cfg in configs:
         names = [n for n in (cfg.input, cfg.block) if n]
         chosen = reducer_settings(names, s)
-        inter = dict(thresh=s["thresh"], random=args.random)
+        inter = dict(thresh=s["thresh"], random=spec.method.random)
         label = method_label(**chosen, **inter, vocab=vocab_name if cfg.input == "inter" else None, quant=cfg.quant)
         try:
             reducers = build_reducers(**chosen, **inter, vocab=vocab if cfg.input == "inter" else None,
-                                          prop_attn=args.prop_attn, protocol=args.protocol, family=family)
+                                      prop_attn=spec.method.prop_attn, protocol=spec.protocol, family=family)
         except UserError as e:
             raise UserError(f"{cfg.name}: {e}") from None
         rebuild = None
         if cfg.input == "inter":  # the paper's data side: each seed's own vocabulary
             rebuild = functools.partial(lambda chosen, v: build_reducers(
-                **chosen, **inter, vocab=v, prop_attn=args.prop_attn, protocol=args.protocol, family=family), chosen)
+                **chosen, **inter, vocab=v, prop_attn=spec.method.prop_attn, protocol=spec.protocol, family=family),
+                chosen)
         if cfg.quant:  # made when its turn first comes; a string says this install cannot run int8
             out.append(Prepared(cfg, label, reducers=reducers, make=int8, rebuild=rebuild))
         else:
@@ -380,10 +409,10 @@ def bucketed(batches: list, first_block: torch.Tensor) -> list:
     return [slots[idx] for idx in buckets(first_block, b)]
 
 
-def bucket_on(p: Prepared, args, b: int) -> bool:
-    """--bucket (on by default) for a configuration with an input reducer at batch > 1 (at batch 1
-    there is nothing to regroup)."""
-    return b > 1 and bucketing(args.bucket, input_reducer(p.reducers), b)
+def bucket_on(p: Prepared, bucket: Optional[bool], b: int) -> bool:
+    """--bucket (``bucket``; None: on by default) for a configuration with an input reducer at batch > 1
+    (at batch 1 there is nothing to regroup)."""
+    return b > 1 and bucketing(bucket, input_reducer(p.reducers), b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,7 +422,7 @@ def bucket_on(p: Prepared, args, b: int) -> bool:
 class Run:
     """What the measurement needs besides the configurations."""
 
-    args: object
+    spec: RunSpec
     device: torch.device
     meter: energy.Meter
     images: torch.Tensor
@@ -407,7 +436,7 @@ def measure_batch_size(preps: list[Prepared], b: int, run: Run) -> tuple[dict, b
     configuration and the rounds' summary (figures and busy flag)."""
     from tqdm import tqdm
 
-    args, by_dtype, rows, methods = run.args, {}, {}, []
+    o, by_dtype, rows, methods = run.spec.options, {}, {}, []
     for p in preps:
         if p.ready().skip:
             rows[p.name] = dict(note=p.skip)
@@ -416,20 +445,19 @@ def measure_batch_size(preps: list[Prepared], b: int, run: Run) -> tuple[dict, b
         if dtype not in by_dtype:
             by_dtype[dtype] = make_batches(run.images, b, run.device, dtype)
         rows[p.name], first_block = tokens_and_flops(p, by_dtype[dtype], len(run.images))
-        bucket = bucket_on(p, args, b)
+        bucket = bucket_on(p, run.spec.bucket, b)
         rows[p.name].update(flops_ratio=rows[p.name]["gflops_per_image"] * 1e9 / run.dense_flops,
                             dtype=str(dtype).replace("torch.", ""), bucket=bucket)
         inputs = bucketed(by_dtype[dtype], first_block) if bucket else by_dtype[dtype]
         methods.append(bench.Method(p.name, p.call, p.enter, p.leave, inputs=inputs))
-    meter = run.meter if args.metric != "time" and run.meter.measurable else None
-    bar = tqdm(total=args.rounds, desc=f"rounds, batch {b}", leave=False)
+    meter = run.meter if o.metric != "time" and run.meter.measurable else None
+    bar = tqdm(total=o.rounds, desc=f"rounds, batch {b}", leave=False)
     # every turn runs the whole pool: an input reducer's cost depends on the image (inter-image keeps
     # 42 to 197 tokens of the samples), so turns over different images would spread the per-round
     # ratios for what they hold, not for how busy the machine was; and bucketed batches regroup it
-    turns = bench.interleave(methods, methods[0].inputs, rounds=args.rounds, min_seconds=args.seconds,
-                             min_calls=args.min_iters, cover=len(methods[0].inputs),
-                             warmup=args.warmup,
-                             warmup_seconds=args.warmup_seconds, meter=meter,
+    turns = bench.interleave(methods, methods[0].inputs, rounds=o.rounds, min_seconds=o.seconds,
+                             min_calls=o.min_iters, cover=len(methods[0].inputs), warmup=o.warmup,
+                             warmup_seconds=o.warmup_seconds, meter=meter,
                              stopwatch=energy.Stopwatch(run.device), progress=lambda r: bar.update())
     bar.close()
     summary = bench.summarise(turns, base="base")
@@ -466,15 +494,15 @@ def paper_fields_of(p: Prepared, b: int, run: Run, ds) -> dict:
     """The paper's figures of one configuration at batch ``b`` on the data set ``ds``: mean per-batch ms
     with the host-to-device copy, and one NVML power reading per batch in a separate run, overall and
     per group; power empty with a one-line reason where there is no NVML."""
-    args = run.args
-    power, reason = bench.paper_power_reader(run.meter) if args.metric in ("watt", "all") else (None, "")
+    o = run.spec.options
+    power, reason = bench.paper_power_reader(run.meter) if o.metric in ("watt", "all") else (None, "")
     loader = lambda: datasets.batches(ds, b)  # noqa: E731
     dtype = float_dtype(p.tower)
     p.enter()
     try:
         runs = bench.paper_runs(p.call, loader, run.device, dtype, tuple(run.images.shape[1:]),
-                                energy.Stopwatch(run.device), power, warmup=args.paper_warmup,
-                                measure_time=args.metric in ("time", "all"))
+                                energy.Stopwatch(run.device), power, warmup=o.paper_warmup,
+                                measure_time=o.metric in ("time", "all"))
     finally:
         p.leave()
     groups = sorted({r["group"] for r in ds.records if r.get("group") is not None})
@@ -491,22 +519,22 @@ def paper_fields_of(p: Prepared, b: int, run: Run, ds) -> dict:
 def measure(preps: list[Prepared], run: Run, common: dict) -> tuple[list[dict], dict]:
     """Every configuration at every --batch: rows in (configuration, batch) order, and per batch size
     the rounds' one-line verdict and every reason they gave for calling the machine busy."""
-    args, by_batch, verdicts = run.args, {}, {}
-    for b in args.batch:
+    spec, by_batch, verdicts = run.spec, {}, {}
+    for b in batch_sizes(spec):
         rows, summary = measure_batch_size(preps, b, run)
         verdicts[b] = dict(line=f"batch {b}: {summary.line()}", busy=summary.busy, reasons=summary.reasons)
-        if get_protocol(args.protocol).paper_measurement:
+        if spec.protocol.paper_measurement:
             for p in preps:
                 if not p.skip:
                     rows[p.name].update(paper_fields(p, b, run))
         by_batch[b] = rows
     out = []
     for p in preps:
-        for b in args.batch:
+        for b in batch_sizes(spec):
             row = dict(common, method=p.name, config=p.label, batch=b, note="")
             row.update(by_batch[b][p.name])
             notes = [row["note"]] if row["note"] else []
-            if not p.skip and args.metric != "time" and not run.meter.measurable:
+            if not p.skip and spec.options.metric != "time" and not run.meter.measurable:
                 notes.insert(0, run.meter.note)
             row["note"] = "; ".join(notes)
             out.append(row)
@@ -524,12 +552,20 @@ def table(rows: list[dict]):
 # --------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------
-def stem(args, model: str, configs: list[Config], config: dict) -> str:
+def stem(spec: RunSpec, model: str, configs: list[Config], config: dict) -> str:
     """``eff__<data>__<model>__<methods>__<hash of the whole configuration>``: runs that differ in
     anything (dtype, vocabulary file, protocol, batch, limit, weights, --bucket, ...) never share a name
     (--bucket changes only the order of other scripts' work, but what eff.py times)."""
     timing = [k for k in results.NOT_CONFIG if k != "bucket"]
-    return results.run_stem(["eff", args.data, model, "-".join(c.name for c in configs)], config, ignore=timing)
+    return results.run_stem(["eff", spec.data, model, "-".join(c.name for c in configs)], config, ignore=timing)
+
+
+def run_config(spec: RunSpec, device, weights: str, threads: int, vocab_file) -> dict:
+    """The configuration a run records (the JSON's ``args``) and is named by: every setting by its
+    command-line name (``results.config_of``), and what the run settled: the device, the weights
+    (pretrained or random), the torch threads and the vocabulary file."""
+    return dict(results.config_of(spec), device=str(device), weights=weights, threads=threads,
+                vocabulary_file=str(vocab_file) if vocab_file else None)
 
 
 def plot(df, path: Path, title: str) -> Path:
@@ -572,3 +608,151 @@ def write(df, meta: dict, out: Path, name: str, title: str) -> list[Path]:
     csv = results.atomic_write_text(out / f"{name}.csv", df.to_csv(index=False))
     js = results.write_json(out / f"{name}.json", dict(meta, results=df.to_dict(orient="records")))
     return [csv, js, plot(df, out / f"{name}.png", title)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    """What the configurations run on: the rounds' images (the first seed's split, the model's
+    preprocessing), the paper's data sets by seed (None without the paper's measurement) and the
+    inter-image vocabularies by seed ({seed: (vocabulary, short name, file)}; empty without inter)."""
+
+    images: torch.Tensor
+    seeds: list
+    paper_data: Optional[dict]
+    vocabs: dict
+
+    @property
+    def vocab(self) -> tuple:
+        """The rounds' vocabulary, its short name and file (the first seed's); (None, "", None) without."""
+        return self.vocabs[self.seeds[0]] if self.vocabs else (None, "", None)
+
+
+def run(spec: RunSpec, loaded: Optional[Loaded] = None, *, started: Optional[float] = None):
+    """Measure every configuration the run asks for at every batch size, write the results files
+    (CSV, JSON, PNG under ``spec.out``) and return the table (a DataFrame). ``loaded`` replaces
+    ``spec.model`` (tests pass a tiny model); ``started``: the ``time.perf_counter()`` the run counts
+    its seconds from (eff.py passes its own start, so the imports count). What eff.py prints below the
+    table is in ``table.attrs["report"]`` (see :func:`report_of`)."""
+    started = time.perf_counter() if started is None else started
+    spec = spec if spec.options is not None else spec.replace(options=Measurement())
+    check_numbers(spec)
+    configs, s = plan(spec), settings(spec)
+    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    results.writable_dir(spec.out)  # an unwritable --out fails now, not after the measurements
+    loaded, weights = _model(spec, loaded, device, dtype)
+    inputs = _inputs(spec, s, configs, loaded, device, dtype)
+    meter = (energy.best_meter(device, spec.options.interval) if spec.options.metric != "time"
+             else energy.NullMeter("--metric time"))
+    info = meter.info()
+    _announce(spec, loaded, weights, device, inputs, meter)
+    vocab, vocab_name, vocab_file = inputs.vocab
+    measuring = Run(spec, device, meter, inputs.images, flops.dense_flops(flops.dims_of(loaded.vision)),
+                    inputs.paper_data, {seed: v[0] for seed, v in inputs.vocabs.items()})
+    threads = bench.measuring_threads(spec.options.threads, device)
+    kind = "pretrained" if weights == "pretrained" else "random"
+    common = dict(model=loaded.name, weights=kind, device=str(device), dtype=spec.dtype, data=spec.data,
+                  protocol=spec.protocol.name)
+    preps = prepare(configs, spec, s, loaded.vision, vocab, vocab_name)  # reducers; int8 on first use
+    _say_measuring(spec, len(configs), threads, started, vocab)
+    measured = dict(_measure(preps, measuring, common, threads), meter=info)
+
+    config = run_config(spec, device, kind, threads, vocab_file)
+    name = stem(spec, loaded.name, configs, config)
+    wall = time.perf_counter() - started
+    df, meta = measured["table"], _meta(config, weights, s, inputs, measured, wall)
+    title = f"{loaded.name} ({weights.split(':')[0]} weights), {spec.data}, {device}"
+    paths = write(df, meta, spec.out, name, title)
+    df.attrs["report"] = report_of(spec, weights, meter, measured["verdicts"], paths, wall)
+    return df
+
+
+def _model(spec: RunSpec, loaded: Optional[Loaded], device, dtype) -> tuple[Loaded, str]:
+    """The model to measure (``loaded`` where given, moved to the device and dtype) and which weights."""
+    if loaded is None:
+        return load(spec, device, dtype)
+    loaded.model.to(device=device, dtype=dtype).eval()
+    return loaded, "pretrained" if loaded.pretrained else "random"
+
+
+def _inputs(spec: RunSpec, s: dict, configs: list[Config], loaded: Loaded, device, dtype) -> Inputs:
+    """The images and vocabularies the run measures with: the paper's data side (each seed's split and
+    vocabulary) and the rounds' images (the first seed's). Missing images fail before the vocabularies;
+    a vocabulary that does not fit the model fails before any measurement."""
+    vision, preprocess = loaded.vision, datasets.preprocess_for(loaded.model)
+    limit = spec.limit if spec.limit is not None or spec.data == "samples" else 64
+    seeds = paper_seeds(spec)
+    paper_data = paper_datasets(spec, preprocess) if seeds != [None] else None
+    images = load_images(dataset(spec, preprocess, limit, seeds[0]))
+    vocabs = ({seed: vocabulary(spec, s, images, vision, preprocess, seed) for seed in seeds}
+              if any(c.input == "inter" for c in configs) else {})
+    inputs = Inputs(images, seeds, paper_data, vocabs)
+    if inputs.vocab[0] is not None:
+        check_input_reducers(vision, [InterImage(inputs.vocab[0])], images.shape[-1], device, dtype)
+    return inputs
+
+
+def _announce(spec: RunSpec, loaded: Loaded, weights: str, device, inputs: Inputs, meter: energy.Meter) -> None:
+    """The lines that say what is measured: model, weights, device, data, protocol, the energy meter and
+    the paper's data side."""
+    print(f"model {loaded.name} ({loaded.family}), weights: {weights}; device {device}, {spec.dtype}; "
+          f"data {spec.data} ({inputs.images.shape[0]} images); protocol {spec.protocol.name}")
+    print(f"energy: {meter.note}")
+    seeds, paper_data, vocabs = inputs.seeds, inputs.paper_data, inputs.vocabs
+    if paper_data is not None and seeds != [0]:
+        print(f"the paper's measurement: seeds {' '.join(map(str, seeds))}, each on its own {spec.data} split "
+              f"({', '.join(str(len(d)) for d in paper_data.values())} images)"
+              + (f" and vocabulary ({', '.join(str(v[2]) for v in vocabs.values())})" if vocabs else "")
+              + f"; the rounds run seed {seeds[0]}'s")
+
+
+def _say_measuring(spec: RunSpec, configs: int, threads: int, started: float, vocab) -> None:
+    """The line that starts the measurements: what, how, and the seconds since the run started (less
+    the vocabulary's first-use learning, which the line gives apart, as the hub check)."""
+    learning = vocab.meta.get("learned_in_s", 0.0) if vocab is not None else 0.0
+    print(f"measuring {configs} configurations at batch {', '.join(map(str, batch_sizes(spec)))} in "
+          f"{spec.options.rounds} interleaved rounds with {threads} torch thread{'s' * (threads != 1)} "
+          f"({time.perf_counter() - started - learning:.1f} s after start, of which "
+          f"{models.HUB_CHECK['seconds']:.1f} s asking the hub, not counting {learning:.1f} s of vocabulary "
+          "learning)", flush=True)
+
+
+def _measure(preps: list[Prepared], measuring: Run, common: dict, threads: int) -> dict:
+    """Every configuration measured on ``threads`` torch threads (:func:`measure`): the table, the
+    rounds' verdicts, the meter's state after, and the environment measured in. The meter is closed."""
+    meter = measuring.meter
+    try:
+        with bench.torch_threads(threads):
+            rows, verdicts = measure(preps, measuring, common)
+            env = environment(measuring.device)  # torch_threads: the count measured with
+    finally:
+        info_end = meter.info()  # clocks and temperature after the runs
+        meter.close()
+    return dict(table=table(rows), verdicts=verdicts, meter_after=info_end, environment=env)
+
+
+def _meta(config: dict, weights: str, s: dict, inputs: Inputs, measured: dict, wall: float) -> dict:
+    """What the results JSON records beside the rows: the configuration (``args``), weights, settings,
+    vocabularies, the paper's seeds and images, the busy verdicts, the meter and the environment."""
+    paper_data, vocabs, df = inputs.paper_data, inputs.vocabs, measured["table"]
+    return {"script": "eff.py", "args": config, "weights": weights, "settings": s,
+            "vocabulary": inputs.vocab[1] or None,
+            "paper_seeds": None if paper_data is None else list(paper_data),
+            "paper_images": None if paper_data is None else {str(k): len(d) for k, d in paper_data.items()},
+            "paper_vocabularies": {str(k): str(v[2]) for k, v in vocabs.items()} if paper_data is not None else None,
+            "busy": bool(df["busy"].fillna(False).any()), "rounds_verdict": measured["verdicts"],
+            "meter": measured["meter"], "meter_after": measured["meter_after"],
+            "environment": measured["environment"], "wall_seconds": wall}
+
+
+def report_of(spec: RunSpec, weights: str, meter: energy.Meter, verdicts: dict, paths: list, wall: float) -> dict:
+    """What eff.py prints below the table, as plain data: why the energy columns are empty (None where
+    measured), why the paper's power figure is (None where it is read or not asked for), the rounds'
+    verdict per batch size, the weights, the files written and the run's seconds."""
+    reason = bench.paper_power_reader(meter)[1]
+    asked = spec.protocol.paper_measurement and spec.options.metric in ("watt", "all")
+    return dict(energy_note=None if meter.measurable else meter.note, power_note=reason if asked and reason else None,
+                verdicts=[v["line"] for v in verdicts.values()], weights=weights, files=[str(p) for p in paths],
+                wall_seconds=wall)
