@@ -110,3 +110,33 @@ def _functions():
 def test_no_function_in_vwt_is_over_60_lines(limit):
     long = [f"{where} ({n} lines)" for where, n in _functions() if n > limit]
     assert not long, "split these functions: " + "; ".join(long)
+
+
+def _namespace_takers(path: Path) -> list:
+    """Functions of ``path`` with a parameter that receives a parsed command line: named ``args`` or
+    ``namespace``, or annotated argparse.Namespace; and any ``import argparse``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            params = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            for a in params:
+                note = ast.unparse(a.annotation) if a.annotation is not None else ""
+                if a.arg in ("args", "namespace") or "Namespace" in note:
+                    found.append(f"{path.name}:{node.lineno}: {getattr(node, 'name', 'lambda')}({a.arg})")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            if "argparse" in names:
+                found.append(f"{path.name}:{node.lineno}: import argparse")
+    return found
+
+
+def test_no_library_function_takes_a_parsed_command_line():
+    """The command line becomes a RunSpec once, in vwt.cli.spec_from_args; below it nothing sees argparse."""
+    found = [f for path in sorted(VWT.rglob("*.py")) if path.name != "cli.py" for f in _namespace_takers(path)]
+    assert not found, "take a vwt.spec.RunSpec (or the values needed) instead:\n" + "\n".join(found)
+
+
+def test_the_namespace_finder_finds_one(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import argparse\n\ndef f(spec, args):\n    pass\n\ng = lambda namespace: 0\n")
+    assert len(_namespace_takers(bad)) == 3

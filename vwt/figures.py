@@ -88,6 +88,7 @@ def match(spec: RunSpec, loaded=None) -> dict:
     """Draw match.py's figures of ``spec``; ``loaded`` (a vwt.models.Loaded) replaces its model. With no
     method flag, draws the defaults (intra-image and inter-image on the samples) and returns
     {"runs": [result, result]}."""
+    spec = spec.with_options(MatchFigures)
     at_least_one(spec, "limit", "batch")
     if spec.options.scale < 1:
         raise UserError(f"--scale must be a positive integer; got {spec.options.scale}")
@@ -239,6 +240,7 @@ def chosen_images(spec: RunSpec, pre):
 
 def words(spec: RunSpec, loaded=None) -> dict:
     """Draw word.py's figures of ``spec``; ``loaded`` (a vwt.models.Loaded) replaces its model."""
+    spec = spec.with_options(WordFigures)
     at_least_one(spec, "pairs", "limit", "batch")
     if spec.options.scale is not None and spec.options.scale < 1:
         raise UserError(f"--scale must be a positive integer; got {spec.options.scale}")

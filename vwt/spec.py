@@ -125,6 +125,10 @@ class RunSpec:
             top["options"] = dataclasses.replace(top.get("options", self.options), **opts)
         return dataclasses.replace(self, **top)
 
+    def with_options(self, cls) -> "RunSpec":
+        """This spec, with ``cls()`` (an experiment's default settings) where it has no options yet."""
+        return self if self.options is not None else dataclasses.replace(self, options=cls())
+
     def config(self) -> dict:
         """Every setting by its command-line name: what results files record and hash (only ``names``
         where given, so a script's results keep the names and hashes they had)."""

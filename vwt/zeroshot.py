@@ -338,6 +338,7 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
     included. A configuration with nothing random (one split, no random ablation, one vocabulary for
     every seed) runs once, since every seed would give the same numbers. Returns the results (None on
     torchrun's other processes)."""
+    spec = spec.with_options(ZeroShot)
     at_least_one(spec, "batch", "limit")
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     results.writable_dir(Path(spec.out) / "clip")

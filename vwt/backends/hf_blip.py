@@ -52,7 +52,7 @@ def tower(vm: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
                  patch_size=emb.patch_size)
 
 
-def _mask_pads(module, args, kwargs):
+def _mask_pads(module, inputs, kwargs):
     """Text-decoder pre-hook: AND the cross-attention mask with 'image token is not a zero pad'."""
     states = kwargs.get("encoder_hidden_states")
     if states is None or states.dim() != 3:
@@ -62,7 +62,7 @@ def _mask_pads(module, args, kwargs):
         return None
     mask = kwargs.get("encoder_attention_mask")
     mask = real.long() if mask is None else mask * real.to(mask.dtype)
-    return args, {**kwargs, "encoder_attention_mask": mask}
+    return inputs, {**kwargs, "encoder_attention_mask": mask}
 
 
 def patch(model: nn.Module, info: Patch) -> None:
