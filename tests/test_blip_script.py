@@ -12,10 +12,11 @@ import fixtures
 import tiny
 import vwt
 from fixtures import meteor_once, use_meteor  # noqa: F401 (fixtures)
-from vwt import cli
+from vwt import captioning, cli
 from vwt import datasets as D
 from vwt import metrics as M
 from vwt.patch import patch_info
+from vwt.spec import RunSpec
 
 
 
@@ -274,7 +275,7 @@ def test_bad_input_is_one_line(root, tmp_path, tok, capsys, monkeypatch):
     assert f"cannot read image {image}" in err
     err = _error(capsys, base + ["--data-root", str(root)], cli.Loaded(tiny.hf_clip(), "hf_clip", "tiny-clip", False, tok))
     assert "Hugging Face BLIP" in err
-    monkeypatch.setattr(cli, "load_model", lambda name, device, dtype: blip(tok))
+    monkeypatch.setattr(captioning, "load_model", lambda name, device, dtype: blip(tok))  # the loader vwt.captioning.run calls
     err = _error(capsys, base + ["--data-root", str(root)])
     assert "no pretrained weights" in err
 
