@@ -25,13 +25,8 @@ Models must have pretrained weights: caption scores of random weights mean nothi
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from pathlib import Path
 
-import vwt
-from vwt import captioning as cap, cli, datasets, distributed, results
-from vwt.cli import UserError
+from vwt import captioning as cap, cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,73 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None, loaded: cli.Loaded | None = None) -> dict | None:
     """Run blip.py. ``loaded`` (tests only) is an already-loaded model, used as it is, random weights
     included; the command line always loads pretrained weights."""
-    args = cap.caption_settings(parse_args(argv))
-    out = Path(args.out) / "blip"
-    if args.summary:
-        return cli.write_summary(out, "blip.py")
-    cli.at_least_one(args, "batch", "beams", "max_length", "limit")
-    cap.check_lengths(args, None)
-    device, dtype = cli.resolve_device(args.device), cli.resolve_dtype(args.dtype)
-    cli.writable_dir(out)
-    started = time.time()
-    reducers = cli.reducers_from_args(args, family="hf_blip")  # bad flags and missing data fail before the model loads
-    ds = datasets.load(args.data, args.data_root, None, split=args.split, limit=args.limit)
-    if len(ds) == 0:
-        raise UserError(f"{args.data}: no images in split {args.split or 'default'}")
-    if loaded is None:
-        loaded = cli.load_model(args.model, device, dtype)
-        if not loaded.pretrained:
-            raise UserError(f"{args.model} has no pretrained weights: caption scores of random weights mean nothing")
-    else:
-        loaded.model.to(device=device, dtype=dtype).eval()
-    if loaded.family != "hf_blip":
-        raise UserError(f"blip.py captions with a Hugging Face BLIP model (e.g. {cli.DEFAULT_BLIP}); "
-                        f"{loaded.name} is {loaded.family}")
-    ds.transform = datasets.preprocess_for(loaded.model)
-    cap.check_lengths(args, loaded)
-    full = cli.check_input_reducers(loaded.vision, reducers, ds.transform.size, device, dtype)
-    name = cap.run_name(args, loaded.name)
-    path = out / f"{cap.run_name(args, loaded.name, limit=False)}.captions.jsonl"
-    config = cap.run_config(args, loaded.name)
-    if args.restart:
-        distributed.from_main(lambda: cap.restart(path, config))  # torchrun: the captions file is rank 0's alone
-    done = distributed.from_main(lambda: cap.read_captions(path, config))
-    todo = ds.subset(lambda r: r["image_id"] not in done)
-    if distributed.is_main():
-        print(f"{len(ds) - len(todo)} of {len(ds)} images already captioned in {path}", file=sys.stderr)
-    if len(todo):
-        if not loaded.pretrained:
-            print("warning: captioning with random weights (test hook)", file=sys.stderr)
-        cap.text_tokenizer(loaded)
-        if args.quant:
-            cli.quantize(loaded.model, args.protocol, loaded.family)
-        cli.seed_everything(args.seed)
-        vwt.patch(loaded.model, *reducers)
-        try:
-            cap.caption_images(args, loaded, todo, path, config, device, dtype)
-        finally:
-            vwt.unpatch(loaded.model)
-        done = cap.read_captions(path, config) if distributed.is_main() else done
-    if not distributed.is_main():  # torchrun: the main process scores and writes
-        return None
-    if args.no_score:
-        print(f"captions: {path} (not scored: run again without --no-score)")
-        return None
-
-    s = cap.score_captions(args, ds, done, out / f"{name}.predictions.json")
-    result = {
-        "task": "blip", "model": loaded.name, "pretrained": loaded.pretrained, "method": cli.method_name(args),
-        "protocol": args.protocol,
-        "data": args.data + (f"-{args.split}" if args.split else "") + (f" (first {args.limit})" if args.limit else ""),
-        "split": args.split, "images": len(ds), "captions_file": str(path), "predictions_file": str(s["predictions"]),
-        "references": cap.refs_source(args), "metrics": s["scores"], "domains": s["domains"],
-        **s["tokens"], "summary": s["summary"],
-        "config": results.config_of(args),
-        "environment": cli.environment(device), "seconds": time.time() - started,
-    }
-    result["note"] = cli.nothing_merged_note(reducers, full, s["tokens"]["tokens_first_block"], s["tokens"]["tokens_mean"])
-    rpath = cli.save_json(out / f"{name}.json", result)
-    print(cap.report(result) + f"\nresults: {rpath}")
+    spec = cap.caption_settings(cli.spec_from_args(parse_args(argv), cap.Decoding))
+    result = cap.run(spec, loaded)
+    if result is not None:
+        print(cap.report(result) + f"\nresults: {cap.results_path(spec, result['model'])}")
     return result
 
 

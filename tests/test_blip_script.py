@@ -12,10 +12,11 @@ import fixtures
 import tiny
 import vwt
 from fixtures import meteor_once, use_meteor  # noqa: F401 (fixtures)
-from vwt import cli
+from vwt import captioning, cli
 from vwt import datasets as D
 from vwt import metrics as M
 from vwt.patch import patch_info
+from vwt.spec import RunSpec
 
 
 
@@ -238,6 +239,27 @@ def test_an_interrupted_run_resumes_where_it_stopped(root, tmp_path, tok, monkey
     assert sorted(ids) == [42, 73, 74, 133]
 
 
+def test_run_from_python_without_a_command_line(root, tmp_path, tok, monkeypatch):
+    """vwt.captioning.run takes a RunSpec built in Python: its captions file is the command line's (same
+    name, same header), so blip.py resumes it without captioning an image again."""
+    spec = RunSpec(data="coco", root=root, out=tmp_path, batch=2, device="cpu",
+                   options=captioning.Decoding(no_score=True))
+    settled = captioning.caption_settings(spec)
+    assert (settled.options.prompt, settled.options.max_length) == ("", 20)
+    assert spec.options.prompt is None and spec.options.max_length is None  # a new spec, the given one untouched
+    standard = captioning.caption_settings(spec.replace(protocol="standard", penalty=1.2))
+    assert (standard.options.prompt, standard.options.max_length) == ("a picture of ", 40)
+    loaded = blip(tok)
+    seen = count_images(monkeypatch, loaded)
+    assert captioning.run(spec, loaded) is None and len(seen) == 4
+    path = captions_file(tmp_path, "coco__tiny-blip__base")
+    run(root, tmp_path, ["--data", "coco", "--no-score"], loaded)
+    assert len(seen) == 4 and captions_file(tmp_path, "coco__tiny-blip__base") == path
+    header = lines(path)[0]["config"]
+    assert header == captioning.run_config(captioning.caption_settings(
+        cli.spec_from_args(blip_script.parse_args(["--data", "coco"]), captioning.Decoding)), "tiny-blip")
+
+
 def _error(capsys, argv, loaded=None):
     return fixtures.one_line_error(capsys, lambda: blip_script.main(argv, loaded))
 
@@ -274,7 +296,7 @@ def test_bad_input_is_one_line(root, tmp_path, tok, capsys, monkeypatch):
     assert f"cannot read image {image}" in err
     err = _error(capsys, base + ["--data-root", str(root)], cli.Loaded(tiny.hf_clip(), "hf_clip", "tiny-clip", False, tok))
     assert "Hugging Face BLIP" in err
-    monkeypatch.setattr(cli, "load_model", lambda name, device, dtype: blip(tok))
+    monkeypatch.setattr(captioning, "load_model", lambda name, device, dtype: blip(tok))  # the loader vwt.captioning.run calls
     err = _error(capsys, base + ["--data-root", str(root)])
     assert "no pretrained weights" in err
 

@@ -5,6 +5,7 @@ config.json can be read do random weights fall back to a guess from the name, an
 import importlib
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -51,16 +52,18 @@ def reference(path, family):
 
 @pytest.fixture
 def loads(monkeypatch):
-    """What the scripts (through cli.load_model) and the library's experiments (through
-    vwt.models.load_model) got."""
-    got, real = [], models.load_model
+    """What the scripts got from vwt.models.load_model: the spy replaces it in every vwt module that
+    calls it by its own name (vwt.cli for the scripts, the experiments' modules such as vwt.captioning)."""
+    got = []
+    real = models.load_model
 
     def spy(*a, **k):
         got.append(real(*a, **k))
         return got[-1]
 
-    monkeypatch.setattr(cli, "load_model", spy)
-    monkeypatch.setattr(models, "load_model", spy)
+    for mod in [m for name, m in sys.modules.items() if name == "vwt" or name.startswith("vwt.")]:
+        if getattr(mod, "load_model", None) is real:
+            monkeypatch.setattr(mod, "load_model", spy)  # vwt.models itself too (vwt.zeroshot calls it there)
     return got
 
 

@@ -1,70 +1,121 @@
-"""BLIP captioning as blip.py runs it: the decoding settings each protocol leaves, the run's file
-names, the captions file (its configuration header, resume and restart), the beam-search captions
-of a batch and the one loop over the images (``caption_images``), the references, the paper's
-predictions.json, the scores and the report."""
+"""BLIP captioning as blip.py runs it, usable from Python without a command line: :func:`run` takes
+a ``vwt.spec.RunSpec`` whose ``options`` are a :class:`Decoding`. Here: the decoding settings each
+protocol leaves (:func:`caption_settings`), the run's file names, the captions file (its configuration
+header, resume and restart), the beam-search captions of a batch and the one loop over the images
+(:func:`caption_images`), the references, the paper's predictions.json, the scores and the report.
+
+    from vwt.spec import RunSpec
+    from vwt import captioning
+    result = captioning.run(RunSpec(model="Salesforce/blip-image-captioning-base", data="coco",
+                                    batch=16, options=captioning.Decoding()))
+"""
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import datasets, distributed, methods, metrics, results
+from . import datasets, distributed, methods, metrics, results, runtime
 from .batching import batch_order
 from .errors import UserError
 from .methods import method_name
-from .patch import describe_tokens, stats
-from .protocol import get as get_protocol
-from .spec import from_namespace  # TRANSITION
+from .models import DEFAULT_BLIP, Loaded, load_model
+from .patch import describe_tokens, patch, stats, unpatch
+from .spec import RunSpec
 from .vocab_files import vocab_path
-
 
 
 def data_names() -> tuple:
     """The data sets blip.py captions: the data-set table's rows of task "captions"."""
     return datasets.names("captions")
+
+
 HEADLINE = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
 
-def caption_settings(args):
-    """Fill in the decoding settings left to the protocol: the prompt (none under paper: the paper's
-    ``utils/dec.py`` calls ``generate`` without input ids, so decoding starts from BOS; 'a picture of '
-    under standard) and the max length (20, or 40 with a length penalty above 1, as the paper's)."""
-    protocol = get_protocol(args.protocol)
-    _, _, max_length, penalised = protocol.caption_lengths  # (beams, min length: the flags default to the same)
-    if args.prompt is None:
-        args.prompt = protocol.caption_prompt
-    if args.max_length is None:
-        args.max_length = penalised if args.penalty > 1 else max_length
-    return args
+@dataclass(frozen=True)
+class Decoding:
+    """blip.py's own settings, named as its flags (so a run's recorded configuration, and the names
+    and hashes of its files, are the command line's): the beam search (``max_length`` and ``prompt``
+    None: the protocol's, see :func:`caption_settings`), the seed of the random ablations, and what a
+    run does (``restart``: caption this configuration over; ``no_score``: captions only; ``summary``:
+    gather the results files instead)."""
+
+    beams: int = 3
+    max_length: Optional[int] = None
+    min_length: int = 5
+    penalty: float = 1.0
+    prompt: Optional[str] = None
+    seed: int = 0
+    restart: bool = False
+    no_score: bool = False
+    summary: bool = False
 
 
-def run_name(args, model_name: str, limit: bool = True) -> str:
+def caption_settings(spec: RunSpec) -> RunSpec:
+    """``spec`` with the decoding settings left to the protocol filled in (a new spec; already filled
+    ones stay): the prompt (none under paper: the paper's ``utils/dec.py`` calls ``generate`` without
+    input ids, so decoding starts from BOS; 'a picture of ' under standard) and the max length (20, or
+    40 with a length penalty above 1, as the paper's). A spec without options gets :class:`Decoding`'s."""
+    if spec.options is None:
+        spec = spec.replace(options=Decoding())
+    opts = spec.options
+    _, _, max_length, penalised = spec.protocol.caption_lengths  # (beams, min length: the flags default to the same)
+    changes = {}
+    if opts.prompt is None:
+        changes["prompt"] = spec.protocol.caption_prompt
+    if opts.max_length is None:
+        changes["max_length"] = penalised if opts.penalty > 1 else max_length
+    return spec.replace(**changes) if changes else spec
+
+
+def folder(spec: RunSpec) -> Path:
+    """Where a run's files go: <out>/blip."""
+    return Path(spec.out) / "blip"
+
+
+def run_name(spec: RunSpec, model_name: str, limit: bool = True) -> str:
     """The file name of a run, <data>__<model>__<method>[__seed<N>][__first<N>]__<hash>. The captions
     file (``limit=False``) hashes what the captions depend on (:func:`run_config`, the header it must
     match) and leaves out --limit, so a limited run's captions are reused by the whole run; the results
     file hashes the whole configuration. Two different configurations never share a file."""
-    split = f"-{args.split}" if args.split else ""
-    seed = f"seed{args.seed}" if args.random else ""
-    first = f"first{args.limit}" if args.limit and limit else ""
-    config = {**results.config_of(args), "model": model_name} if limit else run_config(args, model_name)
-    return results.run_stem([f"{args.data}{split}", results.model_label(model_name), method_name(args), seed, first],
+    split = f"-{spec.split}" if spec.split else ""
+    seed = f"seed{spec.options.seed}" if spec.method.random else ""
+    first = f"first{spec.limit}" if spec.limit and limit else ""
+    config = {**results.config_of(spec), "model": model_name} if limit else run_config(spec, model_name)
+    return results.run_stem([f"{spec.data}{split}", results.model_label(model_name), method_name(spec), seed, first],
                             config)
 
 
-def run_config(args, model_name: str) -> dict:
-    """What the captions depend on: a resumed run must match it."""
+def captions_path(spec: RunSpec, model_name: str) -> Path:
+    """The captions file of a run: <out>/blip/<run>.captions.jsonl (``--limit`` left out of <run>)."""
+    return folder(spec) / f"{run_name(spec, model_name, limit=False)}.captions.jsonl"
+
+
+def results_path(spec: RunSpec, model_name: str) -> Path:
+    """The results file of a run: <out>/blip/<run>.json."""
+    return folder(spec) / f"{run_name(spec, model_name)}.json"
+
+
+def run_config(spec: RunSpec, model_name: str) -> dict:
+    """What the captions depend on: a resumed run must match it. The captions file's first line; its
+    keys and values stay as they are, so captions files written before keep resuming."""
     keys = ("data", "split", "beams", "max_length", "min_length", "penalty", "prompt", "protocol", "dtype", "top_k",
             "vocab", "vocab_path", "vocab_data", "imgnet", "thresh", "random", "prop_attn", "tome", "evit", "lgtm",
             "quant")  # the order of the header's keys; a method row added later is appended
     keys += tuple(m.dest for m in methods.rows() if m.dest not in keys)
-    cfg = results.config_of({k: getattr(args, k, None) for k in keys})
-    vocab_file = vocab_path(from_namespace(args))  # the file --vocab resolves to (in-domain or ImageNet's)
-    cfg.update(model=model_name, method=method_name(args), seed=args.seed if args.random else None,
+    every = spec.replace(names=()).config()  # every setting, whatever the command line named
+    cfg = results.config_of({k: every.get(k) for k in keys})
+    vocab_file = vocab_path(spec)  # the file --vocab resolves to (in-domain or ImageNet's)
+    cfg.update(model=model_name, method=method_name(spec), seed=spec.options.seed if spec.method.random else None,
                vocab_file=None if vocab_file is None else str(vocab_file))
     return cfg
 
@@ -163,18 +214,18 @@ def text_tokenizer(loaded):
     return getattr(loaded.tokenizer, "tokenizer", loaded.tokenizer)
 
 
-def caption_batch(args, loaded, pixels: torch.Tensor, prompt_ids) -> list[str]:
+def caption_batch(spec: RunSpec, loaded, pixels: torch.Tensor, prompt_ids) -> list[str]:
     """Beam-search captions of a batch, the prompt cut off as BLIP does."""
-    tok = text_tokenizer(loaded)
-    kw = dict(num_beams=args.beams, max_length=args.max_length, min_length=args.min_length,
-              length_penalty=args.penalty, do_sample=False)
+    tok, opts = text_tokenizer(loaded), spec.options
+    kw = dict(num_beams=opts.beams, max_length=opts.max_length, min_length=opts.min_length,
+              length_penalty=opts.penalty, do_sample=False)
     with torch.inference_mode():
         if prompt_ids is not None:
             ids = loaded.model.generate(pixel_values=pixels, input_ids=prompt_ids.expand(len(pixels), -1).clone(), **kw)
         else:
             ids = loaded.model.generate(pixel_values=pixels, **kw)
     texts = tok.batch_decode(ids, skip_special_tokens=True)
-    prompt = args.prompt.strip().lower()
+    prompt = opts.prompt.strip().lower()
     out = []
     for t in texts:
         t = t.strip()
@@ -184,21 +235,21 @@ def caption_batch(args, loaded, pixels: torch.Tensor, prompt_ids) -> list[str]:
     return out
 
 
-def caption_images(args, loaded, todo, path: Path, config: dict, device, dtype) -> None:
+def caption_images(spec: RunSpec, loaded, todo, path: Path, config: dict, device, dtype) -> None:
     """The one loop over the images: caption the images of ``todo`` (``loaded``: a BLIP
     ``vwt.models.Loaded``), appending each to the captions file as it is made, with its token statistics."""
     prompt_ids = None
-    if args.prompt:
-        prompt_ids = text_tokenizer(loaded)(args.prompt, return_tensors="pt")["input_ids"].to(device)
+    if spec.options.prompt:
+        prompt_ids = text_tokenizer(loaded)(spec.options.prompt, return_tensors="pt")["input_ids"].to(device)
     writer = CaptionWriter(path, config) if distributed.is_main() else None  # torchrun: rank 0 writes them all
     try:
-        order = batch_order(args, loaded, todo, device, dtype)  # --bucket: neighbours in token count
+        order = batch_order(spec, loaded, todo, device, dtype)  # --bucket: neighbours in token count
         mine = distributed.shard(order)  # torchrun: batch b on rank b % processes, one round at a time
-        bar = tqdm(distributed.lockstep(datasets.batches(todo, args.batch, args.workers, mine), len(order)),
-                   total=distributed.steps(len(order)), desc=f"{args.data} captions", file=sys.stderr,
+        bar = tqdm(distributed.lockstep(datasets.batches(todo, spec.batch, spec.workers, mine), len(order)),
+                   total=distributed.steps(len(order)), desc=f"{spec.data} captions", file=sys.stderr,
                    disable=not distributed.is_main())
         for batch in bar:
-            lines = caption_lines(args, loaded, batch, prompt_ids, device, dtype) if batch is not None else []
+            lines = caption_lines(spec, loaded, batch, prompt_ids, device, dtype) if batch is not None else []
             for part in distributed.gather(lines) or []:  # the round's batches in one-process order
                 for line in part:
                     writer.write(line)
@@ -209,34 +260,34 @@ def caption_images(args, loaded, todo, path: Path, config: dict, device, dtype) 
             writer.close()
 
 
-def caption_lines(args, loaded, batch, prompt_ids, device, dtype) -> list[dict]:
+def caption_lines(spec: RunSpec, loaded, batch, prompt_ids, device, dtype) -> list[dict]:
     """The captions file's records of one batch: image id, caption and token statistics."""
     pixels, recs = batch
-    texts = caption_batch(args, loaded, pixels.to(device, dtype), prompt_ids)
+    texts = caption_batch(spec, loaded, pixels.to(device, dtype), prompt_ids)
     st = stats(loaded.model)
     return [{"image_id": rec["image_id"], "caption": text,
              **{k: float(st[k][i]) for k in ("tokens_first_block", "tokens_mean")}}
             for i, (rec, text) in enumerate(zip(recs, texts))]
 
 
-def refs_source(args) -> str:
+def refs_source(spec: RunSpec) -> str:
     """Where the references come from: BLIP's coco_karpathy_<split>_gt.json under paper where present
     (the file the paper scores against), else the data set's own captions."""
-    if get_protocol(getattr(args, "protocol", None)).coco_blip_references and args.data == "coco":
-        if datasets.coco_gt_references(args.data_root, args.split or "test") is not None:
-            return f"coco_karpathy_{args.split or 'test'}_gt.json"
+    if spec.protocol.coco_blip_references and spec.data == "coco":
+        if datasets.coco_gt_references(spec.root, spec.split or "test") is not None:
+            return f"coco_karpathy_{spec.split or 'test'}_gt.json"
     return "data set captions"
 
 
-def references(args, ds) -> dict:
+def references(spec: RunSpec, ds) -> dict:
     """{image_id: reference captions} of the evaluated images (see :func:`refs_source`)."""
     own = {r["image_id"]: r["captions"] for r in ds.records}
-    if refs_source(args) == "data set captions":
+    if refs_source(spec) == "data set captions":
         return own
-    gt = datasets.coco_gt_references(args.data_root, args.split or "test")
+    gt = datasets.coco_gt_references(spec.root, spec.split or "test")
     missing = [i for i in own if i not in gt]
     if missing:
-        raise UserError(f"coco: image {missing[0]} has no reference in coco_karpathy_{args.split or 'test'}_gt.json; "
+        raise UserError(f"coco: image {missing[0]} has no reference in coco_karpathy_{spec.split or 'test'}_gt.json; "
                         "use the file of the same split as the captions (or --protocol standard)")
     return {i: gt[i] for i in own}
 
@@ -249,29 +300,31 @@ def write_predictions(path: Path, ds, captions: dict) -> Path:
     return path
 
 
-def check_lengths(args, loaded) -> None:
-    """--min-length within [0, --max-length], and --max-length within what the text decoder holds."""
-    if not 0 <= args.min_length <= args.max_length:
-        raise UserError(f"--min-length must be between 0 and --max-length ({args.max_length}); got {args.min_length}")
+def check_lengths(spec: RunSpec, loaded) -> None:
+    """--min-length within [0, --max-length], and --max-length within what the text decoder holds
+    (``loaded`` None: the first check only, before the model loads)."""
+    opts = spec.options
+    if not 0 <= opts.min_length <= opts.max_length:
+        raise UserError(f"--min-length must be between 0 and --max-length ({opts.max_length}); got {opts.min_length}")
     if loaded is None:
         return
     positions = getattr(getattr(loaded.model.config, "text_config", None), "max_position_embeddings", None)
-    if positions is not None and args.max_length > positions:
-        raise UserError(f"--max-length {args.max_length} is beyond what {loaded.name}'s text decoder can hold "
+    if positions is not None and opts.max_length > positions:
+        raise UserError(f"--max-length {opts.max_length} is beyond what {loaded.name}'s text decoder can hold "
                         f"({positions} tokens); pass at most {positions}")
 
 
-def score_captions(args, ds, done: dict, predictions_path: Path) -> dict:
+def score_captions(spec: RunSpec, ds, done: dict, predictions_path: Path) -> dict:
     """Score the captions ``done`` ({image_id: captions-file line}) of every image of ``ds``: writes
     the predictions.json first; returns its path, the scores, CIDEr per NoCaps domain, the token
     statistics averaged over the images and the table's summary (in percent)."""
     lines = [done[r["image_id"]] for r in ds.records]
-    refs = references(args, ds)
+    refs = references(spec, ds)
     cands = {r["image_id"]: done[r["image_id"]]["caption"] for r in ds.records}
     predictions = write_predictions(predictions_path, ds, cands)
     scores = metrics.caption_scores(refs, cands)
     domains = {}
-    if args.data == "nocaps":
+    if spec.data == "nocaps":
         for d in sorted({r["domain"] for r in ds.records if r.get("domain")}):
             ids = [r["image_id"] for r in ds.records if r["domain"] == d]
             domains[d] = metrics.caption_scores({i: refs[i] for i in ids}, {i: cands[i] for i in ids}, which=("CIDEr",))
@@ -297,3 +350,109 @@ def report(result: dict) -> str:
     if result.get("note"):
         lines.append(f"  {result['note']}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run: what blip.py does after reading its command line
+# --------------------------------------------------------------------------------------------------
+def summarise(spec: RunSpec) -> None:
+    """--summary: gather the results files under <out>/blip into summary.md and summary.csv."""
+    runtime.write_summary(folder(spec), "blip.py")
+
+
+def load_captioner(spec: RunSpec, loaded: Optional[Loaded], device, dtype) -> Loaded:
+    """The BLIP model of the run, on ``device`` in ``dtype``: ``spec.model`` with pretrained weights
+    (caption scores of random weights mean nothing), or ``loaded`` (tests only) as it is, random
+    weights included. Another family is a one-line UserError."""
+    if loaded is None:
+        loaded = load_model(spec.model, device, dtype)
+        if not loaded.pretrained:
+            raise UserError(f"{spec.model} has no pretrained weights: caption scores of random weights mean nothing")
+    else:
+        loaded.model.to(device=device, dtype=dtype).eval()
+    if loaded.family != "hf_blip":
+        raise UserError(f"blip.py captions with a Hugging Face BLIP model (e.g. {DEFAULT_BLIP}); "
+                        f"{loaded.name} is {loaded.family}")
+    return loaded
+
+
+def caption_missing(spec: RunSpec, loaded: Loaded, ds, reducers: list, path: Path, config: dict, device,
+                    dtype) -> dict:
+    """Caption the images of ``ds`` that the captions file ``path`` does not hold yet (all of them after
+    --restart), the model patched with ``reducers``; returns {image_id: captions-file line} of every
+    captioned image (under torchrun: rank 0's reading; the other ranks get what they read first)."""
+    if spec.options.restart:
+        distributed.from_main(lambda: restart(path, config))  # torchrun: the captions file is rank 0's alone
+    done = distributed.from_main(lambda: read_captions(path, config))
+    todo = ds.subset(lambda r: r["image_id"] not in done)
+    if distributed.is_main():
+        print(f"{len(ds) - len(todo)} of {len(ds)} images already captioned in {path}", file=sys.stderr)
+    if not len(todo):
+        return done
+    if not loaded.pretrained:
+        print("warning: captioning with random weights (test hook)", file=sys.stderr)
+    text_tokenizer(loaded)
+    if spec.method.quant:
+        methods.quantize(loaded.model, spec.protocol, loaded.family)
+    runtime.seed_everything(spec.options.seed)
+    patch(loaded.model, *reducers)
+    try:
+        caption_images(spec, loaded, todo, path, config, device, dtype)
+    finally:
+        unpatch(loaded.model)
+    return read_captions(path, config) if distributed.is_main() else done
+
+
+def data_label(spec: RunSpec) -> str:
+    """The data a run captioned, as results show it: coco, coco-val (first 8)."""
+    return spec.data + (f"-{spec.split}" if spec.split else "") + (f" (first {spec.limit})" if spec.limit else "")
+
+
+def scored_result(spec: RunSpec, loaded: Loaded, ds, done: dict, path: Path, device, started: float) -> dict:
+    """The results of a run: the scores of the captions ``done`` of ``ds`` (the predictions.json is
+    written here), what ran, the configuration and the machine."""
+    s = score_captions(spec, ds, done, folder(spec) / f"{run_name(spec, loaded.name)}.predictions.json")
+    result = {
+        "task": "blip", "model": loaded.name, "pretrained": loaded.pretrained, "method": method_name(spec),
+        "protocol": spec.protocol.name, "data": data_label(spec),
+        "split": spec.split, "images": len(ds), "captions_file": str(path), "predictions_file": str(s["predictions"]),
+        "references": refs_source(spec), "metrics": s["scores"], "domains": s["domains"],
+        **s["tokens"], "summary": s["summary"],
+        "config": results.config_of(spec),
+        "environment": runtime.environment(device), "seconds": time.time() - started,
+    }
+    return result
+
+
+def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
+    """Caption ``spec.data`` with BLIP (``spec.model``, or ``loaded``: an already-loaded model, tests
+    only) and the methods of ``spec.method``, resuming the run's captions file, then score the captions
+    and write the results file. Returns the results (as saved); None with ``no_score``, ``summary``, and
+    on the ranks but the first under torchrun. Bad settings and data fail before the model loads."""
+    spec = caption_settings(spec)
+    if spec.options.summary:
+        return summarise(spec)
+    runtime.at_least_one(spec, "batch", "beams", "max_length", "limit")
+    check_lengths(spec, None)
+    device, dtype = runtime.resolve_device(spec.device), runtime.resolve_dtype(spec.dtype)
+    results.writable_dir(folder(spec))
+    started = time.time()
+    reducers = methods.reducers_for(spec, family="hf_blip")  # bad flags and missing data fail before the model loads
+    ds = datasets.load(spec.data, spec.root, None, split=spec.split, limit=spec.limit)
+    if len(ds) == 0:
+        raise UserError(f"{spec.data}: no images in split {spec.split or 'default'}")
+    loaded = load_captioner(spec, loaded, device, dtype)
+    ds.transform = datasets.preprocess_for(loaded.model)
+    check_lengths(spec, loaded)
+    full = runtime.check_input_reducers(loaded.vision, reducers, ds.transform.size, device, dtype)
+    path, config = captions_path(spec, loaded.name), run_config(spec, loaded.name)
+    done = caption_missing(spec, loaded, ds, reducers, path, config, device, dtype)
+    if not distributed.is_main():  # torchrun: the main process scores and writes
+        return None
+    if spec.options.no_score:
+        print(f"captions: {path} (not scored: run again without --no-score)")
+        return None
+    result = scored_result(spec, loaded, ds, done, path, device, started)
+    result["note"] = runtime.nothing_merged_note(reducers, full, result["tokens_first_block"], result["tokens_mean"])
+    runtime.save_json(results_path(spec, loaded.name), result)
+    return result
