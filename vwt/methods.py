@@ -43,10 +43,6 @@ def method_label(thresh: float = 0.1, random: bool = False, vocab: Optional[str]
 def method_name(spec) -> str:
     """The label of the configuration a run's recipe asks for (see :func:`method_label`); ``spec``: a
     ``vwt.spec.RunSpec``."""
-    if not hasattr(spec, "method"):  # TRANSITION: a module not yet moved to RunSpec (removed when all are)
-        from .spec import from_namespace
-
-        spec = from_namespace(spec)
     recipe, vocab = spec.method, None
     if recipe.vocab is not None:  # another data set's vocabulary is named, as the paper's v<SIZE>-imgnet
         source = vocab_data(spec)

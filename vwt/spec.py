@@ -145,14 +145,3 @@ class RunSpec:
         if self.names:
             return {k: flat[k] for k in self.names if k in flat}
         return flat
-
-
-def from_namespace(ns) -> RunSpec:  # TRANSITION: removed once every experiment takes a RunSpec
-    """A RunSpec of an argparse-like namespace, for modules not yet moved to RunSpec."""
-    given = dict(vars(ns))
-    dests = set(_method_dests()) | set(SETTINGS)
-    recipe = {k: v for k, v in given.items() if k in dests}
-    own = {f.name for f in fields(RunSpec)}
-    top = {("root" if k == "data_root" else k): v for k, v in given.items()
-           if ("root" if k == "data_root" else k) in own and k not in ("method", "options", "names")}
-    return RunSpec(**top, method=Recipe(**recipe), names=tuple(given))
