@@ -51,14 +51,15 @@ def reference(path, family):
 
 @pytest.fixture
 def loads(monkeypatch):
-    """What the scripts got from cli.load_model."""
-    got = []
+    """What the scripts got from load_model (cli's, or the library experiments' vwt.models.load_model)."""
+    got, real = [], models.load_model
 
     def spy(*a, **k):
-        got.append(models.load_model(*a, **k))
+        got.append(real(*a, **k))
         return got[-1]
 
     monkeypatch.setattr(cli, "load_model", spy)
+    monkeypatch.setattr(models, "load_model", spy)
     return got
 
 
