@@ -493,13 +493,13 @@ def test_a_late_write_failure_keeps_the_finished_results(tmp_path):
 
 
 def test_process_keeps_the_learned_words_when_the_folder_fails_late(tmp_path):
-    import process
+    from vwt import learning
 
     vocab = vwt.Vocabulary(torch.randn(3, PATCH_DIM), patch_size=tiny.PATCH)
     blocked = tmp_path / "a-file"
     blocked.write_text("where the vocabulary folder was")
     with pytest.raises(cli.UserError, match="saved to") as e:
-        process.save(vocab, blocked / "v3")
+        learning.save(vocab, blocked / "v3")
     rescue = Path(str(e.value).split("saved to ")[1].split(" instead")[0])
     try:
         assert torch.equal(vwt.Vocabulary.load(rescue).words, vocab.words)

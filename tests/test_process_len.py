@@ -17,8 +17,9 @@ import fixtures
 import process as process_script
 import tiny
 import vwt
-from vwt import cli
+from vwt import cli, learning, lengths
 from vwt import datasets as D
+from vwt.spec import Recipe, RunSpec
 from vwt.tokenizer import pixel_patches
 from vwt.vocab import NITER
 from test_vocab import sklearn_by_hand
@@ -169,28 +170,66 @@ def test_confounder_sets_get_one_vocabulary_per_seed_and_coco_one(root, tmp_path
     assert std.meta["kmeans"] == "fast" and std.meta["images"] == len(D.load("coco", root, None, split="train"))
 
 
+def settled(argv):
+    return learning.settle(cli.spec_from_args(process_script.parse_args(argv), learning.Options))
+
+
 def test_defaults_follow_the_protocol_and_the_data():
-    args = process_script.parse_args(["--data", "coco"])
-    process_script.settle(args)
-    assert (args.model, args.kmeans, args.batch, args.seeds) == (cli.DEFAULT_BLIP, "paper", 1024, [0])
-    args = process_script.parse_args(["--data", "meta"])
-    process_script.settle(args)
-    assert (args.model, args.seeds) == (cli.DEFAULT_CLIP, [1, 2, 3])
-    args = process_script.parse_args(["--data", "meta", "--protocol", "standard"])
-    process_script.settle(args)
-    assert (args.kmeans, args.batch, args.seeds, args.niter, args.max_points_per_centroid) == ("fast", 32, [0], NITER, 256)
+    spec = settled(["--data", "coco"])
+    assert (spec.model, spec.options.kmeans, spec.batch, spec.seeds) == (cli.DEFAULT_BLIP, "paper", 1024, (0,))
+    spec = settled(["--data", "meta"])
+    assert (spec.model, spec.seeds) == (cli.DEFAULT_CLIP, (1, 2, 3))
+    spec = settled(["--data", "meta", "--protocol", "standard"])
+    o = spec.options
+    assert (o.kmeans, spec.batch, spec.seeds, o.niter, o.max_points_per_centroid) == ("fast", 32, (0,), NITER, 256)
     with pytest.raises(cli.UserError, match="--niter belongs to --kmeans fast"):
-        process_script.settle(process_script.parse_args(["--niter", "1"]))
+        settled(["--niter", "1"])
     with pytest.raises(cli.UserError, match="--max-points-per-centroid must be at least 1; got 0"):
-        process_script.settle(process_script.parse_args(["--kmeans", "fast", "--max-points-per-centroid", "0"]))
+        settled(["--kmeans", "fast", "--max-points-per-centroid", "0"])
+
+
+def test_settling_returns_a_new_spec_that_records_the_command_line(tmp_path, monkeypatch):
+    """process.py's and len.py's settled defaults are new specs (the parsed one is left as it was), and
+    their configurations are the command line's names, with --vocab as process.py's word count."""
+    monkeypatch.chdir(tmp_path)
+    args = process_script.parse_args(["--data", "samples", "--vocab", "7"])
+    spec = cli.spec_from_args(args, learning.Options)
+    assert spec.config() == vars(args) and spec.options.vocab == 7 and spec.method.vocab is None
+    done = learning.settle(spec)
+    assert (spec.batch, spec.options.kmeans, spec.model) == (None, None, None)
+    assert (done.batch, done.options.kmeans, done.model) == (1024, "paper", cli.DEFAULT_CLIP)
+    assert learning.settle(done) == done and list(done.config()) == list(vars(args))
+    args = len_script.parse_args(["--data", "waterbirds", "--vocab", "8", "--max-images", "3"])
+    spec = cli.spec_from_args(args, lengths.Options)
+    assert spec.config() == vars(args) and spec.options == lengths.Options(3, None)
+    done = lengths.settle(spec)
+    assert spec.options.seed is None and spec.method.vocab_path is None
+    assert done.options.seed == 1 and done.method.vocab_path == Path("tokenizers/waterbirds/v8/seed_1/vocab.pt")
+    assert lengths.settle(done) == done
 
 
 def test_fast_kmeans_without_faiss_is_one_line_before_any_work(monkeypatch):
-    real = process_script.importlib.util.find_spec
-    monkeypatch.setattr(process_script.importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
+    real = learning.importlib.util.find_spec
+    monkeypatch.setattr(learning.importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
     with pytest.raises(cli.UserError, match="--kmeans fast needs FAISS: pip install faiss-cpu"):
-        process_script.settle(process_script.parse_args(["--kmeans", "fast"]))
-    process_script.settle(process_script.parse_args(["--kmeans", "paper"]))  # the paper's recipe needs none
+        settled(["--kmeans", "fast"])
+    settled(["--kmeans", "paper"])  # the paper's recipe needs none
+
+
+def test_both_experiments_run_from_python_without_a_command_line(tmp_path, monkeypatch, capsys):
+    """vwt.learning.run and vwt.lengths.run take a RunSpec built in Python: the script's defaults where
+    the spec leaves them to the experiment, the same words and counts as the scripts."""
+    monkeypatch.chdir(tmp_path)
+    spec = RunSpec(data="samples", batch=None, out=None, device="cpu", options=learning.Options(vocab=12))
+    vocab = learning.run(spec, clip_loaded())[0]
+    assert torch.equal(vwt.Vocabulary.load(tmp_path / "tokenizers" / "samples" / "v12").words, vocab.words)
+    assert torch.equal(learn(["--data", "samples", "--vocab", "12", "--overwrite", "--out", "cli"])[0].words,
+                       vocab.words)
+    res = lengths.run(RunSpec(data="samples", batch=5, device="cpu", out=tmp_path / "py",
+                              method=Recipe(vocab=12, vocab_data="samples")), clip_loaded())
+    want = count(["--data", "samples", "--vocab", "12", "--vocab-data", "samples", "--batch", "5"])
+    assert res["per_image"] == want["per_image"] and res["word_counts"] == want["word_counts"]
+    assert len(list((tmp_path / "py" / "len").glob("*.json"))) == 1
 
 
 def _direct_counts(loaded, ds, reducer):

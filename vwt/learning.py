@@ -1,0 +1,220 @@
+"""process.py's experiment as a library call: learn a VWT visual-word vocabulary by k-means over the
+patches of a data set's train split, once per data seed, into the paper's folder layout.
+
+    from vwt import learning
+    from vwt.spec import RunSpec
+    learning.run(RunSpec(data="samples", batch=None, out=None, options=learning.Options(vocab=100)))
+
+The protocol decides the defaults (:func:`settle`): ``kmeans`` (the paper's scikit-learn recipe, or
+FAISS on a seeded sample), the seeds (one vocabulary per seed on the re-split data sets under paper),
+the preprocessing and COCO's records. ``batch`` None and ``out`` None are the script's defaults
+(1024 or 32 images; ``tokenizers/<data>/v<SIZE>``). An existing vocabulary is kept unless ``overwrite``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import datasets, distributed, models, results, runtime
+from .errors import UserError, first_line
+from .models import DEFAULT_BLIP, DEFAULT_CLIP, Loaded
+from .results import slug
+from .spec import RunSpec
+from .tokenizer import tokenize
+from .vocab import INIT, MAX_POINTS_PER_CENTROID, NITER, Vocabulary, patch_embedder
+from .vocab_files import read_vocabulary, tokenizer_dir
+
+
+@dataclass(frozen=True)
+class Options:
+    """process.py's own settings, named as its flags: ``vocab`` words to learn, in ``space`` (pixel:
+    normalised pixel patches, the paper; embed: the model's patch projections), by ``kmeans`` ("paper"
+    or "fast"; None: the protocol's) with the fast k-means' ``niter``, ``init`` and
+    ``max_points_per_centroid`` (None: FAISS's defaults, see vwt.vocab), on at most ``max_images``
+    images; ``overwrite`` learns again where the vocabulary exists."""
+
+    vocab: int = 1000
+    space: str = "pixel"
+    kmeans: Optional[str] = None
+    niter: Optional[int] = None
+    init: Optional[str] = None
+    max_points_per_centroid: Optional[int] = None
+    max_images: Optional[int] = None
+    overwrite: bool = False
+
+
+def settle(spec: RunSpec) -> RunSpec:
+    """The spec with the defaults that depend on the protocol, the k-means and the data filled in
+    (k-means, its settings, batch, seeds, model); bad values refused. Settling a settled spec changes nothing."""
+    o = spec.options if spec.options is not None else Options()
+    kmeans = o.kmeans or spec.protocol.kmeans
+    fast = kmeans == "fast"
+    for flag in ("niter", "init", "max_points_per_centroid"):
+        if getattr(o, flag) is not None and not fast:
+            raise UserError(f"--{flag.replace('_', '-')} belongs to --kmeans fast; the paper's recipe is one "
+                            "scikit-learn pass")
+    if fast:  # the paper's runs record neither
+        o = dataclasses.replace(o, niter=NITER if o.niter is None else o.niter, init=o.init or INIT,
+                                max_points_per_centroid=MAX_POINTS_PER_CENTROID if o.max_points_per_centroid is None
+                                else o.max_points_per_centroid)
+    seeds = spec.seeds
+    if seeds is None:
+        per_seed = spec.protocol.vocab_per_seed and datasets.row(spec.data).resplit
+        seeds = spec.protocol.seeds_for(True) if per_seed else [0]
+    spec = spec.replace(options=dataclasses.replace(o, kmeans=kmeans), batch=spec.batch or (32 if fast else 1024),
+                        seeds=tuple(seeds), model=spec.model or (DEFAULT_BLIP if spec.data == "coco" else DEFAULT_CLIP))
+    sizes = {"vocab": o.vocab, "batch": spec.batch, "niter": o.niter, "max_points_per_centroid": o.max_points_per_centroid}
+    for flag in ("vocab", "batch") + (("niter", "max_points_per_centroid") if fast else ()):
+        if sizes[flag] < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1; got {sizes[flag]}")
+    if fast and importlib.util.find_spec("faiss") is None:
+        raise UserError("--kmeans fast needs FAISS: pip install faiss-cpu (faiss-gpu on a CUDA machine), "
+                        "or use --kmeans paper")
+    if o.max_images is not None and o.max_images < 1:
+        raise UserError(f"--max-images must be at least 1; got {o.max_images}")
+    if min(spec.seeds) < 0:
+        raise UserError(f"--seeds must be 0 or more; got {' '.join(map(str, spec.seeds))}")
+    return spec
+
+
+def out_dir(spec: RunSpec, seed: int, family: str) -> Path:
+    """The paper's layout: <base>/[seed_<N>/][<model>/] with <base> = ``out`` or tokenizers/<data>/v<SIZE>."""
+    out = Path(spec.out) if spec.out is not None else tokenizer_dir(spec.data, spec.options.vocab)
+    if seed:
+        out = out / f"seed_{seed}"
+    if spec.options.space == "embed":
+        out = out / {"hf_clip": "clip", "hf_blip": "blip"}.get(family, slug(spec.model))
+    return out
+
+
+def per_caption(data):
+    """COCO under the paper: one entry per caption (its train file lists each image once per caption)."""
+    records = getattr(data, "records", None)
+    if not records or "captions" not in records[0]:
+        return data
+    data.records = [r for r in records for _ in range(max(1, len(r["captions"])))]
+    return data
+
+
+def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> dict:
+    """Learn (or keep) one vocabulary per seed, save each as it is learned and print one line each;
+    returns {seed: Vocabulary}. ``loaded`` replaces ``spec.model`` with a loaded model."""
+    spec = settle(spec)
+    device, dtype = runtime.resolve_device(spec.device), runtime.resolve_dtype(spec.dtype)
+    results.writable_dir(out_dir(spec, 0, ""))  # an unwritable folder fails now, not after the k-means
+    split = None if spec.data == "samples" else (spec.split or "train")
+    sets = {s: datasets.load(spec.data, spec.root, None, split=split, seed=s, protocol=spec.protocol)
+            for s in spec.seeds}  # a missing data set fails before the model loads
+    if loaded is None:  # pixel-space words do not depend on the weights
+        loaded = models.load_model(spec.model, device, dtype, fallback_random=spec.options.space == "pixel")
+    own = datasets.preprocess_for(loaded.model)
+    pre = datasets.transform_for(spec.data, image_size=own.size) if spec.protocol.process_data_preprocessing else own
+    blank = torch.zeros(1, 3, own.size, own.size, device=device, dtype=dtype)
+    patch_size = tokenize(loaded.vision, None, blank)[1].patch_size
+    vocabs = {}
+    for seed in spec.seeds:
+        path = out_dir(spec, seed, loaded.family) / "vocab.pt"
+        if path.exists() and not spec.options.overwrite:
+            vocabs[seed] = kept(spec, seed, path)
+            continue
+        data = sets[seed]
+        data.transform = pre
+        if spec.protocol.process_coco_per_caption and datasets.row(spec.data).task == "captions":
+            data = per_caption(data)
+        with torch.inference_mode():
+            vocabs[seed] = learn(spec, seed, data, split, loaded, pre, patch_size, device, dtype)
+        if not distributed.is_main():  # under torchrun the main process learns and writes; the others load
+            continue
+        vocab = vocabs[seed]
+        save(vocab, path.parent)
+        per_patch = vocab.meta["inertia"] / max(vocab.meta["inertia_patches"], 1)
+        sampled = f"a sample of {vocab.meta['sample']} of " if "sample" in vocab.meta else ""
+        print(f"seed {seed}: {len(vocab)} {spec.options.space}-space words of {vocab.dim} values from {sampled}"
+              f"{vocab.meta['patches_seen']} patches ({vocab.meta['images']} images, --kmeans {spec.options.kmeans}); "
+              f"inertia {per_patch:.4g} per patch; written: {path}")
+    return vocabs
+
+
+def kept(spec: RunSpec, seed: int, path: Path) -> Vocabulary:
+    """The vocabulary already at ``path``, where it has the words asked for (else a one-line error:
+    never learned over silently, never used in place of other words)."""
+    vocab = read_vocabulary(path)
+    if (len(vocab), vocab.space) != (spec.options.vocab, spec.options.space):
+        raise UserError(f"{path} holds {len(vocab)} {vocab.space}-space words, not the {spec.options.vocab} "
+                        f"{spec.options.space}-space words asked for: pass --overwrite, or another --out")
+    print(f"seed {seed}: {path} exists; kept (--overwrite learns it again)")
+    return vocab
+
+
+def learn(spec: RunSpec, seed: int, data, split, loaded: Loaded, pre, patch_size: int, device, dtype) -> Vocabulary:
+    """One vocabulary: the paper's recipe in loader order, or FAISS on a seeded sample (read in a seeded order)."""
+    from tqdm import tqdm
+
+    o, batch = spec.options, spec.batch
+    paper = o.kmeans == "paper"
+    order = torch.arange(len(data)) if paper else torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    if o.max_images is not None:
+        order = order[: o.max_images]
+    data = torch.utils.data.Subset(data, order.tolist())
+    size = getattr(pre, "size", None) or data[0][0].shape[-1]
+    per_image = (size // patch_size) ** 2
+    first = min(batch, len(data)) if paper else len(data)
+    if first * per_image < o.vocab:
+        what = "the first batch" if paper and first < len(data) else "the images"
+        raise UserError(f"{what} ({first} images) give {first * per_image} patches, fewer than --vocab {o.vocab} "
+                        "words" + ("; use a bigger --batch or fewer words" if what == "the first batch" else ""))
+    embed = patch_embedder(loaded.vision) if o.space == "embed" else None
+
+    def pixels():  # streamed, one batch at a time (map keeps no reference to a batch once it is handed on)
+        return map(lambda b: b[0].to(device, dtype), datasets.batches(data, batch, spec.workers))
+
+    def part(x, embed=embed):  # torchrun: what a process sends of its part of a batch, pixels or embeddings
+        x = x.to(device, dtype)
+        return x if embed is None else embed(x)
+
+    if distributed.world() > 1:  # each batch loaded in parts across the processes, whole again on rank 0
+        stream = distributed.BatchStream(len(data), batch,
+                                         lambda order: datasets.batches(data, batch, spec.workers, order),
+                                         part, device)
+        if not distributed.is_main():
+            return stream.serve()
+        pixels, embed = stream.__iter__, (None if embed is None else (lambda e: e))  # embedded where loaded
+
+    meta = dict(data=spec.data, split=split, data_seed=seed, protocol=spec.protocol.name, images=len(data),
+                image_size=size, mean=list(getattr(pre, "mean", datasets.OPENAI_CLIP_MEAN)),
+                std=list(getattr(pre, "std", datasets.OPENAI_CLIP_STD)), model=loaded.name,
+                pretrained=loaded.pretrained, config=results.config_of(spec),
+                environment=runtime.environment(device))
+    started = time.time()
+    with tqdm(total=-(-len(data) // batch), desc=f"k-means {spec.data} v{o.vocab} seed {seed}", unit="batch") as bar:
+        if paper:
+            vocab = Vocabulary.learn_paper(pixels(), size=o.vocab, space=o.space, patch_size=patch_size,
+                                           embed=embed, batch_size=batch, seed=0, progress=bar, **meta)
+        else:
+            vocab = Vocabulary.learn(
+                pixels(), size=o.vocab, space=o.space, patch_size=patch_size, embed=embed, niter=o.niter,
+                max_points_per_centroid=o.max_points_per_centroid, seed=seed, init=o.init,
+                gpu=False if device.type == "cpu" else None, kmeans="fast", progress=bar, **meta)
+    if distributed.world() > 1:
+        stream.close()
+    vocab.meta["seconds"] = round(time.time() - started, 1)
+    return vocab
+
+
+def save(vocab: Vocabulary, folder: Path) -> Path:
+    """Save the learned words; where the folder refuses them now (it was checked at the start), they go
+    to a new temporary folder instead and a one-line error says where: the k-means is never lost."""
+    try:
+        return vocab.save(folder)
+    except OSError as e:
+        rescue = Path(tempfile.mkdtemp(prefix="vwt-vocab-"))
+        vocab.save(rescue)
+        raise UserError(f"cannot write the vocabulary to {folder} ({first_line(e)}); it was saved to "
+                        f"{rescue} instead") from None
