@@ -40,10 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", default=1000, type=int, metavar="SIZE", help="number of visual words (default 1000)")
     p.add_argument("--space", default="pixel", choices=("pixel", "embed"),
                    help="pixel: normalised pixel patches (the paper); embed: the model's patch projections")
-    cli.add_model_args(p, default=None)
-    for action in p._actions:
-        if action.dest == "model":
-            action.help = action.help.replace("(default None)", f"(default {cli.DEFAULT_BLIP} for coco, else {cli.DEFAULT_CLIP})")
+    cli.add_model_args(p, default=None, shown=f"{cli.DEFAULT_BLIP} for coco, else {cli.DEFAULT_CLIP}")
     cli.add_protocol_arg(p)
     p.add_argument("--kmeans", default=None, choices=("paper", "fast"),
                    help="paper: scikit-learn's MiniBatchKMeans as the paper ran it (default under --protocol paper); "

@@ -48,11 +48,13 @@ def main(fn: Callable[[], Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------------
-def add_model_args(p: argparse.ArgumentParser, default: str = DEFAULT_CLIP) -> None:
+def add_model_args(p: argparse.ArgumentParser, default: Optional[str] = DEFAULT_CLIP,
+                   shown: Optional[str] = None) -> None:
+    """--model, --device, --dtype; ``shown``: how --help states a default that depends on other flags."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=default,
                    help="Hugging Face id (CLIP or BLIP), 'open_clip:ARCH[/PRETRAINED]' or 'timm:NAME' "
-                        f"(default {default})")
+                        f"(default {shown or default})")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="model and input precision")
