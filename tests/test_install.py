@@ -46,13 +46,17 @@ def test_pyproject_dependencies_are_requirements_txt():
     assert ("bitsandbytes", ">=0.43", 'platform_system == "Linux"') in runtime
 
 
-def readme_example() -> str:
-    """The python block of README's "Use from Python" section."""
+def readme_examples() -> list:
+    """The python blocks of README's "Use from Python" section: patching a model, then the experiments."""
     section = re.search(r"^## Use from Python\n(.*?)(?=^## )", (ROOT / "README.md").read_text(), re.S | re.M)
     assert section, "README.md has no '## Use from Python' section"
     blocks = re.findall(r"^```python\n(.*?)^```", section.group(1), re.S | re.M)
-    assert len(blocks) == 1, f"'Use from Python' has {len(blocks)} python blocks"
-    return blocks[0]
+    assert len(blocks) == 2, f"'Use from Python' has {len(blocks)} python blocks; this test runs two"
+    return blocks
+
+
+def readme_example() -> str:
+    return readme_examples()[0]
 
 
 # What the example promises: image features as a tensor, and the model unpatched at the end.
@@ -88,6 +92,40 @@ def test_readme_python_example_runs_as_written(tmp_path):
     done = subprocess.run([sys.executable, str(script)], cwd=script.parent, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and "README example: ok" in done.stdout, done.stdout + done.stderr
+
+
+EXPERIMENT_CHECKS = """
+assert result["method"] == "intra0.5+tome13" and result["seeds"] == [1, 2, 3] and "avg" in result["summary"], result
+assert set(table["method"]) == {"base", "tome"} and sorted(set(table["batch"])) == [1, 8], table
+print("README experiments: ok")
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter, three seeds of zero-shot and an interleaved measurement: about 40 s
+def test_readme_experiments_from_python_run_as_written(tmp_path):
+    """README's second block (the experiments on a RunSpec), run as written in a fresh interpreter outside
+    the clone and offline: its hub model swapped for a tiny local CLIP with a tokenizer, the Waterbirds
+    data it names written as a fixture under the default data root."""
+    code = readme_examples()[1]
+    assert HUB_ID in code
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    clip_dir = tmp_path / "tiny-clip"
+    tok = fixtures.char_clip_tokenizer(tmp_path / "tok")
+    model = tiny.hf_clip()
+    model.config.text_config.eos_token_id = tok.eos_token_id  # pool the text at this tokenizer's end of text
+    model.save_pretrained(clip_dir)
+    image = CLIPImageProcessor(size={"shortest_edge": tiny.IMAGE}, crop_size={"height": tiny.IMAGE, "width": tiny.IMAGE})
+    CLIPProcessor(image_processor=image, tokenizer=tok).save_pretrained(clip_dir)
+    work = tmp_path / "elsewhere"
+    fixtures.write_waterbirds(work / "data")
+    script = work / "experiments.py"
+    script.write_text(code.replace(HUB_ID, str(clip_dir)) + EXPERIMENT_CHECKS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script)], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0 and "README experiments: ok" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def _git_status(repo: Path) -> list:
