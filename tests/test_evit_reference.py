@@ -55,9 +55,10 @@ def heads(x, h):
     return x.reshape(x.shape[0], h, -1).transpose(0, 1)
 
 
-# Each family: embed(model, image (3, H, W)) -> tokens (N, C) entering the first block;
-# blocks(model) -> per block (attention(t) -> (attention output (N, C), class-token attention (N,)),
-# mlp(t) -> the MLP branch), both on the residual stream; finish(model, t) -> outputs to compare.
+# Each family: embed(model, image (3, H, W)) -> the tokens (N, C) entering the first block;
+# blocks(model) -> per block: qkv(t) -> q, k, v (heads, N, d) from the normed stream, the attention scale,
+# out(o) -> the attention branch added to the stream, mlp(t) -> the MLP branch added to the stream;
+# finish(model, t) -> the outputs to compare.
 def clip_tower(m):
     """CLIPVisionModel's transformer (transformers 5 holds its modules directly, 4 in .vision_model)."""
     return getattr(m, "vision_model", m)
@@ -69,15 +70,13 @@ def clip_embed(m, img):
 
 
 def clip_blocks(m):
-    def attention(layer):
+    for layer in clip_tower(m).encoder.layers:
         a = layer.self_attn
 
-        def run(t):
+        def qkv(t, layer=layer, a=a):
             h = layer.layer_norm1(t)
-            q, k, v = (heads(proj(h), a.num_heads) for proj in (a.q_proj, a.k_proj, a.v_proj))
-            return _out(a.out_proj, attend(q, k, v, a.scale))
-        return run
-    return [(attention(layer), lambda t, layer=layer: layer.mlp(layer.layer_norm2(t))) for layer in clip_tower(m).encoder.layers]
+            return [heads(proj(h), a.num_heads) for proj in (a.q_proj, a.k_proj, a.v_proj)]
+        yield qkv, a.scale, a.out_proj, lambda t, layer=layer: layer.mlp(layer.layer_norm2(t))
 
 
 def clip_finish(m, t):
@@ -89,14 +88,12 @@ def blip_embed(m, img):
 
 
 def blip_blocks(m):
-    def attention(layer):
+    for layer in m.encoder.layers:
         a = layer.self_attn
 
-        def run(t):
-            q, k, v = a.qkv(layer.layer_norm1(t)).reshape(t.shape[0], 3, a.num_heads, -1).permute(1, 2, 0, 3)
-            return _out(a.projection, attend(q, k, v, a.scale))
-        return run
-    return [(attention(layer), lambda t, layer=layer: layer.mlp(layer.layer_norm2(t))) for layer in m.encoder.layers]
+        def qkv(t, layer=layer, a=a):
+            return a.qkv(layer.layer_norm1(t)).reshape(t.shape[0], 3, a.num_heads, -1).permute(1, 2, 0, 3)
+        yield qkv, a.scale, a.projection, lambda t, layer=layer: layer.mlp(layer.layer_norm2(t))
 
 
 def blip_finish(m, t):
@@ -110,14 +107,13 @@ def open_clip_embed(v, img):
 
 
 def open_clip_blocks(v):
-    def attention(blk):
-        a = blk.attn
+    for blk in v.transformer.resblocks:
+        a = blk.attn                                                     # nn.MultiheadAttention: packed q, k, v
 
-        def run(t):
-            q, k, v_ = (heads(z, a.num_heads) for z in (blk.ln_1(t) @ a.in_proj_weight.T + a.in_proj_bias).chunk(3, -1))
-            return blk.ls_1(_out(a.out_proj, attend(q, k, v_, q.shape[-1] ** -0.5)))
-        return run
-    return [(attention(blk), lambda t, blk=blk: blk.ls_2(blk.mlp(blk.ln_2(t)))) for blk in v.transformer.resblocks]
+        def qkv(t, blk=blk, a=a):
+            return [heads(z, a.num_heads) for z in (blk.ln_1(t) @ a.in_proj_weight.T + a.in_proj_bias).chunk(3, -1)]
+        yield (qkv, (a.embed_dim // a.num_heads) ** -0.5, lambda o, blk=blk, a=a: blk.ls_1(a.out_proj(o)),
+               lambda t, blk=blk: blk.ls_2(blk.mlp(blk.ln_2(t))))
 
 
 def open_clip_finish(v, t):
@@ -130,24 +126,19 @@ def timm_embed(m, img):
 
 
 def timm_blocks(m):
-    def attention(blk):
+    for blk in m.blocks:
         a = blk.attn
 
-        def run(t):
+        def qkv(t, blk=blk, a=a):
             q, k, v = a.qkv(blk.norm1(t)).reshape(t.shape[0], 3, a.num_heads, -1).permute(1, 2, 0, 3)
-            return blk.ls1(_out(a.proj, attend(a.q_norm(q), a.k_norm(k), v, a.scale)))
-        return run
-    return [(attention(blk), lambda t, blk=blk: blk.ls2(blk.mlp(blk.norm2(t)))) for blk in m.blocks]
+            return a.q_norm(q), a.k_norm(k), v
+        yield (qkv, a.scale, lambda o, blk=blk, a=a: blk.ls1(a.proj(o)),
+               lambda t, blk=blk: blk.ls2(blk.mlp(blk.norm2(t))))
 
 
 def timm_finish(m, t):
     feats = m.norm(t[None])
     return {"features": feats[0], "logits": m.forward_head(feats)[0]}
-
-
-def _out(proj, attended):
-    out, cls_attn = attended
-    return proj(out), cls_attn
 
 
 def reference(family, model, x, keep, layers, fuse, step=evit_step):
@@ -156,9 +147,9 @@ def reference(family, model, x, keep, layers, fuse, step=evit_step):
     per_image = []
     for img in x:
         t = embed(model, img)
-        for i, (attention, mlp) in enumerate(blocks(model)):
-            out, cls_attn = attention(t)
-            t = t + out
+        for i, (qkv, scale, out, mlp) in enumerate(blocks(model)):
+            o, cls_attn = attend(*qkv(t), scale)
+            t = t + out(o)                                               # the attention residual
             if i in layers:
                 t = step(t, cls_attn, keep, fuse)
             t = t + mlp(t)
