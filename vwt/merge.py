@@ -44,6 +44,9 @@ class _Plan:
     new_index: (B, N) the slot each old token ends in, -1 where it is dropped (for the labels)
     weight:    None: size-weighted means (ToMe); (B, M): the folds' weighted sum makes slot dst[:, 0], one
                slot per image that starts empty (EViT's fused token)
+
+    A plan with no fold target (M = 0), or an image none of whose folds is valid, folds nothing: every
+    slot keeps its ``take`` token and size, whichever way the folds would combine.
     """
 
     take: Tensor
@@ -67,7 +70,9 @@ def _apply(state: TokenState, plan: _Plan, sizes: Optional[Tensor] = None) -> To
     """Tokens, sizes and labels after ``plan``; ``sizes`` (B, N) replaces the state's sizes as the
     weights (the paper's per-block ToMe starts each block from size 1). Each slot copies its token, then
     the folds add in: as size-weighted means, x_d + sum_i s_i (x_i - x_d) / S_d (only folded rows
-    change, as official ToMe's sum(x * size) / sum(size)), or with ``plan.weight`` as one weighted sum."""
+    change, as official ToMe's sum(x * size) / sum(size)), or with ``plan.weight`` as one weighted sum
+    that replaces slot dst[:, 0] only in the images that fold something (a slot is never overwritten by
+    an empty fold)."""
     x = state.x                                                          # (B, N, C)
     size = state.sizes() if sizes is None else sizes                     # (B, N)
     c = x.shape[-1]
@@ -83,7 +88,9 @@ def _apply(state: TokenState, plan: _Plan, sizes: Optional[Tensor] = None) -> To
         out_x.scatter_add_(1, plan.dst[..., None].expand(-1, -1, c), delta)  # (B, L, C); index_add_ is far slower
     else:
         folded = (plan.weight * plan.valid).to(x.dtype)[:, None, :] @ xs  # (B, 1, C) weighted sum
-        out_x.scatter_(1, plan.dst[:, :1, None].expand(-1, -1, c), folded)  # (B, L, C) replaces slot dst[:, 0]
+        slot = plan.dst[:, :1, None].expand(-1, -1, c)                   # (B, 1, C); (B, 0, C) if M = 0
+        folds = plan.valid.any(1)[:, None, None]                         # (B, 1, 1) the image folds something
+        out_x.scatter_(1, slot, torch.where(folds, folded, out_x.gather(1, slot)))  # (B, L, C) slot dst[:, 0]
     return replace(state, x=out_x, size=out_size, labels=state.relabel(plan.new_index))
 
 
@@ -294,7 +301,8 @@ class EViT(Reducer):
 
     def _plan(self, state: TokenState, ctx: BlockContext, k: int) -> _Plan:
         """Keep each image's top ``ceil(keep * real)`` tokens in attention order (k slots for the
-        longest), then one slot right after them that the dropped tokens fold into."""
+        longest), then with ``fuse`` one slot right after them that the dropped tokens fold into;
+        without it the plan has no fold at all (no slot to fold into)."""
         p, n, b, dev = state.prefix, state.num_tokens - state.prefix, state.batch, state.x.device
         real = state.real_counts() - p                                   # (B,) real non-prefix tokens
         k_img = torch.ceil(real.double() * self.keep).long()             # (B,) same arithmetic as math.ceil
@@ -312,8 +320,8 @@ class EViT(Reducer):
         slot = (p + k_img)[:, None]                                      # (B, 1) right after the kept tokens
         new_tok = torch.where(dropped, slot, new_tok)                    # (B, n)
         lo = k if state.size is None else int(k_img.min())               # every dropped token ranks >= lo
-        tail = order[:, lo:]                                             # (B, M) the candidates to fold
-        return _Plan(take=take, real=real_slot, src=p + tail, dst=slot.clamp(max=take.shape[1] - 1).expand_as(tail),
+        tail = order[:, lo:] if self.fuse else order[:, :0]              # (B, M) the candidates to fold; M = 0 unfused
+        return _Plan(take=take, real=real_slot, src=p + tail, dst=slot.expand_as(tail),  # slot <= p + k: in range
                      valid=dropped.gather(1, tail), new_index=torch.cat([prefix, new_tok], 1),
                      weight=attn.gather(1, tail))
 
