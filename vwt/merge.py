@@ -346,19 +346,87 @@ def _windows(state: TokenState) -> Tensor:
     return out.masked_fill_(out == 4, -1)
 
 
+def _window_plan(state: TokenState, metric: Tensor, per_window: int) -> _Plan:
+    """LGTM's local merging as the paper draws it (Window Partitioning -> Stack -> Local Merging ->
+    Concat): the non-prefix tokens of each image are cut into its four windows (:func:`_windows`), each
+    window, in token order, is its own sequence for ToMe's bipartite matching (A = its tokens 0, 2, 4,
+    ..., B = 1, 3, 5, ...; each A token's most cosine-similar B token of the window; the
+    ``min(per_window, n_w // 2)`` best-matched A tokens merge), and the windows are concatenated behind
+    the prefix tokens in window order, each as [unmerged A in order, B]. Vectorised: the windows of the
+    batch are stacked as B x 4 sequences."""
+    p, n, b, dev = state.prefix, state.num_tokens, state.batch, metric.device
+    win = _windows(state)                                                # (B, N) -1: prefix or pad
+    pos = torch.arange(n, device=dev)                                    # (N,)
+    key = torch.where(win >= 0, win * n + pos, 4 * n + pos)              # (B, N) window, then position
+    order = key.argsort(dim=1, stable=True)                              # (B, N) tokens grouped by window
+    count = torch.zeros(b, 4, dtype=torch.long, device=dev).scatter_add_(1, win.clamp_min(0), (win >= 0).long())
+    lw = max(2, int(count.max()))                                        # the longest window (2: a pair at least)
+    j = torch.arange(lw, device=dev)                                     # (Lw,)
+    inside = (j < count[..., None]).view(b * 4, lw)                      # (S, Lw) S = B x 4 stacked windows
+    at = ((count.cumsum(1) - count)[..., None] + j).clamp(max=n - 1)     # (B, 4, Lw) place in ``order``
+    idx = order.gather(1, at.view(b, -1)).view(b * 4, lw)                # (S, Lw) old token of each cell
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)                # (B, N, d) unit keys
+    ms = m.gather(1, idx.view(b, -1, 1).expand(-1, -1, m.shape[-1])).view(b * 4, lw, -1)  # (S, Lw, d)
+    scores = ms[:, ::2] @ ms[:, 1::2].transpose(1, 2)                    # (S, nA, nB) cosine A x B
+    best, partner = scores.masked_fill_(~inside[:, None, 1::2], _NEG).max(-1)  # (S, nA)
+    ok_a = inside[:, ::2]
+    best = best.masked_fill_(~ok_a, _NEG)
+    budget = (count // 2).clamp(max=per_window).view(-1, 1)              # (S, 1)
+    ranked = best.argsort(dim=1, descending=True, stable=True)           # (S, nA)
+    rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=dev).expand_as(ranked))
+    merge = ok_a & (rank < budget)                                       # (S, nA)
+    return _concat_windows(state, idx, inside, merge, partner)
+
+
+def _concat_windows(state: TokenState, idx: Tensor, inside: Tensor, merge: Tensor, partner: Tensor) -> _Plan:
+    """The plan of :func:`_window_plan`'s stacked matching: each window kept as [unmerged A, B] behind
+    the prefix and the windows before it; merged A tokens fold into their partners' slots."""
+    p, n, b, dev = state.prefix, state.num_tokens, state.batch, idx.device
+    na = merge.shape[1]
+    kept = torch.cat([inside[:, ::2] & ~merge, inside[:, 1::2]], 1)      # (S, nA + nB) [A, B] cells kept
+    old = torch.cat([idx[:, ::2], idx[:, 1::2]], 1)                      # (S, nA + nB) their old tokens
+    per = kept.sum(1).view(b, 4)                                         # (B, 4) tokens each window keeps
+    slot = (p + per.cumsum(1) - per).view(-1, 1) + kept.long().cumsum(1) - 1  # (S, nA + nB) slot if kept
+    to = torch.cat([torch.where(kept[:, :na], slot[:, :na], slot[:, na:].gather(1, partner)), slot[:, na:]], 1)
+    #                                                                      (S, nA + nB) merged A: partner's slot
+    moved = kept | torch.cat([merge, torch.zeros_like(inside[:, 1::2])], 1)  # (S, nA + nB) placed somewhere
+    length = p + int(per.sum(1).max())                                   # L slots out
+    new_index = torch.full((b, n + 1), -1, dtype=torch.long, device=dev)  # (B, N + 1), column N: spare
+    new_index[:, :p] = torch.arange(p, device=dev)
+    new_index.scatter_(1, torch.where(moved, old, n).view(b, -1), to.view(b, -1))
+    take = torch.zeros(b, length + 1, dtype=torch.long, device=dev)      # (B, L + 1), column L: spare
+    take[:, :p] = torch.arange(p, device=dev)
+    take.scatter_(1, torch.where(kept, slot, length).view(b, -1), old.view(b, -1))
+    real = torch.arange(length, device=dev) < (p + per.sum(1))[:, None]  # (B, L)
+    merged = merge.view(b, -1)                                           # (B, 4 nA) merged A cells
+    first = torch.sort(merged.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    first = first[:, :max(1, int(merged.sum(1).max()))]                  # (B, M) merged cells first
+    src = idx[:, ::2].reshape(b, -1).gather(1, first)                    # (B, M) old tokens that fold
+    dst = to[:, :na].reshape(b, -1).gather(1, first).clamp(0, length - 1)  # (B, M) their partners' slots
+    return _Plan(take=take[:, :length], real=real, src=src, dst=dst, valid=merged.gather(1, first),
+                 new_index=new_index[:, :n])
+
+
 class LGTM(Reducer):
-    """DFE + LGTM, from "Training-Free Acceleration of ViTs with Delayed Spatial Merging" (Heo et al.,
-    arXiv 2303.02331). No code was published with the paper: this is a reimplementation from its
-    description.
+    """DFE + LGTM of Heo et al., arXiv 2303.02331 v1 (its description of delayed first merging and
+    local-global token merging; later versions of the paper retitled and reworked it as "Delayed
+    Spatial Merging"). No code was published with the paper: this is a reimplementation from the v1
+    text and its pipeline figure (Window Partitioning -> Stack -> Local Merging -> Concat -> Global
+    Merging).
 
     Schedule over the blocks (after each block's attention residual):
 
     * ``dense`` first blocks: no reduction (delayed first merging: attention has not converged yet);
-    * ``local`` next blocks: the patch grid is split into four equal windows (2x2) and ``ceil(r / 4)``
-      tokens merge inside each window by ToMe's matching restricted to same-window pairs (capped at
-      half of a window's tokens). The partition is ToMe's: A and B alternate over the whole sequence
-      (A = positions 0, 2, 4, ..., the class token first), a token's window is that of its patches,
-      and the unmerged A tokens keep their original order (with or without a class token);
+    * ``local`` next blocks: the patch grid is cut into four windows (its halves in each direction), the
+      windows are stacked as four sequences, ToMe's bipartite matching runs inside each (A and B
+      alternate within the window; the class token belongs to no window) and merges
+      ``min(ceil(r / 4), n_w // 2)`` tokens of each, and the windows are concatenated behind the prefix
+      tokens in window order (see :func:`_window_plan`). A token's window is that of its patches (a
+      token holding patches of several windows, an inter-image visual word, takes the lowest), so a
+      later local block matches within the same windows. A grid with an odd side cannot be halved:
+      the first window of that side takes the middle row (column), e.g. the 7x7 grid of /32 models at
+      224 px gives windows of 16, 12, 12 and 9 patches;
     * the remaining blocks: global merging of ``r`` tokens, exactly as :class:`ToMe` (official ToMe).
 
     Defaults for 12 blocks: ``dense=2, local=2`` (blocks 0-1 dense, 2-3 local, 4-11 global); for other
@@ -386,13 +454,6 @@ class LGTM(Reducer):
             return state
         if ctx.index >= dense + local:
             return _global_merge(state, ctx, self.r)
-        p, n = state.prefix, state.num_tokens
-        if n - p < 2:
+        if state.num_tokens - state.prefix < 2:
             return state
-        groups = _windows(state)                                         # (B, N)
-        real_per_window = torch.zeros(state.batch, 4, dtype=torch.long, device=groups.device)  # (B, 4)
-        real_per_window.scatter_add_(1, groups.clamp_min(0), (groups >= 0).long())
-        per_window = math.ceil(self.r / 4)
-        budget = (real_per_window // 2).clamp(max=per_window)            # (B, 4)
-        max_merges = min(4 * per_window, (n + 1) // 2 - (p + 1) // 2)   # at most every non-prefix A token
-        return _apply(state, _bipartite_match(state, ctx.metric, budget, max_merges, groups))
+        return _apply(state, _window_plan(state, ctx.metric, math.ceil(self.r / 4)))
