@@ -19,7 +19,7 @@ from .methods import PAPER_FAMILIES, build_reducers, check_methods, method_label
 from .models import (DEFAULT_BLIP, DEFAULT_CLIP, HUB_TIMEOUT, Loaded, fill_random, go_offline,  # noqa: F401
                      hub_reachable, load_model)
 from .patch import describe_tokens  # noqa: F401
-from .results import model_label, write_json, writable_dir  # noqa: F401
+from .results import DEFAULT_OUT, model_label, write_json, writable_dir  # noqa: F401
 from .spec import SETTINGS, Recipe, RunSpec
 from .vocab_files import read_vocabulary, samples_vocabulary, tokenizer_dir, vocab_candidates  # noqa: F401
 
@@ -60,6 +60,9 @@ def add_model_args(p: argparse.ArgumentParser, default: Optional[str] = DEFAULT_
                    help="model and input precision")
 
 
+OUT_HELP = f"output folder (default {DEFAULT_OUT}/, which git ignores)"
+
+
 def add_data_args(p: argparse.ArgumentParser, default: str = "samples", choices=None) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=default, choices=choices, help=f"data set (default {default})")
@@ -68,7 +71,7 @@ def add_data_args(p: argparse.ArgumentParser, default: str = "samples", choices=
     g.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=None,
                    help="batch images of similar token counts together (one tokenizer pass first; results stay "
                         "per image): on by default with an input reducer (--top_k, --vocab) and --batch > 1")
-    g.add_argument("--out", default="results", type=Path, help="output folder (default results/)")
+    g.add_argument("--out", default=DEFAULT_OUT, type=Path, help=OUT_HELP)
 
 
 
