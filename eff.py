@@ -107,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="power sampling interval in seconds for the instant-power trace (default 0.05)")
     g.add_argument("--random-weights", action="store_true",
                    help="random weights without trying the hub (runtime and energy do not depend on weights)")
-    cli.add_method_args(p)
+    cli.add_method_args(p, measured=True)
     p.set_defaults(vocab_data=None)
     p.set_defaults(thresh=None)
     return p.parse_args(argv)

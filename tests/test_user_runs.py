@@ -1,6 +1,7 @@
 """What a user's run touches and what --help tells: the README's main job on a fresh clone leaves every
 file git tracks as it was (the committed reference results included) and adds none that git would
-show; every script's and benchmark's default output folder is one git ignores."""
+show; every script's and benchmark's default output folder is one git ignores; --help gives the
+default of every option that takes a value, the method flags' from the method table."""
 import argparse
 import importlib
 import importlib.util
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import fixtures
+from vwt import bench, cli, method_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("eff", "clip", "blip", "len", "process", "match", "word")
@@ -125,3 +127,54 @@ def test_the_committed_reference_results_are_tracked_where_no_default_run_writes
     assert "results/bench_packed.json" in tracked
     readme = (ROOT / "README.md").read_text()
     assert "python eff.py --out results" in readme and "python benchmarks/quote_results.py" in readme
+
+
+# --------------------------------------------------------------------------------------------------
+# --help gives every default
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_gives_the_default_of_every_option_that_takes_a_value(name):
+    p = parser_of(importlib.import_module(name))
+    silent = [a.option_strings[0] for a in p._actions
+              if a.option_strings and a.nargs != 0 and not isinstance(a, argparse._HelpAction)
+              and "default" not in (a.help or "")]
+    assert silent == [], f"{name}.py --help gives no default for {silent}"
+
+
+def help_of(p: argparse.ArgumentParser, option: str) -> str:
+    return " ".join(next(a.help for a in p._actions if option in a.option_strings).split())
+
+
+@pytest.mark.parametrize("name", ["eff", "clip", "blip", "len", "match"])
+def test_method_flags_give_the_method_tables_default(name, monkeypatch):
+    """A row's default (the paper's setting, what eff.py measures it at) is in its flag's --help, read
+    from the table (change the row and the help follows): eff.py's flags default to it, the other
+    scripts' are off unless given."""
+    import dataclasses
+
+    import vwt.methods
+
+    monkeypatch.setitem(method_table.METHODS, "lgtm", dataclasses.replace(method_table.METHODS["lgtm"], default=5))
+    p = parser_of(importlib.import_module(name))
+    for m in vwt.methods.rows():
+        if m.type is not None:
+            said = help_of(p, m.option or m.flag)
+            assert (f"(default {m.default}, the paper's setting)" in said if name == "eff" else
+                    f"(default: off; the paper's setting is {m.default})" in said), said
+    assert "5" in help_of(p, "--lgtm")
+    assert "(default 0.1)" in help_of(p, "--thresh")
+
+
+@pytest.mark.parametrize("name", ["clip", "blip", "len", "process"])
+@pytest.mark.parametrize("cores, workers", [(1, 1), (2, 2), (16, 4)])
+def test_workers_default_to_min_4_and_the_usable_cores(name, cores, workers, monkeypatch):
+    monkeypatch.setattr(bench, "usable_cores", lambda: cores)
+    p = parser_of(importlib.import_module(name))
+    assert p.get_default("workers") == workers
+    assert f"default {workers}" in help_of(p, "--workers")
+
+
+def test_usable_cores_follow_the_affinity_where_the_os_gives_one():
+    if hasattr(os, "sched_getaffinity"):
+        assert bench.usable_cores() == len(os.sched_getaffinity(0))
+    assert cli.default_workers() == min(4, bench.usable_cores())
