@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_protocol_arg(p)
     g = p.add_argument_group("captioning")
     g.add_argument("--split", default=None, help="data split (default: coco test, nocaps val)")
-    g.add_argument("--limit", type=int, default=None, help="caption only the first N images (smoke runs)")
+    g.add_argument("--limit", type=int, default=None, help="caption only the first N images (smoke runs; default: all)")
     g.add_argument("--beams", type=int, default=3, help="beam width (default 3)")
     g.add_argument("--max-length", type=int, default=None,
                    help="longest caption in tokens, prompt included (default 20, or 40 with --penalty above 1, "

@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("evaluation")
     g.add_argument("--split", default=None,
                    help="data split (default: test; MetaShift under standard: all of train and test; ImageNet: val)")
-    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (smoke runs)")
+    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (smoke runs; default: all)")
     g.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds of the runs (default: paper 1 2 3 for Waterbirds/CelebA/MetaShift, each its own "
                         "split and vocabulary, 0 otherwise; standard 0 1 2); '{seed}' in --vocab-path picks a "

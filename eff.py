@@ -33,7 +33,8 @@ method at the paper's setting (intra drop 0.5, inter vocabulary 1000 learned on 
 cached in tokenizers/samples/, threshold 0.1, ToMe r=13, EViT keep 0.7, LGTM its default, int8), batch
 1 and 8, with pretrained weights where the hub answers and random weights otherwise (weights do not
 change runtime or energy; the output says which). It prints a table and writes
-results/eff__<data>__<model>__<methods>__<config hash>.{csv,json,png}.
+runs/eff__<data>__<model>__<methods>__<config hash>.{csv,json,png} (runs/ is ignored by git; the
+committed reference run in results/ is refreshed only by `python eff.py --out results`).
 
     python eff.py
     python eff.py --methods base,inter,inter+tome,int8 --batch 1 8 32 --seconds 2
@@ -73,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=None,
                    help="give configurations with an input reducer batches of neighbours in token count (the same "
                         "images, regrouped; every turn then runs the whole pool): on by default at batch > 1")
-    g.add_argument("--out", default="results", type=Path, help="output folder (default results/)")
+    g.add_argument("--out", default=cli.DEFAULT_OUT, type=Path, help=cli.OUT_HELP)
     g = p.add_argument_group("measurement")
     g.add_argument("--metric", default="all", choices=["watt", "time", "energy", "all"],
                    help="time: latency only (and the paper's time run); energy: latency and energy per turn; watt: "
@@ -106,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="power sampling interval in seconds for the instant-power trace (default 0.05)")
     g.add_argument("--random-weights", action="store_true",
                    help="random weights without trying the hub (runtime and energy do not depend on weights)")
-    cli.add_method_args(p)
+    cli.add_method_args(p, measured=True)
     p.set_defaults(vocab_data=None)
     p.set_defaults(thresh=None)
     return p.parse_args(argv)

@@ -32,8 +32,8 @@ def parse_args(argv=None):
     cli.add_data_args(p, default="samples", choices=datasets.NAMES)
     p.set_defaults(batch=32)
     p.add_argument("--split", default=None, help="split to read (default: the data set's evaluation split)")
-    p.add_argument("--max-images", default=None, type=int, help="use only the first N images")
-    p.add_argument("--workers", default=4, type=int, help="data-loading worker processes (default 4; 0 = none)")
+    p.add_argument("--max-images", default=None, type=int, help="use only the first N images (default: all)")
+    cli.add_workers_arg(p)
     cli.add_method_args(p)
     cli.add_protocol_arg(p)
     p.add_argument("--seed", default=None, type=int,

@@ -7,7 +7,7 @@ One PNG per image: the image as the model sees it (its own preprocessing), with
   * ToMe / LGTM / EViT (--tome / --lgtm / --evit): the patches each final token holds (merge groups of
     two or more patches) tinted alike; single patches left clear.
 The token count is in the title, the colours in the legend. The PNGs go to OUT/figures/match/<method>/
-(e.g. results/figures/match/inter-v100-t0.1__1f3a9c2e/astronaut.png: the method, then a digest of the
+(e.g. runs/figures/match/inter-v100-t0.1__1f3a9c2e/astronaut.png: the method, then a digest of the
 whole configuration, so runs that differ in model, dtype or vocabulary file never share a folder); a
 results file match.json beside them records the configuration, the machine, and for each image its
 token counts, the colour key of every patch and where the image lies in the PNG (so the figure can be

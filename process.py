@@ -39,7 +39,7 @@ def parse_args(argv=None):
                    help="split to read (default train; samples has none; COCO train needs Karpathy's dataset_coco.json)")
     p.add_argument("--vocab", default=1000, type=int, metavar="SIZE", help="number of visual words (default 1000)")
     p.add_argument("--space", default="pixel", choices=("pixel", "embed"),
-                   help="pixel: normalised pixel patches (the paper); embed: the model's patch projections")
+                   help="pixel: normalised pixel patches (the paper; default); embed: the model's patch projections")
     cli.add_model_args(p, default=None, shown=f"{cli.DEFAULT_BLIP} for coco, else {cli.DEFAULT_CLIP}")
     cli.add_protocol_arg(p)
     p.add_argument("--kmeans", default=None, choices=("paper", "fast"),
@@ -53,7 +53,8 @@ def parse_args(argv=None):
                    help="images per batch: per k-means update for --kmeans paper (default 1024, as the paper); "
                         "per read while sampling for fast (default 32)")
     p.add_argument("--max-images", default=None, type=int,
-                   help="use at most this many images (paper: the first in loader order; fast: a seeded random subset)")
+                   help="use at most this many images (paper: the first in loader order; fast: a seeded random subset; "
+                        "default: all)")
     p.add_argument("--niter", default=None, type=int,
                    help=f"--kmeans fast: FAISS k-means iterations (default {NITER}; FAISS's own default, 25, "
                         "gives better words in more time)")
@@ -62,11 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--max-points-per-centroid", default=None, type=int, metavar="N",
                    help=f"--kmeans fast: sample at most N patches per word (default {MAX_POINTS_PER_CENTROID}, "
                         "as FAISS; a pass over the data either way)")
-    p.add_argument("--workers", default=4, type=int, help="data-loading worker processes (default 4; 0 = none)")
+    cli.add_workers_arg(p)
     p.add_argument("--overwrite", action="store_true", help="learn again where the vocabulary already exists")
     p.add_argument("--out", default=None, type=Path,
-                   help="output folder in place of tokenizers/<data>/v<SIZE> (seed_<N>/ and, for --space embed, "
-                        "<model>/ are made below it as the paper's code does)")
+                   help="output folder in place of tokenizers/<data>/v<SIZE>, the default (seed_<N>/ and, for --space "
+                        "embed, <model>/ are made below it as the paper's code does)")
     return p.parse_args(argv)
 
 

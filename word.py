@@ -34,8 +34,8 @@ def parse_args(argv=None):
     g.add_argument("--vocab", type=int, default=None, metavar="SIZE",
                    help="vocabulary size, read from tokenizers/<vocab-data>/v<SIZE>/vocab.pt (default 100 on the "
                         "samples, learned on first use)")
-    g.add_argument("--vocab-path", type=Path, default=None, help="a vocab.pt (ours or the published ones)")
-    g.add_argument("--vocab-data", default="samples", help="data set the --vocab vocabulary was learned on")
+    g.add_argument("--vocab-path", type=Path, default=None, help="a vocab.pt (ours or the published ones) instead of --vocab (default: none)")
+    g.add_argument("--vocab-data", default="samples", help="data set the --vocab vocabulary was learned on (default samples)")
     g.add_argument("--thresh", type=float, default=0.1, help="cosine-distance threshold for a match (default 0.1)")
     g = p.add_argument_group("figures")
     g.add_argument("--images", nargs="*", default=None, metavar="NAME",

@@ -29,7 +29,8 @@ def parse():
     p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (default 5)")
     p.add_argument("--vocab", type=int, default=1000, help="words (default 1000)")
     p.add_argument("--thresh", type=float, default=0.1, help="inter-image threshold (default 0.1)")
-    p.add_argument("--out", type=Path, default=Path("results/bench_packed.json"), help="results JSON file")
+    p.add_argument("--out", type=Path, default=cli.DEFAULT_OUT / "bench_packed.json",
+                   help=f"results JSON file (default {cli.DEFAULT_OUT / 'bench_packed.json'}; results/bench_packed.json is the committed one)")
     return p.parse_args()
 
 

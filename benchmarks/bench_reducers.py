@@ -31,7 +31,8 @@ def parse():
     p.add_argument("--lgtm", type=int, default=vwt.LGTM().r, help=f"LGTM r (default {vwt.LGTM().r}, its default)")
     p.add_argument("--target", type=float, default=0.8, help="speed-up / FLOPs-ratio to pass (default 0.8)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, default=Path("results/bench_reducers.json"), help="results JSON file")
+    p.add_argument("--out", type=Path, default=cli.DEFAULT_OUT / "bench_reducers.json",
+                   help=f"results JSON file (default {cli.DEFAULT_OUT / 'bench_reducers.json'}; results/bench_reducers.json is the committed one)")
     args = p.parse_args()
     if args.batch < 1 or args.rounds < 1 or args.warmup < 0:
         raise cli.UserError("--batch and --rounds must be at least 1, --warmup at least 0")

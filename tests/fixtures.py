@@ -332,16 +332,25 @@ def save_tiny_models(d: Path) -> tuple[Path, Path]:
     return d / "tiny-clip", d / "tiny-blip"
 
 
-def fresh_clone(dest: Path) -> Path:
-    """A copy of the repository's own files (git's view where there is one), without results/ and tokenizers/."""
+def fresh_clone(dest: Path, results: bool = False, git: bool = False) -> Path:
+    """A copy of the repository's own files (git's view where there is one), without tokenizers/ and,
+    unless ``results``, without results/. ``git``: the copy is a git repository with every file
+    committed, as a fresh clone is (then ``git status --porcelain`` shows what a run changed)."""
     try:
         files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                                text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
                  if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts]
+    skip = ("tokenizers/",) if results else ("results/", "tokenizers/")
     for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("results/", "tokenizers/")):
+        if (ROOT / f).is_file() and not f.startswith(skip):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / f, dest / f)
+    if git:
+        quiet = dict(cwd=dest, check=True, capture_output=True)
+        subprocess.run(["git", "init", "-q"], **quiet)
+        subprocess.run(["git", "add", "-A"], **quiet)
+        subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-q", "-m",
+                        "clone"], **quiet)
     return dest

@@ -612,10 +612,10 @@ def test_readme_figure_commands_work_on_a_fresh_clone_offline(tmp_path):
     assert "random weights" in first.out + first.err and "learning a 100-word vocabulary" in first.err
     learned = vwt.Vocabulary.load(clone / "tokenizers" / "samples" / "v100" / "vocab.pt")
     assert len(learned) == 100 and learned.patch_size == 16 and learned.meta["data"] == "samples"
-    assert len(list((clone / "results" / "figures" / "match").glob("inter-v100-t0.1__*/astronaut.png"))) == 1
+    assert len(list((clone / "runs" / "figures" / "match").glob("inter-v100-t0.1__*/astronaut.png"))) == 1
     second = script("word.py", "--vocab", "100", "--vocab-data", "samples", "--limit", "1", "--device", "cpu", cwd=clone)
     assert second.code == 0 and "learning" not in second.err, second  # the cached vocabulary is reused
-    assert len(list((clone / "results" / "figures" / "word").glob("samples-v100__*/words.png"))) == 1
+    assert len(list((clone / "runs" / "figures" / "word").glob("samples-v100__*/words.png"))) == 1
 
 
 # --------------------------------------------------------------------------------------------------

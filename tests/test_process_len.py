@@ -385,7 +385,7 @@ def test_pixel_space_process_and_len_run_offline_without_a_model_cache(tmp_path)
         assert sum("using random weights" in l for l in proc.stdout.splitlines()) == 1, proc.stdout
     words = vwt.Vocabulary.load(tmp_path / "tokenizers" / "samples" / "v100")
     assert words.words.shape == (100, 768) and words.meta["pretrained"] is False
-    saved = json.loads(next((tmp_path / "results" / "len").glob("*.json")).read_text())
+    saved = json.loads(next((tmp_path / "runs" / "len").glob("*.json")).read_text())
     assert saved["tokens"]["images"] == 12 and len(saved["word_counts"]) == 100
 
 

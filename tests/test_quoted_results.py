@@ -39,17 +39,22 @@ def test_render_shows_each_configuration_and_batch(tmp_path):
 
 
 def test_the_committed_default_run_keeps_its_name():
-    """The committed default run (``python eff.py`` on a CPU: random weights, one torch thread, the
-    samples' 1000-word vocabulary) records the configuration today's eff.py records for that command
-    line, and is named as today's eff.py names it: a change to the code never renames it silently."""
+    """The committed default run (``python eff.py --out results``, the documented refresh, on a CPU:
+    random weights, one torch thread, the samples' 1000-word vocabulary) records the configuration
+    today's eff.py records for that command line, and is named as today's eff.py names it: a change to
+    the code never renames it silently. A user's ``python eff.py`` (--out runs/) names the same run
+    alike: --out is not part of the name."""
     import eff
     from vwt import cli
     from vwt import efficiency as fx
 
     csv = quote_results.default_run()
     recorded = json.loads(csv.with_suffix(".json").read_text())["args"]
-    spec = cli.spec_from_args(eff.parse_args([]), fx.Measurement)
+    spec = cli.spec_from_args(eff.parse_args(list(quote_results.REFRESH)), fx.Measurement)
     config = fx.run_config(spec, recorded["device"], recorded["weights"], recorded["threads"],
                            recorded["vocabulary_file"])
     assert config == recorded
     assert fx.stem(spec, "openai/clip-vit-base-patch16", fx.plan(spec), config) == csv.stem
+    user = cli.spec_from_args(eff.parse_args([]), fx.Measurement)
+    mine = fx.run_config(user, recorded["device"], recorded["weights"], recorded["threads"], recorded["vocabulary_file"])
+    assert mine != config and fx.stem(user, "openai/clip-vit-base-patch16", fx.plan(user), mine) == csv.stem

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import distributed, methods, protocol, vocab_files
+from . import bench, distributed, methods, protocol, vocab_files
 # re-exported for the scripts: the library's own definitions, in one place each
 from .batching import batch_order  # noqa: F401
 from .errors import UserError, first_line  # noqa: F401
@@ -19,7 +18,7 @@ from .methods import PAPER_FAMILIES, build_reducers, check_methods, method_label
 from .models import (DEFAULT_BLIP, DEFAULT_CLIP, HUB_TIMEOUT, Loaded, fill_random, go_offline,  # noqa: F401
                      hub_reachable, load_model)
 from .patch import describe_tokens  # noqa: F401
-from .results import model_label, write_json, writable_dir  # noqa: F401
+from .results import DEFAULT_OUT, model_label, write_json, writable_dir  # noqa: F401
 from .spec import SETTINGS, Recipe, RunSpec
 from .vocab_files import read_vocabulary, samples_vocabulary, tokenizer_dir, vocab_candidates  # noqa: F401
 
@@ -55,9 +54,12 @@ def add_model_args(p: argparse.ArgumentParser, default: Optional[str] = DEFAULT_
     g.add_argument("--model", default=default,
                    help="Hugging Face id (CLIP or BLIP), 'open_clip:ARCH[/PRETRAINED]' or 'timm:NAME' "
                         f"(default {shown or default})")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto: cuda when available (default auto)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="model and input precision")
+                   help="model and input precision (default float32)")
+
+
+OUT_HELP = f"output folder (default {DEFAULT_OUT}/, which git ignores)"
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str = "samples", choices=None) -> None:
@@ -68,7 +70,7 @@ def add_data_args(p: argparse.ArgumentParser, default: str = "samples", choices=
     g.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=None,
                    help="batch images of similar token counts together (one tokenizer pass first; results stay "
                         "per image): on by default with an input reducer (--top_k, --vocab) and --batch > 1")
-    g.add_argument("--out", default="results", type=Path, help="output folder (default results/)")
+    g.add_argument("--out", default=DEFAULT_OUT, type=Path, help=OUT_HELP)
 
 
 
@@ -81,16 +83,29 @@ def add_protocol_arg(p: argparse.ArgumentParser) -> None:
                         "(official ToMe, vision-tower int8, ...); the README's protocol table lists each difference")
 
 
-def add_method_args(p: argparse.ArgumentParser) -> None:
-    """The method flags, one per row of the method table (``vwt.methods.METHODS``)."""
-    methods.add_method_args(p)
+def add_method_args(p: argparse.ArgumentParser, measured: bool = False) -> None:
+    """The method flags, one per row of the method table (``vwt.methods.METHODS``); ``measured``:
+    eff.py's, whose flags default to the table's settings (the other scripts' are off unless given)."""
+    methods.add_method_args(p, measured)
+
+
+def default_workers() -> int:
+    """Data-loading worker processes by default: at most 4, and no more than the cores this process may
+    use (more only wait for a core, and torch's DataLoader warns)."""
+    return min(4, bench.usable_cores())
+
+
+def add_workers_arg(g, what: str = "data-loading worker processes") -> None:
+    """``--workers``, defaulting to :func:`default_workers` on this machine (stated in --help)."""
+    n = default_workers()
+    g.add_argument("--workers", type=int, default=n,
+                   help=f"{what} (default {n} here: min(4, the cores this process may use); 0: in the main process)")
 
 
 def add_workers_and_summary(g, task: str, verb: str) -> None:
     """``--workers`` and ``--summary`` of the evaluation scripts (clip.py, blip.py): ``task`` names the
     results folder under --out, ``verb`` what a run does instead of summarising."""
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="image-decoding processes (0: in the main process)")
+    add_workers_arg(g, "image-decoding processes")
     g.add_argument("--summary", action="store_true",
                    help=f"do not {verb}: gather the results files under <out>/{task} into summary.md and summary.csv")
 

@@ -58,12 +58,16 @@ class Method:
     extra: tuple = ()
     option: Optional[str] = None  # the command-line option where ``flag`` names more than one
 
-    def add_to(self, g) -> None:
+    def add_to(self, g, measured: bool = False) -> None:
+        """Its flag (and extra flags) in argparse group ``g``; --help gives the row's default: the
+        setting eff.py measures it at (``measured``), off unless given in the other scripts."""
         option = self.option or self.flag
         if self.type is None:
             g.add_argument(option, action="store_true", help=self.help)
         else:
-            g.add_argument(option, type=self.type, default=None, metavar=self.metavar, help=self.help)
+            default = (f"(default {self.default}, the paper's setting)" if measured else
+                       f"(default: off; the paper's setting is {self.default})")
+            g.add_argument(option, type=self.type, default=None, metavar=self.metavar, help=f"{self.help} {default}")
         for args, kwargs in self.extra:
             g.add_argument(*args, **kwargs)
 
@@ -88,14 +92,14 @@ def _inter_label(value, s: Settings) -> str:
 INTER_FLAGS = (
     (("--vocab-path",), dict(type=Path, default=None,
                              help="VWT inter-image: a vocab.pt (ours or the published ones) instead of --vocab; "
-                                  "'{seed}' in it picks one per seed")),
+                                  "'{seed}' in it picks one per seed (default: none)")),
     (("--vocab-data",), dict(default=None,
                              help="data set the --vocab vocabulary was learned on (default: under --protocol paper the "
                                   "evaluated data set's own, COCO's for NoCaps, ImageNet's for OpenImages; under "
                                   "--protocol standard imgnet)")),
     (("--imgnet",), dict(action="store_true",
                          help="use the ImageNet vocabulary (tokenizers/imgnet/v<SIZE>/), as the paper's --imgnet True")),
-    (("--thresh",), dict(type=float, default=0.1, help="VWT inter-image: cosine-distance threshold")),
+    (("--thresh",), dict(type=float, default=0.1, help="VWT inter-image: cosine-distance threshold (default 0.1)")),
     (("--random",), dict(action="store_true", help="VWT ablation: random drop / random matching scores")),
     (("--prop-attn",), dict(action="store_true", help="VWT inter-image: proportional attention")),
 )
@@ -111,7 +115,7 @@ def register(method: Method) -> Method:
 
 for _m in (
     Method("intra", "top_k", "--top_k", "input", float, 0.5, "intra-image",
-           "VWT intra-image: fraction of patches to drop (lowest pixel variance)", _intra,
+           "VWT intra-image: fraction of patches to drop, those of lowest pixel variance", _intra,
            lambda v, s: f"intra{v:g}" + ("-random" if s.random else ""), metavar="DROP"),
     Method("inter", "vocab", "--vocab/--vocab-path", "input", int, 1000, "inter-image",
            "VWT inter-image: vocabulary size, read from process.py's folders "

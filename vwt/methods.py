@@ -23,11 +23,14 @@ def __getattr__(attr: str):  # the former constants, read from the table when as
     return getattr(method_table, attr)
 
 
-def add_method_args(p) -> None:
-    """Every row's flag (and its extra flags) in one argument group."""
-    g = p.add_argument_group("methods (one input reducer + one in-network reducer, optionally --quant)")
+def add_method_args(p, measured: bool = False) -> None:
+    """Every row's flag (and its extra flags) in one argument group; ``measured``: eff.py's, where each
+    flag defaults to its row's setting (``Method.add_to``)."""
+    about = ("without --methods or any of these flags: base and every method alone, each at the\n"
+             "default given here" if measured else None)
+    g = p.add_argument_group("methods (one input reducer + one in-network reducer, optionally --quant)", about)
     for m in rows():
-        m.add_to(g)
+        m.add_to(g, measured)
 
 
 def method_label(thresh: float = 0.1, random: bool = False, vocab: Optional[str] = None, **values) -> str:

@@ -21,6 +21,11 @@ from .errors import UserError, first_line
 # the batches: every image's result is the same, to float rounding).
 NOT_CONFIG = ("out", "workers", "restart", "summary", "progress", "bucket")
 
+# Where runs write unless --out says otherwise: a folder git ignores (.gitignore), so a user's run never
+# touches what the repository ships; the committed reference results in results/ are refreshed only
+# by naming that folder (``--out results``, README "The main job").
+DEFAULT_OUT = Path("runs")
+
 
 def slug(text: str) -> str:
     """``text`` made safe as part of a file name: letters, digits, '.', '-'; anything else becomes '-'."""

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 
 from .method_table import rows
 from .protocol import DEFAULT, Protocol, get as get_protocol
+from .results import DEFAULT_OUT
 
 SETTINGS = ("vocab_path", "vocab_data", "imgnet", "thresh", "random", "prop_attn")  # shared by the VWT rows
 
@@ -96,7 +97,7 @@ class RunSpec:
     batch: Any = 1
     bucket: Optional[bool] = None
     workers: int = 0
-    out: Optional[Path] = Path("results")
+    out: Optional[Path] = DEFAULT_OUT
     seeds: Optional[tuple] = None
     protocol: Protocol = DEFAULT
     method: Recipe = field(default_factory=Recipe)
