@@ -159,8 +159,8 @@ def test_method_flags_give_the_method_tables_default(name, monkeypatch):
     for m in vwt.methods.rows():
         if m.type is not None:
             said = help_of(p, m.option or m.flag)
-            assert (f"(default {m.default}, the paper's setting)" in said if name == "eff" else
-                    f"(default: off; the paper's setting is {m.default})" in said), said
+            assert (f"(default {m.default}: {m.source})" in said if name == "eff" else
+                    f"(default: off; eff.py measures {m.default}: {m.source})" in said), said
     assert "5" in help_of(p, "--lgtm")
     assert "(default 0.1)" in help_of(p, "--thresh")
 

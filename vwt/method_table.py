@@ -42,7 +42,8 @@ class Method:
     for an in-network reducer, "int8"), ``type`` of its value (None: a switch), ``default`` (the
     paper's setting, what eff.py measures), ``title`` (what it is, in messages), ``help``, ``build``
     (value, Settings) -> reducer, ``label`` (value, Settings) -> its part of a configuration's label,
-    and ``extra``: further flags (argparse args, kwargs) listed right after its own."""
+    ``extra``: further flags (argparse args, kwargs) listed right after its own, and ``source``: where
+    ``default`` comes from (a paper's setting, or that no paper sets one)."""
 
     name: str
     dest: str
@@ -57,6 +58,7 @@ class Method:
     metavar: Optional[str] = None
     extra: tuple = ()
     option: Optional[str] = None  # the command-line option where ``flag`` names more than one
+    source: str = "the paper's setting"
 
     def add_to(self, g, measured: bool = False) -> None:
         """Its flag (and extra flags) in argparse group ``g``; --help gives the row's default: the
@@ -65,8 +67,8 @@ class Method:
         if self.type is None:
             g.add_argument(option, action="store_true", help=self.help)
         else:
-            default = (f"(default {self.default}, the paper's setting)" if measured else
-                       f"(default: off; the paper's setting is {self.default})")
+            default = (f"(default {self.default}: {self.source})" if measured else
+                       f"(default: off; eff.py measures {self.default}: {self.source})")
             g.add_argument(option, type=self.type, default=None, metavar=self.metavar, help=f"{self.help} {default}")
         for args, kwargs in self.extra:
             g.add_argument(*args, **kwargs)
@@ -116,18 +118,21 @@ def register(method: Method) -> Method:
 for _m in (
     Method("intra", "top_k", "--top_k", "input", float, 0.5, "intra-image",
            "VWT intra-image: fraction of patches to drop, those of lowest pixel variance", _intra,
-           lambda v, s: f"intra{v:g}" + ("-random" if s.random else ""), metavar="DROP"),
+           lambda v, s: f"intra{v:g}" + ("-random" if s.random else ""), metavar="DROP",
+           source="the VWT paper's setting"),
     Method("inter", "vocab", "--vocab/--vocab-path", "input", int, 1000, "inter-image",
            "VWT inter-image: vocabulary size, read from process.py's folders "
            "tokenizers/<vocab data>/v<SIZE>/[seed_<N>/]vocab.pt",
            lambda v, s: InterImage(s.vocab, thresh=s.thresh, random=s.random, prop_attn=s.prop_attn),
-           _inter_label, metavar="SIZE", extra=INTER_FLAGS, option="--vocab"),
+           _inter_label, metavar="SIZE", extra=INTER_FLAGS, option="--vocab", source="the VWT paper's setting"),
     Method("tome", "tome", "--tome", "block", int, 13, "ToMe", "ToMe: merge R tokens per block", _tome,
-           lambda v, s: f"tome{v}", metavar="R"),
+           lambda v, s: f"tome{v}", metavar="R", source="the VWT paper's setting"),
     Method("evit", "evit", "--evit", "block", float, 0.7, "EViT", "EViT: keep rate at its layers",
-           lambda v, s: EViT(keep=v), lambda v, s: f"evit{v:g}", metavar="KEEP"),
+           lambda v, s: EViT(keep=v), lambda v, s: f"evit{v:g}", metavar="KEEP",
+           source="the EViT paper's keep rate (Liang et al.)"),
     Method("lgtm", "lgtm", "--lgtm", "block", int, LGTM().r, "DFE + LGTM", "DFE + LGTM: merge R tokens per block",
-           lambda v, s: LGTM(r=v), lambda v, s: f"lgtm{v}", metavar="R"),
+           lambda v, s: LGTM(r=v), lambda v, s: f"lgtm{v}", metavar="R",
+           source="no paper sets it (Heo et al.'s headline ViT-S point is about r=19)"),
     Method("int8", "quant", "--quant", "int8", None, True, "int8",
            "int8 linear layers (bitsandbytes on CUDA, torchao on CPU)", None, lambda v, s: "int8" if v else ""),
 ):
