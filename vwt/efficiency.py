@@ -185,7 +185,7 @@ def load(spec: RunSpec, device, dtype) -> tuple[Loaded, str]:
     """The model (random weights where the pretrained ones cannot be had), and a sentence saying which."""
     random_weights = spec.options.random_weights
     loaded = load_model(spec.model or models.DEFAULT_CLIP, device, dtype, random_weights=random_weights,
-                        fallback_random=True, vision_only=True)
+                        fallback_random=True, vision_only=True, needs="vision")
     if random_weights:
         return loaded, "random (--random-weights)"
     return loaded, "pretrained" if loaded.pretrained else f"random: {loaded.note}"

@@ -52,8 +52,8 @@ def load(spec: RunSpec, device, dtype, need_weights: bool = False):
     cache) random weights of its architecture do, with a note; in-network merge groups (``need_weights``)
     need them."""
     if spec.options.random_weights or need_weights:
-        return models.load_model(spec.model, device, dtype, random_weights=spec.options.random_weights)
-    return models.load_model(spec.model, device, dtype, fallback_random=True)
+        return models.load_model(spec.model, device, dtype, random_weights=spec.options.random_weights, needs="vision")
+    return models.load_model(spec.model, device, dtype, fallback_random=True, needs="vision")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> dict:
     sets = {s: datasets.load(spec.data, spec.root, None, split=split, seed=s, protocol=spec.protocol)
             for s in spec.seeds}  # a missing data set fails before the model loads
     if loaded is None:  # pixel-space words do not depend on the weights
-        loaded = models.load_model(spec.model, device, dtype, fallback_random=spec.options.space == "pixel")
+        loaded = models.load_model(spec.model, device, dtype, fallback_random=spec.options.space == "pixel",
+                                   needs="vision")
     own = datasets.preprocess_for(loaded.model)
     pre = datasets.transform_for(spec.data, image_size=own.size) if spec.protocol.process_data_preprocessing else own
     blank = torch.zeros(1, 3, own.size, own.size, device=device, dtype=dtype)
