@@ -117,6 +117,7 @@ def match(spec: RunSpec, loaded=None) -> dict:
     if len(data) == 0:
         raise UserError(f"{spec.data}: no images to draw under {spec.root}; expected layout: "
                         f"{datasets.layout(spec.data)}")
+    datasets.check_images(data)
     images = draw_matches(spec, loaded, reducers, data, pre, out_dir, device, dtype)
     result = {"config": results.config_of(spec),
               "method": methods.method_name(spec), "model": loaded.name, "pretrained": loaded.pretrained,
@@ -235,7 +236,9 @@ def chosen_images(spec: RunSpec, pre):
     if unknown:
         shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
         raise UserError(f"unknown image(s) {', '.join(unknown)}; the {spec.data} images are: {shown}")
-    return torch.utils.data.Subset(data, [names.index(n) for n in chosen])
+    chosen = torch.utils.data.Subset(data, [names.index(n) for n in chosen])
+    datasets.check_images(chosen)
+    return chosen
 
 
 def words(spec: RunSpec, loaded=None) -> dict:
