@@ -654,6 +654,11 @@ def _progressed(err_file, bar: str) -> bool:
 def test_sigkill_mid_run_leaves_only_whole_files(world, tmp_path, name):
     out = tmp_path / "out"
     shutil.copytree(world.out, out)  # earlier results and a vocabulary pair in the folders the run writes to
+    before = dict(world.before)
+    if name == "blip.py":  # the earlier captions are of the images under world.data: a run on world.big refuses
+        for p in _results(out / "blip", "*.captions.jsonl"):  # to resume them (issue #23); moved aside as it says
+            del before[p.relative_to(out)]
+            p.rename(tmp_path / p.name)
     rng = random.Random()
     common = ["--data-root", world.big, "--workers", "0", "--device", "cpu", "--batch", "1"]
     argv = {"clip.py": ["--model", world.clip, "--data", "waterbirds", "--random", "--top_k", "0.5", "--seeds", "0", "1",
@@ -683,12 +688,12 @@ def test_sigkill_mid_run_leaves_only_whole_files(world, tmp_path, name):
                 raise AssertionError(f"{path} does not parse after SIGKILL at +{delay:.3f} s: {err}") from None
         elif path.is_file():
             assert path.name.endswith(".tmp"), path  # a temporary: hidden and .tmp, never read as a result
-    for old, data in world.before.items():  # earlier files are whole: unchanged, or replaced by whole ones
+    for old, data in before.items():  # earlier files are whole: unchanged, or replaced by whole ones
         if not (out / old).exists():
             raise AssertionError(f"{old} was lost")
     if name == "blip.py":  # the run resumes and captions every image exactly once
         done = script("blip.py", *argv, cwd=world.dir)
         assert done.code == 0, done
-        [path] = _results(out / "blip", "*.captions.jsonl")  # the earlier run's file, resumed (same configuration)
+        [path] = _results(out / "blip", "*.captions.jsonl")  # the killed run's file, resumed (same configuration)
         ids = [json.loads(l)["image_id"] for l in path.read_bytes().splitlines()[1:] if l.endswith(b"}")]
         assert sorted(set(ids)) == sorted(r["image_id"] for r in D.load("coco", world.big, None).records)

@@ -256,8 +256,9 @@ def test_run_from_python_without_a_command_line(root, tmp_path, tok, monkeypatch
     run(root, tmp_path, ["--data", "coco", "--no-score"], loaded)
     assert len(seen) == 4 and captions_file(tmp_path, "coco__tiny-blip__base") == path
     header = lines(path)[0]["config"]
-    assert header == captioning.run_config(captioning.caption_settings(
-        cli.spec_from_args(blip_script.parse_args(["--data", "coco"]), captioning.Decoding)), "tiny-blip")
+    cmd = captioning.caption_settings(cli.spec_from_args(blip_script.parse_args(["--data", "coco", "--data-root", str(root)]),
+                                                         captioning.Decoding))
+    assert header == {**captioning.run_config(cmd, "tiny-blip"), "data_root": str(root.resolve())}
 
 
 def _error(capsys, argv, loaded=None):

@@ -106,8 +106,9 @@ def results_path(spec: RunSpec, model_name: str) -> Path:
 
 
 def run_config(spec: RunSpec, model_name: str) -> dict:
-    """What the captions depend on: a resumed run must match it. The captions file's first line; its
-    keys and values stay as they are, so captions files written before keep resuming."""
+    """The settings the captions depend on, which name the captions file (:func:`run_name`); its keys
+    and values stay as they are, so captions files written before keep their names. The file's header
+    adds the data root (:func:`captions_header`)."""
     keys = ("data", "split", "beams", "max_length", "min_length", "penalty", "prompt", "protocol", "dtype", "top_k",
             "vocab", "vocab_path", "vocab_data", "imgnet", "thresh", "random", "prop_attn", "tome", "evit", "lgtm",
             "quant")  # the order of the header's keys; a method row added later is appended
@@ -118,6 +119,66 @@ def run_config(spec: RunSpec, model_name: str) -> dict:
     cfg.update(model=model_name, method=method_name(spec), seed=spec.options.seed if spec.method.random else None,
                vocab_file=None if vocab_file is None else str(vocab_file))
     return cfg
+
+
+IMAGE_KEYS = ("data_root",)  # what a captions header records of the images, besides data and split
+
+
+def file_facts(path, root) -> Optional[list]:
+    """What a caption records of its image file, to tell whether the file changed since: its path under
+    the data root ``root``, its size and its modification time (whole seconds); None where it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [os.path.relpath(path, root), st.st_size, int(st.st_mtime)]
+
+
+def captions_header(spec: RunSpec, model_name: str) -> dict:
+    """The captions file's first line, which a resumed run must match: :func:`run_config` and the data
+    root, resolved (captions of the images under another root are never reused; each caption also
+    records its image file, :func:`file_facts`, see :func:`changed_since`)."""
+    return {**run_config(spec, model_name), "data_root": str(Path(spec.root).resolve())}
+
+
+def changed_since(spec: RunSpec, ds, done: dict) -> set:
+    """The images of ``ds`` whose caption in ``done`` was made from a file that has changed since (other
+    size, time or path): they are captioned again. Captions written before captions recorded their
+    file (no "file") are taken as they are."""
+    return {r["image_id"] for r in ds.records if r["image_id"] in done and "file" in done[r["image_id"]]
+            and done[r["image_id"]]["file"] != file_facts(r["path"], spec.root)}
+
+
+def _differences(header: dict, config: dict) -> str:
+    """How a captions file's header differs from this run's, as the refusals say it (the data root is
+    not counted where a header written before did not record it: its other settings differ)."""
+    said = []
+    for k in sorted(k for k in set(header) | set(config) if header.get(k) != config.get(k)):
+        if k in IMAGE_KEYS and k not in header:
+            continue
+        if k == "data_root":
+            said.append(f"data_root: its captions are of the images under {header.get(k)}, this run's are under "
+                        f"{config.get(k)}")
+        else:
+            said.append(k)
+    return ", ".join(said)
+
+
+def adopt_old_header(path: Path, config: dict) -> None:
+    """A captions file written before headers recorded the data root whose other settings are this
+    run's is taken to hold captions of the images under this run's root: its header is rewritten
+    (atomically, captions kept byte for byte) to record it, with a note, so that it resumes now and a
+    run on another root is refused from then on. Any other file is left as it is."""
+    if not path.exists():
+        return
+    header = read_header(path)
+    old = {k: v for k, v in config.items() if k not in IMAGE_KEYS}
+    if header is None or header != old:
+        return
+    body = path.read_bytes().split(b"\n", 1)[1]
+    results.atomic_write(path, lambda f: f.write(json.dumps({"config": config}).encode() + b"\n" + body))
+    print(f"note: {path} was written before captions files recorded their data root; its captions are taken to "
+          f"be of the images under {config['data_root']}, and its header now records it", file=sys.stderr)
 
 
 def _move_aside(path: Path) -> str:
@@ -152,9 +213,8 @@ def read_captions(path: Path, config: dict) -> dict:
     if header is None:
         return {}
     if header != config:
-        diff = sorted(k for k in set(header) | set(config) if header.get(k) != config.get(k))
         raise UserError(f"cannot resume {path}: it holds captions of another configuration (differs in "
-                        f"{', '.join(diff)}); move it aside with: {_move_aside(path)}")
+                        f"{_differences(header, config)}); move it aside with: {_move_aside(path)}")
     done = {}
     for n, line in enumerate(path.read_bytes().splitlines()[1:], 2):
         try:
@@ -261,12 +321,14 @@ def caption_images(spec: RunSpec, loaded, todo, path: Path, config: dict, device
 
 
 def caption_lines(spec: RunSpec, loaded, batch, prompt_ids, device, dtype) -> list[dict]:
-    """The captions file's records of one batch: image id, caption and token statistics."""
+    """The captions file's records of one batch: image id, caption, token statistics and the image file
+    it was made from (:func:`file_facts`)."""
     pixels, recs = batch
     texts = caption_batch(spec, loaded, pixels.to(device, dtype), prompt_ids)
     st = stats(loaded.model)
     return [{"image_id": rec["image_id"], "caption": text,
-             **{k: float(st[k][i]) for k in ("tokens_first_block", "tokens_mean")}}
+             **{k: float(st[k][i]) for k in ("tokens_first_block", "tokens_mean")},
+             "file": file_facts(rec["path"], spec.root)}
             for i, (rec, text) in enumerate(zip(recs, texts))]
 
 
@@ -381,11 +443,17 @@ def caption_missing(spec: RunSpec, loaded: Loaded, ds, reducers: list, path: Pat
     """Caption the images of ``ds`` that the captions file ``path`` does not hold yet (all of them after
     --restart), the model patched with ``reducers``; returns {image_id: captions-file line} of every
     captioned image (under torchrun: rank 0's reading; the other ranks get what they read first)."""
+    distributed.from_main(lambda: adopt_old_header(path, config))
     if spec.options.restart:
         distributed.from_main(lambda: restart(path, config))  # torchrun: the captions file is rank 0's alone
     done = distributed.from_main(lambda: read_captions(path, config))
-    todo = ds.subset(lambda r: r["image_id"] not in done)
+    changed = changed_since(spec, ds, done)
+    todo = ds.subset(lambda r: r["image_id"] not in done or r["image_id"] in changed)
+    datasets.check_images(todo)  # an image that cannot be opened fails now, not in the middle of the captions
     if distributed.is_main():
+        if changed:
+            print(f"note: {len(changed)} image file(s) changed since they were captioned (e.g. image "
+                  f"{sorted(changed, key=str)[0]}): captioned again", file=sys.stderr)
         print(f"{len(ds) - len(todo)} of {len(ds)} images already captioned in {path}", file=sys.stderr)
     if not len(todo):
         return done
@@ -445,7 +513,7 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
     ds.transform = datasets.preprocess_for(loaded.model)
     check_lengths(spec, loaded)
     full = runtime.check_input_reducers(loaded.vision, reducers, ds.transform.size, device, dtype)
-    path, config = captions_path(spec, loaded.name), run_config(spec, loaded.name)
+    path, config = captions_path(spec, loaded.name), captions_header(spec, loaded.name)
     done = caption_missing(spec, loaded, ds, reducers, path, config, device, dtype)
     if not distributed.is_main():  # torchrun: the main process scores and writes
         return None

@@ -200,16 +200,111 @@ def _need(name: str, what: str, path: Path) -> Path:
     return path
 
 
-def read_image(path, name: str = "") -> Image.Image:
-    """Open an image as RGB; a missing or unreadable file is a one-line UserError naming it."""
+HIGH_DEPTH_HINT = "convert it to an 8- or 16-bit PNG"
 
+
+def _integer_depth(im: Image.Image) -> tuple[int, bool]:
+    """(bits, signed) of a single-channel integer image's values: 16 unsigned for PIL's "I;16" modes
+    and for the "I" images PNG and PGM/PPM decode (16 bits at most), a TIFF's BitsPerSample and
+    SampleFormat otherwise. A value range that cannot be known is a ValueError (a one-line error)."""
+    if im.mode.startswith("I;16") or im.format in ("PNG", "PPM"):
+        return 16, False
+    tags = getattr(im, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    if isinstance(bits, int) and 8 < bits <= 32:
+        return bits, tags.get(339) in (2, (2,))  # SampleFormat 2: signed integers
+    raise ValueError(f"{im.mode}-mode integer pixels of unknown range ({im.format or 'unknown format'}); "
+                     f"{HIGH_DEPTH_HINT}")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB. High-bit-depth greyscale (16- or 32-bit integer pixels, where PIL's
+    own conversion clips every value above 255 to white) is scaled to 0-255 from its full range (a
+    16-bit 32768 becomes 128; negative values of signed pixels are black); floating-point pixels have
+    no fixed range and are refused (ValueError). Other modes convert as PIL converts them (16-bit RGB
+    PNGs already decode to 8 bits)."""
+    if im.mode == "F":
+        raise ValueError(f"floating-point pixels have no fixed range; {HIGH_DEPTH_HINT}")
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        bits, signed = _integer_depth(im)
+        values = np.asarray(im)
+        if bits == 32 and not signed:
+            values = values.view(np.uint32)  # PIL holds unsigned 32-bit pixels as int32
+        values = values.astype(np.float64) * (255.0 / (2 ** (bits - signed) - 1))
+        im = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def _check_mode(im: Image.Image) -> None:
+    """What :func:`to_rgb` would refuse, found from the header alone (no pixel is decoded)."""
+    if im.mode == "F":
+        raise ValueError(f"floating-point pixels have no fixed range; {HIGH_DEPTH_HINT}")
+    if im.mode == "I":
+        _integer_depth(im)
+
+
+def _image_problem(path, header_only: bool = False):
+    """(None, image) for a readable image (None for the image with ``header_only``: only its header is
+    read), else (what is wrong with it, None)."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            if header_only:
+                _check_mode(im)
+                return None, None
+            return None, to_rgb(im)
     except FileNotFoundError:
-        raise _missing(name, "image", Path(path)) from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated, not an image, bad header
-        raise UserError(f"{name}: cannot read image {path}: {first_line(e)}{_where(name)}") from None
+        return f"image {path} not found", None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated, not an image, bad header, no known range
+        return f"cannot read image {path}: {first_line(e)}", None
+
+
+def read_image(path, name: str = "") -> Image.Image:
+    """Open an image as 8-bit RGB (:func:`to_rgb`: high bit depths scaled, never clipped); a missing or
+    unreadable file is a one-line UserError naming it."""
+    problem, image = _image_problem(path)
+    if problem is not None:
+        raise UserError(f"{name + ': ' if name else ''}{problem}{_where(name)}")
+    return image
+
+
+def _paths(data) -> tuple[str, list]:
+    """(name, image paths) of a data set, a ``torch.utils.data.Subset`` of one, or a list of records."""
+    if isinstance(data, torch.utils.data.Subset):
+        name, records = getattr(data.dataset, "name", ""), [data.dataset.records[i] for i in data.indices]
+    else:
+        name, records = getattr(data, "name", ""), getattr(data, "records", data)
+    return name, [r["path"] for r in records if isinstance(r, dict) and "path" in r]
+
+
+def check_images(*sets) -> int:
+    """Open the header of every image the data sets ``sets`` hold (data sets, Subsets of them, or record
+    lists; each path once), before a run's long work: a missing file, a file that is not an image, or
+    pixels of no known range is one UserError naming the first such image and how many more there are,
+    instead of an end in the middle of the run that loses its finished part. Reads no pixels (a file
+    cut short inside its pixel data is still found only when it is decoded). Returns how many images
+    were checked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    order, names = {}, {}
+    for data in sets:
+        name, paths = _paths(data)
+        for p in paths:
+            order.setdefault(p, None)
+            names.setdefault(p, name)
+    paths = list(order)
+    with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
+        found = list(tqdm(pool.map(lambda p: _image_problem(p, header_only=True)[0], paths), total=len(paths),
+                          desc="checking images", unit="image", disable=len(paths) < 2000, leave=False))
+    bad = [(p, problem) for p, problem in zip(paths, found) if problem is not None]
+    if bad:
+        path, problem = bad[0]
+        more = f" (and {len(bad) - 1} more of the {len(paths)} images this run reads)" if len(bad) > 1 else ""
+        name = names[path]
+        raise UserError(f"{name + ': ' if name else ''}{problem}{more}{_where(name)}")
+    return len(paths)
 
 
 class ImageRecords(torch.utils.data.Dataset):

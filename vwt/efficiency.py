@@ -185,7 +185,7 @@ def load(spec: RunSpec, device, dtype) -> tuple[Loaded, str]:
     """The model (random weights where the pretrained ones cannot be had), and a sentence saying which."""
     random_weights = spec.options.random_weights
     loaded = load_model(spec.model or models.DEFAULT_CLIP, device, dtype, random_weights=random_weights,
-                        fallback_random=True, vision_only=True)
+                        fallback_random=True, vision_only=True, needs="vision")
     if random_weights:
         return loaded, "random (--random-weights)"
     return loaded, "pretrained" if loaded.pretrained else f"random: {loaded.note}"
@@ -685,7 +685,9 @@ def _inputs(spec: RunSpec, s: dict, configs: list[Config], loaded: Loaded, devic
     limit = spec.limit if spec.limit is not None or spec.data == "samples" else 64
     seeds = paper_seeds(spec)
     paper_data = paper_datasets(spec, preprocess) if seeds != [None] else None
-    images = load_images(dataset(spec, preprocess, limit, seeds[0]))
+    rounds = dataset(spec, preprocess, limit, seeds[0])
+    datasets.check_images(rounds, *(paper_data or {}).values())  # before any image is read or measured
+    images = load_images(rounds)
     vocabs = ({seed: vocabulary(spec, s, images, vision, preprocess, seed) for seed in seeds}
               if any(c.input == "inter" for c in configs) else {})
     inputs = Inputs(images, seeds, paper_data, vocabs)

@@ -52,8 +52,8 @@ def load(spec: RunSpec, device, dtype, need_weights: bool = False):
     cache) random weights of its architecture do, with a note; in-network merge groups (``need_weights``)
     need them."""
     if spec.options.random_weights or need_weights:
-        return models.load_model(spec.model, device, dtype, random_weights=spec.options.random_weights)
-    return models.load_model(spec.model, device, dtype, fallback_random=True)
+        return models.load_model(spec.model, device, dtype, random_weights=spec.options.random_weights, needs="vision")
+    return models.load_model(spec.model, device, dtype, fallback_random=True, needs="vision")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,6 +117,7 @@ def match(spec: RunSpec, loaded=None) -> dict:
     if len(data) == 0:
         raise UserError(f"{spec.data}: no images to draw under {spec.root}; expected layout: "
                         f"{datasets.layout(spec.data)}")
+    datasets.check_images(data)
     images = draw_matches(spec, loaded, reducers, data, pre, out_dir, device, dtype)
     result = {"config": results.config_of(spec),
               "method": methods.method_name(spec), "model": loaded.name, "pretrained": loaded.pretrained,
@@ -235,7 +236,9 @@ def chosen_images(spec: RunSpec, pre):
     if unknown:
         shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
         raise UserError(f"unknown image(s) {', '.join(unknown)}; the {spec.data} images are: {shown}")
-    return torch.utils.data.Subset(data, [names.index(n) for n in chosen])
+    chosen = torch.utils.data.Subset(data, [names.index(n) for n in chosen])
+    datasets.check_images(chosen)
+    return chosen
 
 
 def words(spec: RunSpec, loaded=None) -> dict:

@@ -113,21 +113,18 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> dict:
     sets = {s: datasets.load(spec.data, spec.root, None, split=split, seed=s, protocol=spec.protocol)
             for s in spec.seeds}  # a missing data set fails before the model loads
     if loaded is None:  # pixel-space words do not depend on the weights
-        loaded = models.load_model(spec.model, device, dtype, fallback_random=spec.options.space == "pixel")
+        loaded = models.load_model(spec.model, device, dtype, fallback_random=spec.options.space == "pixel",
+                                   needs="vision")
     own = datasets.preprocess_for(loaded.model)
     pre = datasets.transform_for(spec.data, image_size=own.size) if spec.protocol.process_data_preprocessing else own
     blank = torch.zeros(1, 3, own.size, own.size, device=device, dtype=dtype)
     patch_size = tokenize(loaded.vision, None, blank)[1].patch_size
-    vocabs = {}
-    for seed in spec.seeds:
+    vocabs, plan = {}, to_learn(spec, sets, loaded.family, pre)
+    for seed, data in plan.items():
         path = out_dir(spec, seed, loaded.family) / "vocab.pt"
-        if path.exists() and not spec.options.overwrite:
+        if data is None:
             vocabs[seed] = kept(spec, seed, path)
             continue
-        data = sets[seed]
-        data.transform = pre
-        if spec.protocol.process_coco_per_caption and datasets.row(spec.data).task == "captions":
-            data = per_caption(data)
         with torch.inference_mode():
             vocabs[seed] = learn(spec, seed, data, split, loaded, pre, patch_size, device, dtype)
         if not distributed.is_main():  # under torchrun the main process learns and writes; the others load
@@ -140,6 +137,33 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> dict:
               f"{vocab.meta['patches_seen']} patches ({vocab.meta['images']} images, --kmeans {spec.options.kmeans}); "
               f"inertia {per_patch:.4g} per patch; written: {path}")
     return vocabs
+
+
+def to_learn(spec: RunSpec, sets: dict, family: str, pre) -> dict:
+    """{seed: the data its k-means reads (``pre`` its transform; COCO per caption where the protocol
+    says so), or None where its vocabulary exists and is kept}. The header of every image the k-means
+    will read is checked first, so a bad image never ends the run after a seed's k-means."""
+    plan = {}
+    for seed in spec.seeds:
+        if (out_dir(spec, seed, family) / "vocab.pt").exists() and not spec.options.overwrite:
+            plan[seed] = None
+            continue
+        data = sets[seed]
+        data.transform = pre
+        if spec.protocol.process_coco_per_caption and datasets.row(spec.data).task == "captions":
+            data = per_caption(data)
+        plan[seed] = data
+    datasets.check_images(*(torch.utils.data.Subset(data, read_order(spec, seed, len(data)))
+                            for seed, data in plan.items() if data is not None))
+    return plan
+
+
+def read_order(spec: RunSpec, seed: int, n: int) -> list:
+    """Which of a seed's ``n`` images the k-means reads, in its order: all in loader order (the paper's
+    recipe) or a permutation seeded by ``seed`` (fast); the first --max-images of them."""
+    paper = spec.options.kmeans == "paper"
+    order = torch.arange(n) if paper else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[: spec.options.max_images].tolist() if spec.options.max_images is not None else order.tolist()
 
 
 def kept(spec: RunSpec, seed: int, path: Path) -> Vocabulary:
@@ -159,10 +183,7 @@ def learn(spec: RunSpec, seed: int, data, split, loaded: Loaded, pre, patch_size
 
     o, batch = spec.options, spec.batch
     paper = o.kmeans == "paper"
-    order = torch.arange(len(data)) if paper else torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    if o.max_images is not None:
-        order = order[: o.max_images]
-    data = torch.utils.data.Subset(data, order.tolist())
+    data = torch.utils.data.Subset(data, read_order(spec, seed, len(data)))
     size = getattr(pre, "size", None) or data[0][0].shape[-1]
     per_image = (size // patch_size) ** 2
     first = min(batch, len(data)) if paper else len(data)

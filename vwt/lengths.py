@@ -109,10 +109,11 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
     reducer = reducers[0]
     device, dtype = runtime.resolve_device(spec.device), runtime.resolve_dtype(spec.dtype)
     results.writable_dir(Path(spec.out) / "len")
-    datasets.load(spec.data, spec.root, None, split=spec.split, limit=spec.options.max_images)  # missing: fail now
+    datasets.check_images(datasets.load(spec.data, spec.root, None, split=spec.split, seed=spec.options.seed,
+                                        protocol=spec.protocol, limit=spec.options.max_images))  # missing: fail now
     if loaded is None:
         pixel = getattr(getattr(reducer, "vocab", None), "space", "pixel") == "pixel"  # counts need no weights
-        loaded = models.load_model(spec.model, device, dtype, fallback_random=pixel)
+        loaded = models.load_model(spec.model, device, dtype, fallback_random=pixel, needs="vision")
     pre = datasets.preprocess_for(loaded.model)
     data = data_for(spec, pre)
     if len(data) == 0:

@@ -26,6 +26,7 @@ class Loaded:
     tokenizer: Optional[Callable] = None  # text tokenizer / processor where the family has one
     note: str = ""             # why the weights are random where pretrained ones were asked for
     guessed: str = ""          # random weights of an architecture guessed from the name: which, and why
+    missing: tuple = ()        # parameters the checkpoint lacked or held in another shape (left random)
 
     def __post_init__(self):
         found = family_of(self.model).name
@@ -128,19 +129,49 @@ def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
     return _hub_answered
 
 
+PARTS = ("all", "vision")  # what of a model a run uses: everything (clip.py, blip.py), or the vision tower alone
+
+
+def lacking(loaded: Loaded, needs: str = "all") -> list:
+    """The parameters of the part ``needs`` names (:data:`PARTS`) that ``loaded``'s checkpoint lacked:
+    all of them, or those inside the vision tower."""
+    if needs == "all" or not loaded.missing:
+        return list(loaded.missing)
+    prefix = next((n for n, m in loaded.model.named_modules() if m is loaded.vision), "")
+    return [k for k in loaded.missing if not prefix or k.startswith(prefix + ".")]
+
+
+def check_weights(loaded: Loaded, needs: str = "all") -> Loaded:
+    """A one-line UserError where the checkpoint lacked weights of the part the run uses (``needs``):
+    transformers would fill them with random values and the results would mean nothing."""
+    gone = lacking(loaded, needs)
+    if gone:
+        parts = sorted({k.split(".")[0] for k in gone})
+        raise UserError(f"{loaded.name} has no weights (or weights of another shape) for {', '.join(parts)} "
+                        f"({len(gone)} tensors, e.g. {gone[0]}), "
+                        f"which this run uses ({'the whole model' if needs == 'all' else 'the vision tower'}); pass "
+                        "a checkpoint that holds them" + (f" (e.g. {DEFAULT_BLIP})" if loaded.family == "hf_blip"
+                                                           else f" (e.g. {DEFAULT_CLIP})"))
+    return loaded
+
+
 def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32, random_weights: bool = False,
-               fallback_random: bool = False, vision_only: bool = False) -> Loaded:
+               fallback_random: bool = False, vision_only: bool = False, needs: str = "all") -> Loaded:
     """Load a model by name; a Hugging Face id or folder as the family its own config.json names.
     ``random_weights`` builds the same architecture with random weights (for runtime, energy and
     pixel-space work only: they do not depend on weights). Before touching
     the hub, :func:`hub_reachable` decides once whether to work offline. ``fallback_random``: where
     the pretrained weights cannot be loaded, build random ones and print a one-line note (kept in
     ``Loaded.note``). ``vision_only``: random Hugging Face CLIP and BLIP get a one-layer text tower
-    (eff.py times the vision tower alone; making ViT-B/16 CLIP's text tower costs half a second)."""
+    (eff.py times the vision tower alone; making ViT-B/16 CLIP's text tower costs half a second).
+    ``needs``: the part of the model the run uses (:data:`PARTS`); pretrained weights that lack any of
+    it are a UserError (:func:`check_weights`), or with ``fallback_random`` random weights with a note."""
     if not random_weights:
         hub_reachable()
     try:
         loaded = _load(name, random_weights, vision_only)
+        if not random_weights:
+            check_weights(loaded, needs)
     except UnsupportedModel:
         raise
     except UserError as e:
@@ -255,11 +286,28 @@ def _load_hf(name: str, random_weights: bool, vision_only: bool = False) -> Load
         with no_init_weights():
             model = cls(config)
         return Loaded(fill_random(model), backend.name, name, False, guessed=guessed)
-    model = cls.from_pretrained(name, config=config)
+    model, missing = _from_pretrained(cls, name, config)
     from transformers import AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(name)
     except Exception:
         processor = None
-    return Loaded(model, backend.name, name, True, processor)
+    return Loaded(model, backend.name, name, True, processor, missing=missing)
+
+
+def _from_pretrained(cls, name: str, config) -> tuple:
+    """(model, the names of the parameters the checkpoint lacked or held in another shape: transformers
+    leaves both at random values). Its own report of them (a table of every key) is not printed:
+    :func:`check_weights` says it in one line, for the part a run uses."""
+    import logging
+
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        model, info = cls.from_pretrained(name, config=config, output_loading_info=True, ignore_mismatched_sizes=True)
+    finally:
+        report.setLevel(level)
+    mismatched = {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()}
+    return model, tuple(sorted(set(info.get("missing_keys") or ()) | mismatched))

@@ -286,12 +286,13 @@ class Prepared:
 
 
 def prepare(spec: RunSpec, loaded: Optional[Loaded], device, dtype) -> Prepared:
-    """Everything before the first image: bad flags, missing data and every seed's vocabulary fail
-    here, before any image is scored; int8 as the protocol orders it (the paper's text features come
+    """Everything before the first image: bad flags, missing data, an image of any seed's split that
+    cannot be opened and every seed's vocabulary fail here, before any image is scored; int8 as the protocol orders it (the paper's text features come
     from its whole-model int8; otherwise from the float model, then the vision tower is quantized)."""
     seeds = default_seeds(spec)
     reducers_for(spec, seed=seeds[0])  # bad flags and missing data fail before the model loads
     ds = load_data(spec, seeds[0])
+    datasets.check_images(ds, *(load_data(spec, s) for s in seeds[1:]))  # every seed's images, before any is scored
     loaded = model_for(spec, loaded, device, dtype)
     check_model_and_data(spec, loaded)
     transform = transform_of(spec, loaded)
