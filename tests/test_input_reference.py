@@ -15,7 +15,9 @@ The reference never calls vwt. For one image (3, H, W) of the normalised pixels 
 The tokens then run through the model's own modules by hand (the pre-norm, every block with plain
 softmax attention, ``log(size)`` added to the logits when ``prop_attn``, the final norm and head).
 Outputs are compared whole: every real token in order, the pads of a padded batch (exactly zero) and
-the pooled or head output, within 1e-5 on weights at unit scale (``lively``).
+the pooled or head output, within 1e-5 on weights at unit scale (``lively``). Every backend and
+pooling of tests/test_merge_reference.py: the class-token heads, and the average pools of timm and
+open_clip (the mean of the final tokens weighted by the patches each holds: pads hold none).
 """
 import math
 
@@ -25,7 +27,8 @@ import torch
 import tiny
 import vwt
 from vwt.tokenizer import tokenize
-from test_evit_reference import FAMILIES, clip_tower
+from test_evit_reference import clip_tower
+from test_merge_reference import POOLS
 from test_tome_reference import TOL, attend, lively
 
 DEPTH = 4
@@ -59,6 +62,16 @@ EMBED = {
     "hf_blip": (blip_tokens, lambda m, t: t),
     "open_clip": (open_clip_tokens, lambda v, t: v.ln_pre(t)),
     "timm": (timm_tokens, lambda m, t: m.norm_pre(t)),
+}
+
+
+# family -> the patch projections (N, C) of one image, before position embeddings (what an "embed"
+# space vocabulary is matched against)
+PROJECT = {
+    "hf_clip": lambda m, img: clip_tower(m).embeddings.patch_embedding(img[None]).flatten(2)[0].T,
+    "hf_blip": lambda m, img: m.embeddings.patch_embedding(img[None]).flatten(2)[0].T,
+    "open_clip": lambda v, img: v.conv1(img[None]).flatten(2)[0].T,
+    "timm": lambda m, img: m.patch_embed(img[None]).reshape(-1, m.embed_dim),
 }
 
 
@@ -108,26 +121,31 @@ def inter_select(tokens, patches, words, thresh, order="word"):
     return torch.stack(rows), torch.tensor(sizes)
 
 
-def selected(family, model, x, select):
+def features_of(family, model, img, space):
+    """What one image's patches are matched by: pixel patches, or the patch projections."""
+    return patches_of(img) if space == "pixel" else list(PROJECT[family.split("-")[0]](model, img))
+
+
+def selected(family, model, x, select, space="pixel"):
     """Per image, (tokens, sizes) entering the pre-norm: ``select`` on the embedded tokens."""
-    embed = EMBED[family][0]
-    return [select(embed(model, img), patches_of(img)) for img in x]
+    embed = EMBED[family.split("-")[0]][0]
+    return [select(embed(model, img), features_of(family, model, img, space)) for img in x]
 
 
-def reference(family, model, x, select, prop_attn):
-    """Per image, the outputs of ``family`` (as FAMILIES' finish names them) after ``select``
-    (tokens, pixel patches) -> (tokens, sizes) on the embedded input."""
-    embed, pre_norm = EMBED[family]
-    blocks, finish = FAMILIES[family][2], FAMILIES[family][3]
+def reference(family, model, x, select, prop_attn, space="pixel"):
+    """Per image, the outputs of ``family`` (as POOLS' finish names them) after ``select``
+    (tokens, patch features) -> (tokens, sizes) on the embedded input."""
+    embed, pre_norm = EMBED[family.split("-")[0]]
+    blocks, finish = POOLS[family][2:4]
     out = []
     for img in x:
-        t, size = select(embed(model, img), patches_of(img))
+        t, size = select(embed(model, img), features_of(family, model, img, space))
         t = pre_norm(model, t)
         for qkv, scale, proj, mlp in blocks(model):
             q, k, v = qkv(t)
             t = t + proj(attend(q, k, v, scale, size if prop_attn else None))
             t = t + mlp(t)
-        out.append(finish(model, t))
+        out.append(finish(model, t, size))
     return out
 
 
@@ -200,7 +218,7 @@ def assert_same_input(model, x, reducer, want):
 
 
 def run_vwt(family, model, x, reducer, packing="auto"):
-    outputs = FAMILIES[family][4]
+    outputs = POOLS[family][4]
     vwt.patch(model, reducer, packing=packing)
     try:
         with torch.no_grad():
@@ -212,7 +230,7 @@ def run_vwt(family, model, x, reducer, packing="auto"):
 
 
 def build(family):
-    return lively(FAMILIES[family][0](depth=DEPTH))
+    return lively(POOLS[family][0](depth=DEPTH))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,7 +238,7 @@ def build(family):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("drop", [0.5, 0.25])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(POOLS))
 def test_intra_equals_the_papers_reference(family, drop, batch):
     model, x = build(family), intra_images(batch)
     select = lambda t, p: intra_select(t, p, drop)                       # noqa: E731
@@ -237,7 +255,7 @@ def test_intra_equals_the_papers_reference(family, drop, batch):
                          ids=["batch1", "batch4-packed", "batch4-padded"])
 @pytest.mark.parametrize("prop_attn", [False, True], ids=["plain", "prop"])
 @pytest.mark.parametrize("thresh", [0.1, 0.4])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(POOLS))
 def test_inter_equals_the_papers_reference(family, thresh, prop_attn, batch, packing):
     words, x = inter_case(batch)
     model = build(family)
@@ -248,12 +266,35 @@ def test_inter_equals_the_papers_reference(family, thresh, prop_attn, batch, pac
         assert_same_input(model, x, reducer, selected(family, model, x, select))
     ours, s = run_vwt(family, model, x, reducer, packing)
     counts = [r[next(k for k, v in r.items() if v.dim() == 2)].shape[0] for r in refs]
-    counts = [c + (family == "open_clip") for c in counts]               # open_clip's tokens omit the class token
+    counts = [c + family.startswith("open_clip") for c in counts]        # open_clip's tokens omit the class token
     assert s["tokens_per_layer"][:, 0].tolist() == counts
     assert counts[0] < 1 + tiny.NUM_PATCHES                              # patches merged in every case
     if batch > 1:
         assert len(set(counts)) > 1                                      # so the batch is padded
         assert s["execution"] == {"auto": "packed", "off": "padded"}[packing]
+    assert_equal_per_image(ours, refs)
+
+
+@pytest.mark.parametrize("batch,packing", [(1, "auto"), (4, "off")], ids=["batch1", "batch4-padded"])
+@pytest.mark.parametrize("thresh", [0.1, 0.55])
+@pytest.mark.parametrize("family", sorted(POOLS))
+def test_inter_in_embed_space_equals_the_reference(family, thresh, batch, packing):
+    """The "embed" space option (vwt's, not the paper's): words and patches are the model's patch
+    projections before position embeddings; the words here are the projections of inter_case's words,
+    so the patches near a word (distance ~0.02) match at 0.1, those at 0.3 in pixels (0.15 to 0.41
+    projected) at 0.55, random ones (beyond 0.7) never."""
+    words, x = inter_case(batch)
+    model = build(family)
+    with torch.no_grad():
+        unit = words / words.norm(dim=1, keepdim=True)
+        tiles = tiny.tile(unit, [i % len(words) for i in range(tiny.NUM_PATCHES)])  # patch w: word w, for w < 5
+        embed_words = torch.stack(features_of(family, model, tiles, "embed")[:len(words)])
+        select = lambda t, p: inter_select(t, p, embed_words, thresh)    # noqa: E731
+        refs = reference(family, model, x, select, False, space="embed")
+        reducer = vwt.InterImage(vwt.Vocabulary(embed_words, space="embed", patch_size=P), thresh=thresh)
+        assert_same_input(model, x, reducer, selected(family, model, x, select, space="embed"))
+    ours, s = run_vwt(family, model, x, reducer, packing)
+    assert s["tokens_per_layer"][0, 0] < 1 + tiny.NUM_PATCHES
     assert_equal_per_image(ours, refs)
 
 
