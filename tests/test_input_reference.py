@@ -29,7 +29,7 @@ import vwt
 from vwt.tokenizer import tokenize
 from test_evit_reference import clip_tower
 from test_merge_reference import POOLS
-from test_tome_reference import TOL, attend, lively
+from test_tome_reference import TOL, attend, lively, official_schedule, reference_merge
 
 DEPTH = 4
 P = tiny.PATCH
@@ -132,9 +132,11 @@ def selected(family, model, x, select, space="pixel"):
     return [select(embed(model, img), features_of(family, model, img, space)) for img in x]
 
 
-def reference(family, model, x, select, prop_attn, space="pixel"):
+def reference(family, model, x, select, prop_attn, space="pixel", step=None):
     """Per image, the outputs of ``family`` (as POOLS' finish names them) after ``select``
-    (tokens, patch features) -> (tokens, sizes) on the embedded input."""
+    (tokens, patch features) -> (tokens, sizes) on the embedded input; ``step(tokens, metric, sizes)``
+    -> (tokens, sizes), when given, runs after every block's attention residual (an in-network reducer
+    after the input one)."""
     embed, pre_norm = EMBED[family.split("-")[0]]
     blocks, finish = POOLS[family][2:4]
     out = []
@@ -144,6 +146,8 @@ def reference(family, model, x, select, prop_attn, space="pixel"):
         for qkv, scale, proj, mlp in blocks(model):
             q, k, v = qkv(t)
             t = t + proj(attend(q, k, v, scale, size if prop_attn else None))
+            if step is not None:
+                t, size = step(t, k.mean(0), size)
             t = t + mlp(t)
         out.append(finish(model, t, size))
     return out
@@ -219,7 +223,7 @@ def assert_same_input(model, x, reducer, want):
 
 def run_vwt(family, model, x, reducer, packing="auto"):
     outputs = POOLS[family][4]
-    vwt.patch(model, reducer, packing=packing)
+    vwt.patch(model, *(reducer if isinstance(reducer, list) else [reducer]), packing=packing)
     try:
         with torch.no_grad():
             ours = outputs(model, x)
@@ -295,6 +299,26 @@ def test_inter_in_embed_space_equals_the_reference(family, thresh, batch, packin
         assert_same_input(model, x, reducer, selected(family, model, x, select, space="embed"))
     ours, s = run_vwt(family, model, x, reducer, packing)
     assert s["tokens_per_layer"][0, 0] < 1 + tiny.NUM_PATCHES
+    assert_equal_per_image(ours, refs)
+
+
+@pytest.mark.parametrize("family", sorted(POOLS))
+def test_inter_then_tome_equals_the_reference_image_by_image(family):
+    """InterImage followed by ToMe (vwt allows the pair; the paper ran one method at a time), both with
+    proportional attention: on a padded batch each image equals official ToMe run on that image's
+    merged tokens alone, with the visual words' sizes as its starting sizes, r capped by its own tokens
+    (pads never merge)."""
+    words, x = inter_case(4)
+    model = build(family)
+    select = lambda t, p: inter_select(t, p, words, 0.4)                 # noqa: E731
+    step = lambda t, metric, size: reference_merge(t, metric, size, 3, protected=1)  # noqa: E731
+    with torch.no_grad():
+        refs = reference(family, model, x, select, True, step=step)
+    ours, s = run_vwt(family, model, x, [vwt.InterImage(vwt.Vocabulary(words), thresh=0.4, prop_attn=True),
+                                         vwt.ToMe(r=3)])
+    assert s["execution"] == "padded"
+    first = [8, 14, 11, 8]                                               # the visual words of inter_case at 0.4
+    assert s["tokens_per_layer"].tolist() == [official_schedule(n, 3, 1, DEPTH) for n in first]  # own caps
     assert_equal_per_image(ours, refs)
 
 
