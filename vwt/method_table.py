@@ -132,7 +132,7 @@ for _m in (
            source="the EViT paper's keep rate (Liang et al.)"),
     Method("lgtm", "lgtm", "--lgtm", "block", int, LGTM().r, "DFE + LGTM", "DFE + LGTM: merge R tokens per block",
            lambda v, s: LGTM(r=v), lambda v, s: f"lgtm{v}", metavar="R",
-           source="no paper sets it (Heo et al.'s headline ViT-S point is about r=19)"),
+           source="Heo et al.'s headline ViT-S point, read from their Pareto figure"),
     Method("int8", "quant", "--quant", "int8", None, True, "int8",
            "int8 linear layers (bitsandbytes on CUDA, torchao on CPU)", None, lambda v, s: "int8" if v else ""),
 ):
