@@ -109,9 +109,10 @@ def reducers_for(spec, *, seed: Optional[int] = None, family: Optional[str] = No
 
 
 def quantize(model: nn.Module, protocol: str = "standard", family: Optional[str] = None) -> nn.Module:
-    """``--quant``, with its "cannot run here" errors (no CUDA, a backend that is not installed) as
-    one-line UserErrors. Protocol ``paper`` on Hugging Face CLIP/BLIP (``family`` hf_clip, hf_blip):
-    the whole model through accelerate, as the paper (``vwt.quant.quantize_whole_model``; CUDA only);
+    """``--quant``, with its "cannot run here" errors (a bitsandbytes without LLM.int8 on the CPU, a
+    backend that is not installed) as one-line UserErrors. Protocol ``paper`` on Hugging Face CLIP/BLIP
+    (``family`` hf_clip, hf_blip): the whole model through accelerate, as the paper
+    (``vwt.quant.quantize_whole_model``: on CUDA, and on the CPU where bitsandbytes runs LLM.int8);
     otherwise the vision tower (``vwt.quantize``: bitsandbytes on CUDA, torchao on a CPU)."""
     whole = get_protocol(protocol).whole_model_int8
     try:
