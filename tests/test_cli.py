@@ -60,3 +60,17 @@ def test_first_line_of_an_exception():
     assert cli.first_line(ValueError("first\nsecond")) == "first"
     assert cli.first_line(OSError()) == "OSError"
     assert cli.first_line(ValueError("x" * 500), 10) == "x" * 10
+
+
+def test_lgtm_takes_its_schedule_on_the_command_line(capsys):
+    """--lgtm R keeps LGTM's default schedule; --lgtm R,DENSE,LOCAL sets it (and names it in the label);
+    anything else is one line."""
+    (red,) = cli.reducers_from_args(flags(["--lgtm", "8,1,3"]))
+    assert (red.r, red.schedule(12)) == (8, (1, 3)) and cli.method_name(flags(["--lgtm", "8,1,3"])) == "lgtm8-d1-l3"
+    (red,) = cli.reducers_from_args(flags(["--lgtm", "8"]))
+    assert (red.r, red.schedule(12), red.schedule(24)) == (8, (2, 2), (4, 4))
+    with pytest.raises(cli.UserError, match="dense must be a non-negative int"):
+        cli.reducers_from_args(flags(["--lgtm", "8,-1,2"]))
+    with pytest.raises(SystemExit):
+        flags(["--lgtm", "8,2"])
+    assert "--lgtm" in capsys.readouterr().err

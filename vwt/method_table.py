@@ -86,6 +86,20 @@ def _tome(value, s: Settings):
     return ToMe(r=value)
 
 
+def lgtm_r(text: str):
+    """--lgtm's value: R (an int), or R,DENSE,LOCAL (a tuple of three ints: LGTM's schedule too)."""
+    parts = [int(p) for p in str(text).split(",")]
+    if len(parts) not in (1, 3):
+        raise ValueError(f"--lgtm takes R or R,DENSE,LOCAL; got {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _lgtm_label(value, s: Settings) -> str:
+    if isinstance(value, tuple):
+        return "lgtm{}-d{}-l{}".format(*value)
+    return f"lgtm{value}"
+
+
 def _inter_label(value, s: Settings) -> str:
     name = s.vocab_name or str(value)
     return f"inter-{name if name.startswith('v') else 'v' + name}-t{s.thresh:g}" + ("-random" if s.random else "")
@@ -130,8 +144,10 @@ for _m in (
     Method("evit", "evit", "--evit", "block", float, 0.7, "EViT", "EViT: keep rate at its layers",
            lambda v, s: EViT(keep=v), lambda v, s: f"evit{v:g}", metavar="KEEP",
            source="the EViT paper's keep rate (Liang et al.)"),
-    Method("lgtm", "lgtm", "--lgtm", "block", int, LGTM().r, "DFE + LGTM", "DFE + LGTM: merge R tokens per block",
-           lambda v, s: LGTM(r=v), lambda v, s: f"lgtm{v}", metavar="R",
+    Method("lgtm", "lgtm", "--lgtm", "block", lgtm_r, LGTM().r, "DFE + LGTM",
+           "DFE + LGTM: merge R tokens per block; R,DENSE,LOCAL also sets how many first blocks stay dense and "
+           "how many merge locally (by default 2 and 2 of 12 blocks, scaled with depth)",
+           lambda v, s: LGTM(*v) if isinstance(v, tuple) else LGTM(r=v), _lgtm_label, metavar="R[,DENSE,LOCAL]",
            source="Heo et al.'s headline ViT-S point, read from their Pareto figure"),
     Method("int8", "quant", "--quant", "int8", None, True, "int8",
            "int8 linear layers (bitsandbytes on CUDA, torchao on CPU)", None, lambda v, s: "int8" if v else ""),
