@@ -22,6 +22,7 @@ import argparse
 from pathlib import Path
 
 from vwt import cli, datasets, figures
+from vwt.tokenizer import THRESH
 
 
 def parse_args(argv=None):
@@ -36,7 +37,8 @@ def parse_args(argv=None):
                         "samples, learned on first use)")
     g.add_argument("--vocab-path", type=Path, default=None, help="a vocab.pt (ours or the published ones) instead of --vocab (default: none)")
     g.add_argument("--vocab-data", default="samples", help="data set the --vocab vocabulary was learned on (default samples)")
-    g.add_argument("--thresh", type=float, default=0.1, help="cosine-distance threshold for a match (default 0.1)")
+    g.add_argument("--thresh", type=float, default=THRESH,
+                   help=f"cosine-distance threshold for a match (default {THRESH:g})")
     g = p.add_argument_group("figures")
     g.add_argument("--images", nargs="*", default=None, metavar="NAME",
                    help="images to show beside their words, by name (default: the first --limit images)")

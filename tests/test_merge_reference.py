@@ -18,7 +18,7 @@ import torch
 
 import tiny
 import vwt
-from test_evit_reference import FAMILIES, open_clip_visual
+from test_evit_reference import FAMILIES, assert_equal_outputs, open_clip_visual
 from test_lgtm_reference import reference_local, window_of
 from test_tome_reference import TOL, attend, lively, official_schedule, reference_merge
 
@@ -84,14 +84,6 @@ def run_vwt(family, model, x, reducer):
     finally:
         vwt.unpatch(model)
     return ours, counts
-
-
-def assert_equal_outputs(ours, ref):
-    assert ours.keys() == ref.keys()
-    for name in ref:
-        assert ours[name].shape == ref[name].shape, name
-        err = (ours[name] - ref[name]).abs().max().item()
-        assert err < TOL, f"{name}: max abs difference {err:.2e}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -65,8 +65,7 @@ def caption_settings(spec: RunSpec) -> RunSpec:
     ones stay): the prompt (none under paper: the paper's ``utils/dec.py`` calls ``generate`` without
     input ids, so decoding starts from BOS; 'a picture of ' under standard) and the max length (20, or
     40 with a length penalty above 1, as the paper's). A spec without options gets :class:`Decoding`'s."""
-    if spec.options is None:
-        spec = spec.replace(options=Decoding())
+    spec = spec.with_options(Decoding)
     opts = spec.options
     _, _, max_length, penalised = spec.protocol.caption_lengths  # (beams, min length: the flags default to the same)
     changes = {}

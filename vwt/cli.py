@@ -19,7 +19,7 @@ from .models import (DEFAULT_BLIP, DEFAULT_CLIP, HUB_TIMEOUT, Loaded, fill_rando
                      hub_reachable, load_model)
 from .patch import describe_tokens  # noqa: F401
 from .results import DEFAULT_OUT, model_label, write_json, writable_dir  # noqa: F401
-from .spec import SETTINGS, Recipe, RunSpec
+from .spec import CONFIG_NAMES, SETTINGS, Recipe, RunSpec
 from .vocab_files import read_vocabulary, samples_vocabulary, tokenizer_dir, vocab_candidates  # noqa: F401
 
 
@@ -113,7 +113,7 @@ def add_workers_and_summary(g, task: str, verb: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # The seam: a command line becomes a RunSpec here, once
 # --------------------------------------------------------------------------------------------------
-SPEC_NAMES = {"data_root": "root"}  # command-line name -> RunSpec field, where they differ
+SPEC_NAMES = {name: field for field, name in CONFIG_NAMES.items()}  # command-line name -> RunSpec field
 
 
 def spec_from_args(args: argparse.Namespace, options: Optional[type] = None) -> RunSpec:

@@ -32,7 +32,7 @@ from .models import Loaded, load_model
 from .patch import patch, stats, token_stats, unpatch
 from .runtime import check_input_reducers, environment, resolve_device, resolve_dtype
 from .spec import RunSpec
-from .tokenizer import InterImage
+from .tokenizer import THRESH, InterImage
 from .vocab import Vocabulary
 from .vocab_files import missing_vocab_hint, read_vocabulary, samples_vocabulary, tokenizer_dir, vocab_data, vocab_path
 
@@ -40,7 +40,7 @@ from .vocab_files import missing_vocab_hint, read_vocabulary, samples_vocabulary
 def paper_settings() -> dict:
     """Each method's setting in the paper (the method table's defaults: what eff.py measures unless a
     flag says otherwise), and the inter-image threshold."""
-    return dict({m.dest: m.default for m in methods.rows() if m.kind != "int8"}, thresh=0.1)
+    return dict({m.dest: m.default for m in methods.rows() if m.kind != "int8"}, thresh=THRESH)
 
 
 def method_names() -> tuple:
@@ -194,11 +194,8 @@ def load(spec: RunSpec, device, dtype) -> tuple[Loaded, str]:
 def dataset(spec: RunSpec, preprocess, limit: Optional[int], seed: Optional[int] = None):
     """The data set's evaluation split under the run's protocol (``seed``'s re-split where the protocol
     re-splits it; its first ``limit`` images), preprocessed on the fly."""
-    if spec.data == "samples":
-        ds = datasets.Samples(preprocess, limit=limit)
-    else:
-        ds = datasets.load(spec.data, spec.root, preprocess, split=spec.split, seed=seed, protocol=spec.protocol,
-                           limit=limit)
+    ds = datasets.load(spec.data, spec.root, preprocess, split=spec.split, seed=seed, protocol=spec.protocol,
+                       limit=limit)
     if len(ds) == 0:
         raise UserError(f"{spec.data}: no images found")
     return ds
@@ -267,8 +264,7 @@ def vocabulary(spec: RunSpec, s: dict, images: torch.Tensor, vision, preprocess,
     lines on stdout, as eff.py's others)."""
     patch_size = flops.dims_of(vision).patch_size
     if spec.method.vocab_path is not None:
-        text = str(spec.method.vocab_path)
-        path = Path(text.format(seed=seed or 0) if "{seed}" in text else text)
+        path = vocab_path(spec, seed)  # '{seed}' in it picks the seed's
         return _fitting(read_vocabulary(path), patch_size, path), path.parent.name or path.stem, path
     data, name = spec.method.vocab_data or spec.data, f"v{s['vocab']}"
     if seed is not None:
@@ -637,7 +633,7 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None, *, started: Optional[flo
     its seconds from (eff.py passes its own start, so the imports count). What eff.py prints below the
     table is in ``table.attrs["report"]`` (see :func:`report_of`)."""
     started = time.perf_counter() if started is None else started
-    spec = spec if spec.options is not None else spec.replace(options=Measurement())
+    spec = spec.with_options(Measurement)
     check_numbers(spec)
     configs, s = plan(spec), settings(spec)
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)

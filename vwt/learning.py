@@ -53,7 +53,8 @@ class Options:
 def settle(spec: RunSpec) -> RunSpec:
     """The spec with the defaults that depend on the protocol, the k-means and the data filled in
     (k-means, its settings, batch, seeds, model); bad values refused. Settling a settled spec changes nothing."""
-    o = spec.options if spec.options is not None else Options()
+    spec = spec.with_options(Options)
+    o = spec.options
     kmeans = o.kmeans or spec.protocol.kmeans
     fast = kmeans == "fast"
     for flag in ("niter", "init", "max_points_per_centroid"):

@@ -72,8 +72,7 @@ def seeded(spec: RunSpec) -> RunSpec:
 def settle(spec: RunSpec) -> RunSpec:
     """The spec checked (:func:`check`) and seeded (:func:`seeded`); a spec without options gets the
     defaults. Settling a settled spec changes nothing."""
-    if spec.options is None:
-        spec = spec.replace(options=Options())
+    spec = spec.with_options(Options)
     check(spec)
     return seeded(spec)
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 from .errors import UserError
 from .merge import EViT, LGTM, ToMe
 from .protocol import get as get_protocol
-from .tokenizer import InterImage, IntraImage
+from .tokenizer import THRESH, InterImage, IntraImage
 
 # --------------------------------------------------------------------------------------------------
 # The method table: one row per reducer flag. The scripts' flags, labels, the combination rule's
@@ -26,7 +26,7 @@ class Settings:
     """What a reducer's builder is given besides its own value: the shared VWT settings, the loaded
     vocabulary (inter-image), the protocol and the model family."""
 
-    thresh: float = 0.1
+    thresh: float = THRESH
     random: bool = False
     prop_attn: bool = False
     vocab: object = None
@@ -115,7 +115,8 @@ INTER_FLAGS = (
                                   "--protocol standard imgnet)")),
     (("--imgnet",), dict(action="store_true",
                          help="use the ImageNet vocabulary (tokenizers/imgnet/v<SIZE>/), as the paper's --imgnet True")),
-    (("--thresh",), dict(type=float, default=0.1, help="VWT inter-image: cosine-distance threshold (default 0.1)")),
+    (("--thresh",), dict(type=float, default=THRESH,
+                         help=f"VWT inter-image: cosine-distance threshold (default {THRESH:g})")),
     (("--random",), dict(action="store_true", help="VWT ablation: random drop / random matching scores")),
     (("--prop-attn",), dict(action="store_true", help="VWT inter-image: proportional attention")),
 )

@@ -14,6 +14,7 @@ from .errors import UserError
 from .method_table import (INTER_FLAGS, METHODS, PAPER_FAMILIES, Method, Settings,  # noqa: F401
                            by_dest, given, register, rows)
 from .protocol import get as get_protocol
+from .tokenizer import THRESH
 from .vocab_files import missing_vocab_hint, read_vocabulary, vocab_data, vocab_path
 
 
@@ -33,7 +34,7 @@ def add_method_args(p, measured: bool = False) -> None:
         m.add_to(g, measured)
 
 
-def method_label(thresh: float = 0.1, random: bool = False, vocab: Optional[str] = None, **values) -> str:
+def method_label(thresh: float = THRESH, random: bool = False, vocab: Optional[str] = None, **values) -> str:
     """A short label of a configuration, e.g. 'inter-v1000-t0.1+tome8+int8', or 'base'. ``values``:
     each row's value by its dest (None or False: not asked for); ``vocab`` is the vocabulary's short
     name ('v1000', or the folder of a vocab.pt), None without inter-image."""
@@ -53,8 +54,7 @@ def method_name(spec) -> str:
     elif recipe.vocab_path is not None:
         vocab = Path(recipe.vocab_path).parent.name
     values = {d: v for d, v in recipe.values().items() if d != "vocab"}
-    thresh = 0.1 if recipe.thresh is None else recipe.thresh
-    return method_label(thresh, recipe.random, vocab, **values)
+    return method_label(recipe.threshold, recipe.random, vocab, **values)
 
 
 def check_methods(**chosen) -> None:
@@ -72,7 +72,7 @@ def check_methods(**chosen) -> None:
         raise UserError(str(e)) from None
 
 
-def build_reducers(thresh: float = 0.1, random: bool = False, prop_attn: bool = False, protocol="paper",
+def build_reducers(thresh: float = THRESH, random: bool = False, prop_attn: bool = False, protocol="paper",
                    family: Optional[str] = None, **values) -> list:
     """The reducers of one configuration, in table order; ``values``: each row's value by its dest
     (``vocab``: a loaded Vocabulary for inter-image); settings the reducers refuse become one-line
@@ -104,7 +104,7 @@ def reducers_for(spec, *, seed: Optional[int] = None, family: Optional[str] = No
     values = {m.dest: getattr(recipe, m.dest) for m in rows() if m.kind != "int8"}
     check_methods(**dict(values, vocab=path))
     values["vocab"] = None if path is None else read_vocabulary(path, missing_vocab_hint(spec))
-    return build_reducers(0.1 if recipe.thresh is None else recipe.thresh, recipe.random, recipe.prop_attn,
+    return build_reducers(recipe.threshold, recipe.random, recipe.prop_attn,
                           protocol=spec.protocol, family=family, **values)
 
 

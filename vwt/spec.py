@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 from .method_table import rows
 from .protocol import DEFAULT, Protocol, get as get_protocol
 from .results import DEFAULT_OUT
+from .tokenizer import THRESH
 
 SETTINGS = ("vocab_path", "vocab_data", "imgnet", "thresh", "random", "prop_attn")  # shared by the VWT rows
 
@@ -33,7 +34,7 @@ class Recipe:
     __slots__ = ("_values", "vocab_path", "vocab_data", "imgnet", "thresh", "random", "prop_attn")
 
     def __init__(self, vocab_path=None, vocab_data: Optional[str] = None, imgnet: bool = False,
-                 thresh: Optional[float] = 0.1, random: bool = False, prop_attn: bool = False, **values):
+                 thresh: Optional[float] = THRESH, random: bool = False, prop_attn: bool = False, **values):
         known = _method_dests()
         unknown = [k for k in values if k not in known]
         if unknown:
@@ -50,6 +51,12 @@ class Recipe:
 
     def __setattr__(self, name, value):
         raise dataclasses.FrozenInstanceError(f"Recipe is immutable: use .replace({name}=...)")
+
+    @property
+    def threshold(self) -> float:
+        """The inter-image threshold the run uses: ``thresh``, or the paper's where it is None (eff.py
+        leaves it None so that its --methods measure the paper's unless the flag is given)."""
+        return THRESH if self.thresh is None else self.thresh
 
     def values(self) -> dict:
         """Every row's value by its dest (rows not given: None, or False for switches)."""
@@ -114,10 +121,12 @@ class RunSpec:
     def replace(self, **changes) -> "RunSpec":
         """A copy with ``changes``: RunSpec fields, method settings and rows (``tome=13``), or options."""
         own = {f.name for f in fields(self)}
+        mine = {f.name for f in fields(self.options)} if self.options is not None else set()
         top = {k: v for k, v in changes.items() if k in own}
-        rest = {k: v for k, v in changes.items() if k not in own}
-        recipe = {k: v for k, v in rest.items() if k in SETTINGS or k in _method_dests()}
-        opts = {k: v for k, v in rest.items() if k not in recipe}
+        opts = {k: v for k, v in changes.items() if k not in own and k in mine}  # first, as spec_from_args
+        recipe = {k: v for k, v in changes.items() if k not in own and k not in mine
+                  and (k in SETTINGS or k in _method_dests())}
+        opts.update({k: v for k, v in changes.items() if k not in own and k not in opts and k not in recipe})
         if recipe:
             top["method"] = top.get("method", self.method).replace(**recipe)
         if opts:

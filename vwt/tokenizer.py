@@ -85,6 +85,9 @@ class IntraImage(Reducer):
         return state
 
 
+THRESH = 0.1  # the paper's cosine-distance threshold: InterImage's default and every script's --thresh
+
+
 class InterImage(Reducer):
     """VWT inter-image: merge the patches of an image that match the same visual word.
 
@@ -104,7 +107,7 @@ class InterImage(Reducer):
 
     kind = "input"
 
-    def __init__(self, vocab, thresh: float = 0.1, random: bool = False, prop_attn: bool = False):
+    def __init__(self, vocab, thresh: float = THRESH, random: bool = False, prop_attn: bool = False):
         if isinstance(vocab, Tensor):
             vocab = Vocabulary.from_tensor(vocab)
         if not isinstance(vocab, Vocabulary):
