@@ -50,7 +50,7 @@ def measure(base, inter, reducer, pool, b: int, rounds: int) -> list[dict]:
     bucketed = [pool[idx] for idx in vwt.buckets(counts, b)]
     methods = [bench.Method("base", lambda x: base(pixel_values=x))]
     for name, packing, batches in (("padded", "off", plain), ("padded+bucket", "off", bucketed),
-                                   ("packed", "auto", plain), ("packed+bucket", "auto", bucketed)):
+                                   ("packed", "on", plain), ("packed+bucket", "on", bucketed)):
         methods.append(bench.Method(name, lambda x: inter(pixel_values=x), inputs=batches,
                                     enter=lambda p=packing: vwt.patch(inter, reducer, packing=p)))
     summary = bench.summarise(bench.interleave(methods, plain, rounds=rounds, min_calls=len(plain), seed=b,
