@@ -709,6 +709,8 @@ def coco_gt_references(root, split: str = "test") -> Optional[dict]:
         raise UserError(f"coco: {path} is not a COCO caption file (annotations with image_id and caption): "
                         f"{first_line(e)}") from None
     return refs
+
+
 def check_references(name: str, path, references: dict) -> None:
     """Every image of ``references`` ({image_id: captions}, read from the annotation file ``path``) has
     at least one reference caption, each a non-empty string: otherwise one UserError naming the file
