@@ -55,23 +55,25 @@ def tower(vt: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
                  patch_size=emb.patch_size)
 
 
-def patch(vt: nn.Module, info: Patch) -> None:
+def _forward(vt: nn.Module, info: Patch, pixel_values=None, interpolate_pos_encoding=False,
+             output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+    """The patched forward of the vision transformer ``vt`` (installed by :func:`patch`)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    def forward(pixel_values=None, interpolate_pos_encoding=False, output_attentions=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
-        if pixel_values is None:
-            raise ValueError("You have to specify pixel_values")
-        if output_attentions or output_hidden_states:
-            raise ValueError("a vwt-patched CLIP vision tower does not return attentions or hidden states")
-        state = run_tower(info, tower(vt, interpolate_pos_encoding), pixel_values)
-        last = zero_pads(state, state.x)
-        pooled = vt.post_layernorm(last[:, 0, :])
-        if return_dict is False:
-            return last, pooled
-        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
+    if pixel_values is None:
+        raise ValueError("You have to specify pixel_values")
+    if output_attentions or output_hidden_states:
+        raise ValueError("a vwt-patched CLIP vision tower does not return attentions or hidden states")
+    state = run_tower(info, tower(vt, interpolate_pos_encoding), pixel_values)
+    last = zero_pads(state, state.x)
+    pooled = vt.post_layernorm(last[:, 0, :])
+    if return_dict is False:
+        return last, pooled
+    return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
 
-    replace_forward(vt, forward, info)
+
+def patch(vt: nn.Module, info: Patch) -> None:
+    replace_forward(vt, _forward, info)
 
 
 class HFClip(Backend):

@@ -61,27 +61,28 @@ def tower(visual: nn.Module) -> Tower:
                  patch_size=patch_size)
 
 
+def _forward(visual: nn.Module, info: Patch, x: Tensor):
+    """The patched forward of the VisionTransformer ``visual`` (installed by :func:`patch`)."""
+    state = run_tower(info, tower(visual), x)
+    h = state.x
+    if not visual.final_ln_after_pool:
+        h = visual.ln_post(h)
+    pooled = h[:, 0] if visual.pool_type == "tok" else pooled_mean(state, h)
+    if visual.final_ln_after_pool:
+        pooled = visual.ln_post(pooled)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    if visual.output_tokens:
+        return pooled, zero_pads(state, h)[:, 1:]
+    return pooled
+
+
 def patch(visual: nn.Module, info: Patch) -> None:
     if visual.attn_pool is not None:
         raise ValueError("vwt.patch: open_clip VisionTransformer with attentional pooling is not supported")
     if visual.pool_type not in ("tok", "avg"):
         raise ValueError(f"vwt.patch: open_clip pool_type {visual.pool_type!r} is not supported (tok, avg are)")
-
-    def forward(x: Tensor):
-        state = run_tower(info, tower(visual), x)
-        h = state.x
-        if not visual.final_ln_after_pool:
-            h = visual.ln_post(h)
-        pooled = h[:, 0] if visual.pool_type == "tok" else pooled_mean(state, h)
-        if visual.final_ln_after_pool:
-            pooled = visual.ln_post(pooled)
-        if visual.proj is not None:
-            pooled = pooled @ visual.proj
-        if visual.output_tokens:
-            return pooled, zero_pads(state, h)[:, 1:]
-        return pooled
-
-    replace_forward(visual, forward, info)
+    replace_forward(visual, _forward, info)
 
 
 class OpenClip(Backend):

@@ -42,6 +42,34 @@ def tower(model: nn.Module) -> Tower:
                  patch_size=patch_size, prefix=model.num_prefix_tokens)
 
 
+def _features(model: nn.Module, info: Patch, x: Tensor, attn_mask, is_causal):
+    if attn_mask is not None or is_causal:
+        raise ValueError("a vwt-patched timm model takes no attn_mask / is_causal")
+    state = run_tower(info, tower(model), x)
+    return state, model.norm(state.x)
+
+
+def _forward_features(model: nn.Module, info: Patch, x: Tensor, attn_mask=None, is_causal=False):
+    """The patched ``forward_features`` (installed by :func:`patch`)."""
+    state, h = _features(model, info, x, attn_mask, is_causal)
+    return zero_pads(state, h)
+
+
+def _forward(model: nn.Module, info: Patch, x: Tensor, attn_mask=None, is_causal=False):
+    """The patched ``forward`` (installed by :func:`patch`): features, pooling, head."""
+    state, h = _features(model, info, x, attn_mask, is_causal)
+    if getattr(model, "dist_token", None) is not None:  # deit distilled: its own two-token head
+        return model.forward_head(h)
+    if model.global_pool == "token":
+        pooled = h[:, 0]
+    elif model.global_pool == "avg":
+        pooled = pooled_mean(state, h)
+    else:
+        return zero_pads(state, h)
+    pooled = model.head_drop(model.fc_norm(pooled))
+    return model.head(pooled)
+
+
 def patch(model: nn.Module, info: Patch) -> None:
     if getattr(model, "attn_pool", None) is not None:
         raise ValueError("vwt.patch: timm VisionTransformer with attention pooling ('map') is not supported")
@@ -49,34 +77,8 @@ def patch(model: nn.Module, info: Patch) -> None:
         raise ValueError(f"vwt.patch: timm global_pool {model.global_pool!r} is not supported (token, avg are)")
     if getattr(model, "pool_include_prefix", False):
         raise ValueError("vwt.patch: timm pool_include_prefix=True is not supported")
-
-    def features(x: Tensor):
-        state = run_tower(info, tower(model), x)
-        return state, model.norm(state.x)
-
-    def forward_features(x: Tensor, attn_mask=None, is_causal=False):
-        if attn_mask is not None or is_causal:
-            raise ValueError("a vwt-patched timm model takes no attn_mask / is_causal")
-        state, h = features(x)
-        return zero_pads(state, h)
-
-    def forward(x: Tensor, attn_mask=None, is_causal=False):
-        if attn_mask is not None or is_causal:
-            raise ValueError("a vwt-patched timm model takes no attn_mask / is_causal")
-        state, h = features(x)
-        if getattr(model, "dist_token", None) is not None:  # deit distilled: its own two-token head
-            return model.forward_head(h)
-        if model.global_pool == "token":
-            pooled = h[:, 0]
-        elif model.global_pool == "avg":
-            pooled = pooled_mean(state, h)
-        else:
-            return zero_pads(state, h)
-        pooled = model.head_drop(model.fc_norm(pooled))
-        return model.head(pooled)
-
-    replace_forward(model, forward, info)
-    replace_forward(model, forward_features, info, name="forward_features")
+    replace_forward(model, _forward, info)
+    replace_forward(model, _forward_features, info, name="forward_features")
 
 
 class Timm(Backend):
