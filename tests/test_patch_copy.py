@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vwt
-from tiny import ENTRIES, PATCH, images, one_entry_per_family
+from tiny import ENTRIES, NUM_PATCHES, PATCH, images, one_entry_per_family, tile
 from vwt.encoder import pixel_patches
 from vwt.patch import patch_info
 
@@ -22,8 +22,24 @@ FAMILIES = one_entry_per_family() + ["hf_blip.forward"]
 
 
 def _words():
-    """A tiny pixel-space vocabulary: patches of the test images themselves, so some patches match."""
-    return pixel_patches(images(2), PATCH)[0, :6].clone()
+    """A tiny pixel-space vocabulary: 6 patches of a random image."""
+    return pixel_patches(images(1, seed=5), PATCH)[0, :6].clone()
+
+
+def inputs(n=3):
+    """n random images in which image i repeats word i % 6 of :func:`_words` in its first 2 + 3 i
+    patches, so InterImage merges a different number of patches per image (a padded batch)."""
+    patches = pixel_patches(images(n), PATCH)
+    for i in range(n):
+        patches[i, : 2 + 3 * i] = _words()[i % 6]
+    return torch.stack([tile(patches[i], range(NUM_PATCHES)) for i in range(n)])
+
+
+def lively(model):
+    """``model`` with noise on every parameter: the tiny BLIP models are initialised with weights of
+    about 1e-10 (BlipConfig's initializer_range), whose outputs hardly depend on their input."""
+    _perturb(model, seed=3)
+    return model
 
 
 REDUCERS = {
@@ -79,13 +95,15 @@ def _patched(base, reducers, state=None):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_copy_runs_its_own_weights_patched(name, method, how):
     build, entry = ENTRIES[name]
-    base = build()
-    x = images(3)
+    base = lively(build())
+    x = inputs()
     original = vwt.patch(copy.deepcopy(base), *REDUCERS[method]())
     before = _run(entry, original, x)  # a forward first: the copy also carries the last state
     copied = COPIES[how](original)
     assert torch.equal(_run(entry, copied, x), _run(entry, _patched(base, REDUCERS[method]), x))
     assert vwt.stats(copied)["tokens_per_layer"].shape[0] == 3
+    if method.startswith("inter"):
+        assert vwt.stats(copied)["execution"] != "dense"  # the images merged differently: padded or packed
 
     _perturb(copied)
     out = _run(entry, copied, x)
@@ -98,8 +116,8 @@ def test_a_copy_runs_its_own_weights_patched(name, method, how):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_unpatching_a_copy_restores_the_copy_and_leaves_the_original_patched(name, how):
     build, entry = ENTRIES[name]
-    base = build()
-    x = images(3)
+    base = lively(build())
+    x = inputs()
     unpatched = _run(entry, base, x)
     original = vwt.patch(copy.deepcopy(base), vwt.ToMe(r=2))
     patched = _run(entry, original, x)
@@ -118,8 +136,8 @@ def test_unpatching_a_copy_restores_the_copy_and_leaves_the_original_patched(nam
 @pytest.mark.parametrize("name", FAMILIES)
 def test_patching_a_copy_again_replaces_only_the_copys_reducers(name):
     build, entry = ENTRIES[name]
-    base = build()
-    x = images(3)
+    base = lively(build())
+    x = inputs()
     original = vwt.patch(copy.deepcopy(base), vwt.ToMe(r=2))
     patched = _run(entry, original, x)
     copied = vwt.patch(copy.deepcopy(original), vwt.IntraImage(drop=0.5))
@@ -137,7 +155,7 @@ def test_an_int8_patched_model_deep_copies_too():
         pytest.skip(cpu_int8_unsupported())
     build, entry = ENTRIES["timm.token"]
     base = vwt.quantize(build(), backend="torchao")
-    x = images(3)
+    x = inputs()
     original = vwt.patch(copy.deepcopy(base), vwt.ToMe(r=2))
     before = _run(entry, original, x)
     copied = copy.deepcopy(original)

@@ -133,6 +133,14 @@ def run_tower(info: Patch, tower: Tower, pixel_values: Tensor) -> TokenState:
     return state
 
 
+def refuse_patch_dropout(drop: nn.Module, family: str) -> None:
+    """A ValueError where the model's patch dropout would act (``train()`` mode, a rate above 0): it
+    drops random input patches, which the token state (every input patch's token) cannot follow."""
+    if drop.training and not isinstance(drop, nn.Identity):
+        raise ValueError(f"a vwt-patched {family} model does not run patch dropout (train() mode with a patch "
+                         f"dropout rate above 0): call .eval(), or build the model with patch dropout 0")
+
+
 def split_heads(t: Tensor, heads: int) -> Tensor:
     """(B, N, heads * d) -> (B, heads, N, d)."""
     b, n, _ = t.shape

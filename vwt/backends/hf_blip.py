@@ -33,7 +33,8 @@ def _block(layer) -> Block:
         return q, k, v
 
     return Block(norm1=layer.layer_norm1, qkv=qkv, out_proj=lambda o: attn.projection(o),
-                 norm2=layer.layer_norm2, mlp=layer.mlp, scale=attn.scale)
+                 norm2=layer.layer_norm2, mlp=layer.mlp, scale=attn.scale,
+                 attn_drop=attn.dropout.p if attn.training else 0.0)
 
 
 def tower(vm: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
@@ -49,7 +50,7 @@ def tower(vm: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
         return x, patches, grid_of(pixel_values, emb.patch_size)
 
     return Tower(embed=embed, pre_norm=nn.Identity(), blocks=[_block(l) for l in vm.encoder.layers],
-                 patch_size=emb.patch_size)
+                 patch_size=emb.patch_size, training=vm.training)
 
 
 def _mask_pads(module, inputs, kwargs):

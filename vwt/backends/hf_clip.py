@@ -33,7 +33,8 @@ def _block(layer) -> Block:
                 split_heads(attn.v_proj(h), attn.num_heads))
 
     return Block(norm1=layer.layer_norm1, qkv=qkv, out_proj=lambda o: attn.out_proj(o),
-                 norm2=layer.layer_norm2, mlp=layer.mlp, scale=attn.scale)
+                 norm2=layer.layer_norm2, mlp=layer.mlp, scale=attn.scale,
+                 attn_drop=attn.dropout if attn.training else 0.0)
 
 
 def tower(vt: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
@@ -52,7 +53,7 @@ def tower(vt: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
         return x, patches, grid_of(pixel_values, emb.patch_size)
 
     return Tower(embed=embed, pre_norm=vt.pre_layrnorm, blocks=[_block(l) for l in vt.encoder.layers],
-                 patch_size=emb.patch_size)
+                 patch_size=emb.patch_size, training=vt.training)
 
 
 def _forward(vt: nn.Module, info: Patch, pixel_values=None, interpolate_pos_encoding=False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..encoder import Block, Tower, TowerDims, pooled_mean, zero_pads
-from .base import Backend, Patch, replace_forward, run_tower
+from .base import Backend, Patch, refuse_patch_dropout, replace_forward, run_tower
 
 
 def matches(model: nn.Module) -> bool:
@@ -24,14 +24,17 @@ def _block(blk) -> Block:
         q, k, v = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         return attn.q_norm(q), attn.k_norm(k), v
 
-    return Block(norm1=blk.norm1, qkv=qkv, out_proj=lambda o: attn.proj(norm(o)), norm2=blk.norm2,
-                 mlp=blk.mlp, scale=attn.scale, ls1=blk.ls1, ls2=blk.ls2)
+    return Block(norm1=blk.norm1, qkv=qkv, out_proj=lambda o: attn.proj_drop(attn.proj(norm(o))),
+                 norm2=blk.norm2, mlp=blk.mlp, scale=attn.scale, ls1=blk.ls1, ls2=blk.ls2,
+                 drop1=getattr(blk, "drop_path1", nn.Identity()), drop2=getattr(blk, "drop_path2", nn.Identity()),
+                 attn_drop=attn.attn_drop.p if attn.training else 0.0)
 
 
 def tower(model: nn.Module) -> Tower:
     patch_size = model.patch_embed.patch_size[0]
 
     def embed(pixel_values: Tensor):
+        refuse_patch_dropout(model.patch_drop, "timm")
         patches = model.patch_embed(pixel_values)
         grid = tuple(patches.shape[1:3]) if patches.dim() == 4 else (
             pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size)
@@ -39,7 +42,7 @@ def tower(model: nn.Module) -> Tower:
         return x, patches.reshape(patches.shape[0], -1, patches.shape[-1]), grid
 
     return Tower(embed=embed, pre_norm=model.norm_pre, blocks=[_block(b) for b in model.blocks],
-                 patch_size=patch_size, prefix=model.num_prefix_tokens)
+                 patch_size=patch_size, prefix=model.num_prefix_tokens, training=model.training)
 
 
 def _features(model: nn.Module, info: Patch, x: Tensor, attn_mask, is_causal):
