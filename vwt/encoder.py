@@ -181,8 +181,9 @@ class Block:
     """One pre-norm block, as callables over the model's own modules.
 
     qkv(h) returns q, k, v each (B, heads, N, head_dim); out_proj maps (B, N, C) back to the residual
-    (with the model's own output dropout, where it has one); ls1/ls2 are layer scales and drop1/drop2
-    the model's own drop-path modules after them (identity when the family has none).
+    (with the model's own output dropout, where it has one); ls1/ls2 are layer scales (identity when
+    the family has none); drop1/drop2 the model's own drop-path modules after them, given only in
+    ``train()`` mode (None: nothing to call, so inference pays nothing for them).
     attn_drop: the dropout probability on the attention weights, the model's own in ``train()`` mode
     (0 in ``eval()``), so fine-tuning through ``vwt.patch`` keeps the model's regularisation.
     """
@@ -195,8 +196,8 @@ class Block:
     scale: Optional[float] = None
     ls1: Callable[[Tensor], Tensor] = nn.Identity()
     ls2: Callable[[Tensor], Tensor] = nn.Identity()
-    drop1: Callable[[Tensor], Tensor] = nn.Identity()
-    drop2: Callable[[Tensor], Tensor] = nn.Identity()
+    drop1: Optional[Callable[[Tensor], Tensor]] = None
+    drop2: Optional[Callable[[Tensor], Tensor]] = None
     attn_drop: float = 0.0
 
 
@@ -307,7 +308,8 @@ def run(tower: Tower, pixel_values: Tensor, reducers: Sequence[Reducer] = (), pa
         x = state.x
         q, k, v = blk.qkv(blk.norm1(x))
         bias = state.attn_bias(q.dtype)
-        x = x + blk.drop1(blk.ls1(blk.out_proj(attention(q, k, v, bias, blk.scale, blk.attn_drop))))
+        h = blk.ls1(blk.out_proj(attention(q, k, v, bias, blk.scale, blk.attn_drop)))
+        x = x + (h if blk.drop1 is None else blk.drop1(h))
         state.x = x
         if in_network:
             ctx = BlockContext(i, depth, q, k, blk.scale if blk.scale is not None else q.shape[-1] ** -0.5, bias)
@@ -315,7 +317,8 @@ def run(tower: Tower, pixel_values: Tensor, reducers: Sequence[Reducer] = (), pa
                 state = r.after_attn(state, ctx)
                 state.prop_attn = state.prop_attn or r.prop_attn
         x = state.x
-        state.x = x + blk.drop2(blk.ls2(blk.mlp(blk.norm2(x))))
+        h = blk.ls2(blk.mlp(blk.norm2(x)))
+        state.x = x + (h if blk.drop2 is None else blk.drop2(h))
         state.record()
     return state
 

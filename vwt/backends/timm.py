@@ -26,7 +26,8 @@ def _block(blk) -> Block:
 
     return Block(norm1=blk.norm1, qkv=qkv, out_proj=lambda o: attn.proj_drop(attn.proj(norm(o))),
                  norm2=blk.norm2, mlp=blk.mlp, scale=attn.scale, ls1=blk.ls1, ls2=blk.ls2,
-                 drop1=getattr(blk, "drop_path1", nn.Identity()), drop2=getattr(blk, "drop_path2", nn.Identity()),
+                 drop1=getattr(blk, "drop_path1", None) if blk.training else None,
+                 drop2=getattr(blk, "drop_path2", None) if blk.training else None,
                  attn_drop=attn.attn_drop.p if attn.training else 0.0)
 
 
