@@ -79,12 +79,13 @@ def open_clip_model(depth=4, seed=0, pool="tok"):
     return open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).eval()
 
 
-def timm_vit(depth=4, seed=0, pool="token", num_classes=10):
+def timm_vit(depth=4, seed=0, pool="token", num_classes=10, **options):
+    """``options``: further VisionTransformer arguments (dropout rates, ...)."""
     from timm.models.vision_transformer import VisionTransformer
 
     _seeded(seed)
     return VisionTransformer(img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=depth, num_heads=HEADS,
-                             num_classes=num_classes, global_pool=pool, qkv_bias=True).eval()
+                             num_classes=num_classes, global_pool=pool, qkv_bias=True, **options).eval()
 
 
 def _hf_out(o):

@@ -353,6 +353,26 @@ def references(spec: RunSpec, ds) -> dict:
     return {i: gt[i] for i in own}
 
 
+def references_file(spec: RunSpec, ds) -> Path:
+    """The file the references of :func:`references` are read from (for errors that name it)."""
+    if refs_source(spec) == "data set captions":
+        return ds.source or Path(spec.root)
+    return datasets.coco_gt_path(spec.root, spec.split or "test")
+
+
+def check_scoring(spec: RunSpec, ds) -> None:
+    """Before the model loads and any image is captioned, what scoring the captions of ``ds`` needs:
+    the caption metrics' tools (Java) and a reference caption, as text, for every image (one-line
+    UserErrors naming the file and the image). Nothing with --no-score, which never scores."""
+    if spec.options.no_score:
+        return
+    try:
+        metrics.check_caption_tools()
+    except UserError as e:
+        raise UserError(f"{e} (or caption now with --no-score, and score later where it is installed)") from None
+    datasets.check_references(spec.data, references_file(spec, ds), references(spec, ds))
+
+
 def write_predictions(path: Path, ds, captions: dict) -> Path:
     """The captions as the paper's (and the NoCaps EvalAI server's) predictions.json: a list of
     {"image_id", "caption"}, one per image in data order."""
@@ -508,6 +528,7 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
     ds = datasets.load(spec.data, spec.root, None, split=spec.split, limit=spec.limit)
     if len(ds) == 0:
         raise UserError(f"{spec.data}: no images in split {spec.split or 'default'}")
+    check_scoring(spec, ds)  # references and Java: found now, not after every image is captioned
     loaded = load_captioner(spec, loaded, device, dtype)
     ds.transform = datasets.preprocess_for(loaded.model)
     check_lengths(spec, loaded)

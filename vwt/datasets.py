@@ -255,6 +255,9 @@ def _image_problem(path, header_only: bool = False):
             return None, to_rgb(im)
     except FileNotFoundError:
         return f"image {path} not found", None
+    except Image.DecompressionBombError as e:  # more than twice PIL.Image.MAX_IMAGE_PIXELS: refused unread
+        return (f"image {path} is over PIL's decompression-bomb limit ({first_line(e)}); shrink the image, or, if "
+                f"you trust it, raise PIL.Image.MAX_IMAGE_PIXELS from Python"), None
     except (OSError, ValueError, SyntaxError) as e:  # truncated, not an image, bad header, no known range
         return f"cannot read image {path}: {first_line(e)}", None
 
@@ -311,15 +314,17 @@ class ImageRecords(torch.utils.data.Dataset):
     """A list of records (dicts with at least "path"); item i is ``(transform(image), record)``.
 
     ``classes`` are the class (or tag) names where the task has them; ``group_names`` name the groups
-    of grouped data (record "group" indexes them)."""
+    of grouped data (record "group" indexes them); ``source`` is the annotation file the records'
+    captions were read from (COCO, NoCaps), for errors that name it."""
 
     def __init__(self, name: str, records: list[dict], transform: Optional[Callable],
-                 classes: Sequence[str] = (), group_names: Sequence[str] = ()):
+                 classes: Sequence[str] = (), group_names: Sequence[str] = (), source: Optional[Path] = None):
         self.name = name
         self.records = records
         self.transform = transform
         self.classes = list(classes)
         self.group_names = list(group_names)
+        self.source = source
 
     def __len__(self):
         return len(self.records)
@@ -332,7 +337,7 @@ class ImageRecords(torch.utils.data.Dataset):
     def subset(self, keep: Callable[[dict], bool]) -> "ImageRecords":
         """The same data set restricted to the records ``keep`` accepts (order kept)."""
         return ImageRecords(self.name, [r for r in self.records if keep(r)], self.transform, self.classes,
-                            self.group_names)
+                            self.group_names, self.source)
 
 
 def _split(name: str, split: Optional[str], allowed: Sequence[str], default: str) -> str:
@@ -356,6 +361,58 @@ def _read_csv(name: str, path: Path, columns: Sequence[str]):
     if lacking:
         raise UserError(f"{name}: {path} lacks the column(s) {', '.join(lacking)}{_where(name)}")
     return df
+
+
+def _cell(value) -> str:
+    """A metadata cell as an error quotes it."""
+    import pandas as pd
+
+    return "empty" if pd.isna(value) else repr(value.item() if hasattr(value, "item") else value)
+
+
+def _codes(name: str, path: Path, df, column: str, allowed: Sequence[int], image: str):
+    """The column ``column`` of the metadata ``df`` (read from ``path``) as integers, each one of
+    ``allowed``: a missing value, a word, a fraction or a code out of range (a label with no class or
+    group, which would end the run after the model loads or be counted in no group) is one UserError
+    naming the file, its line, the image (column ``image``) and the value, before any model loads."""
+    import pandas as pd
+
+    values = pd.to_numeric(df[column], errors="coerce")
+    bad = np.flatnonzero(~values.isin(allowed).to_numpy())
+    if len(bad):
+        i = int(bad[0])
+        more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+        raise UserError(f"{name}: {path} line {i + 2} (image {df[image].iloc[i]}): {column} is "
+                        f"{_cell(df[column].iloc[i])}, not one of {', '.join(map(str, allowed))}{more}; correct "
+                        f"or remove that row{_where(name)}")
+    return values.astype(int)
+
+
+def _image_column(name: str, path: Path, df, column: str, split: Optional[str] = None) -> None:
+    """Every row of the metadata ``df`` names an image (column ``column``), each image once: an empty
+    name, or an image listed twice (in two splits: ``split`` names the split column), is one UserError
+    naming the file, the lines and the image."""
+    empty = np.flatnonzero(df[column].isna().to_numpy())
+    if len(empty):
+        raise UserError(f"{name}: {path} line {int(empty[0]) + 2}: {column} is empty; every row must name an "
+                        f"image{_where(name)}")
+    twice = np.flatnonzero(df[column].duplicated(keep=False).to_numpy())
+    if len(twice):
+        image = df[column].iloc[twice[0]]
+        rows = [int(i) for i in twice if df[column].iloc[i] == image]
+        where = f" (in {split}s {' and '.join(_cell(df[split].iloc[i]) for i in rows)})" if split else ""
+        raise UserError(f"{name}: {path} lists image {image} on lines {' and '.join(str(i + 2) for i in rows)}"
+                        f"{where}; an image belongs to one row: remove the others{_where(name)}")
+
+
+def _labelled(name: str, path: Path, df):
+    """A Waterbirds-style metadata table (img_filename, y, place, split; MetaShift's generated one too),
+    each value checked (:func:`_codes`, :func:`_image_column`), with the columns the confounder
+    readers use: file, y, c (= place), split, group = 2 * y + place."""
+    _image_column(name, path, df, "img_filename", "split")
+    y, place = (_codes(name, path, df, c, (0, 1), "img_filename") for c in ("y", "place"))
+    split = _codes(name, path, df, "split", tuple(SPLIT_CODES.values()), "img_filename")
+    return df.assign(file=df["img_filename"], y=y, c=place, split=split, group=2 * y + place)
 
 
 WATERBIRDS_DIR = "waterbird_complete95_forest2water2"
@@ -418,8 +475,8 @@ def waterbirds(root: Path, transform, split=None, seed=None, class_names: str = 
     split = _split("waterbirds", split, ("train", "val", "test"), "test")
     candidates = (root / "cub", root / "waterbirds" / WATERBIRDS_DIR, root / WATERBIRDS_DIR)
     base = next((c for c in candidates if (c / "metadata.csv").exists()), candidates[1])
-    df = _read_csv("waterbirds", base / "metadata.csv", ("img_filename", "y", "split", "place"))
-    table = df.assign(file=df["img_filename"], c=df["place"].astype(int), group=2 * df["y"].astype(int) + df["place"].astype(int))
+    path = base / "metadata.csv"
+    table = _labelled("waterbirds", path, _read_csv("waterbirds", path, ("img_filename", "y", "split", "place")))
     return _confounded("waterbirds", base, table, split, seed, class_names, transform, "place")
 
 
@@ -430,8 +487,14 @@ def celeba(root: Path, transform, split=None, seed=None, class_names: str = "pap
     (and the paper's) nested ``img_align_celeba/img_align_celeba/``. ``seed``: the paper's re-split."""
     split = _split("celeba", split, ("train", "val", "test"), "test")
     base = root / "celeba"
-    attrs = _read_csv("celeba", base / "list_attr_celeba.csv", ("image_id", "Blond_Hair", "Male"))
-    parts = _read_csv("celeba", base / "list_eval_partition.csv", ("image_id", "partition"))
+    attrs_path, parts_path = base / "list_attr_celeba.csv", base / "list_eval_partition.csv"
+    attrs = _read_csv("celeba", attrs_path, ("image_id", "Blond_Hair", "Male"))
+    parts = _read_csv("celeba", parts_path, ("image_id", "partition"))
+    _image_column("celeba", attrs_path, attrs, "image_id")
+    _image_column("celeba", parts_path, parts, "image_id", "partition")
+    for column in ("Blond_Hair", "Male"):  # -1/1 in the release; 0 for "not" in some copies
+        attrs[column] = _codes("celeba", attrs_path, attrs, column, (-1, 0, 1), "image_id")
+    parts["partition"] = _codes("celeba", parts_path, parts, "partition", tuple(SPLIT_CODES.values()), "image_id")
     images = _need("celeba", "image folder", base / "img_align_celeba")
     if (images / "img_align_celeba").is_dir():
         images = images / "img_align_celeba"
@@ -505,9 +568,8 @@ def metashift(root: Path, transform, split=None, seed=None, generated: bool = Tr
     base = _metashift_base(root)
     if generated:
         split = _split("meta", split, ("train", "val", "test"), "test")
-        df = _read_csv("meta", metashift_metadata(base), ("img_filename", "y", "place", "split"))
-        table = df.assign(file=df["img_filename"], c=df["place"].astype(int),
-                          group=2 * df["y"].astype(int) + df["place"].astype(int))
+        path = metashift_metadata(base)
+        table = _labelled("meta", path, _read_csv("meta", path, ("img_filename", "y", "place", "split")))
         return _confounded("meta", base, table, split, seed, class_names, transform, "place")
     split = _split("meta", split, ("train", "test", "all"), "all")
     records = []
@@ -528,6 +590,22 @@ def metashift(root: Path, transform, split=None, seed=None, generated: bool = Tr
                         group_names=("cat indoor", "cat outdoor", "dog indoor", "dog outdoor"))
 
 
+def _tags(name: str, path: Path) -> dict:
+    """{tag: index} of a tag list, one tag a line (blank lines skipped): a list with no tag (every image
+    would have no class to score) or with a tag twice (two indices for one tag) is a one-line UserError."""
+    tags = [t for t in path.read_text().splitlines() if t]
+    if not tags:
+        raise UserError(f"{name}: {path} lists no tags (one tag a line); restore it, e.g. from this repository's "
+                        f"data/openimages/{_where(name)}")
+    index: dict = {}
+    for n, t in enumerate(tags):
+        if t in index:
+            raise UserError(f"{name}: {path} lists tag {t!r} twice (tags {index[t] + 1} and {n + 1}); each tag "
+                            f"must be listed once{_where(name)}")
+        index[t] = n
+    return index
+
+
 def openimages(root: Path, transform, subset: str = "common", split=None) -> ImageRecords:
     """OpenImages V6 test with the common (214) or rare (200) tag lists of the Recognize Anything
     benchmark. annots.txt lines are ``test/<image id>,tag,tag,...``; records carry "labels" (tag indices).
@@ -544,8 +622,8 @@ def openimages(root: Path, transform, subset: str = "common", split=None) -> Ima
     if not images.is_dir() and (root / "openimages" / "open-images-v6" / "test" / "data").is_dir():
         images = root / "openimages" / "open-images-v6" / "test" / "data"  # the paper's (fiftyone's) layout
     _need(name, "image folder", images)
-    tags = [t for t in _need(name, "tag list", lists / "taglist.txt").read_text().splitlines() if t]
-    index = {t: i for i, t in enumerate(tags)}
+    index = _tags(name, _need(name, "tag list", lists / "taglist.txt"))
+    tags = list(index)
     records = []
     for n, line in enumerate(_need(name, "annotation list", lists / "annots.txt").read_text().splitlines()):
         if not line.strip():
@@ -585,6 +663,7 @@ def coco(root: Path, transform, split=None, per_caption: bool = True) -> ImageRe
     karpathy = base / "dataset_coco.json"
     records = []
     expected = 'a list of {"image": "val2014/<file>", "caption": [...]}'
+    source = blip if blip.exists() and (split != "train" or per_caption) else karpathy
     if blip.exists() and split == "train" and per_caption:
         with _structure("coco", blip, 'a list of {"image": "train2014/<file>", "caption": "..."}'):
             for item in _read_json("coco", blip):
@@ -606,13 +685,19 @@ def coco(root: Path, transform, split=None, per_caption: bool = True) -> ImageRe
                                     "captions": _strings([s["raw"] for s in item["sentences"]])})
     else:
         raise _missing("coco", "split file", blip)
-    return ImageRecords("coco", records, transform)
+    return ImageRecords("coco", records, transform, source=source)
+
+
+def coco_gt_path(root, split: str = "test") -> Path:
+    """Where BLIP's COCO-format references ``coco_karpathy_<split>_gt.json`` are (or would be)."""
+    return _coco_file(Path(root) / "coco", f"coco_karpathy_{split}_gt.json")
 
 
 def coco_gt_references(root, split: str = "test") -> Optional[dict]:
     """{image_id: [caption, ...]} from BLIP's COCO-format ``coco_karpathy_<split>_gt.json`` (the
-    references the paper scores against), or None where the file is absent."""
-    path = _coco_file(Path(root) / "coco", f"coco_karpathy_{split}_gt.json")
+    references the paper scores against), or None where the file is absent. The captions are as the
+    file has them: :func:`check_references` checks them."""
+    path = coco_gt_path(root, split)
     if not path.exists():
         return None
     data = _read_json("coco", path)
@@ -624,6 +709,23 @@ def coco_gt_references(root, split: str = "test") -> Optional[dict]:
         raise UserError(f"coco: {path} is not a COCO caption file (annotations with image_id and caption): "
                         f"{first_line(e)}") from None
     return refs
+
+
+def check_references(name: str, path, references: dict) -> None:
+    """Every image of ``references`` ({image_id: captions}, read from the annotation file ``path``) has
+    at least one reference caption, each a non-empty string: otherwise one UserError naming the file
+    and the image, before any image is captioned (the scorers would fail only after all of them are)."""
+    for image_id, captions in references.items():
+        if not isinstance(captions, (list, tuple)) or not captions:
+            raise UserError(f"{name}: {path} gives image {image_id} no reference caption; captions are scored "
+                            f"against at least one: add its captions, or leave the image out")
+        for c in captions:
+            if not isinstance(c, str) or not c.strip():
+                what = "an empty caption" if isinstance(c, str) else f"a caption that is not text ({c!r:.40})"
+                raise UserError(f"{name}: {path} gives image {image_id} {what}; every reference caption must be "
+                                f"a non-empty string: correct or remove it")
+
+
 class _structure:
     """``with _structure(name, path, expected):`` an annotation file of the wrong shape (a KeyError,
     TypeError, ... while reading it) becomes one line naming the file and the structure it needs."""
@@ -663,7 +765,37 @@ def nocaps(root: Path, transform, split=None) -> ImageRecords:
             captions.setdefault(a["image_id"], []).append(_strings([a["caption"]])[0])
         records = [{"path": str(base / "val" / im["file_name"]), "image_id": im["id"],
                     "domain": im.get("domain", ""), "captions": captions.get(im["id"], [])} for im in data["images"]]
-    return ImageRecords("nocaps", records, transform)
+    return ImageRecords("nocaps", records, transform, source=path)
+
+
+def _followed(name: str, entry: os.DirEntry, kind: str) -> bool:
+    """Whether a folder entry is a folder (``kind`` "dir") or a file ("file"), symbolic links followed;
+    a link that cannot be followed (a loop, ELOOP) is a one-line UserError naming it."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as e:
+        raise UserError(f"{name}: cannot follow {entry.path} ({e.strerror or first_line(e)}: a symbolic link loop?); "
+                        f"fix or remove the link{_where(name)}") from None
+
+
+def _class_folders(name: str, base: Path) -> list:
+    """The names of the class folders under ``base``, sorted (symbolic links followed). A link that
+    loops, or that leads to ``base`` itself or a folder above it, or two names of one folder (its images
+    would be in two classes, and every later label shifted) are one-line UserErrors naming the links."""
+    here, seen, names = os.path.realpath(base), {}, []
+    for entry in sorted(os.scandir(base), key=lambda e: e.name):
+        if not _followed(name, entry, "dir"):
+            continue
+        target = os.path.realpath(entry.path)
+        if os.path.commonpath([here, target]) == target:
+            raise UserError(f"{name}: class folder {entry.path} leads to {target}, a folder that holds it (a symbolic "
+                            f"link loop); remove the link{_where(name)}")
+        if target in seen:
+            raise UserError(f"{name}: class folders {seen[target]} and {entry.path} are one folder ({target}, through a "
+                            f"symbolic link): its images would be in two classes; remove the link{_where(name)}")
+        seen[target] = entry.path
+        names.append(entry.name)
+    return names
 
 
 def imagenet(root: Path, transform, split=None) -> ImageRecords:
@@ -671,13 +803,13 @@ def imagenet(root: Path, transform, split=None) -> ImageRecords:
     synset ids, the order timm and torchvision classifiers use."""
     split = _split("imgnet", split, ("train", "val"), "val")
     base = _need("imgnet", "split folder", root / "imagenet" / split)
-    synsets = sorted(d.name for d in os.scandir(base) if d.is_dir())
+    synsets = _class_folders("imgnet", base)
     if not synsets:
         raise _missing("imgnet", "synset folders under", base)
     records = []
     for label, wnid in enumerate(synsets):
         for entry in sorted(os.scandir(base / wnid), key=lambda e: e.name):
-            if entry.is_file() and Path(entry.name).suffix.lower() in (".jpeg", ".jpg", ".png"):
+            if _followed("imgnet", entry, "file") and Path(entry.name).suffix.lower() in (".jpeg", ".jpg", ".png"):
                 records.append({"path": entry.path, "image_id": entry.name, "label": label, "synset": wnid})
     return ImageRecords("imgnet", records, transform, classes=synsets)
 

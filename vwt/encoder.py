@@ -181,8 +181,12 @@ class BlockContext:
 class Block:
     """One pre-norm block, as callables over the model's own modules.
 
-    qkv(h) returns q, k, v each (B, heads, N, head_dim); out_proj maps (B, N, C) back to the residual;
-    ls1/ls2 are layer scales (identity when the family has none).
+    qkv(h) returns q, k, v each (B, heads, N, head_dim); out_proj maps (B, N, C) back to the residual
+    (with the model's own output dropout, where it has one); ls1/ls2 are layer scales (identity when
+    the family has none); drop1/drop2 the model's own drop-path modules after them, given only in
+    ``train()`` mode (None: nothing to call, so inference pays nothing for them).
+    attn_drop: the dropout probability on the attention weights, the model's own in ``train()`` mode
+    (0 in ``eval()``), so fine-tuning through ``vwt.patch`` keeps the model's regularisation.
     """
 
     norm1: Callable[[Tensor], Tensor]
@@ -193,6 +197,9 @@ class Block:
     scale: Optional[float] = None
     ls1: Callable[[Tensor], Tensor] = nn.Identity()
     ls2: Callable[[Tensor], Tensor] = nn.Identity()
+    drop1: Optional[Callable[[Tensor], Tensor]] = None
+    drop2: Optional[Callable[[Tensor], Tensor]] = None
+    attn_drop: float = 0.0
 
 
 @dataclass
@@ -202,6 +209,8 @@ class Tower:
     embed(pixel_values) -> (tokens (B, N, C) with prefix tokens and position embeddings,
                             patch projections (B, P, C) before position embeddings, grid)
     pre_norm: applied after input reduction, before the first block.
+    training: the tower is in ``train()`` mode: its blocks run padded, never packed (drop-path draws
+              one mask per image of the batch).
     """
 
     embed: Callable[[Tensor], tuple[Tensor, Tensor, tuple[int, int]]]
@@ -209,6 +218,7 @@ class Tower:
     blocks: Sequence[Block]
     patch_size: int
     prefix: int = 1
+    training: bool = False
 
 
 @dataclass(frozen=True)
@@ -243,9 +253,11 @@ def pixel_patches(pixel_values: Tensor, patch_size: int) -> Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c * p * p)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: Optional[float]) -> Tensor:
-    """Multi-head attention through the fused kernel; returns (B, N, heads * head_dim)."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: Optional[float],
+              dropout: float = 0.0) -> Tensor:
+    """Multi-head attention through the fused kernel (``dropout`` on its weights, as the models'
+    own attention in ``train()`` mode); returns (B, N, heads * head_dim)."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
     b, h, n, d = out.shape
     return out.transpose(1, 2).reshape(b, n, h * d)
 
@@ -265,18 +277,19 @@ def embed_input(tower: Tower, pixel_values: Tensor, inputs: Sequence[Reducer] = 
 PACKING = ("auto", "on", "off")
 
 
-def packs(state: TokenState, in_network: Sequence[Reducer], packing: str = "auto") -> bool:
+def packs(state: TokenState, in_network: Sequence[Reducer], packing: str = "auto", training: bool = False) -> bool:
     """Whether the blocks run packed (:func:`run_blocks_packed`) rather than padded.
 
     Only a padded batch can pack, and only while no in-network reducer follows (they work on the
     padded layout). ``auto`` packs on the CPU, where the padded batch spends its time on pads and
     per-image attention calls cost nothing extra (``benchmarks/bench_packed.py``). On CUDA it stays
     padded: one fused kernel over the batch against one launch per image and block has not been
-    measured on a GPU yet (``packing="on"`` runs the packed path there too)."""
+    measured on a GPU yet (``packing="on"`` runs the packed path there too). A tower in ``training``
+    mode never packs: drop-path draws one mask per image, and a packed batch is one sequence."""
     if packing not in PACKING:
         raise ValueError(f"packing must be one of {PACKING}, got {packing!r}")
     mask = state.real_mask()
-    if packing == "off" or in_network or mask is None or bool(mask.all()):
+    if packing == "off" or training or in_network or mask is None or bool(mask.all()):
         return False
     return packing == "on" or state.x.device.type == "cpu"
 
@@ -287,7 +300,7 @@ def run(tower: Tower, pixel_values: Tensor, reducers: Sequence[Reducer] = (), pa
     in_network = [r for r in reducers if r.kind != "input"]
     state.x = tower.pre_norm(state.x)
     state.record()
-    if packs(state, in_network, packing):
+    if packs(state, in_network, packing, tower.training):
         return run_blocks_packed(tower, state)
     state.execution = "dense" if state.size is None else "padded"
 
@@ -296,7 +309,8 @@ def run(tower: Tower, pixel_values: Tensor, reducers: Sequence[Reducer] = (), pa
         x = state.x
         q, k, v = blk.qkv(blk.norm1(x))
         bias = state.attn_bias(q.dtype)
-        x = x + blk.ls1(blk.out_proj(attention(q, k, v, bias, blk.scale)))
+        h = blk.ls1(blk.out_proj(attention(q, k, v, bias, blk.scale, blk.attn_drop)))
+        x = x + (h if blk.drop1 is None else blk.drop1(h))
         state.x = x
         if in_network:
             ctx = BlockContext(i, depth, q, k, blk.scale if blk.scale is not None else q.shape[-1] ** -0.5, bias)
@@ -304,7 +318,8 @@ def run(tower: Tower, pixel_values: Tensor, reducers: Sequence[Reducer] = (), pa
                 state = r.after_attn(state, ctx)
                 state.prop_attn = state.prop_attn or r.prop_attn
         x = state.x
-        state.x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        h = blk.ls2(blk.mlp(blk.norm2(x)))
+        state.x = x + (h if blk.drop2 is None else blk.drop2(h))
         state.record()
     return state
 

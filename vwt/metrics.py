@@ -138,6 +138,19 @@ def spice_available() -> tuple[bool, str]:
     return True, ""
 
 
+def check_caption_tools() -> None:
+    """What every caption metric needs, checked without running it: pycocoevalcap, and Java for its PTB
+    tokenizer and METEOR. Either missing is a one-line UserError, so that a run can refuse before its
+    long work rather than after it (SPICE's extra jars are optional: see :func:`spice_available`)."""
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"caption metrics need pycocoevalcap ({first_line(e)}); pip install pycocoevalcap") from None
+    if shutil.which("java") is None:
+        raise UserError("caption metrics need Java (pycocoevalcap's PTB tokenizer and METEOR), and no java is on "
+                        "PATH; install a JRE")
+
+
 def caption_scores(references: dict, candidates: dict, spice: Optional[bool] = None,
                    which: Sequence[str] = CAPTION_METRICS) -> dict:
     """pycocoevalcap's scores of one candidate caption per image against its references.
@@ -152,8 +165,7 @@ def caption_scores(references: dict, candidates: dict, spice: Optional[bool] = N
         raise ValueError("caption_scores: references and candidates must cover the same image ids")
     if not references:
         raise ValueError("caption_scores: no captions to score")
-    if shutil.which("java") is None:
-        raise UserError("caption metrics need Java (pycocoevalcap's PTB tokenizer and METEOR); install a JRE")
+    check_caption_tools()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor

@@ -31,7 +31,9 @@ def patch(model: nn.Module, *reducers: Reducer, packing: str = "auto") -> nn.Mod
 
     With no reducer the outputs equal the unpatched model's. Patching a patched model replaces its
     reducers. ``packing`` (auto, on, off): whether a batch that an input reducer left padded runs its
-    blocks on the real tokens only (see :func:`vwt.encoder.packs`); outputs are the same either way."""
+    blocks on the real tokens only (see :func:`vwt.encoder.packs`); outputs are the same either way.
+    In ``train()`` mode the blocks apply the model's own dropout and drop-path. Copies and pickles of
+    the patched model are patched models of their own weights."""
     reducers = _check_reducers(reducers)
     if packing not in PACKING:
         raise ValueError(f"vwt.patch: packing must be one of {PACKING}, got {packing!r}")

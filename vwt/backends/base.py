@@ -6,8 +6,9 @@ none of them, so the patch <-> backends import cycle cannot come back.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 
@@ -28,7 +29,9 @@ class Patch:
     backend: str
     reducers: tuple
     packing: str = "auto"
-    restore: list = field(default_factory=list)  # callables that undo the patch
+    # picklable callables that undo the patch (records and bound methods, never closures: a deep copy
+    # or a pickle of the model undoes on its own modules)
+    restore: list = field(default_factory=list)
     last: Optional[TokenState] = None
 
 
@@ -85,19 +88,40 @@ class Backend:
         return f"<vwt backend {self.name}>"
 
 
-def replace_forward(module: nn.Module, forward: Callable, info: Patch, name: str = "forward") -> None:
-    """Give ``module`` an instance-level method ``name`` (default ``forward``), undone by ``unpatch``."""
-    had_own = name in module.__dict__
-    old = module.__dict__.get(name)
-    setattr(module, name, forward)
+class PatchedMethod(functools.partial):
+    """``fn(module, info, *args)`` installed as ``module``'s own method: a module-level function bound
+    to the module and its :class:`Patch` by reference, not a closure, so ``copy.deepcopy``, ``pickle``
+    and ``torch.save`` of a patched model give a copy that runs (and unpatches) its own modules."""
 
-    def undo():
-        if had_own:
-            setattr(module, name, old)
+    def __repr__(self) -> str:
+        module, _ = self.args
+        return f"<vwt-patched {self.func.__module__}.{self.func.__name__} of {type(module).__name__}>"
+
+
+class Replaced:
+    """Undo step: give ``module`` back what its instance attribute ``name`` held before patching (or
+    remove it). A record, not a closure, for the same reason as :class:`PatchedMethod`."""
+
+    def __init__(self, module: nn.Module, name: str):
+        self.module, self.name = module, name
+        self.had_own = name in module.__dict__
+        self.old: Any = module.__dict__.get(name)
+
+    def __call__(self) -> None:
+        if self.had_own:
+            setattr(self.module, self.name, self.old)
         else:
-            delattr(module, name)
+            delattr(self.module, self.name)
 
-    info.restore.append(undo)
+    def __repr__(self) -> str:
+        return f"Replaced({type(self.module).__name__}.{self.name})"
+
+
+def replace_forward(module: nn.Module, forward: Callable, info: Patch, name: str = "forward") -> None:
+    """Give ``module`` the instance-level method ``name`` (default ``forward``) that calls the
+    module-level function ``forward(module, info, *args, **kwargs)``; undone by ``unpatch``."""
+    info.restore.append(Replaced(module, name))
+    setattr(module, name, PatchedMethod(forward, module, info))
 
 
 def run_tower(info: Patch, tower: Tower, pixel_values: Tensor) -> TokenState:
@@ -107,6 +131,14 @@ def run_tower(info: Patch, tower: Tower, pixel_values: Tensor) -> TokenState:
                            prefix=state.prefix, prop_attn=state.prop_attn,
                            tokens_per_layer=state.tokens_per_layer, execution=state.execution)
     return state
+
+
+def refuse_patch_dropout(drop: nn.Module, family: str) -> None:
+    """A ValueError where the model's patch dropout would act (``train()`` mode, a rate above 0): it
+    drops random input patches, which the token state (every input patch's token) cannot follow."""
+    if drop.training and not isinstance(drop, nn.Identity):
+        raise ValueError(f"a vwt-patched {family} model does not run patch dropout (train() mode with a patch "
+                         f"dropout rate above 0): call .eval(), or build the model with patch dropout 0")
 
 
 def split_heads(t: Tensor, heads: int) -> Tensor:

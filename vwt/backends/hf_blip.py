@@ -33,7 +33,8 @@ def _block(layer) -> Block:
         return q, k, v
 
     return Block(norm1=layer.layer_norm1, qkv=qkv, out_proj=lambda o: attn.projection(o),
-                 norm2=layer.layer_norm2, mlp=layer.mlp, scale=attn.scale)
+                 norm2=layer.layer_norm2, mlp=layer.mlp, scale=attn.scale,
+                 attn_drop=attn.dropout.p if attn.training else 0.0)
 
 
 def tower(vm: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
@@ -49,7 +50,7 @@ def tower(vm: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
         return x, patches, grid_of(pixel_values, emb.patch_size)
 
     return Tower(embed=embed, pre_norm=nn.Identity(), blocks=[_block(l) for l in vm.encoder.layers],
-                 patch_size=emb.patch_size)
+                 patch_size=emb.patch_size, training=vm.training)
 
 
 def _mask_pads(module, inputs, kwargs):
@@ -65,29 +66,29 @@ def _mask_pads(module, inputs, kwargs):
     return inputs, {**kwargs, "encoder_attention_mask": mask}
 
 
-def patch(model: nn.Module, info: Patch) -> None:
+def _forward(vm: nn.Module, info: Patch, pixel_values=None, interpolate_pos_encoding=False,
+             output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+    """The patched forward of the BlipVisionModel ``vm`` (installed by :func:`patch`)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    vm = vision_model(model)
+    if pixel_values is None:
+        raise ValueError("You have to specify pixel_values")
+    if output_attentions or output_hidden_states:
+        raise ValueError("a vwt-patched BLIP vision model does not return attentions or hidden states")
+    state = run_tower(info, tower(vm, interpolate_pos_encoding), pixel_values)
+    last = zero_pads(state, vm.post_layernorm(state.x))
+    pooled = vm.post_layernorm(last[:, 0, :])
+    if return_dict is False:
+        return last, pooled
+    return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
 
-    def forward(pixel_values=None, interpolate_pos_encoding=False, output_attentions=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
-        if pixel_values is None:
-            raise ValueError("You have to specify pixel_values")
-        if output_attentions or output_hidden_states:
-            raise ValueError("a vwt-patched BLIP vision model does not return attentions or hidden states")
-        state = run_tower(info, tower(vm, interpolate_pos_encoding), pixel_values)
-        last = zero_pads(state, vm.post_layernorm(state.x))
-        pooled = vm.post_layernorm(last[:, 0, :])
-        if return_dict is False:
-            return last, pooled
-        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
 
-    replace_forward(vm, forward, info)
+def patch(model: nn.Module, info: Patch) -> None:
+    replace_forward(vision_model(model), _forward, info)
     decoder = getattr(model, "text_decoder", None)
     if decoder is not None:
         handle = decoder.register_forward_pre_hook(_mask_pads, with_kwargs=True)
-        info.restore.append(handle.remove)
+        info.restore.append(handle.remove)  # a bound method of the handle: copies and pickles carry it
 
 
 class HFBlip(HFClip):

@@ -33,7 +33,8 @@ def _block(layer) -> Block:
                 split_heads(attn.v_proj(h), attn.num_heads))
 
     return Block(norm1=layer.layer_norm1, qkv=qkv, out_proj=lambda o: attn.out_proj(o),
-                 norm2=layer.layer_norm2, mlp=layer.mlp, scale=attn.scale)
+                 norm2=layer.layer_norm2, mlp=layer.mlp, scale=attn.scale,
+                 attn_drop=attn.dropout if attn.training else 0.0)
 
 
 def tower(vt: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
@@ -52,26 +53,28 @@ def tower(vt: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
         return x, patches, grid_of(pixel_values, emb.patch_size)
 
     return Tower(embed=embed, pre_norm=vt.pre_layrnorm, blocks=[_block(l) for l in vt.encoder.layers],
-                 patch_size=emb.patch_size)
+                 patch_size=emb.patch_size, training=vt.training)
+
+
+def _forward(vt: nn.Module, info: Patch, pixel_values=None, interpolate_pos_encoding=False,
+             output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+    """The patched forward of the vision transformer ``vt`` (installed by :func:`patch`)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    if pixel_values is None:
+        raise ValueError("You have to specify pixel_values")
+    if output_attentions or output_hidden_states:
+        raise ValueError("a vwt-patched CLIP vision tower does not return attentions or hidden states")
+    state = run_tower(info, tower(vt, interpolate_pos_encoding), pixel_values)
+    last = zero_pads(state, state.x)
+    pooled = vt.post_layernorm(last[:, 0, :])
+    if return_dict is False:
+        return last, pooled
+    return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
 
 
 def patch(vt: nn.Module, info: Patch) -> None:
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    def forward(pixel_values=None, interpolate_pos_encoding=False, output_attentions=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
-        if pixel_values is None:
-            raise ValueError("You have to specify pixel_values")
-        if output_attentions or output_hidden_states:
-            raise ValueError("a vwt-patched CLIP vision tower does not return attentions or hidden states")
-        state = run_tower(info, tower(vt, interpolate_pos_encoding), pixel_values)
-        last = zero_pads(state, state.x)
-        pooled = vt.post_layernorm(last[:, 0, :])
-        if return_dict is False:
-            return last, pooled
-        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
-
-    replace_forward(vt, forward, info)
+    replace_forward(vt, _forward, info)
 
 
 class HFClip(Backend):

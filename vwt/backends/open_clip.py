@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..encoder import Block, Tower, TowerDims, pooled_mean, zero_pads
-from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Backend, Patch, grid_of, replace_forward, run_tower, split_heads
+from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Backend, Patch, grid_of, refuse_patch_dropout, replace_forward,
+                   run_tower, split_heads)
 
 
 def find_visual(model: nn.Module):
@@ -27,12 +28,14 @@ def _block(blk) -> Block:
     if isinstance(attn, nn.MultiheadAttention):
         heads, out_proj = attn.num_heads, (lambda o: attn.out_proj(o))
         ln_q = ln_k = None
+        attn_drop = attn.dropout
     elif type(attn).__name__ == "Attention":
         if attn.logit_scale is not None or attn.head_scale is not None:
             raise ValueError("vwt.patch: open_clip attention with scaled cosine or head scaling is not supported")
         heads, ln_q, ln_k = attn.num_heads, attn.ln_q, attn.ln_k
         ln_attn = getattr(blk, "ln_attn", nn.Identity())
-        out_proj = lambda o: ln_attn(attn.out_proj(attn.ln_inner(o)))  # noqa: E731
+        out_proj = lambda o: ln_attn(attn.out_drop(attn.out_proj(attn.ln_inner(o))))  # noqa: E731
+        attn_drop = attn.attn_drop.p
     else:
         raise ValueError(f"vwt.patch: open_clip block {type(blk).__name__} is not supported")
 
@@ -44,13 +47,14 @@ def _block(blk) -> Block:
         return q, k, v
 
     return Block(norm1=blk.ln_1, qkv=qkv, out_proj=out_proj, norm2=blk.ln_2, mlp=blk.mlp,
-                 ls1=blk.ls_1, ls2=blk.ls_2)
+                 ls1=blk.ls_1, ls2=blk.ls_2, attn_drop=attn_drop if attn.training else 0.0)
 
 
 def tower(visual: nn.Module) -> Tower:
     patch_size = visual.conv1.kernel_size[0]
 
     def embed(pixel_values: Tensor):
+        refuse_patch_dropout(visual.patch_dropout, "open_clip")
         patches = visual.conv1(pixel_values.to(visual.conv1.weight.dtype))
         patches = patches.reshape(patches.shape[0], patches.shape[1], -1).permute(0, 2, 1)
         cls = visual.class_embedding.to(patches.dtype).view(1, 1, -1).expand(patches.shape[0], -1, -1)
@@ -58,7 +62,23 @@ def tower(visual: nn.Module) -> Tower:
         return x, patches, grid_of(pixel_values, patch_size)
 
     return Tower(embed=embed, pre_norm=visual.ln_pre, blocks=[_block(b) for b in visual.transformer.resblocks],
-                 patch_size=patch_size)
+                 patch_size=patch_size, training=visual.training)
+
+
+def _forward(visual: nn.Module, info: Patch, x: Tensor):
+    """The patched forward of the VisionTransformer ``visual`` (installed by :func:`patch`)."""
+    state = run_tower(info, tower(visual), x)
+    h = state.x
+    if not visual.final_ln_after_pool:
+        h = visual.ln_post(h)
+    pooled = h[:, 0] if visual.pool_type == "tok" else pooled_mean(state, h)
+    if visual.final_ln_after_pool:
+        pooled = visual.ln_post(pooled)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    if visual.output_tokens:
+        return pooled, zero_pads(state, h)[:, 1:]
+    return pooled
 
 
 def patch(visual: nn.Module, info: Patch) -> None:
@@ -66,22 +86,7 @@ def patch(visual: nn.Module, info: Patch) -> None:
         raise ValueError("vwt.patch: open_clip VisionTransformer with attentional pooling is not supported")
     if visual.pool_type not in ("tok", "avg"):
         raise ValueError(f"vwt.patch: open_clip pool_type {visual.pool_type!r} is not supported (tok, avg are)")
-
-    def forward(x: Tensor):
-        state = run_tower(info, tower(visual), x)
-        h = state.x
-        if not visual.final_ln_after_pool:
-            h = visual.ln_post(h)
-        pooled = h[:, 0] if visual.pool_type == "tok" else pooled_mean(state, h)
-        if visual.final_ln_after_pool:
-            pooled = visual.ln_post(pooled)
-        if visual.proj is not None:
-            pooled = pooled @ visual.proj
-        if visual.output_tokens:
-            return pooled, zero_pads(state, h)[:, 1:]
-        return pooled
-
-    replace_forward(visual, forward, info)
+    replace_forward(visual, _forward, info)
 
 
 class OpenClip(Backend):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..encoder import Block, Tower, TowerDims, pooled_mean, zero_pads
-from .base import Backend, Patch, replace_forward, run_tower
+from .base import Backend, Patch, refuse_patch_dropout, replace_forward, run_tower
 
 
 def matches(model: nn.Module) -> bool:
@@ -24,14 +24,18 @@ def _block(blk) -> Block:
         q, k, v = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         return attn.q_norm(q), attn.k_norm(k), v
 
-    return Block(norm1=blk.norm1, qkv=qkv, out_proj=lambda o: attn.proj(norm(o)), norm2=blk.norm2,
-                 mlp=blk.mlp, scale=attn.scale, ls1=blk.ls1, ls2=blk.ls2)
+    return Block(norm1=blk.norm1, qkv=qkv, out_proj=lambda o: attn.proj_drop(attn.proj(norm(o))),
+                 norm2=blk.norm2, mlp=blk.mlp, scale=attn.scale, ls1=blk.ls1, ls2=blk.ls2,
+                 drop1=getattr(blk, "drop_path1", None) if blk.training else None,
+                 drop2=getattr(blk, "drop_path2", None) if blk.training else None,
+                 attn_drop=attn.attn_drop.p if attn.training else 0.0)
 
 
 def tower(model: nn.Module) -> Tower:
     patch_size = model.patch_embed.patch_size[0]
 
     def embed(pixel_values: Tensor):
+        refuse_patch_dropout(model.patch_drop, "timm")
         patches = model.patch_embed(pixel_values)
         grid = tuple(patches.shape[1:3]) if patches.dim() == 4 else (
             pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size)
@@ -39,7 +43,35 @@ def tower(model: nn.Module) -> Tower:
         return x, patches.reshape(patches.shape[0], -1, patches.shape[-1]), grid
 
     return Tower(embed=embed, pre_norm=model.norm_pre, blocks=[_block(b) for b in model.blocks],
-                 patch_size=patch_size, prefix=model.num_prefix_tokens)
+                 patch_size=patch_size, prefix=model.num_prefix_tokens, training=model.training)
+
+
+def _features(model: nn.Module, info: Patch, x: Tensor, attn_mask, is_causal):
+    if attn_mask is not None or is_causal:
+        raise ValueError("a vwt-patched timm model takes no attn_mask / is_causal")
+    state = run_tower(info, tower(model), x)
+    return state, model.norm(state.x)
+
+
+def _forward_features(model: nn.Module, info: Patch, x: Tensor, attn_mask=None, is_causal=False):
+    """The patched ``forward_features`` (installed by :func:`patch`)."""
+    state, h = _features(model, info, x, attn_mask, is_causal)
+    return zero_pads(state, h)
+
+
+def _forward(model: nn.Module, info: Patch, x: Tensor, attn_mask=None, is_causal=False):
+    """The patched ``forward`` (installed by :func:`patch`): features, pooling, head."""
+    state, h = _features(model, info, x, attn_mask, is_causal)
+    if getattr(model, "dist_token", None) is not None:  # deit distilled: its own two-token head
+        return model.forward_head(h)
+    if model.global_pool == "token":
+        pooled = h[:, 0]
+    elif model.global_pool == "avg":
+        pooled = pooled_mean(state, h)
+    else:
+        return zero_pads(state, h)
+    pooled = model.head_drop(model.fc_norm(pooled))
+    return model.head(pooled)
 
 
 def patch(model: nn.Module, info: Patch) -> None:
@@ -49,34 +81,8 @@ def patch(model: nn.Module, info: Patch) -> None:
         raise ValueError(f"vwt.patch: timm global_pool {model.global_pool!r} is not supported (token, avg are)")
     if getattr(model, "pool_include_prefix", False):
         raise ValueError("vwt.patch: timm pool_include_prefix=True is not supported")
-
-    def features(x: Tensor):
-        state = run_tower(info, tower(model), x)
-        return state, model.norm(state.x)
-
-    def forward_features(x: Tensor, attn_mask=None, is_causal=False):
-        if attn_mask is not None or is_causal:
-            raise ValueError("a vwt-patched timm model takes no attn_mask / is_causal")
-        state, h = features(x)
-        return zero_pads(state, h)
-
-    def forward(x: Tensor, attn_mask=None, is_causal=False):
-        if attn_mask is not None or is_causal:
-            raise ValueError("a vwt-patched timm model takes no attn_mask / is_causal")
-        state, h = features(x)
-        if getattr(model, "dist_token", None) is not None:  # deit distilled: its own two-token head
-            return model.forward_head(h)
-        if model.global_pool == "token":
-            pooled = h[:, 0]
-        elif model.global_pool == "avg":
-            pooled = pooled_mean(state, h)
-        else:
-            return zero_pads(state, h)
-        pooled = model.head_drop(model.fc_norm(pooled))
-        return model.head(pooled)
-
-    replace_forward(model, forward, info)
-    replace_forward(model, forward_features, info, name="forward_features")
+    replace_forward(model, _forward, info)
+    replace_forward(model, _forward_features, info, name="forward_features")
 
 
 class Timm(Backend):
