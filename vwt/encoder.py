@@ -283,8 +283,9 @@ def packs(state: TokenState, in_network: Sequence[Reducer], packing: str = "auto
     Only a padded batch can pack, and only while no in-network reducer follows (they work on the
     padded layout). ``auto`` packs on the CPU, where the padded batch spends its time on pads and
     per-image attention calls cost nothing extra (``benchmarks/bench_packed.py``). On CUDA it stays
-    padded: one fused kernel over the batch against one launch per image and block has not been
-    measured on a GPU yet (``packing="on"`` runs the packed path there too). A tower in ``training``
+    padded until ``benchmarks/gpu_check.sh`` has measured packed (one variable-length kernel call per
+    block in 16-bit, :func:`packed_attention`) against padded there; ``packing="on"`` packs on CUDA
+    too. A tower in ``training``
     mode never packs: drop-path draws one mask per image, and a packed batch is one sequence."""
     if packing not in PACKING:
         raise ValueError(f"packing must be one of {PACKING}, got {packing!r}")
