@@ -1,7 +1,8 @@
 """Inter-image at batch > 1: packed against padded execution, with and without length bucketing.
 
-CLIP ViT-B/16 vision tower (random weights: weights do not change runtime), the 12 sample photographs
-cycled to fill the batches, a 1000-word vocabulary learned on them (as eff.py does), threshold 0.1.
+CLIP ViT-B/16 vision tower (random weights: weights do not change runtime; --model takes a local CLIP
+folder instead), the 12 sample photographs cycled to fill the batches, a 1000-word vocabulary learned on
+them and cached in tokenizers/samples/ (the one eff.py uses), threshold 0.1, on --device.
 Every configuration and the unpatched base model time the same pool of images once per round,
 round-robin in a shuffled order; the speed-up is the median of the per-round ratios base / method,
 beside the analytic FLOPs ratio (dense / inter-image; pads cost no FLOPs), so "fraction" is how much
@@ -9,6 +10,7 @@ of what the FLOPs allow a configuration reaches.
 
     python benchmarks/bench_packed.py                      # batch 8 and 32, 5 rounds
     python benchmarks/bench_packed.py --batch 8 --rounds 2 --batches 2
+    python benchmarks/bench_packed.py --device cuda --batch 8 32 128     # benchmarks/gpu_check.sh
 """
 import argparse
 import sys
@@ -18,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vwt  # noqa: E402
-from vwt import bench, cli, datasets  # noqa: E402
+from vwt import bench, cli, datasets, energy, models, vocab_files  # noqa: E402
 from vwt.flops import dense_flops, dims_of, flops_of_last_forward  # noqa: E402
 
 
@@ -29,6 +31,9 @@ def parse():
     p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (default 5)")
     p.add_argument("--vocab", type=int, default=1000, help="words (default 1000)")
     p.add_argument("--thresh", type=float, default=0.1, help="inter-image threshold (default 0.1)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--model", default=None,
+                   help="a local CLIP folder (default: CLIP ViT-B/16's configuration with random weights)")
     p.add_argument("--out", type=Path, default=cli.DEFAULT_OUT / "bench_packed.json",
                    help=f"results JSON file (default {cli.DEFAULT_OUT / 'bench_packed.json'}; results/bench_packed.json is the committed one)")
     return p.parse_args()
@@ -45,10 +50,11 @@ def measure(base, inter, reducer, pool, b: int, rounds: int) -> list[dict]:
     bucketed = [pool[idx] for idx in vwt.buckets(counts, b)]
     methods = [bench.Method("base", lambda x: base(pixel_values=x))]
     for name, packing, batches in (("padded", "off", plain), ("padded+bucket", "off", bucketed),
-                                   ("packed", "auto", plain), ("packed+bucket", "auto", bucketed)):
+                                   ("packed", "on", plain), ("packed+bucket", "on", bucketed)):
         methods.append(bench.Method(name, lambda x: inter(pixel_values=x), inputs=batches,
                                     enter=lambda p=packing: vwt.patch(inter, reducer, packing=p)))
-    summary = bench.summarise(bench.interleave(methods, plain, rounds=rounds, min_calls=len(plain), seed=b))
+    summary = bench.summarise(bench.interleave(methods, plain, rounds=rounds, min_calls=len(plain), seed=b,
+                                               stopwatch=energy.Stopwatch(pool.device)))
     print(f"batch {b}: {summary.line()}")
     base_ms = summary.figures["base"]["latency_ms_median"]
     return [dict(batch=b, config=m.name, images=len(pool), tokens_mean=counts.float().mean().item(),
@@ -59,23 +65,33 @@ def measure(base, inter, reducer, pool, b: int, rounds: int) -> list[dict]:
                  busy=summary.busy) for m in methods[1:]]
 
 
-def main():
-    args = parse()
+def vision_towers(model, device):
+    """Two vision towers with the same weights (one stays unpatched) on ``device``: CLIP ViT-B/16's
+    configuration with random weights, or the vision tower of the local CLIP folder ``model``."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
+    if model:
+        return tuple(models.load_model(model, device).vision.eval() for _ in range(2))
     torch.manual_seed(0)
-    config = CLIPVisionConfig(patch_size=16, image_size=224)
-    base = CLIPVisionModel(config).eval()
-    inter = CLIPVisionModel(config).eval()
+    base = CLIPVisionModel(CLIPVisionConfig(patch_size=16, image_size=224)).eval()
+    inter = CLIPVisionModel(base.config).eval()
     inter.load_state_dict(base.state_dict())
+    return base.to(device), inter.to(device)
+
+
+def main():
+    args = parse()
+    device = cli.resolve_device(args.device)
+    base, inter = vision_towers(args.model, device)
     prep = datasets.preprocess_for(base)
     samples = datasets.Samples(prep)
     photos = torch.stack([samples[i][0] for i in range(len(samples))])
-    vocab = vwt.Vocabulary.learn([photos], size=args.vocab, space="pixel", patch_size=16, data="samples",
-                                 image_size=224, mean=prep.mean, std=prep.std)
+    vocab, _ = vocab_files.samples_vocabulary(args.vocab, base, prep, photos)
     reducer = vwt.InterImage(vocab, thresh=args.thresh)
-    print(f"CLIP ViT-B/16 vision tower, random weights, {len(photos)} sample photographs, {args.vocab} words, "
-          f"threshold {args.thresh:g}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    photos = photos.to(device)
+    name = args.model or "CLIP ViT-B/16 vision tower, random weights"
+    print(f"{name}, {len(photos)} sample photographs, {args.vocab} words, threshold {args.thresh:g}, "
+          f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
     with torch.inference_mode():
         for b in args.batch:

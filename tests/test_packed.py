@@ -177,3 +177,72 @@ def test_batch_order_buckets_by_token_count_only_when_it_should(tmp_path):
     assert order(False, 3) == in_order and order(None, 1) == [[i] for i in range(8)]
     vwt.patch(loaded.model, vwt.ToMe(r=2))
     assert order(True, 3) == in_order  # no input reducer: every image the same length
+
+
+def _reference_varlen(query, key, value, cu_q, cu_k, max_q, max_k, *, scale=None):
+    """Variable-length attention written from its description: (T, H, d) tensors, sequence i at rows
+    cu[i]:cu[i + 1], each attending to itself only, logits scaled by ``scale`` (default d ** -0.5)."""
+    d = query.shape[-1]
+    out = torch.empty_like(query)
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        logits = torch.einsum("qhd,khd->hqk", query[s:e].double(), key[s:e].double()) * (scale or d ** -0.5)
+        out[s:e] = torch.einsum("hqk,khd->qhd", logits.softmax(-1), value[s:e].double()).to(query.dtype)
+        assert e - s <= max_q == max_k
+    return out
+
+
+def _without_scale(query, key, value, cu_q, cu_k, max_q, max_k):
+    """PyTorch 2.10's signature: no ``scale`` (always d ** -0.5)."""
+    return _reference_varlen(query, key, value, cu_q, cu_k, max_q, max_k)
+
+
+@pytest.mark.parametrize("kernel", [_reference_varlen, _without_scale])
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_the_variable_length_kernel_path_equals_padded(name, kernel, monkeypatch):
+    """The packed path's one-call variable-length attention (taken on CUDA in 16-bit without a bias)
+    lays q, k, v and the offsets out as the kernel takes them: with a stand-in kernel written from its
+    description, packed outputs equal the padded path's, with and without the ``scale`` argument."""
+    from vwt import encoder
+
+    calls = []
+    monkeypatch.setattr(encoder, "varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(encoder, "uses_varlen", lambda q, bias: not calls.append(q.shape))
+    build, entry = ENTRIES[name]
+    model = build()
+    words, x = _batch_of_different_lengths()
+    inter = vwt.InterImage(vwt.Vocabulary(words), thresh=1e-3)
+    padded, _ = _outputs(model, entry, x, "off", inter)
+    assert not calls
+    packed, s_pack = _outputs(model, entry, x, "on", inter)
+    assert s_pack["execution"] == "packed" and len(calls) == s_pack["tokens_per_layer"].shape[1] - 1
+    assert (packed - padded).abs().max().item() < 1e-5
+
+
+def test_only_cuda_16_bit_without_a_bias_takes_the_variable_length_kernel():
+    from vwt import encoder
+
+    q = torch.zeros(1, 2, 5, 4)
+    assert not encoder.uses_varlen(q, None)                       # CPU
+    assert not encoder.uses_varlen(q.half(), None)                # CPU, 16-bit
+    if torch.cuda.is_available():
+        assert not encoder.uses_varlen(q.cuda(), None)            # float32: FlashAttention takes 16-bit only
+        assert not encoder.uses_varlen(q.cuda().half(), torch.zeros(1, 5, device="cuda", dtype=torch.half))
+        assert encoder.uses_varlen(q.cuda().half(), None) == (encoder.varlen_kernel() is not None)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_packed_equals_padded_on_cuda(name, dtype, tol):
+    """On CUDA, packed (the variable-length kernel in 16-bit, per-image attention in float32) equals
+    padded: float32 within 1e-4, float16 within 2e-2 (bfloat16 within 5e-2)."""
+    build, entry = ENTRIES[name]
+    model = build().cuda().to(dtype)
+    words, x = _batch_of_different_lengths()
+    inter = vwt.InterImage(vwt.Vocabulary(words), thresh=1e-3)
+    padded, _ = _outputs(model, entry, x.cuda().to(dtype), "off", inter)
+    packed, s_pack = _outputs(model, entry, x.cuda().to(dtype), "on", inter)
+    assert s_pack["execution"] == "packed"
+    assert (packed.float() - padded.float()).abs().max().item() < tol

@@ -10,6 +10,7 @@ a block's attention residual (``after_attn``).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -282,8 +283,9 @@ def packs(state: TokenState, in_network: Sequence[Reducer], packing: str = "auto
     Only a padded batch can pack, and only while no in-network reducer follows (they work on the
     padded layout). ``auto`` packs on the CPU, where the padded batch spends its time on pads and
     per-image attention calls cost nothing extra (``benchmarks/bench_packed.py``). On CUDA it stays
-    padded: one fused kernel over the batch against one launch per image and block has not been
-    measured on a GPU yet (``packing="on"`` runs the packed path there too). A tower in ``training``
+    padded until ``benchmarks/gpu_check.sh`` has measured packed (one variable-length kernel call per
+    block in 16-bit, :func:`packed_attention`) against padded there; ``packing="on"`` packs on CUDA
+    too. A tower in ``training``
     mode never packs: drop-path draws one mask per image, and a packed batch is one sequence."""
     if packing not in PACKING:
         raise ValueError(f"packing must be one of {PACKING}, got {packing!r}")
@@ -327,29 +329,67 @@ def run_blocks_packed(tower: Tower, state: TokenState) -> TokenState:
     """Run every block on the real tokens of a padded batch only, then pad the result again.
 
     The real tokens of all images are packed into one (1, T, C) sequence: norms, q/k/v, the output
-    projection and the MLP act on each token alone, so they run on all T at once; attention runs per
-    image on views of the packed q/k/v (no pads, so no mask; ``log(size)`` where proportional attention
-    is on). Pads come back as exact zeros. Sizes and labels do not change (no in-network reducer)."""
+    projection and the MLP act on each token alone, so they run on all T at once; attention keeps each
+    image to itself (:func:`packed_attention`: no pads, so no mask; ``log(size)`` where proportional
+    attention is on). Pads come back as exact zeros. Sizes and labels do not change (no in-network
+    reducer)."""
     mask = state.real_mask()                                   # (B, N) bool, pads at the end of each row
-    lengths = state.real_counts().tolist()                     # B real-token counts
+    lengths = state.real_counts()                              # B real-token counts
     x = state.x[mask].unsqueeze(0)                             # (1, T, C) real tokens, image after image
-    bounds = torch.tensor([0] + lengths).cumsum(0).tolist()    # image i is packed tokens bounds[i]:bounds[i+1]
-    spans = list(zip(bounds[:-1], bounds[1:]))
+    offsets = F.pad(lengths.cumsum(0), (1, 0))                 # image i is packed tokens offsets[i]:offsets[i+1]
     log_size = state.size[mask].log()[None] if state.prop_attn else None  # (1, T) proportional-attention bias
     for blk in tower.blocks:
         q, k, v = blk.qkv(blk.norm1(x))                        # each (1, H, T, d)
         bias = None if log_size is None else log_size.to(q.dtype)
-        heads = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
-                                                attn_mask=None if bias is None else bias[:, s:e],
-                                                scale=blk.scale)
-                 for s, e in spans]                            # B x (1, H, L_i, d)
-        o = torch.cat(heads, 2).transpose(1, 2).flatten(2)     # (1, T, H * d)
-        x = x + blk.ls1(blk.out_proj(o))
+        x = x + blk.ls1(blk.out_proj(packed_attention(q, k, v, offsets, bias, blk.scale)))
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
         state.record()
     state.x = state.x.new_zeros(state.x.shape).masked_scatter_(mask.unsqueeze(-1), x)  # (B, N, C), pads 0
     state.execution = "packed"
     return state
+
+
+def varlen_kernel() -> Optional[Callable]:
+    """torch's variable-length attention (``torch.nn.attention.varlen.varlen_attn``: FlashAttention
+    over sequences given by cumulative offsets, PyTorch 2.10 and later), or None where this torch
+    lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def uses_varlen(q: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether :func:`packed_attention` runs the variable-length kernel: on CUDA, in float16 or bfloat16
+    (FlashAttention's types), without an attention bias (it takes none), where torch has it."""
+    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and bias is None
+            and varlen_kernel() is not None)
+
+
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, bias: Optional[Tensor],
+                     scale: Optional[float]) -> Tensor:
+    """Attention within each image of a packed sequence: q, k, v (1, H, T, d), image i at tokens
+    ``offsets[i]:offsets[i + 1]``; ``bias`` (1, T) is added to every logit of a key. Returns
+    (1, T, H * d). One variable-length kernel call over the whole sequence where :func:`uses_varlen`,
+    else one fused call per image on views of q, k, v."""
+    _, h, t, d = q.shape
+    if uses_varlen(q, bias):
+        kernel = varlen_kernel()
+        cu = offsets.to(device=q.device, dtype=torch.int32)
+        longest = int((offsets[1:] - offsets[:-1]).max())
+        extra = {}
+        if scale is not None and "scale" in inspect.signature(kernel).parameters:
+            extra["scale"] = scale
+        elif scale is not None:                                # PyTorch 2.10's kernel scales by d ** -0.5
+            q = q * (scale * d ** 0.5)
+        o = kernel(*(z[0].transpose(0, 1) for z in (q, k, v)), cu, cu, longest, longest, **extra)  # (T, H, d)
+        return o.reshape(1, t, h * d)
+    bounds = offsets.tolist()
+    heads = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+                                            attn_mask=None if bias is None else bias[:, s:e], scale=scale)
+             for s, e in zip(bounds[:-1], bounds[1:])]        # B x (1, H, L_i, d)
+    return torch.cat(heads, 2).transpose(1, 2).reshape(1, t, h * d)
 
 
 def zero_pads(state: TokenState, x: Tensor) -> Tensor:
