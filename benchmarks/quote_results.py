@@ -11,6 +11,9 @@ so first `git rm` the old run's three files):
     python eff.py --full --out results           # the committed reference run, results/eff__samples__...
     python benchmarks/quote_results.py           # rewrite the quoted tables
     python benchmarks/quote_results.py --check   # exit 1 where a document differs
+
+The run's PNG is drawn from its CSV alone (vwt.efficiency_view); after a change to the figure, redraw
+the committed one without rerunning: python -c "from vwt.efficiency_view import redraw; redraw('results/eff__...csv')"
 """
 import argparse
 import re

@@ -47,11 +47,14 @@ def missing_line(empty: list, energy_note: Optional[str] = None) -> Optional[str
     if not empty:
         return None
     names = ", ".join(HEADERS[c] for c in empty)
-    if any(c in ENERGY or c == "power_w_paper" for c in empty):
+    if any(c in ENERGY for c in empty):
         why = energy_note or energy.NOT_MEASURABLE
         if "--metric time" in why:
             return f"not shown ({names}): not measured (--metric time); columns empty (NaN) in the CSV"
         return f"not shown ({names}): {why}; {WHAT_MEASURES}; columns empty (NaN) in the CSV"
+    if "power_w_paper" in empty:
+        return (f"not shown ({names}): the paper's power is one NVML reading after a batch, which only an NVIDIA GPU "
+                "gives (with --metric watt or all); columns empty (NaN) in the CSV")
     return f"not shown ({names}): not measured in this run (--protocol standard or --metric); empty (NaN) in the CSV"
 
 
@@ -151,8 +154,11 @@ def figure(df):
     axes[0][0].legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.01), ncol=3, frameon=False)
     first = df.iloc[0]
     rounds = int(df["rounds"].max()) if df["rounds"].notna().any() else 0
+    base = df[(df["method"] == "base") & df["latency_ms_median"].notna()]
+    base_ms = ", ".join(f"{r['latency_ms_median']:.1f} at batch {int(r['batch'])}" for _, r in base.iterrows())
     fig.suptitle(f"{first['model']} ({first['weights']} weights), {first['data']}, {first['device']} "
-                 f"{first['dtype']}, protocol {first['protocol']}: {rounds} interleaved rounds", fontsize=9)
+                 f"{first['dtype']}, protocol {first['protocol']}: {rounds} interleaved rounds\n"
+                 f"base: {base_ms} ms/image (median)", fontsize=9)
     lines = []
     busy = [f"batch {b}" for b in batches if _flag(df.loc[df["batch"] == b, "busy"])]
     if busy:
@@ -167,7 +173,7 @@ def figure(df):
     step = 0.14 / fig.get_figheight()  # one 7-point line, in figure fractions
     for i, (text, color) in enumerate(wrapped):
         fig.text(0.01, 0.01 + step * (len(wrapped) - 1 - i), text, fontsize=7, color=color)
-    fig.tight_layout(rect=(0, step * len(wrapped) + 0.01, 1, 0.93))
+    fig.tight_layout(rect=(0, step * len(wrapped) + 0.01, 1, 0.97))
     return fig
 
 
