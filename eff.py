@@ -32,11 +32,17 @@ The default run (no arguments) is CLIP ViT-B/16's vision tower on the `samples` 
 method at the paper's setting (intra drop 0.5, inter vocabulary 1000 learned on the samples and
 cached in tokenizers/samples/, threshold 0.1, ToMe r=13, EViT keep 0.7, LGTM its default, int8), batch
 1 and 8, with pretrained weights where the hub answers and random weights otherwise (weights do not
-change runtime or energy; the output says which). It prints a table and writes
-runs/eff__<data>__<model>__<methods>__<config hash>.{csv,json,png} (runs/ is ignored by git; the
-committed reference run in results/ is refreshed only by `python eff.py --out results`).
+change runtime or energy; the output says which). By default it is the quick run (3 rounds on the first
+4 samples, the token pass as warm-up, 1 paper warm-up call: about 2 min on a 2-core CPU); --full is the
+paper-sized measurement (7 rounds on all 12, warm-ups of 3 s and the paper's 50 calls: about 13 min).
+It prints a table (units in every header, no column left empty, what this machine cannot measure and
+what would, and a closing line on the paper's claim: energy per image at batch 1) and writes
+runs/eff__<data>__<model>__<methods>__<config hash>.{csv,json,png} (runs/ is ignored by git; the PNG
+shows every ratio to base with its IQR and the busy flag; the committed reference run in results/ is
+refreshed only by `python eff.py --full --out results`).
 
-    python eff.py
+    python eff.py                                                 # about 2 min
+    python eff.py --full                                          # about 13 min
     python eff.py --methods base,inter,inter+tome,int8 --batch 1 8 32 --seconds 2
     python eff.py --vocab-path published/vocab.pt --tome 13      # base and inter+tome only
     python eff.py --model timm:vit_base_patch16_224 --methods base,tome,evit --random-weights
@@ -51,13 +57,8 @@ import argparse  # noqa: E402
 from pathlib import Path
 from typing import Optional
 
-from vwt import bench, cli, efficiency  # noqa: E402
+from vwt import bench, cli, efficiency, efficiency_view  # noqa: E402
 from vwt.efficiency import default_methods, method_names  # noqa: E402
-
-SHOW = ["config", "batch", "tokens_mean", "gflops_per_image", "latency_ms_median", "latency_ms_p90",
-        "speedup_median", "speedup_iqr", "energy_j_per_image", "energy_ratio_median", "power_w_mean",
-        "time_ms_paper", "power_w_paper"]
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,8 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--data-root", default="data", type=Path, help="where data sets live (default data/)")
     g.add_argument("--split", default=None, help="data split (default: the evaluation split)")
     g.add_argument("--limit", type=int, default=None,
-                   help="images to cycle through in the rounds (default: all 12 samples, 64 of other data sets); "
-                        "the paper's protocol runs the whole split unless --limit is given")
+                   help=f"images to cycle through in the rounds, and the paper's protocol's images (default "
+                        f"{efficiency.QUICK['limit']}; --full: all 12 samples, 64 of other data sets in the rounds "
+                        "and the whole split in the paper's protocol)")
     g.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     g.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=None,
                    help="give configurations with an input reducer batches of neighbours in token count (the same "
@@ -86,19 +88,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--methods, giving --top_k, --vocab, --tome, --evit, --lgtm or --quant measures base "
                         "and the one configuration those flags describe; with --methods, the flags set the "
                         "named methods' settings (defaults: the paper's). Base is always measured")
-    g.add_argument("--rounds", type=int, default=7, help="interleaved rounds per batch size (default 7)")
+    g.add_argument("--full", action="store_true",
+                   help="the paper-sized measurement (the committed reference run's settings: "
+                        + _preset(efficiency.FULL)
+                        + "; about 13 min on a 2-core CPU) instead of the quick default (" + _preset(efficiency.QUICK)
+                        + "; about 2 min). A flag given beside it wins")
+    g.add_argument("--rounds", type=int, default=None,
+                   help=f"interleaved rounds per batch size (default {efficiency.QUICK['rounds']}; --full "
+                        f"{efficiency.FULL['rounds']})")
     g.add_argument("--seconds", type=float, default=0.5,
                    help="minimum length of each turn (one configuration's timed and energy window in a round; "
                         "default 0.5; use 3 or more on a GPU for energy)")
     g.add_argument("--min-iters", type=int, default=1, help="minimum timed calls per turn (default 1)")
-    g.add_argument("--warmup", type=int, default=2,
-                   help="warm-up calls of each configuration after the untimed pass that counts tokens (default 2)")
-    g.add_argument("--warmup-seconds", type=float, default=3.0,
-                   help="keep warming up, round-robin, until this many seconds passed (default 3: a fresh "
-                        "process runs its first seconds slowly, which would read as a drift over the rounds)")
-    g.add_argument("--paper-warmup", type=int, default=bench.PAPER_WARMUP,
+    g.add_argument("--warmup", type=int, default=None,
+                   help="warm-up calls of each configuration after the untimed pass that counts tokens (default "
+                        f"{efficiency.QUICK['warmup']}; --full {efficiency.FULL['warmup']})")
+    g.add_argument("--warmup-seconds", type=float, default=None,
+                   help="keep warming up, round-robin, until this many seconds passed (default "
+                        f"{efficiency.QUICK['warmup_seconds']:g}: the pass that counts tokens warms up; --full "
+                        f"{efficiency.FULL['warmup_seconds']:g}: a fresh process runs its first seconds slowly, "
+                        "which would read as a drift over the rounds)")
+    g.add_argument("--paper-warmup", type=int, default=None,
                    help=f"--protocol paper: warm-up calls at batch 1 before each of its runs (default "
-                        f"{bench.PAPER_WARMUP}, the paper's)")
+                        f"{efficiency.QUICK['paper_warmup']}; --full {bench.PAPER_WARMUP}, the paper's)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads while measuring (default: on a CPU, half the cores this process may use, at "
                         "least 1, so that a second run or other work beside it does not oversubscribe the cores, "
@@ -110,7 +122,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_method_args(p, measured=True)
     p.set_defaults(vocab_data=None)
     p.set_defaults(thresh=None)
-    return p.parse_args(argv)
+    return sized(p.parse_args(argv))
+
+
+def _preset(values: dict) -> str:
+    """Sizing flags as a command line says them (None: the flag left out)."""
+    return ", ".join(f"no --{k}" if v is None else f"--{k.replace('_', '-')} {v:g}" for k, v in values.items())
+
+
+def sized(args: argparse.Namespace) -> argparse.Namespace:
+    """The run's size: every sizing flag not given takes --full's value or the quick default's; --full
+    itself is not recorded (its values are), so `eff.py --full` names its results as the committed
+    reference run's."""
+    for name, value in (efficiency.FULL if args.full else efficiency.QUICK).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    del args.full
+    return args
 
 
 def main(argv=None, loaded: Optional[cli.Loaded] = None):
@@ -123,22 +151,22 @@ def main(argv=None, loaded: Optional[cli.Loaded] = None):
 
 
 def show(df) -> None:
-    """The table, then one line for each thing it cannot show (no energy here, no NVML power), the
-    rounds' verdict on the machine per batch size, the weights and the files written
-    (``df.attrs["report"]``, from vwt.efficiency.run)."""
+    """The table (units in every header; columns empty in every row left out), then one line for what
+    it cannot show here and what would measure it, the paper's power reading where there is no NVML,
+    the rounds' verdict on the machine per batch size, the weights, the files written
+    (``df.attrs["report"]``, from vwt.efficiency.run), and the closing line on the paper's claim."""
     import pandas as pd
 
     report = df.attrs["report"]
-    with pd.option_context("display.width", 220, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
-        print(df[SHOW].to_string(index=False))
-    if report["energy_note"] is not None:
-        print(f"energy: {report['energy_note']}: energy and power columns are empty (NaN)")
-    if report["power_note"]:
-        print(report["power_note"])
-    for line in report["verdicts"]:
-        print(line)
-    print(f"weights: {report['weights']}")
-    print(f"wrote {', '.join(report['files'])} in {report['wall_seconds']:.0f} s")
+    shown, empty = efficiency_view.printable(df)
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+        print(shown.to_string(index=False))
+    for line in (efficiency_view.missing_line(empty, report["energy_note"]), report["power_note"], *report["verdicts"],
+                 f"weights: {report['weights']}",
+                 f"wrote {', '.join(report['files'])} in {report['wall_seconds']:.0f} s",
+                 efficiency_view.claim_line(df)):
+        if line:
+            print(line)
 
 
 if __name__ == "__main__":

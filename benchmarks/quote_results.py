@@ -8,9 +8,12 @@ A user's `python eff.py` writes to runs/ (ignored by git) and never touches the 
 refresh it (a maintainer's step; a run on another machine or with other settings gets another hash,
 so first `git rm` the old run's three files):
 
-    python eff.py --out results                  # the committed default run, results/eff__samples__...
+    python eff.py --full --out results           # the committed reference run, results/eff__samples__...
     python benchmarks/quote_results.py           # rewrite the quoted tables
     python benchmarks/quote_results.py --check   # exit 1 where a document differs
+
+The run's PNG is drawn from its CSV alone (vwt.efficiency_view); after a change to the figure, redraw
+the committed one without rerunning: python -c "from vwt.efficiency_view import redraw; redraw('results/eff__...csv')"
 """
 import argparse
 import re
@@ -22,7 +25,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = "eff__samples__openai-clip-vit-base-patch16__base-intra-inter-tome-evit-lgtm-int8__*.csv"
 DOCUMENTS = ("README.md", "results/benchmarks.md")
-REFRESH = ("--out", "results")  # eff.py's command line that (re)makes the committed default run
+REFRESH = ("--full", "--out", "results")  # eff.py's command line that (re)makes the committed default run
 BLOCK = re.compile(r"(<!-- eff-default:begin -->\n)(.*?)(<!-- eff-default:end -->)", re.S)
 
 

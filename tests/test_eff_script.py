@@ -3,6 +3,7 @@
 that can measure, FLOPs consistent with vwt.flops, the paper's protocol per group (with a fake NVML),
 results names that never collide, the start without waiting for an unreachable hub, and one-line
 errors for bad input."""
+import dataclasses
 import functools
 import json
 import math
@@ -30,6 +31,7 @@ from vwt.spec import Recipe, RunSpec
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--seconds", "0.001", "--min-iters", "2", "--warmup", "0", "--warmup-seconds", "0", "--rounds", "2", "--paper-warmup", "1",
         "--limit", "4", "--device", "cpu"]
+WHOLE = [a for a in FAST if a not in ("--limit", "4")] + ["--full"]  # FAST's windows on every image (--full's pool)
 
 
 def written(folder, suffix=".csv"):
@@ -228,7 +230,7 @@ def test_paper_protocol_per_group_with_a_fake_nvml(tmp_path, monkeypatch, capsys
 
     root = write_waterbirds(tmp_path / "data")
     argv = ["--data", "waterbirds", "--data-root", str(root), "--batch", "3", "--methods", "base,tome",
-            "--metric", "watt", "--out", str(tmp_path / "res")] + [a for a in FAST if a not in ("--limit", "4")]
+            "--metric", "watt", "--out", str(tmp_path / "res")] + WHOLE
     nvml = FakeNVML(energy=range(0, 10 ** 7, 997), watts=lambda i: 50.0 + i % 7)
     monkeypatch.setattr(energy, "best_meter", lambda device, interval=0.05: energy.NvmlMeter(interval=0.5, nvml=nvml))
     power_calls = []
@@ -541,15 +543,52 @@ def test_plan_from_flags_and_methods():
 
 
 def test_the_spec_of_a_command_line_holds_what_the_parser_read():
-    """eff.py's own flags land in fx.Measurement, whose defaults are the parser's; the spec records every
-    flag by its name, as the parsed command line did (results names and hashes stay put)."""
-    assert spec_of([]).options == fx.Measurement()
-    argv = ["--methods", "base,tome", "--tome", "4", "--batch", "1", "4", "--rounds", "3", "--threads", "2",
+    """eff.py's own flags land in fx.Measurement, whose defaults are the parser's under --full; the spec
+    records every flag by its name, as the parsed command line did (results names and hashes stay put)."""
+    assert spec_of(["--full"]).options == fx.Measurement()
+    argv = ["--full", "--methods", "base,tome", "--tome", "4", "--batch", "1", "4", "--rounds", "3", "--threads", "2",
             "--random-weights", "--data-root", "elsewhere", "--protocol", "standard"]
     spec = spec_of(argv)
     assert spec.options == fx.Measurement(methods="base,tome", rounds=3, threads=2, random_weights=True)
     assert spec.batch == (1, 4) and spec.method.tome == 4 and spec.method.thresh is None
     assert results.config_of(spec) == results.config_of(vars(eff.parse_args(argv)))
+
+
+def test_the_samples_vocabulary_is_learned_on_every_sample_whatever_the_pool(tmp_path, monkeypatch):
+    """The quick default pools 4 samples: too few patches for the default vocabulary, and another pool
+    would learn other words; the vocabulary is the twelve samples' whatever --limit says."""
+    monkeypatch.chdir(tmp_path)
+    no_rapl(monkeypatch, tmp_path)
+    per_image = NUM_PATCHES
+    words = 3 * per_image  # more words than 2 images have patches, fewer than the 12 samples'
+    eff.main(["--methods", "inter", "--batch", "1", "--vocab", str(words), "--metric", "time", "--out", "res"]
+             + FAST[:-4] + ["--limit", "2", "--device", "cpu"], loaded=tiny_loaded())
+    [vocab] = (tmp_path / "tokenizers" / "samples").glob(f"v{words}*/vocab.pt")
+    assert vwt.Vocabulary.load(vocab).meta["patches_seen"] == len(datasets.sample_images()) * per_image
+
+
+def test_the_quick_default_differs_from_full_as_documented():
+    """`python eff.py` is the quick run (fx.QUICK: fewer rounds on a smaller pool, the token pass as the
+    warm-up), `--full` the paper-sized one (fx.FULL: the committed reference run's settings, which are
+    fx.Measurement's defaults, so a Python run is paper-sized); a sizing flag given beside either wins,
+    --full itself is not recorded, and --help and the README say both."""
+    quick, full = spec_of([]), spec_of(["--full"])
+    sizing = lambda spec: {k: spec.limit if k == "limit" else getattr(spec.options, k) for k in fx.FULL}  # noqa: E731
+    assert sizing(full) == fx.FULL and sizing(quick) == fx.QUICK
+    assert all(fx.QUICK[k] != fx.FULL[k] for k in fx.FULL) and set(fx.QUICK) == set(fx.FULL)
+    assert quick.options.rounds < full.options.rounds and quick.limit < 12  # the samples are 12
+    assert quick.options.rounds >= fx.bench.Limits().min_rounds  # the busy flag is still judged
+    defaults = {f.name: f.default for f in dataclasses.fields(fx.Measurement)}
+    assert all(defaults[k] == v for k, v in fx.FULL.items() if k != "limit") and RunSpec().limit is None
+    assert spec_of(["--full", "--rounds", "5"]).options.rounds == 5 and spec_of(["--limit", "6"]).limit == 6
+    assert "full" not in results.config_of(full) and "full" not in results.config_of(quick)
+    others = {k for k in results.config_of(quick) if results.config_of(quick)[k] != results.config_of(full)[k]}
+    assert others == set(fx.QUICK)
+    text = subprocess.run([sys.executable, "eff.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120).stdout
+    assert "--full" in text and f"--rounds {fx.FULL['rounds']}" in " ".join(text.split())
+    readme = (ROOT / "README.md").read_text()
+    assert "python eff.py --full" in readme and f"{fx.QUICK['rounds']} rounds" in readme
 
 
 def test_run_from_python_without_a_command_line(tmp_path, monkeypatch):
@@ -624,7 +663,7 @@ def _paper_side(tmp_path, monkeypatch, extra=()):
 
     monkeypatch.setattr(fx, "paper_fields_of", recording)
     argv = ["--data", "waterbirds", "--data-root", str(root), "--batch", "4", "--methods", "base,inter", "--vocab", "8",
-            "--metric", "time", "--out", "res"] + [a for a in FAST if a not in ("--limit", "4")] + list(extra)
+            "--metric", "time", "--out", "res"] + WHOLE + list(extra)
     table = eff.main(argv, loaded=tiny_loaded())
     return root, calls, words, table
 
@@ -667,3 +706,127 @@ def test_standard_eff_runs_no_paper_measurement_and_one_vocabulary(tmp_path, mon
     _, calls, _, table = _paper_side(tmp_path, monkeypatch, ["--protocol", "standard", "--vocab-data", "imgnet"])
     assert calls == [] and table["time_ms_paper"].isna().all()
     assert not any(c.startswith("time_ms_paper_seed") for c in table.columns)
+
+
+# --------------------------------------------------------------------------------------------------
+# What a person sees: the figure (drawn from the table alone) and the printed table
+# --------------------------------------------------------------------------------------------------
+def _drawn(monkeypatch, argv, busy_at=()):
+    """eff.py on the tiny model, the machine called busy at the batch sizes ``busy_at`` (the rounds'
+    own judgement replaced), with the Figure it saved as its PNG caught: (table, figure, stdout)."""
+    from vwt import efficiency_view as view
+
+    caught, draw = [], view.figure
+    monkeypatch.setattr(view, "figure", lambda df: caught.append(draw(df)) or caught[-1])
+    monkeypatch.setattr(fx.bench, "busy_reasons", lambda turns, base="base", limits=None:
+                        ["a test's busy machine"] if turns[base][0].sizes[0] in busy_at else [])
+    table = eff.main(argv + FAST[:-4] + ["--rounds", "3", "--device", "cpu"], loaded=tiny_loaded())
+    [fig] = caught
+    return table, fig
+
+
+def _error_bars(ax):
+    """{legend label: (bottom, top) of each bar's error bar} of one panel."""
+    from matplotlib.container import BarContainer
+
+    return {c.get_label(): [tuple(sorted(seg[:, 1])) for seg in c.errorbar.lines[2][0].get_segments()]
+            for c in ax.containers if isinstance(c, BarContainer)}
+
+
+def flat(pairs) -> list:
+    return [v for pair in pairs for v in pair]
+
+
+def test_the_figure_shows_each_ratio_with_its_iqr_the_busy_flag_and_no_energy(tmp_path, monkeypatch, capsys):
+    from vwt import efficiency_view as view
+
+    no_rapl(monkeypatch, tmp_path)
+    argv = ["--methods", "base,intra,tome", "--batch", "1", "2", "--out", str(tmp_path / "res")]
+    table, fig = _drawn(monkeypatch, argv, busy_at=(1,))
+    [ax] = fig.axes  # no energy: one panel, the speed-up
+    bars = _error_bars(ax)
+    assert set(bars) == {"batch 1 (busy: unreliable)", "batch 2 (quiet)"}  # batch sizes labelled, flag beside
+    for label, spans in bars.items():
+        rows = table[(table["batch"] == int(label.split()[1])) & (table["method"] != "base")]
+        assert flat(spans) == pytest.approx(flat(zip(rows["speedup_q25"], rows["speedup_q75"])))  # each ratio's IQR
+        assert (rows["speedup_q25"] <= rows["speedup_median"]).all()
+        assert (rows["speedup_median"] <= rows["speedup_q75"]).all()
+    assert ax.get_ylim()[0] == 0
+    texts = " ".join(t.get_text() for t in fig.texts)
+    [busy] = [t.get_text() for t in fig.texts if "BUSY" in t.get_text()]
+    assert "batch 1" in busy and "batch 2" not in busy
+    assert energy.NOT_MEASURABLE in texts and "NVML" in texts and "RAPL" in texts
+
+    # the same figure from the CSV alone (the PNG of a saved run is redrawn without rerunning it)
+    [csv] = written(tmp_path / "res")
+    again = view.figure(pd.read_csv(csv))
+    redrawn = _error_bars(again.axes[0])
+    assert redrawn.keys() == bars.keys() and all(flat(redrawn[k]) == pytest.approx(flat(v)) for k, v in bars.items())
+    assert view.redraw(csv) == csv.with_suffix(".png") and csv.with_suffix(".png").stat().st_size > 0
+
+    quiet, fig = _drawn(monkeypatch, argv)
+    assert not any("BUSY" in t.get_text() for t in fig.texts)
+
+
+def test_the_figure_with_energy_has_its_ratio_panel(tmp_path, monkeypatch):
+    monkeypatch.setattr(energy, "best_meter", lambda device, interval=0.05: CountingMeter())
+    table, fig = _drawn(monkeypatch, ["--methods", "base,tome", "--batch", "1", "--out", str(tmp_path)])
+    speed, joules = fig.axes
+    tome = table[table["method"] == "tome"]
+    [spans] = _error_bars(joules).values()
+    assert flat(spans) == pytest.approx(flat(zip(tome["energy_ratio_q25"], tome["energy_ratio_q75"])))
+    assert speed.get_ylim()[0] == 0 and joules.get_ylim()[0] == 0
+    assert not any(energy.NOT_MEASURABLE in t.get_text() for t in fig.texts)
+
+
+def test_the_committed_reference_figure_is_drawn_from_its_csv():
+    """The committed run's CSV predates the quartile columns: its figure draws the IQR's width centred
+    on the median and says so, from zero, with its busy flags (the batch sizes its JSON calls busy)."""
+    import importlib.util
+
+    from vwt import efficiency_view as view
+
+    spec = importlib.util.spec_from_file_location("quote_results", ROOT / "benchmarks" / "quote_results.py")
+    quote = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quote)
+    csv = quote.default_run()
+    df = pd.read_csv(csv)
+    fig = view.figure(df)
+    texts = " ".join(t.get_text() for t in fig.texts)
+    verdict = json.loads(csv.with_suffix(".json").read_text())["rounds_verdict"]
+    lines = [t.get_text() for t in fig.texts if "BUSY" in t.get_text()]  # at most one line names them all
+    named = [b for b in verdict if any(f"batch {b}" in line for line in lines)]
+    assert named == [b for b, v in verdict.items() if v["busy"]]
+    assert len(lines) == any(v["busy"] for v in verdict.values()) and "centred on the median" in texts
+    assert fig.axes[0].get_ylim()[0] == 0
+    for label, spans in _error_bars(fig.axes[0]).items():
+        rows = df[(df["batch"] == int(label.split()[1])) & (df["method"] != "base")]
+        assert [hi - lo for lo, hi in spans] == pytest.approx(list(rows["speedup_iqr"]))
+
+
+def test_the_printed_table_has_units_no_empty_column_and_closes_on_the_paper_claim(tmp_path, monkeypatch, capsys):
+    from vwt import efficiency_view as view
+
+    no_rapl(monkeypatch, tmp_path)
+    table, _ = _drawn(monkeypatch, ["--methods", "base,intra", "--batch", "1", "2", "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    [header] = [l for l in lines if l.lstrip().startswith(view.HEADERS["config"])]
+    empty = [c for c in view.HEADERS if table[c].isna().all()]
+    assert set(empty) >= set(view.ENERGY) and "power_w_paper" in empty  # no meter here, no NVML
+    assert all((view.HEADERS[c] in header) == (c not in empty) for c in view.HEADERS)
+    assert "ms/batch" in view.HEADERS["time_ms_paper"] and "ms/image" in view.HEADERS["latency_ms_median"]
+    [missing] = [l for l in lines if l.startswith("not shown (")]
+    assert all(view.HEADERS[c] in missing for c in empty) and "NVML" in missing and "RAPL" in missing
+    claim = lines[-1]
+    assert claim.startswith(view.PAPER_CLAIM) and "batch 1" in claim and "not measurable on this machine" in claim
+    assert "intra" in claim
+
+    monkeypatch.setattr(energy, "best_meter", lambda device, interval=0.05: CountingMeter())
+    table, _ = _drawn(monkeypatch, ["--methods", "base,intra", "--batch", "1", "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    [header] = [l for l in lines if l.lstrip().startswith(view.HEADERS["config"])]
+    assert all(view.HEADERS[c] in header for c in view.ENERGY)
+    [missing] = [l for l in lines if l.startswith("not shown (")]  # a meter, but not NVML: the paper's power
+    assert energy.NOT_MEASURABLE not in missing and "NVML" in missing and view.HEADERS["power_w_paper"] in missing
+    ratio = table.loc[table["method"] == "intra", "energy_ratio_median"].item()
+    assert lines[-1].endswith(f"energy per image at batch 1 against base: intra {100 * (ratio - 1):+.0f}%")

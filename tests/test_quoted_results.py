@@ -39,11 +39,12 @@ def test_render_shows_each_configuration_and_batch(tmp_path):
 
 
 def test_the_committed_default_run_keeps_its_name():
-    """The committed default run (``python eff.py --out results``, the documented refresh, on a CPU:
-    random weights, one torch thread, the samples' 1000-word vocabulary) records the configuration
+    """The committed reference run (``python eff.py --full --out results``, the documented refresh, on a
+    CPU: random weights, one torch thread, the samples' 1000-word vocabulary) records the configuration
     today's eff.py records for that command line, and is named as today's eff.py names it: a change to
-    the code never renames it silently. A user's ``python eff.py`` (--out runs/) names the same run
-    alike: --out is not part of the name."""
+    the code never renames it silently. A user's ``python eff.py --full`` (--out runs/) names the same
+    run alike: --out is not part of the name; the quick default ``python eff.py`` is another
+    configuration, with another name."""
     import eff
     from vwt import cli
     from vwt import efficiency as fx
@@ -55,6 +56,13 @@ def test_the_committed_default_run_keeps_its_name():
                            recorded["vocabulary_file"])
     assert config == recorded
     assert fx.stem(spec, "openai/clip-vit-base-patch16", fx.plan(spec), config) == csv.stem
-    user = cli.spec_from_args(eff.parse_args([]), fx.Measurement)
-    mine = fx.run_config(user, recorded["device"], recorded["weights"], recorded["threads"], recorded["vocabulary_file"])
-    assert mine != config and fx.stem(user, "openai/clip-vit-base-patch16", fx.plan(user), mine) == csv.stem
+    def named(argv):
+        user = cli.spec_from_args(eff.parse_args(argv), fx.Measurement)
+        mine = fx.run_config(user, recorded["device"], recorded["weights"], recorded["threads"],
+                             recorded["vocabulary_file"])
+        return mine, fx.stem(user, "openai/clip-vit-base-patch16", fx.plan(user), mine)
+
+    full, full_stem = named(["--full"])
+    assert full != config and full_stem == csv.stem
+    quick, quick_stem = named([])
+    assert quick_stem != csv.stem and {k for k in quick if quick[k] != full[k]} == set(fx.QUICK)

@@ -126,7 +126,7 @@ def test_the_committed_reference_results_are_tracked_where_no_default_run_writes
     assert any(re.fullmatch(r"results/eff__samples__openai-clip-vit-base-patch16__.*\.csv", f) for f in tracked)
     assert "results/bench_packed.json" in tracked
     readme = (ROOT / "README.md").read_text()
-    assert "python eff.py --out results" in readme and "python benchmarks/quote_results.py" in readme
+    assert "python eff.py --full --out results" in readme and "python benchmarks/quote_results.py" in readme
 
 
 # --------------------------------------------------------------------------------------------------

@@ -228,7 +228,8 @@ def _nan_median(values) -> float:
 def figures(turns: Sequence[Turn], base: Sequence[Turn]) -> dict:
     """One method's figures over its turns: latency per image (median and p90 over calls), median batch
     time, throughput, energy per image and mean power (medians over turns), and the median per-round
-    speed-up and energy ratio to base with their interquartile range."""
+    speed-up and energy ratio to base with their interquartile range (its width, and its ends for
+    the figure's error bars)."""
     per_image = [s / n for t in turns for s, n in zip(t.seconds, t.sizes)]
     seconds = [s for t in turns for s in t.seconds]
     images = sum(t.images for t in turns)
@@ -239,7 +240,8 @@ def figures(turns: Sequence[Turn], base: Sequence[Turn]) -> dict:
                 latency_ms_median=1e3 * statistics.median(per_image),
                 latency_ms_p90=1e3 * energy.percentile(per_image, 90),
                 batch_ms_median=1e3 * statistics.median(seconds), throughput_img_s=images / sum(seconds),
-                speedup_median=s50, speedup_iqr=s75 - s25, energy_ratio_median=e50, energy_ratio_iqr=e75 - e25,
+                speedup_median=s50, speedup_iqr=s75 - s25, speedup_q25=s25, speedup_q75=s75,
+                energy_ratio_median=e50, energy_ratio_iqr=e75 - e25, energy_ratio_q25=e25, energy_ratio_q75=e75,
                 energy_j_per_image=_nan_median(t.joules_per_image for t in turns),
                 power_w_mean=_nan_median(r.mean_watts for r in readings),
                 energy_source=readings[0].source if readings else "",

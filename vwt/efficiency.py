@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import bench, datasets, energy, flops, methods, models, results
+from . import bench, datasets, efficiency_view, energy, flops, methods, models, results
 from .backends import family_of
 from .batching import buckets, bucketing, input_reducer
 from .errors import UserError, first_line
@@ -62,16 +62,29 @@ def __getattr__(attr: str):  # the former constants, read from the table when as
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 COLUMNS = ["model", "weights", "device", "dtype", "data", "protocol", "method", "config", "batch", "bucket", "rounds", "calls",
            "images", "tokens_in", "tokens_mean", "gflops_per_image", "flops_ratio", "latency_ms_median",
-           "latency_ms_p90", "batch_ms_median", "throughput_img_s", "speedup_median", "speedup_iqr", "power_w_mean",
-           "energy_j_per_image", "energy_ratio_median", "energy_ratio_iqr", "energy_source", "energy_window_s",
+           "latency_ms_p90", "batch_ms_median", "throughput_img_s", "speedup_median", "speedup_iqr", "speedup_q25",
+           "speedup_q75", "power_w_mean", "energy_j_per_image", "energy_ratio_median", "energy_ratio_iqr",
+           "energy_ratio_q25", "energy_ratio_q75", "energy_source", "energy_window_s",
            "busy", "time_ms_paper", "power_w_paper", "note"]
+
+
+# eff.py's two sizes of run, by flag name (README "The main job"). FULL (--full) is the paper-sized
+# measurement: every image of the pool (all 12 samples), 7 rounds, warm-ups of at least 3 s and the paper's
+# 50 calls; the committed reference run is one, and keeps its results name and hash. QUICK (the default)
+# times the same methods at the same batch sizes in honest interleaved rounds (3: the fewest from which
+# the busy flag is judged) on the first 4 samples (their inter-image tokens average 112 against the
+# twelve's 115), with the pass that counts tokens as the warm-up and one warm-up call of the paper's
+# protocol: about two minutes on a 2-core CPU. Other settings of the two agree; a flag given wins.
+FULL = dict(limit=None, rounds=7, warmup=2, warmup_seconds=3.0, paper_warmup=bench.PAPER_WARMUP)
+QUICK = dict(limit=4, rounds=3, warmup=0, warmup_seconds=0.0, paper_warmup=1)
 
 
 @dataclass(frozen=True)
 class Measurement:
     """eff.py's own settings, named as its flags (``RunSpec.options``): what to measure (``metric``,
     the ``methods`` language), how long (rounds, turns, warm-up), on how many torch threads, the power
-    sampling interval, and whether to skip the hub for random weights. Defaults: eff.py's."""
+    sampling interval, and whether to skip the hub for random weights. Defaults: ``eff.py --full``'s
+    (:data:`FULL`); eff.py's quick default is :data:`QUICK`."""
 
     metric: str = "all"
     methods: Optional[str] = None
@@ -277,7 +290,8 @@ def vocabulary(spec: RunSpec, s: dict, images: torch.Tensor, vision, preprocess,
         hint = (f"; learn it with `python process.py --data {data} --vocab {s['vocab']}`, or pass --vocab-path "
                 "(e.g. a published ImageNet vocab.pt)")
         return _fitting(read_vocabulary(path, hint), patch_size, path), name, path
-    vocab, path = samples_vocabulary(s["vocab"], vision, preprocess, images, stream=sys.stdout)
+    whole = images if spec.limit is None else None  # learned on every sample, whatever --limit pools
+    vocab, path = samples_vocabulary(s["vocab"], vision, preprocess, whole, stream=sys.stdout)
     if "learned_in_s" in vocab.meta:
         print(f"learned the vocabulary in {vocab.meta['learned_in_s']:.1f} s", flush=True)
     return vocab, name, path
@@ -564,46 +578,15 @@ def run_config(spec: RunSpec, device, weights: str, threads: int, vocab_file) ->
                 vocabulary_file=str(vocab_file) if vocab_file else None)
 
 
-def plot(df, path: Path, title: str) -> Path:
-    """Energy (or, where not measurable, latency) per image against tokens per image, one marker per
-    batch size, each point labelled with its method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    has_energy = df["energy_j_per_image"].notna().any()
-    y, ylabel = (("energy_j_per_image", "energy per image (J)") if has_energy else
-                 ("latency_ms_median", "latency per image, median (ms)"))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = "osD^v<>p*"
-    for k, (b, part) in enumerate(df.groupby("batch")):
-        part = part[part[y].notna()]
-        ax.scatter(part["tokens_mean"], part[y], marker=markers[k % len(markers)], label=f"batch {b}")
-        for _, r in part.iterrows():
-            ax.annotate(r["method"], (r["tokens_mean"], r[y]), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_xlabel("tokens per image (mean over blocks)")
-    ax.set_ylabel(ylabel)
-    if not has_energy:
-        title += "\nenergy not measurable on this machine: latency shown"
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        return results.atomic_savefig(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
-
-
-def write(df, meta: dict, out: Path, name: str, title: str) -> list[Path]:
-    """CSV, JSON (configuration, machine, busy verdicts, every row) and PNG, each written atomically.
-    Only a run of the very same configuration has the same name: replacing its files is said aloud."""
+def write(df, meta: dict, out: Path, name: str) -> list[Path]:
+    """CSV, JSON (configuration, machine, busy verdicts, every row) and PNG (vwt.efficiency_view: drawn
+    from the table alone), each written atomically. Only a run of the very same configuration has the
+    same name: replacing its files is said aloud."""
     if (out / f"{name}.csv").exists():
         print(f"replacing the results of an earlier run of the same configuration: {out / name}.*")
     csv = results.atomic_write_text(out / f"{name}.csv", df.to_csv(index=False))
     js = results.write_json(out / f"{name}.json", dict(meta, results=df.to_dict(orient="records")))
-    return [csv, js, plot(df, out / f"{name}.png", title)]
+    return [csv, js, efficiency_view.save(df, out / f"{name}.png")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -659,8 +642,7 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None, *, started: Optional[flo
     name = stem(spec, loaded.name, configs, config)
     wall = time.perf_counter() - started
     df, meta = measured["table"], _meta(config, weights, s, inputs, measured, wall)
-    title = f"{loaded.name} ({weights.split(':')[0]} weights), {spec.data}, {device}"
-    paths = write(df, meta, spec.out, name, title)
+    paths = write(df, meta, spec.out, name)
     df.attrs["report"] = report_of(spec, weights, meter, measured["verdicts"], paths, wall)
     return df
 
