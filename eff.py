@@ -87,13 +87,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and the one configuration those flags describe; with --methods, the flags set the "
                         "named methods' settings (defaults: the paper's). Base is always measured")
     g.add_argument("--rounds", type=int, default=7, help="interleaved rounds per batch size (default 7)")
-    g.add_argument("--seconds", type=float, default=0.5,
+    g.add_argument("--seconds", type=cli.positive_float, default=0.5,
                    help="minimum length of each turn (one configuration's timed and energy window in a round; "
                         "default 0.5; use 3 or more on a GPU for energy)")
     g.add_argument("--min-iters", type=int, default=1, help="minimum timed calls per turn (default 1)")
     g.add_argument("--warmup", type=int, default=2,
                    help="warm-up calls of each configuration after the untimed pass that counts tokens (default 2)")
-    g.add_argument("--warmup-seconds", type=float, default=3.0,
+    g.add_argument("--warmup-seconds", type=cli.nonneg_float, default=3.0,
                    help="keep warming up, round-robin, until this many seconds passed (default 3: a fresh "
                         "process runs its first seconds slowly, which would read as a drift over the rounds)")
     g.add_argument("--paper-warmup", type=int, default=bench.PAPER_WARMUP,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import string
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -47,6 +49,105 @@ def main(fn: Callable[[], Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------------
+# Value types: a value no run can use is refused by argparse itself, before anything loads, as one line
+# ``error: argument --penalty: must be a finite number; got nan`` (exit 2). A check that needs two flags
+# or the model is the experiment's own (e.g. vwt.captioning.check_lengths).
+SEED_MAX = 2 ** 32 - 1  # NumPy's seeds (np.random.seed): 0 to 2^32 - 1; torch and Python take these too
+
+
+def _parse_number(kind: type, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text}")
+    return value
+
+
+def bounded(kind: type, low=None, high=None, above=None, what: str = "") -> Callable[[str], Any]:
+    """An argparse ``type``: a finite ``kind`` (int or float) value with ``low <= value <= high`` and
+    ``value > above`` where given; ``what`` names the range in the message."""
+    def parse(text: str):
+        value = _parse_number(kind, text)
+        if (low is not None and value < low) or (high is not None and value > high) or \
+                (above is not None and value <= above):
+            if what:
+                rule = what
+            elif above is not None:
+                rule = f"must be above {above:g}"
+            elif high is None:
+                rule = f"must be at least {low}"
+            else:
+                rule = f"must be from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"{rule}; got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+finite_float = bounded(float)
+positive_float = bounded(float, above=0)
+nonneg_float = bounded(float, low=0)
+positive_int = bounded(int, low=1)
+nonneg_int = bounded(int, low=0)
+seed_int = bounded(int, 0, SEED_MAX, what=f"a seed is an integer from 0 to {SEED_MAX} (2^32 - 1)")
+MAX_SCALE = 32  # match.py / word.py --scale: a 224 px image at 32x is a 7168 px figure
+scale_int = bounded(int, 1, MAX_SCALE, what=f"the enlargement is an integer from 1 to {MAX_SCALE}")
+
+
+def prompt_template(text: str) -> str:
+    """clip.py's ``--prompt``: text with ``{}`` where the label goes (repeated is fine), no other field."""
+    hint = "write {} where the label goes, e.g. 'a photo of a {}' (a literal brace: {{ or }})"
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a prompt template ({e}); {hint}") from None
+    other = [f for f in fields if f not in ("", "0")]
+    if other:
+        raise argparse.ArgumentTypeError(f"{text!r} has the field {{{other[0]}}}, but a prompt gets only the label; "
+                                         f"{hint}")
+    if not fields:
+        raise argparse.ArgumentTypeError(f"{text!r} has no {{}} for the label: every class would get the same "
+                                         f"prompt; {hint}")
+    try:
+        text.format("label")
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a prompt template ({e}); {hint}") from None
+    return text
+
+
+def label_list(text: str) -> str:
+    """clip.py's ``--labels``: comma-separated class names, none empty, none twice (two classes with one
+    name get one prompt: the model could not tell them apart). Returned as given (results record it)."""
+    names = [s.strip() for s in text.split(",")]
+    if any(not n for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty class name; give one name per class, "
+                                         "comma-separated")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{text!r} names {', '.join(map(repr, twice))} more than once; every "
+                                         "class needs its own name")
+    return text
+
+
+def vocab_path_template(text: str) -> Path:
+    """``--vocab-path``: a path whose only format field may be ``{seed}`` (``vwt.vocab_files``)."""
+    try:
+        vocab_files.check_vocab_path(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return Path(text)
+
+
+def _retype(p: argparse.ArgumentParser, dest: str, kind: Callable[[str], Any]) -> None:
+    """Give the option ``dest`` (added by the library's method table) the value type ``kind``."""
+    for action in p._actions:
+        if action.dest == dest:
+            action.type = kind
+
+
 def add_model_args(p: argparse.ArgumentParser, default: Optional[str] = DEFAULT_CLIP,
                    shown: Optional[str] = None) -> None:
     """--model, --device, --dtype; ``shown``: how --help states a default that depends on other flags."""
@@ -87,6 +188,7 @@ def add_method_args(p: argparse.ArgumentParser, measured: bool = False) -> None:
     """The method flags, one per row of the method table (``vwt.methods.METHODS``); ``measured``:
     eff.py's, whose flags default to the table's settings (the other scripts' are off unless given)."""
     methods.add_method_args(p, measured)
+    _retype(p, "vocab_path", vocab_path_template)
 
 
 def default_workers() -> int:
@@ -98,7 +200,7 @@ def default_workers() -> int:
 def add_workers_arg(g, what: str = "data-loading worker processes") -> None:
     """``--workers``, defaulting to :func:`default_workers` on this machine (stated in --help)."""
     n = default_workers()
-    g.add_argument("--workers", type=int, default=n,
+    g.add_argument("--workers", type=nonneg_int, default=n,
                    help=f"{what} (default {n} here: min(4, the cores this process may use); 0: in the main process)")
 
 

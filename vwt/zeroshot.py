@@ -299,7 +299,8 @@ def prepare(spec: RunSpec, loaded: Optional[Loaded], device, dtype) -> Prepared:
     reducers = {seed: reducers_for(spec, seed=seed, family=loaded.family) for seed in seeds}
     full = 0
     for seed in seeds:  # every seed's vocabulary must fit the model before any image is scored
-        full = check_input_reducers(loaded.vision, reducers[seed], transform.size, device, dtype)
+        full = check_input_reducers(loaded.vision, reducers[seed], transform.size, device, dtype,
+                                    preprocess=transform)
     names = class_names(spec, ds)
     quant_first = spec.method.quant and spec.protocol.whole_model_int8
     if quant_first:
