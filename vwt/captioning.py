@@ -363,8 +363,9 @@ def write_predictions(path: Path, ds, captions: dict) -> Path:
 
 
 def check_lengths(spec: RunSpec, loaded) -> None:
-    """--min-length within [0, --max-length], and --max-length within what the text decoder holds
-    (``loaded`` None: the first check only, before the model loads)."""
+    """A finite --penalty, --min-length within [0, --max-length], and --max-length within what the text
+    decoder holds and above the tokens decoding starts from ([BOS], or the prompt without its [SEP]), so a
+    caption has room (``loaded`` None: the first checks only, before the model loads)."""
     opts = spec.options
     if not math.isfinite(opts.penalty):  # NaN would also never equal itself in the captions file's header
         raise UserError(f"--penalty must be a finite number; got {opts.penalty}")
