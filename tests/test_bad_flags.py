@@ -313,3 +313,20 @@ def test_process_refuses_before_learning_any_seed(world, tmp_path):
             "--niter", "9", "--out", out, "--workers", "0", "--device", "cpu"]
     refused(script("process.py", *argv, cwd=world.dir), "seed_1", "niter 4 there, 9 now")
     assert sorted(p.name for p in out.iterdir()) == ["seed_1"]  # seed 0 was not learned first
+
+
+def test_prompts_labels_and_vocabulary_paths_are_checked_from_python_too(tmp_path):
+    """The checks argparse runs are the library's own: a RunSpec made in Python meets them in run()."""
+    from vwt import cli, zeroshot
+    from vwt.spec import RunSpec
+
+    for prompt in ("a photo", "{label}", "a {"):
+        spec = RunSpec(model="unused", data="waterbirds", out=tmp_path, options=zeroshot.ZeroShot(prompt=prompt))
+        with pytest.raises(cli.UserError, match="^--prompt "):
+            zeroshot.run(spec)
+    with pytest.raises(ValueError, match="'cat' more than once"):
+        zeroshot.check_labels("cat, dog,cat")
+    with pytest.raises(cli.UserError, match="^--vocab-path .* has the field {data}"):
+        cli.vocab_path(RunSpec(method={"vocab_path": "t/{data}/vocab.pt"}))
+    assert cli.vocab_path(RunSpec(method={"vocab_path": "t/{{x}}/seed_{seed}/vocab.pt"}), seed=2) == \
+        Path("t/{x}/seed_2/vocab.pt")

@@ -7,12 +7,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import string
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import bench, distributed, methods, protocol, vocab_files
+from . import bench, distributed, methods, protocol, vocab_files, zeroshot
 # re-exported for the scripts: the library's own definitions, in one place each
 from .batching import batch_order  # noqa: F401
 from .errors import UserError, first_line  # noqa: F401
@@ -97,48 +96,23 @@ MAX_SCALE = 32  # match.py / word.py --scale: a 224 px image at 32x is a 7168 px
 scale_int = bounded(int, 1, MAX_SCALE, what=f"the enlargement is an integer from 1 to {MAX_SCALE}")
 
 
-def prompt_template(text: str) -> str:
-    """clip.py's ``--prompt``: text with ``{}`` where the label goes (repeated is fine), no other field."""
-    hint = "write {} where the label goes, e.g. 'a photo of a {}' (a literal brace: {{ or }})"
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a prompt template ({e}); {hint}") from None
-    other = [f for f in fields if f not in ("", "0")]
-    if other:
-        raise argparse.ArgumentTypeError(f"{text!r} has the field {{{other[0]}}}, but a prompt gets only the label; "
-                                         f"{hint}")
-    if not fields:
-        raise argparse.ArgumentTypeError(f"{text!r} has no {{}} for the label: every class would get the same "
-                                         f"prompt; {hint}")
-    try:
-        text.format("label")
-    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a prompt template ({e}); {hint}") from None
-    return text
+def _checked(check: Callable[[str], Any], returns: Callable[[str], Any] = str) -> Callable[[str], Any]:
+    """An argparse ``type`` from a library check that raises ValueError: its message becomes argparse's
+    ``error: argument --X: ...``; the value is ``returns(text)``."""
+    def parse(text: str):
+        try:
+            check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return returns(text)
+
+    parse.__name__ = getattr(check, "__name__", "value")
+    return parse
 
 
-def label_list(text: str) -> str:
-    """clip.py's ``--labels``: comma-separated class names, none empty, none twice (two classes with one
-    name get one prompt: the model could not tell them apart). Returned as given (results record it)."""
-    names = [s.strip() for s in text.split(",")]
-    if any(not n for n in names):
-        raise argparse.ArgumentTypeError(f"{text!r} has an empty class name; give one name per class, "
-                                         "comma-separated")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise argparse.ArgumentTypeError(f"{text!r} names {', '.join(map(repr, twice))} more than once; every "
-                                         "class needs its own name")
-    return text
-
-
-def vocab_path_template(text: str) -> Path:
-    """``--vocab-path``: a path whose only format field may be ``{seed}`` (``vwt.vocab_files``)."""
-    try:
-        vocab_files.check_vocab_path(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return Path(text)
+prompt_template = _checked(zeroshot.check_prompt)  # clip.py --prompt: '{}' where the label goes, no other field
+label_list = _checked(zeroshot.check_labels)  # clip.py --labels, as given (results record the text)
+vocab_path_template = _checked(vocab_files.check_vocab_path, Path)  # --vocab-path: '{seed}' its only field
 
 
 def _retype(p: argparse.ArgumentParser, dest: str, kind: Callable[[str], Any]) -> None:
