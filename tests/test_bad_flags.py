@@ -330,3 +330,12 @@ def test_prompts_labels_and_vocabulary_paths_are_checked_from_python_too(tmp_pat
         cli.vocab_path(RunSpec(method={"vocab_path": "t/{data}/vocab.pt"}))
     assert cli.vocab_path(RunSpec(method={"vocab_path": "t/{{x}}/seed_{seed}/vocab.pt"}), seed=2) == \
         Path("t/{x}/seed_2/vocab.pt")
+
+
+def test_seeds_outside_numpys_range_are_refused_from_python_too():
+    from vwt import cli
+
+    for seed in (-1, 2 ** 32):
+        with pytest.raises(cli.UserError, match="outside 0 to 4294967295"):
+            cli.seed_everything(seed)
+    cli.seed_everything(2 ** 32 - 1)

@@ -20,6 +20,7 @@ from .models import (DEFAULT_BLIP, DEFAULT_CLIP, HUB_TIMEOUT, Loaded, fill_rando
                      hub_reachable, load_model)
 from .patch import describe_tokens  # noqa: F401
 from .results import DEFAULT_OUT, model_label, write_json, writable_dir  # noqa: F401
+from .runtime import SEED_MAX  # 0 to 2^32 - 1: NumPy's seeds
 from .spec import CONFIG_NAMES, SETTINGS, Recipe, RunSpec
 from .vocab_files import read_vocabulary, samples_vocabulary, tokenizer_dir, vocab_candidates  # noqa: F401
 
@@ -51,7 +52,6 @@ def main(fn: Callable[[], Any]) -> None:
 # Value types: a value no run can use is refused by argparse itself, before anything loads, as one line
 # ``error: argument --penalty: must be a finite number; got nan`` (exit 2). A check that needs two flags
 # or the model is the experiment's own (e.g. vwt.captioning.check_lengths).
-SEED_MAX = 2 ** 32 - 1  # NumPy's seeds (np.random.seed): 0 to 2^32 - 1; torch and Python take these too
 
 
 def _parse_number(kind: type, text: str):

@@ -23,11 +23,18 @@ from .tokenizer import tokenize
 # --------------------------------------------------------------------------------------------------
 # Devices and seeds
 # --------------------------------------------------------------------------------------------------
+SEED_MAX = 2 ** 32 - 1  # NumPy's seeds (np.random.seed): 0 to 2^32 - 1; Python and torch take these too
+
+
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (the random ablations draw from torch)."""
+    """Seed Python's, NumPy's and torch's generators (the random ablations draw from torch); a seed
+    outside 0 to 2^32 - 1 is a one-line UserError (the scripts' argparse refuses it first)."""
     import random
 
     import numpy as np
+
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"seed {seed} is outside 0 to {SEED_MAX} (2^32 - 1), the seeds NumPy takes")
 
     seed = distributed.seed(seed)  # under torchrun every process draws its own numbers (rank 0: seed itself)
     random.seed(seed)
