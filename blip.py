@@ -43,11 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="longest caption in tokens, prompt included (default 20, or 40 with --penalty above 1, "
                         "as the paper)")
     g.add_argument("--min-length", type=int, default=5, help="shortest caption in tokens, prompt included (default 5)")
-    g.add_argument("--penalty", type=float, default=1.0,
+    g.add_argument("--penalty", type=cli.finite_float, default=1.0,
                    help="beam search length penalty (default 1.0; above 1 favours longer captions)")
     g.add_argument("--prompt", default=None, help="text the decoder starts from, cut from the captions (default: "
                                                   "none under --protocol paper, 'a picture of ' under standard)")
-    g.add_argument("--seed", type=int, default=0, help="seed (matters for the --random ablations; default 0)")
+    g.add_argument("--seed", type=cli.seed_int, default=0, help="seed (matters for the --random ablations; default 0)")
     g.add_argument("--restart", action="store_true", help="discard this configuration's earlier captions and start over")
     g.add_argument("--no-score", action="store_true", help="write the captions only; score them in a later run")
     cli.add_workers_and_summary(g, "blip", "caption")

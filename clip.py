@@ -41,12 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--split", default=None,
                    help="data split (default: test; MetaShift under standard: all of train and test; ImageNet: val)")
     g.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (smoke runs; default: all)")
-    g.add_argument("--seeds", type=int, nargs="+", default=None,
+    g.add_argument("--seeds", type=cli.seed_int, nargs="+", default=None,
                    help="seeds of the runs (default: paper 1 2 3 for Waterbirds/CelebA/MetaShift, each its own "
                         "split and vocabulary, 0 otherwise; standard 0 1 2); '{seed}' in --vocab-path picks a "
                         "vocabulary per seed")
-    g.add_argument("--prompt", default="a photo of a {}", help="zero-shot prompt, {} = label (default 'a photo of a {}')")
-    g.add_argument("--labels", default=None, help="comma-separated class names replacing the defaults (in class order)")
+    g.add_argument("--prompt", default="a photo of a {}", type=cli.prompt_template, help="zero-shot prompt, {} = label (default 'a photo of a {}')")
+    g.add_argument("--labels", default=None, type=cli.label_list, help="comma-separated class names replacing the defaults (in class order)")
     cli.add_workers_and_summary(g, "clip", "evaluate")
     return p.parse_args(argv)
 

@@ -96,14 +96,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--rounds", type=int, default=None,
                    help=f"interleaved rounds per batch size (default {efficiency.QUICK['rounds']}; --full "
                         f"{efficiency.FULL['rounds']})")
-    g.add_argument("--seconds", type=float, default=0.5,
+    g.add_argument("--seconds", type=cli.positive_float, default=0.5,
                    help="minimum length of each turn (one configuration's timed and energy window in a round; "
                         "default 0.5; use 3 or more on a GPU for energy)")
     g.add_argument("--min-iters", type=int, default=1, help="minimum timed calls per turn (default 1)")
     g.add_argument("--warmup", type=int, default=None,
                    help="warm-up calls of each configuration after the untimed pass that counts tokens (default "
                         f"{efficiency.QUICK['warmup']}; --full {efficiency.FULL['warmup']})")
-    g.add_argument("--warmup-seconds", type=float, default=None,
+    g.add_argument("--warmup-seconds", type=cli.nonneg_float, default=None,
                    help="keep warming up, round-robin, until this many seconds passed (default "
                         f"{efficiency.QUICK['warmup_seconds']:g}: the pass that counts tokens warms up; --full "
                         f"{efficiency.FULL['warmup_seconds']:g}: a fresh process runs its first seconds slowly, "

@@ -36,7 +36,7 @@ def parse_args(argv=None):
     cli.add_workers_arg(p)
     cli.add_method_args(p)
     cli.add_protocol_arg(p)
-    p.add_argument("--seed", default=None, type=int,
+    p.add_argument("--seed", default=None, type=cli.seed_int,
                    help="the paper's re-split and vocabulary of this seed (Waterbirds, CelebA, MetaShift under "
                         "--protocol paper; default: the seed of the vocabulary found, else 1)")
     return p.parse_args(argv)

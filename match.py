@@ -43,7 +43,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("figures")
     g.add_argument("--limit", type=int, default=None, help="draw at most this many images (default all)")
     g.add_argument("--alpha", type=float, default=0.5, help="opacity of the word / group colours (default 0.5)")
-    g.add_argument("--scale", type=int, default=2,
+    g.add_argument("--scale", type=cli.scale_int, default=2,
                    help="enlarge the image by this integer factor, nearest neighbour (default 2)")
     g.add_argument("--legend", type=int, default=12, help="list at most this many words or groups (default 12)")
     return p.parse_args(argv)

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--kmeans", default=None, choices=("paper", "fast"),
                    help="paper: scikit-learn's MiniBatchKMeans as the paper ran it (default under --protocol paper); "
                         "fast: FAISS k-means on a seeded random sample of the patches (default under standard)")
-    p.add_argument("--seeds", default=None, type=int, nargs="+",
+    p.add_argument("--seeds", default=None, type=cli.seed_int, nargs="+",
                    help="data seeds, one vocabulary each (default under paper: 1 2 3 for waterbirds, celeba, meta, "
                         "else 0; under standard 0). Seeds other than 0 re-split the data as the paper's code and, "
                         "for --kmeans fast, also seed its sample and k-means")
@@ -60,7 +60,7 @@ def parse_args(argv=None):
                         "gives better words in more time)")
     p.add_argument("--init", default=None, choices=INITS,
                    help=f"--kmeans fast: first centres, FAISS's AFK-MC2 seeding or k random patches (default {INIT})")
-    p.add_argument("--max-points-per-centroid", default=None, type=int, metavar="N",
+    p.add_argument("--max-points-per-centroid", default=None, type=cli.positive_int, metavar="N",
                    help=f"--kmeans fast: sample at most N patches per word (default {MAX_POINTS_PER_CENTROID}, "
                         "as FAISS; a pass over the data either way)")
     cli.add_workers_arg(p)

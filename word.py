@@ -19,7 +19,6 @@ learned on the sample photographs on first use and cached in tokenizers/samples/
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from vwt import cli, datasets, figures
 from vwt.tokenizer import THRESH
@@ -35,7 +34,7 @@ def parse_args(argv=None):
     g.add_argument("--vocab", type=int, default=None, metavar="SIZE",
                    help="vocabulary size, read from tokenizers/<vocab-data>/v<SIZE>/vocab.pt (default 100 on the "
                         "samples, learned on first use)")
-    g.add_argument("--vocab-path", type=Path, default=None, help="a vocab.pt (ours or the published ones) instead of --vocab (default: none)")
+    g.add_argument("--vocab-path", type=cli.vocab_path_template, default=None, help="a vocab.pt (ours or the published ones) instead of --vocab (default: none)")
     g.add_argument("--vocab-data", default="samples", help="data set the --vocab vocabulary was learned on (default samples)")
     g.add_argument("--thresh", type=float, default=THRESH,
                    help=f"cosine-distance threshold for a match (default {THRESH:g})")
@@ -44,8 +43,8 @@ def parse_args(argv=None):
                    help="images to show beside their words, by name (default: the first --limit images)")
     g.add_argument("--limit", type=int, default=3, help="how many images when --images is not given (default 3)")
     g.add_argument("--pairs", type=int, default=64, help="at most this many patch | word pairs per image (default 64)")
-    g.add_argument("--cols", type=int, default=None, help="cells per row of the word grid (default: square)")
-    g.add_argument("--scale", type=int, default=None,
+    g.add_argument("--cols", type=cli.positive_int, default=None, help="cells per row of the word grid (default: square)")
+    g.add_argument("--scale", type=cli.scale_int, default=None,
                    help="enlarge the grids by this integer factor (default: so the word grid is about 600 px wide)")
     p.set_defaults(random=False, prop_attn=False)  # recorded in the configuration (and its digest) as ever
     return p.parse_args(argv)

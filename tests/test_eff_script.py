@@ -618,10 +618,13 @@ def test_bad_configurations_are_user_errors(argv):
 
 
 def test_bad_numbers_are_user_errors(tmp_path):
-    for argv in (["--batch", "0"], ["--seconds", "0"], ["--interval", "5"], ["--rounds", "0"], ["--limit", "0"],
-                 ["--threads", "0"]):
+    for argv in (["--batch", "0"], ["--interval", "5"], ["--rounds", "0"], ["--limit", "0"], ["--threads", "0"]):
         with pytest.raises(cli.UserError):
             eff.main(argv + ["--out", str(tmp_path)], loaded=tiny_loaded())
+    for name in ("seconds", "warmup_seconds"):  # from Python; eff.py's argparse refuses these values first
+        for bad in (-1.0, float("nan"), float("inf")) + ((0.0,) if name == "seconds" else ()):
+            with pytest.raises(cli.UserError, match="--seconds must be positive"):
+                fx.check_numbers(spec_of([]).replace(**{name: bad}))
 
 
 def test_script_prints_one_line_error():

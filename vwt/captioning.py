@@ -12,6 +12,7 @@ header, resume and restart), the beam-search captions of a batch and the one loo
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -382,9 +383,12 @@ def write_predictions(path: Path, ds, captions: dict) -> Path:
 
 
 def check_lengths(spec: RunSpec, loaded) -> None:
-    """--min-length within [0, --max-length], and --max-length within what the text decoder holds
-    (``loaded`` None: the first check only, before the model loads)."""
+    """A finite --penalty, --min-length within [0, --max-length], and --max-length within what the text
+    decoder holds and above the tokens decoding starts from ([BOS], or the prompt without its [SEP]), so a
+    caption has room (``loaded`` None: the first checks only, before the model loads)."""
     opts = spec.options
+    if not math.isfinite(opts.penalty):  # NaN would also never equal itself in the captions file's header
+        raise UserError(f"--penalty must be a finite number; got {opts.penalty}")
     if not 0 <= opts.min_length <= opts.max_length:
         raise UserError(f"--min-length must be between 0 and --max-length ({opts.max_length}); got {opts.min_length}")
     if loaded is None:
@@ -393,6 +397,13 @@ def check_lengths(spec: RunSpec, loaded) -> None:
     if positions is not None and opts.max_length > positions:
         raise UserError(f"--max-length {opts.max_length} is beyond what {loaded.name}'s text decoder can hold "
                         f"({positions} tokens); pass at most {positions}")
+    if loaded.tokenizer is None:
+        return
+    start = len(text_tokenizer(loaded)(opts.prompt)["input_ids"]) - 1 if opts.prompt else 1  # BLIP's generate
+    if opts.max_length <= start:  # drops the prompt's closing [SEP]; no prompt: [BOS] alone
+        what = f"the {start} tokens of [BOS] and --prompt {opts.prompt!r}" if opts.prompt else "the [BOS] token"
+        raise UserError(f"--max-length {opts.max_length} leaves no room for a caption: decoding starts from {what}; "
+                        f"pass --max-length {start + 1} or more" + (", or a shorter --prompt" if opts.prompt else ""))
 
 
 def score_captions(spec: RunSpec, ds, done: dict, predictions_path: Path) -> dict:
@@ -532,7 +543,8 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
     loaded = load_captioner(spec, loaded, device, dtype)
     ds.transform = datasets.preprocess_for(loaded.model)
     check_lengths(spec, loaded)
-    full = runtime.check_input_reducers(loaded.vision, reducers, ds.transform.size, device, dtype)
+    full = runtime.check_input_reducers(loaded.vision, reducers, ds.transform.size, device, dtype,
+                                        preprocess=ds.transform)
     path, config = captions_path(spec, loaded.name), captions_header(spec, loaded.name)
     done = caption_missing(spec, loaded, ds, reducers, path, config, device, dtype)
     if not distributed.is_main():  # torchrun: the main process scores and writes

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import bench, distributed, methods, protocol, vocab_files
+from . import bench, distributed, methods, protocol, vocab_files, zeroshot
 # re-exported for the scripts: the library's own definitions, in one place each
 from .batching import batch_order  # noqa: F401
 from .errors import UserError, first_line  # noqa: F401
@@ -19,6 +20,7 @@ from .models import (DEFAULT_BLIP, DEFAULT_CLIP, HUB_TIMEOUT, Loaded, fill_rando
                      hub_reachable, load_model)
 from .patch import describe_tokens  # noqa: F401
 from .results import DEFAULT_OUT, model_label, write_json, writable_dir  # noqa: F401
+from .runtime import SEED_MAX  # 0 to 2^32 - 1: NumPy's seeds
 from .spec import CONFIG_NAMES, SETTINGS, Recipe, RunSpec
 from .vocab_files import read_vocabulary, samples_vocabulary, tokenizer_dir, vocab_candidates  # noqa: F401
 
@@ -47,6 +49,79 @@ def main(fn: Callable[[], Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------------
+# Value types: a value no run can use is refused by argparse itself, before anything loads, as one line
+# ``error: argument --penalty: must be a finite number; got nan`` (exit 2). A check that needs two flags
+# or the model is the experiment's own (e.g. vwt.captioning.check_lengths).
+
+
+def _parse_number(kind: type, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text}")
+    return value
+
+
+def bounded(kind: type, low=None, high=None, above=None, what: str = "") -> Callable[[str], Any]:
+    """An argparse ``type``: a finite ``kind`` (int or float) value with ``low <= value <= high`` and
+    ``value > above`` where given; ``what`` names the range in the message."""
+    def parse(text: str):
+        value = _parse_number(kind, text)
+        if (low is not None and value < low) or (high is not None and value > high) or \
+                (above is not None and value <= above):
+            if what:
+                rule = what
+            elif above is not None:
+                rule = f"must be above {above:g}"
+            elif high is None:
+                rule = f"must be at least {low}"
+            else:
+                rule = f"must be from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"{rule}; got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+finite_float = bounded(float)
+positive_float = bounded(float, above=0)
+nonneg_float = bounded(float, low=0)
+positive_int = bounded(int, low=1)
+nonneg_int = bounded(int, low=0)
+seed_int = bounded(int, 0, SEED_MAX, what=f"a seed is an integer from 0 to {SEED_MAX} (2^32 - 1)")
+MAX_SCALE = 32  # match.py / word.py --scale: a 224 px image at 32x is a 7168 px figure
+scale_int = bounded(int, 1, MAX_SCALE, what=f"the enlargement is an integer from 1 to {MAX_SCALE}")
+
+
+def _checked(check: Callable[[str], Any], returns: Callable[[str], Any] = str) -> Callable[[str], Any]:
+    """An argparse ``type`` from a library check that raises ValueError: its message becomes argparse's
+    ``error: argument --X: ...``; the value is ``returns(text)``."""
+    def parse(text: str):
+        try:
+            check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return returns(text)
+
+    parse.__name__ = getattr(check, "__name__", "value")
+    return parse
+
+
+prompt_template = _checked(zeroshot.check_prompt)  # clip.py --prompt: '{}' where the label goes, no other field
+label_list = _checked(zeroshot.check_labels)  # clip.py --labels, as given (results record the text)
+vocab_path_template = _checked(vocab_files.check_vocab_path, Path)  # --vocab-path: '{seed}' its only field
+
+
+def _retype(p: argparse.ArgumentParser, dest: str, kind: Callable[[str], Any]) -> None:
+    """Give the option ``dest`` (added by the library's method table) the value type ``kind``."""
+    for action in p._actions:
+        if action.dest == dest:
+            action.type = kind
+
+
 def add_model_args(p: argparse.ArgumentParser, default: Optional[str] = DEFAULT_CLIP,
                    shown: Optional[str] = None) -> None:
     """--model, --device, --dtype; ``shown``: how --help states a default that depends on other flags."""
@@ -87,6 +162,7 @@ def add_method_args(p: argparse.ArgumentParser, measured: bool = False) -> None:
     """The method flags, one per row of the method table (``vwt.methods.METHODS``); ``measured``:
     eff.py's, whose flags default to the table's settings (the other scripts' are off unless given)."""
     methods.add_method_args(p, measured)
+    _retype(p, "vocab_path", vocab_path_template)
 
 
 def default_workers() -> int:
@@ -98,7 +174,7 @@ def default_workers() -> int:
 def add_workers_arg(g, what: str = "data-loading worker processes") -> None:
     """``--workers``, defaulting to :func:`default_workers` on this machine (stated in --help)."""
     n = default_workers()
-    g.add_argument("--workers", type=int, default=n,
+    g.add_argument("--workers", type=nonneg_int, default=n,
                    help=f"{what} (default {n} here: min(4, the cores this process may use); 0: in the main process)")
 
 

@@ -179,10 +179,10 @@ def check_numbers(spec: RunSpec) -> None:
     o = spec.options
     if any(b < 1 for b in batch_sizes(spec)):
         raise UserError(f"--batch sizes must be at least 1; got {list(batch_sizes(spec))}")
-    if (o.seconds <= 0 or o.min_iters < 1 or o.warmup < 0 or o.rounds < 1 or o.paper_warmup < 0
-            or o.warmup_seconds < 0):
+    if (not 0 < o.seconds < math.inf or o.min_iters < 1 or o.warmup < 0 or o.rounds < 1 or o.paper_warmup < 0
+            or not 0 <= o.warmup_seconds < math.inf):  # written so that NaN fails too (it compares false)
         raise UserError("--seconds must be positive, --min-iters and --rounds at least 1, --warmup, "
-                        "--warmup-seconds and --paper-warmup at least 0")
+                        "--warmup-seconds and --paper-warmup at least 0 (seconds: finite numbers)")
     if not 0.01 <= o.interval <= 1:
         raise UserError(f"--interval is the power sampling period, between 0.01 and 1 s; got {o.interval}")
     if spec.limit is not None and spec.limit < 1:
@@ -669,8 +669,9 @@ def _inputs(spec: RunSpec, s: dict, configs: list[Config], loaded: Loaded, devic
     vocabs = ({seed: vocabulary(spec, s, images, vision, preprocess, seed) for seed in seeds}
               if any(c.input == "inter" for c in configs) else {})
     inputs = Inputs(images, seeds, paper_data, vocabs)
-    if inputs.vocab[0] is not None:
-        check_input_reducers(vision, [InterImage(inputs.vocab[0])], images.shape[-1], device, dtype)
+    if inputs.vocab[0] is not None:  # every seed's vocabulary, as every script checks one
+        check_input_reducers(vision, [InterImage(v[0]) for v in vocabs.values()], images.shape[-1], device, dtype,
+                             preprocess=preprocess)
     return inputs
 
 

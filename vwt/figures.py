@@ -112,7 +112,7 @@ def match(spec: RunSpec, loaded=None) -> dict:
     if later:
         spec = spec.replace(vocab_path=samples_vocabulary(spec.method.vocab, loaded.vision, pre)[1])
         reducers = methods.reducers_for(spec)
-    full = check_input_reducers(loaded.vision, reducers, pre.size, device, dtype)
+    full = check_input_reducers(loaded.vision, reducers, pre.size, device, dtype, preprocess=pre)
     data = datasets.load(spec.data, spec.root, pre, limit=spec.limit)
     if len(data) == 0:
         raise UserError(f"{spec.data}: no images to draw under {spec.root}; expected layout: "
@@ -198,7 +198,7 @@ def word_grid(vocab, cols, scale):
     pre = Preprocess(int(vocab.meta.get("image_size") or 224), tuple(vocab.meta.get("mean") or OPENAI_CLIP_MEAN),
                      tuple(vocab.meta.get("std") or OPENAI_CLIP_STD))
     tiles = vis.word_tiles(vocab.words, vocab.patch_size, pre.denormalise)
-    cols = cols or math.ceil(math.sqrt(len(tiles)))
+    cols = min(cols or math.ceil(math.sqrt(len(tiles))), len(tiles))  # never wider than the words
     if scale is None:
         scale = max(1, min(4, round(600 / (cols * (vocab.patch_size + 1) + 1))))
     arr, grid = vis.tile_grid(tiles, cols=cols, scale=scale)
@@ -251,7 +251,7 @@ def words(spec: RunSpec, loaded=None) -> dict:
     results.writable_dir(Path(spec.out) / "figures" / "word")
     spec, inter, loaded, config = word_vocabulary(spec, loaded, device, dtype)
     vocab, pre = inter.vocab, preprocess_for(loaded.model)
-    check_input_reducers(loaded.vision, [inter], pre.size, device, dtype)
+    check_input_reducers(loaded.vision, [inter], pre.size, device, dtype, preprocess=pre)
     config.update(model=loaded.name)
     out_dir = Path(spec.out) / "figures" / "word" / results.run_stem([vocab_tag(vocab)], config)
     source = str(vocab_path(spec))

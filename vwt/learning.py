@@ -120,11 +120,15 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> dict:
     pre = datasets.transform_for(spec.data, image_size=own.size) if spec.protocol.process_data_preprocessing else own
     blank = torch.zeros(1, 3, own.size, own.size, device=device, dtype=dtype)
     patch_size = tokenize(loaded.vision, None, blank)[1].patch_size
-    vocabs, plan = {}, to_learn(spec, sets, loaded.family, pre)
+    plan = to_learn(spec, sets, loaded.family, pre)
+    wanted = dict(patch_size=patch_size, image_size=getattr(pre, "size", own.size), model=loaded.name,
+                  mean=list(getattr(pre, "mean", datasets.OPENAI_CLIP_MEAN)),
+                  std=list(getattr(pre, "std", datasets.OPENAI_CLIP_STD)))  # as learn() records them
+    vocabs = {seed: kept(spec, seed, out_dir(spec, seed, loaded.family) / "vocab.pt", wanted)  # before any k-means
+              for seed, data in plan.items() if data is None}
     for seed, data in plan.items():
         path = out_dir(spec, seed, loaded.family) / "vocab.pt"
         if data is None:
-            vocabs[seed] = kept(spec, seed, path)
             continue
         with torch.inference_mode():
             vocabs[seed] = learn(spec, seed, data, split, loaded, pre, patch_size, device, dtype)
@@ -167,15 +171,65 @@ def read_order(spec: RunSpec, seed: int, n: int) -> list:
     return order[: spec.options.max_images].tolist() if spec.options.max_images is not None else order.tolist()
 
 
-def kept(spec: RunSpec, seed: int, path: Path) -> Vocabulary:
-    """The vocabulary already at ``path``, where it has the words asked for (else a one-line error:
-    never learned over silently, never used in place of other words)."""
+def kept(spec: RunSpec, seed: int, path: Path, model: dict) -> Vocabulary:
+    """The vocabulary already at ``path``, where it is the one this run would learn (else a one-line
+    error naming what differs: never learned over silently, never used in place of other words).
+    ``model``: what the model gives the words (patch_size, image_size, mean, std, model)."""
     vocab = read_vocabulary(path)
     if (len(vocab), vocab.space) != (spec.options.vocab, spec.options.space):
         raise UserError(f"{path} holds {len(vocab)} {vocab.space}-space words, not the {spec.options.vocab} "
                         f"{spec.options.space}-space words asked for: pass --overwrite, or another --out")
+    differ = differences(recorded_recipe(vocab), recipe(spec, seed, model))
+    if differ:
+        raise UserError(f"{path} was learned otherwise than this run asks: {'; '.join(differ)}; pass --overwrite to "
+                        "learn it again, or another --out to keep both")
     print(f"seed {seed}: {path} exists; kept (--overwrite learns it again)")
     return vocab
+
+
+def recipe(spec: RunSpec, seed: int, model: dict) -> dict:
+    """What defines the vocabulary a run learns for ``seed``, by the names its sidecar records them under:
+    the data (set, split, data seed, protocol, --max-images), the pixels (the model's patch size, image
+    size and normalisation; the model itself for embed-space words) and the k-means with its settings."""
+    o = spec.options
+    split = None if spec.data == "samples" else (spec.split or "train")
+    out = dict(data=spec.data, split=split, data_seed=seed, protocol=spec.protocol.name, max_images=o.max_images,
+               patch_size=model["patch_size"], image_size=model["image_size"], mean=model["mean"], std=model["std"],
+               kmeans=o.kmeans)
+    if o.space == "embed":
+        out["model"] = model["model"]
+    if o.kmeans == "fast":
+        out.update(niter=o.niter, init=o.init, max_points_per_centroid=o.max_points_per_centroid, seed=seed)
+    else:
+        out.update(kmeans_batch_size=spec.batch)
+    return out
+
+
+def recorded_recipe(vocab: Vocabulary) -> dict:
+    """What an existing vocabulary records of its :func:`recipe` (a key it does not record is absent:
+    a bare or older vocabulary is compared on what it says)."""
+    meta = vocab.meta
+    out = {k: meta[k] for k in ("data", "split", "data_seed", "protocol", "image_size", "mean", "std", "kmeans",
+                                "model", "niter", "max_points_per_centroid", "seed", "kmeans_batch_size")
+           if k in meta}
+    asked = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    out.update({k: asked[k] for k in ("max_images", "init") if k in asked})  # as asked (FAISS may lack AFK-MC2)
+    if vocab.patch_size is not None:
+        out["patch_size"] = vocab.patch_size
+    return out
+
+
+def differences(there: dict, now: dict) -> list[str]:
+    """'key X there, Y now' for every key both record and that differ (numbers to 1e-6)."""
+    def same(a, b):
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
+        return a == b
+
+    return [f"{k.replace('_', ' ')} {there[k]!r} there, {now[k]!r} now" for k in now
+            if k in there and not same(there[k], now[k])]
 
 
 def learn(spec: RunSpec, seed: int, data, split, loaded: Loaded, pre, patch_size: int, device, dtype) -> Vocabulary:

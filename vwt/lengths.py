@@ -117,7 +117,7 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
     data = data_for(spec, pre)
     if len(data) == 0:
         raise UserError(f"{spec.data}: no images in the chosen split")
-    full = runtime.check_input_reducers(loaded.vision, reducers, pre.size, device, dtype)
+    full = runtime.check_input_reducers(loaded.vision, reducers, pre.size, device, dtype, preprocess=pre)
 
     per_batch = distributed.unshard(count_batches(spec, loaded, reducer, data, device, dtype))
     if not distributed.is_main():  # under torchrun: the main process writes and prints

@@ -108,7 +108,7 @@ def _inter_label(value, s: Settings) -> str:
 INTER_FLAGS = (
     (("--vocab-path",), dict(type=Path, default=None,
                              help="VWT inter-image: a vocab.pt (ours or the published ones) instead of --vocab; "
-                                  "'{seed}' in it picks one per seed (default: none)")),
+                                  "'{seed}' in it picks one per seed, its only field; a literal brace is {{ or }} (default: none)")),
     (("--vocab-data",), dict(default=None,
                              help="data set the --vocab vocabulary was learned on (default: under --protocol paper the "
                                   "evaluated data set's own, COCO's for NoCaps, ImageNet's for OpenImages; under "

@@ -233,6 +233,40 @@ def _order(method: str) -> tuple:
     return (method != "base", method)
 
 
+def read_results(paths: Iterable[Path]) -> list[tuple[Path, dict]]:
+    """The results files among ``paths`` (JSON objects with "summary" and "method"), in name order; other
+    JSON (predictions, sidecars) is passed over. A results file of the wrong shape is a one-line
+    UserError naming it, never a traceback or a row of nonsense."""
+    found = []
+    for path in sorted(Path(p) for p in paths):
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if not isinstance(r, dict) or "summary" not in r or "method" not in r:
+            continue
+        why = _malformed(r)
+        if why:
+            raise UserError(f"{path} is not a results file of these scripts ({why}): move it out of {path.parent}, "
+                            "or rerun the run that wrote it")
+        found.append((path, r))
+    return found
+
+
+def _malformed(r: dict) -> Optional[str]:
+    """What makes a JSON object with "summary" and "method" no results file (None: nothing)."""
+    if not isinstance(r["summary"], dict):
+        return f"'summary' must be an object of metric: value; got a JSON {type(r['summary']).__name__}"
+    for key in ("model", "method", "data"):
+        if not isinstance(r.get(key), str):
+            return f"no '{key}' text" if key not in r else f"'{key}' must be text; got {r[key]!r}"
+    for metric, v in r["summary"].items():
+        pair = isinstance(v, list) and len(v) == 2
+        if not all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in (v if pair else [v])):
+            return f"summary value {metric!r} is {v!r}, not a number, null or [mean, std]"
+    return None
+
+
 def summarise(paths: Iterable[Path]) -> tuple[str, str]:
     """Results files -> (Markdown table, CSV text). A results file carries "model", "method", "data" and
     "summary" ({metric: value or [mean, std]}, in percent); rows are (model, method) with the base model
@@ -241,14 +275,8 @@ def summarise(paths: Iterable[Path]) -> tuple[str, str]:
     rows: dict = {}
     columns: list = []
     machines = set()
-    for path in sorted(Path(p) for p in paths):
-        try:
-            r = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(r, dict) or "summary" not in r or "method" not in r:
-            continue
-        env = r.get("environment", {})
+    for path, r in read_results(paths):
+        env = r.get("environment") if isinstance(r.get("environment"), dict) else {}
         machines.add(env.get("gpu") or f"{env.get('processor', '?')} CPU ({env.get('cpu_count', '?')} cores)")
         for metric, value in r["summary"].items():
             col = (r["data"], metric)

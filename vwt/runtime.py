@@ -23,11 +23,18 @@ from .tokenizer import tokenize
 # --------------------------------------------------------------------------------------------------
 # Devices and seeds
 # --------------------------------------------------------------------------------------------------
+SEED_MAX = 2 ** 32 - 1  # NumPy's seeds (np.random.seed): 0 to 2^32 - 1; Python and torch take these too
+
+
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (the random ablations draw from torch)."""
+    """Seed Python's, NumPy's and torch's generators (the random ablations draw from torch); a seed
+    outside 0 to 2^32 - 1 is a one-line UserError (the scripts' argparse refuses it first)."""
     import random
 
     import numpy as np
+
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"seed {seed} is outside 0 to {SEED_MAX} (2^32 - 1), the seeds NumPy takes")
 
     seed = distributed.seed(seed)  # under torchrun every process draws its own numbers (rank 0: seed itself)
     random.seed(seed)
@@ -125,9 +132,11 @@ def save_json(path: Path, payload: Any) -> Path:
         raise UserError(f"cannot write {path} ({first_line(e)}); the finished results were saved to {rescue}") from None
 
 
-def check_input_reducers(vision: nn.Module, reducers: list, image_size: int, device=None, dtype=None) -> int:
+def check_input_reducers(vision: nn.Module, reducers: list, image_size: int, device=None, dtype=None,
+                         preprocess=None) -> int:
     """Run the input reducer (if any) on one blank image, before any data: a vocabulary that does not
-    fit the model (patch size, space, width) or an intra-image drop that keeps no patch is a one-line
+    fit the model (patch size, space, width, or ``preprocess``'s normalisation where given:
+    ``Vocabulary.check_normalisation``) or an intra-image drop that keeps no patch is a one-line
     UserError now rather than a traceback later. Returns the tokens an image has without reduction."""
     blank = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype)
     state, _ = tokenize(vision, None, blank)
@@ -137,6 +146,8 @@ def check_input_reducers(vision: nn.Module, reducers: list, image_size: int, dev
             continue
         try:
             tokenize(vision, r, blank)
+            if preprocess is not None and getattr(r, "vocab", None) is not None:
+                r.vocab.check_normalisation(getattr(preprocess, "mean", None), getattr(preprocess, "std", None))
         except ValueError as e:
             raise UserError(str(e)) from None
     return full
@@ -159,8 +170,9 @@ def nothing_merged_note(reducers: list, full: int, tokens_first: float, tokens_m
 
 def write_summary(folder: Path, script: str) -> None:
     """``--summary``: gather ``script``'s results files under ``folder`` into summary.md and summary.csv
-    (a folder without any is a one-line error, never an empty table)."""
-    if not folder.is_dir() or not any(folder.rglob("*.json")):
+    (a folder without any, or with only other JSON files, is a one-line error, never an empty table; a
+    malformed results file is one too: ``vwt.metrics.read_results``)."""
+    if not folder.is_dir() or not metrics.read_results(p for p in folder.rglob("*.json") if p.name != "summary.json"):
         raise UserError(f"no {script} results under {folder} to summarise: run {script} first, or pass the --out "
                         "the runs used")
     md, csv_path, table = metrics.write_summary(folder)

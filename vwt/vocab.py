@@ -76,6 +76,7 @@ class Vocabulary:
                                  f"with patch size {patch_size}")
         self.words, self.space, self.patch_size = words, space, patch_size
         self.meta = dict(meta)
+        self.path: Optional[Path] = None  # the file it was loaded from (:meth:`load`), for messages
         self._unit: dict = {}
 
     # ---------------------------------------------------------------------------------------------
@@ -201,10 +202,15 @@ class Vocabulary:
             raise ValueError(f"{path} is not a vocabulary file (torch.load failed: {first_line(e, 200)})") from None
         if not isinstance(words, Tensor):
             raise ValueError(f"{path} holds a {type(words).__name__}, not a (V, D) tensor of visual words")
+        if words.dim() != 2:
+            raise ValueError(f"{path} holds a tensor of shape {tuple(words.shape)}, not a (V, D) tensor of visual words")
         sidecar = path.with_suffix(".json")
         if not sidecar.exists():
-            return cls.from_tensor(words)
+            vocab = cls.from_tensor(words)
+            vocab.path = path
+            return vocab
         info = _read_sidecar(sidecar)
+        _check_recorded(info, sidecar)
         if info.get("size", len(words)) != len(words) or info.get("dim", words.shape[-1]) != words.shape[-1]:
             raise ValueError(f"{sidecar} describes ({info.get('size')}, {info.get('dim')}) words but {path} holds "
                              f"{tuple(words.shape)}; they are not a pair: relearn the vocabulary, or move {sidecar.name} "
@@ -219,7 +225,29 @@ class Vocabulary:
         space, patch_size = info.pop("space", "pixel"), info.pop("patch_size", None)
         if patch_size is not None and (not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1):
             raise ValueError(f"{sidecar}: patch_size must be a positive integer; got {patch_size!r}")
-        return cls(words, space=space, patch_size=patch_size, **info)
+        vocab = cls(words, space=space, patch_size=patch_size, **info)
+        vocab.path = path
+        return vocab
+
+    def check_normalisation(self, mean, std, tol: float = 1e-3) -> None:
+        """Refuse a model whose preprocessing normalises pixels otherwise than the vocabulary's words were
+        (its recorded ``mean`` and ``std``; a bare published tensor: CLIP's): pixel-space words would
+        then be compared with patches of other colours. The one check of this every script makes
+        (``vwt.runtime.check_input_reducers``); a vocabulary that records none is not checked."""
+        mine, theirs = (self.meta.get("mean"), self.meta.get("std")), (mean, std)
+        if self.space != "pixel" or mine[0] is None or mine[1] is None or mean is None or std is None:
+            return
+        if all(abs(float(a) - float(b)) <= tol for m, t in zip(mine, theirs) for a, b in zip(m, t)):
+            return
+
+        def show(values):
+            return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+        where = f"{self.path} was" if self.path is not None else "the vocabulary's words were"
+        raise ValueError(f"{where} learned on pixels normalised with mean {show(mine[0])} and std {show(mine[1])}, "
+                         f"but this model's preprocessing uses mean {show(mean)} and std {show(std)}: its words "
+                         "would be matched against patches of other colours; learn one with this model "
+                         "(`python process.py --model MODEL ...`) and pass that")
 
     # ---------------------------------------------------------------------------------------------
     @classmethod
@@ -351,6 +379,26 @@ def _read_sidecar(sidecar: Path) -> dict:
     return info
 
 
+def _check_recorded(info: dict, sidecar: Path) -> None:
+    """The preprocessing a sidecar records, where it records it: ``mean`` and ``std`` three finite numbers
+    (std above 0), ``image_size`` a positive integer; anything else is a ValueError naming the file."""
+    def bad(key, rule):
+        return ValueError(f"{sidecar}: {key} must be {rule}; got {info[key]!r}; relearn the vocabulary, or move "
+                          f"{sidecar.name} aside to load the bare tensor")
+
+    for key in ("mean", "std"):
+        v = info.get(key)
+        if v is None:
+            continue
+        numbers = isinstance(v, list) and len(v) == 3 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        if not numbers or (key == "std" and min(v) <= 0):
+            raise bad(key, "three finite numbers, one per RGB channel" + (", each above 0" if key == "std" else ""))
+    size = info.get("image_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise bad("image_size", "a positive integer (pixels)")
+
+
 def _jsonable(o):
     if isinstance(o, (Path, torch.device, torch.dtype)):
         return str(o)
@@ -368,16 +416,21 @@ def reservoir_sample(blocks: Iterable[Tensor], capacity: int, seed: int = 0) -> 
     block. Row i (0-based over the stream) takes slot i while the sample fills; after that it draws
     j uniform in 0..i and replaces slot j when j < capacity (the later row wins a slot drawn twice in
     a block, as one row at a time would), so every row ends in the sample with probability capacity / n.
-    Memory: the sample (float32, on the CPU) and one block. Seeded: the same stream gives the same sample."""
+    Memory: the sample (float32, on the CPU) and one block; the sample grows (doubling) as rows come, so a
+    capacity beyond the stream's rows costs nothing. Seeded: the same stream gives the same sample."""
     gen = torch.Generator().manual_seed(seed)
     buf, seen = None, 0
     for x in blocks:
         x = x.detach().to("cpu", torch.float32).reshape(-1, x.shape[-1])
         if buf is None:
-            buf = torch.empty(capacity, x.shape[1])  # pages are only committed as rows are written
+            buf = torch.empty(min(capacity, max(x.shape[0], 1)), x.shape[1])
         elif x.shape[1] != buf.shape[1]:
             raise ValueError(f"the stream's rows changed width from {buf.shape[1]} to {x.shape[1]}")
         n = x.shape[0]
+        if min(capacity, seen + n) > buf.shape[0]:  # room for this block's rows: grow to at most capacity
+            grown = torch.empty(min(capacity, max(seen + n, 2 * buf.shape[0])), buf.shape[1])
+            grown[:seen] = buf[:seen]
+            buf = grown
         fill = min(max(capacity - seen, 0), n)
         buf[seen:seen + fill] = x[:fill]
         if fill < n:
@@ -392,7 +445,7 @@ def reservoir_sample(blocks: Iterable[Tensor], capacity: int, seed: int = 0) -> 
         seen, x = seen + n, None  # hold no block while the next one is made
     if buf is None:
         raise ValueError("k-means got no data")
-    return (buf if seen >= capacity else buf[:seen].clone()), seen
+    return (buf if buf.shape[0] == seen or seen >= capacity else buf[:seen].clone()), seen
 
 
 def _faiss():

@@ -3,6 +3,7 @@ which file a run's flags name, loading one with one-line errors, and the samples
 first use."""
 from __future__ import annotations
 
+import string
 import sys
 import time
 from pathlib import Path
@@ -65,13 +66,33 @@ def vocab_candidates(data: str, size: int, seed: Optional[int] = None) -> list:
     return found
 
 
+def check_vocab_path(path) -> None:
+    """A --vocab-path's only format field may be ``{seed}`` (a literal brace is doubled, ``{{``); anything
+    else (``{0}``, ``{data}``, an unclosed ``{``) is a ValueError saying so."""
+    text = str(path)
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"{text!r} is not a path template ({e}); its only field may be {{seed}} (write a "
+                         "literal brace as {{ or }})") from None
+    other = [f"{{{f}}}" for f in fields if f != "seed"]
+    if other:
+        raise ValueError(f"{text!r} has the field {other[0]}; its only field may be {{seed}} (the run's seed; "
+                         "a literal brace is written {{ or }})")
+
+
 def vocab_path(spec: RunSpec, seed: Optional[int] = None) -> Optional[Path]:
     """The vocabulary file a run uses for ``seed`` (None: the data set's one, or its first seed's):
-    --vocab-path ('{seed}' in it replaced by the seed, 0 for none), or for --vocab SIZE the first
-    existing of :func:`vocab_candidates` (the first candidate when none exists, for the error)."""
+    --vocab-path ('{seed}' in it replaced by the seed, 0 for none; no other field, see
+    :func:`check_vocab_path`), or for --vocab SIZE the first existing of :func:`vocab_candidates` (the
+    first candidate when none exists, for the error)."""
     if spec.method.vocab_path is not None:
         path = str(spec.method.vocab_path)
-        return Path(path.format(seed=seed or 0) if "{seed}" in path else path)
+        try:
+            check_vocab_path(path)
+        except ValueError as e:
+            raise UserError(f"--vocab-path {e}") from None
+        return Path(path.format(seed=seed or 0) if "{" in path or "}" in path else path)
     if spec.method.vocab is None:
         return None
     candidates = vocab_candidates(vocab_data(spec), spec.method.vocab, seed)

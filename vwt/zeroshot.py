@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import string
 import sys
 import time
 from dataclasses import dataclass
@@ -89,12 +90,49 @@ def image_scores(loaded, pixels: torch.Tensor, text) -> torch.Tensor:
     return F.normalize(f.float(), dim=-1) @ text.T
 
 
+PROMPT_HINT = "write {} where the label goes, e.g. 'a photo of a {}' (a literal brace: {{ or }})"
+
+
+def check_prompt(prompt: str) -> None:
+    """A prompt template has ``{}`` where the label goes (repeated is fine) and no other field; anything
+    else (no field: every class the same prompt; ``{1}``, ``{label}``, an unclosed ``{``) is a ValueError."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"{prompt!r} is not a prompt template ({e}); {PROMPT_HINT}") from None
+    other = [f for f in fields if f not in ("", "0")]
+    if other:
+        raise ValueError(f"{prompt!r} has the field {{{other[0]}}}, but a prompt gets only the label; {PROMPT_HINT}")
+    if not fields:
+        raise ValueError(f"{prompt!r} has no {{}} for the label: every class would get the same prompt; {PROMPT_HINT}")
+    try:
+        prompt.format("label")
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"{prompt!r} is not a prompt template ({e}); {PROMPT_HINT}") from None
+
+
+def check_labels(labels: str) -> list[str]:
+    """Comma-separated class names, none empty, none twice (two classes of one name get one prompt: the
+    model could not tell them apart); returns the names, else a ValueError."""
+    names = [s.strip() for s in labels.split(",")]
+    if any(not n for n in names):
+        raise ValueError(f"{labels!r} has an empty class name; give one name per class, comma-separated")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{labels!r} names {', '.join(map(repr, twice))} more than once; every class needs its "
+                         "own name")
+    return names
+
+
 def class_names(spec: RunSpec, ds) -> list[str]:
     """The prompt labels: the data set's class (or tag) names, or --labels."""
     labels = spec.options.labels
     if labels is None:
         return list(ds.classes)
-    names = [s.strip() for s in labels.split(",")]
+    try:
+        names = check_labels(labels)
+    except ValueError as e:
+        raise UserError(f"--labels {e}") from None
     if len(names) != len(ds.classes):
         raise UserError(f"--labels gives {len(names)} names; {spec.data} has {len(ds.classes)} classes")
     return names
@@ -299,7 +337,8 @@ def prepare(spec: RunSpec, loaded: Optional[Loaded], device, dtype) -> Prepared:
     reducers = {seed: reducers_for(spec, seed=seed, family=loaded.family) for seed in seeds}
     full = 0
     for seed in seeds:  # every seed's vocabulary must fit the model before any image is scored
-        full = check_input_reducers(loaded.vision, reducers[seed], transform.size, device, dtype)
+        full = check_input_reducers(loaded.vision, reducers[seed], transform.size, device, dtype,
+                                    preprocess=transform)
     names = class_names(spec, ds)
     quant_first = spec.method.quant and spec.protocol.whole_model_int8
     if quant_first:
@@ -341,6 +380,10 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
     torchrun's other processes)."""
     spec = spec.with_options(ZeroShot)
     at_least_one(spec, "batch", "limit")
+    try:
+        check_prompt(spec.options.prompt)
+    except ValueError as e:
+        raise UserError(f"--prompt {e}") from None
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     results.writable_dir(Path(spec.out) / "clip")
     started = time.time()
