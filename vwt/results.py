@@ -247,9 +247,9 @@ def append_whole(f: IO[bytes], data: bytes) -> None:
 @contextmanager
 def exclusive(path: Path):
     """Hold the lock of ``path`` (``.<name>.lock`` beside it, ``fcntl.flock``) while the block runs, so
-    two runs never append to one file at once: a second run is a one-line UserError naming the process
-    that holds it. The kernel drops the lock when the process ends, however it ends; the empty lock
-    file stays (removing it would let a third run lock a new file while the first still holds the old)."""
+    two runs never append to one file at once: a second run is a one-line UserError. The kernel drops
+    the lock when the process ends, however it ends; the empty lock file stays, never written (removing
+    it would let a third run lock a new file while the first still holds the old one)."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): unguarded, as before
@@ -263,14 +263,8 @@ def exclusive(path: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise UserError(f"another run (process {holder}) is writing {path} now; wait for it to finish, or "
-                            "pass another --out") from None
-        try:  # who holds it, for the message above; a full disk only loses the number
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-        except OSError:
-            pass
+            raise UserError(f"another run is writing {path} now; wait for it to finish, or pass another "
+                            "--out") from None
         yield
     finally:
         os.close(fd)
