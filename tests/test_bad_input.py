@@ -687,7 +687,7 @@ def test_sigkill_mid_run_leaves_only_whole_files(world, tmp_path, name):
             except Exception as err:  # noqa: BLE001 (any failure to parse is the defect)
                 raise AssertionError(f"{path} does not parse after SIGKILL at +{delay:.3f} s: {err}") from None
         elif path.is_file():
-            assert path.name.endswith(".tmp"), path  # a temporary: hidden and .tmp, never read as a result
+            assert path.name.endswith((".tmp", ".lock")), path  # a temporary or blip.py's lock: hidden, never read
     for old, data in before.items():  # earlier files are whole: unchanged, or replaced by whole ones
         if not (out / old).exists():
             raise AssertionError(f"{old} was lost")
