@@ -478,9 +478,10 @@ def test_settings_that_merge_nothing_say_so(world, tmp_path):
     assert merged["note"] is None and merged["metrics"]["tokens_first_block"]["mean"] < 1 + tiny.NUM_PATCHES
 
 
-def test_a_late_write_failure_keeps_the_finished_results(tmp_path):
+def test_a_late_write_failure_keeps_the_finished_results(tmp_path, monkeypatch):
     """Where the results folder goes away after the start-up check, the finished results are written
     to the temporary-files folder and the one-line error says where."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the rescue folder goes there
     blocked = tmp_path / "gone"
     blocked.write_text("a file where the results folder was")
     with pytest.raises(cli.UserError, match="saved to") as e:
@@ -492,8 +493,10 @@ def test_a_late_write_failure_keeps_the_finished_results(tmp_path):
         rescue.unlink()
 
 
-def test_process_keeps_the_learned_words_when_the_folder_fails_late(tmp_path):
+def test_process_keeps_the_learned_words_when_the_folder_fails_late(tmp_path, monkeypatch):
     from vwt import learning
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the rescue folder goes there
 
     vocab = vwt.Vocabulary(torch.randn(3, PATCH_DIM), patch_size=tiny.PATCH)
     blocked = tmp_path / "a-file"
@@ -687,7 +690,7 @@ def test_sigkill_mid_run_leaves_only_whole_files(world, tmp_path, name):
             except Exception as err:  # noqa: BLE001 (any failure to parse is the defect)
                 raise AssertionError(f"{path} does not parse after SIGKILL at +{delay:.3f} s: {err}") from None
         elif path.is_file():
-            assert path.name.endswith(".tmp"), path  # a temporary: hidden and .tmp, never read as a result
+            assert path.name.endswith((".tmp", ".lock")), path  # a temporary or blip.py's lock: hidden, never read
     for old, data in before.items():  # earlier files are whole: unchanged, or replaced by whole ones
         if not (out / old).exists():
             raise AssertionError(f"{old} was lost")

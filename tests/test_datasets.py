@@ -302,7 +302,7 @@ def test_metashift_unwritable_folder_is_one_line(paper_root, tmp_path, monkeypat
 
     shutil.copytree(paper_root / "meta", tmp_path / "meta", ignore=shutil.ignore_patterns("metadata.csv"))
 
-    def refuse(path, text):
+    def refuse(path, text, **_):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(vwt.results, "atomic_write_text", refuse)

@@ -82,6 +82,8 @@ def results(folder: Path, out: Path) -> dict:
     """{file name: content} of a results folder; JSON without what differs by machine, time or --out."""
     files = {}
     for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):  # blip.py's lock beside its captions file, temporaries: not results
+            continue
         text = p.read_text().replace(str(out), "<out>") if p.suffix in (".json", ".csv", ".jsonl") else p.read_bytes()
         if p.suffix == ".json":
             text = json.loads(text)

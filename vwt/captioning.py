@@ -11,6 +11,7 @@ header, resume and restart), the beam-search captions of a batch and the one loo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from . import datasets, distributed, methods, metrics, results, runtime
 from .batching import batch_order
-from .errors import UserError
+from .errors import UserError, first_line
 from .methods import method_name
 from .models import DEFAULT_BLIP, Loaded, load_model
 from .patch import describe_tokens, patch, stats, unpatch
@@ -176,7 +177,10 @@ def adopt_old_header(path: Path, config: dict) -> None:
     if header is None or header != old:
         return
     body = path.read_bytes().split(b"\n", 1)[1]
-    results.atomic_write(path, lambda f: f.write(json.dumps({"config": config}).encode() + b"\n" + body))
+    try:  # read back at once: rewritten in place or not at all, never a copy elsewhere
+        results.atomic_write(path, lambda f: f.write(json.dumps({"config": config}).encode() + b"\n" + body), rescue=False)
+    except OSError as e:
+        raise UserError(f"cannot record the data root in {path} ({first_line(e)}); free some space and rerun") from None
     print(f"note: {path} was written before captions files recorded their data root; its captions are taken to "
           f"be of the images under {config['data_root']}, and its header now records it", file=sys.stderr)
 
@@ -240,18 +244,21 @@ def restart(path: Path, config: dict) -> None:
 
 
 class CaptionWriter:
-    """Appends one JSON line per caption; each batch goes to the file in one unbuffered write and is
-    synced, so a stopped run loses at most a batch and leaves whole lines."""
+    """Appends one JSON line per caption; each batch goes to the file whole or not at all
+    (vwt.results.append_whole: a full disk or an interrupt mid-write cuts the file back) and is synced,
+    so a stopped run loses at most a batch and never leaves a torn line. A torn last line that an older
+    version left is cut off on opening (its image is captioned again)."""
 
     def __init__(self, path: Path, config: dict):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not path.exists() or path.stat().st_size == 0
+        old = path.read_bytes() if path.exists() else b""
         self.f = open(path, "ab", buffering=0)
         self.pending: list[str] = []
-        if fresh:
+        whole = old.rfind(b"\n") + 1  # bytes of whole lines
+        if whole < len(old):
+            os.ftruncate(self.f.fileno(), whole)
+        if whole == 0:
             self.write({"config": config})
-        elif not path.read_bytes().endswith(b"\n"):
-            self.pending.append("")  # after a torn line, start a clean one
         self.flush()
 
     def write(self, item: dict) -> None:
@@ -259,9 +266,8 @@ class CaptionWriter:
 
     def flush(self) -> None:
         if self.pending:
-            self.f.write(("\n".join(self.pending) + "\n").encode())
+            results.append_whole(self.f, ("\n".join(self.pending) + "\n").encode())
             self.pending = []
-        os.fsync(self.f.fileno())
 
     def close(self) -> None:
         self.f.close()
@@ -546,7 +552,9 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
     full = runtime.check_input_reducers(loaded.vision, reducers, ds.transform.size, device, dtype,
                                         preprocess=ds.transform)
     path, config = captions_path(spec, loaded.name), captions_header(spec, loaded.name)
-    done = caption_missing(spec, loaded, ds, reducers, path, config, device, dtype)
+    with contextlib.ExitStack() as held:  # one run at a time appends to a captions file (rank 0 writes it)
+        distributed.from_main(lambda: held.enter_context(results.exclusive(path)) and None)
+        done = caption_missing(spec, loaded, ds, reducers, path, config, device, dtype)
     if not distributed.is_main():  # torchrun: the main process scores and writes
         return None
     if spec.options.no_score:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import bench, distributed, methods, protocol, vocab_files, zeroshot
+from . import bench, distributed, methods, protocol, results, vocab_files, zeroshot
 # re-exported for the scripts: the library's own definitions, in one place each
 from .batching import batch_order  # noqa: F401
 from .errors import UserError, first_line  # noqa: F401
@@ -34,8 +34,8 @@ def main(fn: Callable[[], Any]) -> None:
     argparse's usage-plus-message is replaced by one ``error: ...`` line while ``fn`` runs."""
     usage_error, argparse.ArgumentParser.error = argparse.ArgumentParser.error, _one_line_usage_error
     try:
-        with distributed.session():  # under torchrun: the process group (see vwt.distributed)
-            fn()
+        with distributed.session(), results.saving_what_it_can():  # torchrun's process group; a full disk
+            fn()                                                     # keeps every later result (one line at the end)
     except UserError as e:
         print(f"error: {distributed.tag()}{e}", file=sys.stderr)
         sys.exit(2)

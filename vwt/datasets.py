@@ -540,7 +540,7 @@ def metashift_metadata(base: Path, test_pct: float = 0.25, val_pct: float = 0.1)
     from .results import atomic_write_text
 
     try:
-        atomic_write_text(path, df.to_csv(index=False))
+        atomic_write_text(path, df.to_csv(index=False), rescue=False)  # read back now: no copy elsewhere
     except OSError as e:
         raise UserError(f"meta: cannot write the generated split {path} ({first_line(e)}); make the folder "
                         "writable once (the file is then reused) or use --protocol standard") from None

@@ -140,7 +140,7 @@ def draw_matches(spec: RunSpec, loaded, reducers: list, data, pre, out_dir: Path
 
     inter = next((r for r in reducers if isinstance(r, InterImage)), None)
     recorder = vis.MatchRecorder(inter) if inter is not None and not in_network(spec) else None
-    images = []
+    images, names = [], iter(figure_names(data))
     try:
         patch(loaded.model, *reducers)
         for pixels, records in tqdm(datasets.batches(data, spec.batch), desc="match", unit="batch",
@@ -148,8 +148,8 @@ def draw_matches(spec: RunSpec, loaded, reducers: list, data, pre, out_dir: Path
             with torch.inference_mode():
                 loaded.vision(pixels.to(device, dtype))
             words = recorder.keys() if recorder is not None else None
-            images += [match_figure(spec, loaded, pre, pixels[b], rec, b, words, out_dir)
-                       for b, rec in enumerate(records)]
+            images += [match_figure(spec, loaded, pre, pixels[b], next(names), b, words, out_dir)
+                       for b in range(len(records))]
     finally:
         unpatch(loaded.model)
         if recorder is not None:
@@ -157,14 +157,22 @@ def draw_matches(spec: RunSpec, loaded, reducers: list, data, pre, out_dir: Path
     return images
 
 
-def match_figure(spec: RunSpec, loaded, pre, pixels, rec: dict, b: int, words, out_dir: Path) -> dict:
-    """The PNG of image ``b`` of the last forward, and its record."""
+def figure_names(data) -> list:
+    """The figure name of each image of ``data`` (a data set, or a Subset of one) in order, unique in
+    the whole data set (vis.record_names: images of one file name in two folders never share a PNG)."""
+    if isinstance(data, torch.utils.data.Subset):
+        every = vis.record_names(data.dataset.records)
+        return [every[i] for i in data.indices]
+    return vis.record_names(data.records)
+
+
+def match_figure(spec: RunSpec, loaded, pre, pixels, name: str, b: int, words, out_dir: Path) -> dict:
+    """The PNG of image ``b`` of the last forward, named ``name``, and its record."""
     st = stats(loaded.model)
     labels, counts = st["labels"].cpu().numpy(), st["tokens_per_layer"].cpu().numpy()
     rows, cols = st["grid"]
     prefix = patch_info(loaded.model).last.prefix
     opts, network = spec.options, in_network(spec)
-    name = vis.record_name(rec)
     image = vis.to_uint8(pre.denormalise(pixels.float()))
     image = image[:rows * (image.shape[0] // rows), :cols * (image.shape[1] // cols)]
     dropped = labels[b] < 0
@@ -227,7 +235,7 @@ def word_vocabulary(spec: RunSpec, loaded, device, dtype):
 def chosen_images(spec: RunSpec, pre):
     """The images to show: --images by name, else the first --limit; unknown names are a one-line error."""
     data = datasets.load(spec.data, spec.root, pre)
-    names = [vis.record_name(r) for r in data.records]
+    names = vis.record_names(data.records)
     if not names:
         raise UserError(f"{spec.data}: no images to draw under {spec.root}; expected layout: "
                         f"{datasets.layout(spec.data)}")
@@ -280,7 +288,7 @@ def draw_words(spec: RunSpec, loaded, inter, data, pre, tiles, scale: int, sourc
     """For each image, its matched patches beside their words (one PNG each); returns their records."""
     from tqdm import tqdm
 
-    recorder, out = vis.MatchRecorder(inter), []
+    recorder, out, names = vis.MatchRecorder(inter), [], iter(figure_names(data))
     try:
         patch(loaded.model, inter)
         for pixels, records in tqdm(datasets.batches(data, spec.batch), desc="word", unit="batch",
@@ -288,19 +296,18 @@ def draw_words(spec: RunSpec, loaded, inter, data, pre, tiles, scale: int, sourc
             with torch.inference_mode():
                 loaded.vision(pixels.to(device, dtype))
             grid, keys = stats(loaded.model)["grid"], recorder.keys()
-            out += [word_figure(spec, inter.vocab, pre, pixels[b], rec, keys[b], grid, tiles, scale, source, out_dir)
-                    for b, rec in enumerate(records)]
+            out += [word_figure(spec, inter.vocab, pre, pixels[b], next(names), keys[b], grid, tiles, scale, source,
+                                out_dir) for b in range(len(records))]
     finally:
         unpatch(loaded.model)
         recorder.detach()
     return out
 
 
-def word_figure(spec: RunSpec, vocab, pre, pixels, rec: dict, keys, grid, tiles, scale: int, source: str,
+def word_figure(spec: RunSpec, vocab, pre, pixels, name: str, keys, grid, tiles, scale: int, source: str,
                 out_dir: Path) -> dict:
-    """One image's "patch | word" pairs, ordered by word index, as a PNG; returns its record."""
+    """One image's "patch | word" pairs, ordered by word index, as a PNG named ``name``; returns its record."""
     rows, cols = grid
-    name = vis.record_name(rec)
     image = vis.to_uint8(pre.denormalise(pixels.float()))
     p = vocab.patch_size
     patches = vis.image_patches(image[:rows * p, :cols * p], (rows, cols))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import datasets, distributed, models, results, runtime
-from .errors import UserError, first_line
+from .errors import UserError
 from .models import DEFAULT_BLIP, DEFAULT_CLIP, Loaded
 from .results import slug
 from .spec import RunSpec
@@ -135,7 +134,7 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> dict:
         if not distributed.is_main():  # under torchrun the main process learns and writes; the others load
             continue
         vocab = vocabs[seed]
-        save(vocab, path.parent)
+        path = save(vocab, path.parent)
         per_patch = vocab.meta["inertia"] / max(vocab.meta["inertia_patches"], 1)
         sampled = f"a sample of {vocab.meta['sample']} of " if "sample" in vocab.meta else ""
         print(f"seed {seed}: {len(vocab)} {spec.options.space}-space words of {vocab.dim} values from {sampled}"
@@ -285,12 +284,7 @@ def learn(spec: RunSpec, seed: int, data, split, loaded: Loaded, pre, patch_size
 
 
 def save(vocab: Vocabulary, folder: Path) -> Path:
-    """Save the learned words; where the folder refuses them now (it was checked at the start), they go
-    to a new temporary folder instead and a one-line error says where: the k-means is never lost."""
-    try:
-        return vocab.save(folder)
-    except OSError as e:
-        rescue = Path(tempfile.mkdtemp(prefix="vwt-vocab-"))
-        vocab.save(rescue)
-        raise UserError(f"cannot write the vocabulary to {folder} ({first_line(e)}); it was saved to "
-                        f"{rescue} instead") from None
+    """Save the learned words; where the folder refuses them now (it was checked at the start: a full
+    disk, a folder gone), they go to the temporary-files folder instead and a one-line error says where
+    (vwt.results.write_files, the one writer): the k-means is never lost. Returns where they went."""
+    return vocab.save(folder)

@@ -58,12 +58,17 @@ class _Plan:
     weight: Optional[Tensor] = None
 
 
+def _largest(t: Tensor, empty: int = 0) -> int:
+    """``int(t.max())``, or ``empty`` for a batch of no image (max() of nothing is an error)."""
+    return int(t.max()) if t.numel() else empty
+
+
 def _rows(x: Tensor, index: Tensor) -> Tensor:
     """x[b, index[b, j]] for (B, N, C) tokens and a (B, L) index: whole-row copies (on a CPU several
     times faster than gather or advanced indexing)."""
     b, n, c = x.shape
     flat = index + torch.arange(b, device=x.device)[:, None] * n         # (B, L) rows of (B*N, C)
-    return x.reshape(b * n, c).index_select(0, flat.reshape(-1)).view(b, -1, c)  # (B, L, C)
+    return x.reshape(b * n, c).index_select(0, flat.reshape(-1)).view(b, index.shape[1], c)  # (B, L, C)
 
 
 def _apply(state: TokenState, plan: _Plan, sizes: Optional[Tensor] = None) -> TokenState:
@@ -102,7 +107,7 @@ def _compact(flags: Tensor, out_len: Optional[int]):
     b, k = flags.shape
     pos = flags.long().cumsum(1) - 1                                     # (B, K) slot if kept
     count = pos[:, -1] + 1                                               # (B,) kept per image
-    length = int(count.max()) if out_len is None else out_len
+    length = _largest(count) if out_len is None else out_len
     target = torch.where(flags, pos, torch.full_like(pos, length))       # (B, K) unkept -> a spare column
     src = torch.zeros(b, length + 1, dtype=torch.long, device=flags.device)  # (B, L + 1)
     src.scatter_(1, target, torch.arange(k, device=flags.device).expand(b, -1))
@@ -319,7 +324,7 @@ class EViT(Reducer):
         dropped = is_real & ~kept if self.fuse else torch.zeros_like(kept)  # (B, n) folded into one token
         slot = (p + k_img)[:, None]                                      # (B, 1) right after the kept tokens
         new_tok = torch.where(dropped, slot, new_tok)                    # (B, n)
-        lo = k if state.size is None else int(k_img.min())               # every dropped token ranks >= lo
+        lo = k if state.size is None or not b else int(k_img.min())               # every dropped token ranks >= lo
         tail = order[:, lo:] if self.fuse else order[:, :0]              # (B, M) the candidates to fold; M = 0 unfused
         return _Plan(take=take, real=real_slot, src=p + tail, dst=slot.expand_as(tail),  # slot <= p + k: in range
                      valid=dropped.gather(1, tail), new_index=torch.cat([prefix, new_tok], 1),
@@ -360,23 +365,28 @@ def _window_plan(state: TokenState, metric: Tensor, per_window: int) -> _Plan:
     key = torch.where(win >= 0, win * n + pos, 4 * n + pos)              # (B, N) window, then position
     order = key.argsort(dim=1, stable=True)                              # (B, N) tokens grouped by window
     count = torch.zeros(b, 4, dtype=torch.long, device=dev).scatter_add_(1, win.clamp_min(0), (win >= 0).long())
-    lw = max(2, int(count.max()))                                        # the longest window (2: a pair at least)
+    lw = max(2, _largest(count))                                        # the longest window (2: a pair at least)
     j = torch.arange(lw, device=dev)                                     # (Lw,)
     inside = (j < count[..., None]).view(b * 4, lw)                      # (S, Lw) S = B x 4 stacked windows
     at = ((count.cumsum(1) - count)[..., None] + j).clamp(max=n - 1)     # (B, 4, Lw) place in ``order``
-    idx = order.gather(1, at.view(b, -1)).view(b * 4, lw)                # (S, Lw) old token of each cell
+    idx = order.gather(1, at.view(b, 4 * lw)).view(b * 4, lw)                # (S, Lw) old token of each cell
     m = metric.float()
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)                # (B, N, d) unit keys
-    ms = m.gather(1, idx.view(b, -1, 1).expand(-1, -1, m.shape[-1])).view(b * 4, lw, -1)  # (S, Lw, d)
+    ms = m.gather(1, idx.view(b, 4 * lw, 1).expand(-1, -1, m.shape[-1])).view(b * 4, lw, m.shape[-1])  # (S, Lw, d)
     scores = ms[:, ::2] @ ms[:, 1::2].transpose(1, 2)                    # (S, nA, nB) cosine A x B
     best, partner = scores.masked_fill_(~inside[:, None, 1::2], _NEG).max(-1)  # (S, nA)
     ok_a = inside[:, ::2]
     best = best.masked_fill_(~ok_a, _NEG)
-    budget = (count // 2).clamp(max=per_window).view(-1, 1)              # (S, 1)
+    budget = (count // 2).clamp(max=per_window).view(4 * b, 1)              # (S, 1)
     ranked = best.argsort(dim=1, descending=True, stable=True)           # (S, nA)
     rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=dev).expand_as(ranked))
     merge = ok_a & (rank < budget)                                       # (S, nA)
     return _concat_windows(state, idx, inside, merge, partner)
+
+
+def _by_image(t: Tensor) -> Tensor:
+    """(B x 4, K) stacked windows as (B, 4 K) rows of their images (a batch of no image too)."""
+    return t.reshape(t.shape[0] // 4, 4 * t.shape[1])
 
 
 def _concat_windows(state: TokenState, idx: Tensor, inside: Tensor, merge: Tensor, partner: Tensor) -> _Plan:
@@ -387,23 +397,23 @@ def _concat_windows(state: TokenState, idx: Tensor, inside: Tensor, merge: Tenso
     kept = torch.cat([inside[:, ::2] & ~merge, inside[:, 1::2]], 1)      # (S, nA + nB) [A, B] cells kept
     old = torch.cat([idx[:, ::2], idx[:, 1::2]], 1)                      # (S, nA + nB) their old tokens
     per = kept.sum(1).view(b, 4)                                         # (B, 4) tokens each window keeps
-    slot = (p + per.cumsum(1) - per).view(-1, 1) + kept.long().cumsum(1) - 1  # (S, nA + nB) slot if kept
+    slot = (p + per.cumsum(1) - per).view(4 * b, 1) + kept.long().cumsum(1) - 1  # (S, nA + nB) slot if kept
     to = torch.cat([torch.where(kept[:, :na], slot[:, :na], slot[:, na:].gather(1, partner)), slot[:, na:]], 1)
     #                                                                      (S, nA + nB) merged A: partner's slot
     moved = kept | torch.cat([merge, torch.zeros_like(inside[:, 1::2])], 1)  # (S, nA + nB) placed somewhere
-    length = p + int(per.sum(1).max())                                   # L slots out
+    length = p + _largest(per.sum(1))                                    # L slots out
     new_index = torch.full((b, n + 1), -1, dtype=torch.long, device=dev)  # (B, N + 1), column N: spare
     new_index[:, :p] = torch.arange(p, device=dev)
-    new_index.scatter_(1, torch.where(moved, old, n).view(b, -1), to.view(b, -1))
+    new_index.scatter_(1, _by_image(torch.where(moved, old, n)), _by_image(to))
     take = torch.zeros(b, length + 1, dtype=torch.long, device=dev)      # (B, L + 1), column L: spare
     take[:, :p] = torch.arange(p, device=dev)
-    take.scatter_(1, torch.where(kept, slot, length).view(b, -1), old.view(b, -1))
+    take.scatter_(1, _by_image(torch.where(kept, slot, length)), _by_image(old))
     real = torch.arange(length, device=dev) < (p + per.sum(1))[:, None]  # (B, L)
-    merged = merge.view(b, -1)                                           # (B, 4 nA) merged A cells
+    merged = _by_image(merge)                                            # (B, 4 nA) merged A cells
     first = torch.sort(merged.to(torch.uint8), dim=1, descending=True, stable=True).indices
-    first = first[:, :max(1, int(merged.sum(1).max()))]                  # (B, M) merged cells first
-    src = idx[:, ::2].reshape(b, -1).gather(1, first)                    # (B, M) old tokens that fold
-    dst = to[:, :na].reshape(b, -1).gather(1, first).clamp(0, length - 1)  # (B, M) their partners' slots
+    first = first[:, :max(1, _largest(merged.sum(1)))]                   # (B, M) merged cells first
+    src = _by_image(idx[:, ::2]).gather(1, first)                        # (B, M) old tokens that fold
+    dst = _by_image(to[:, :na]).gather(1, first).clamp(0, length - 1)   # (B, M) their partners' slots
     return _Plan(take=take[:, :length], real=real, src=src, dst=dst, valid=merged.gather(1, first),
                  new_index=new_index[:, :n])
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from . import distributed, metrics
-from .errors import UserError, first_line
+from .errors import UserError
 from .results import write_json
 from .tokenizer import tokenize
 
@@ -120,16 +119,9 @@ def at_least_one(run, *names: str) -> None:
 
 def save_json(path: Path, payload: Any) -> Path:
     """Write a finished run's results atomically; where that fails (the folder went away, the disk is
-    full) the results go to the temporary-files folder instead, and a one-line UserError says where."""
-    try:
-        return write_json(path, payload)
-    except OSError as e:
-        rescue = Path(tempfile.gettempdir()) / Path(path).name
-        try:
-            write_json(rescue, payload)
-        except OSError:
-            raise UserError(f"cannot write {path} ({first_line(e)}), nor a copy in {rescue.parent}") from None
-        raise UserError(f"cannot write {path} ({first_line(e)}); the finished results were saved to {rescue}") from None
+    full) the results go to the temporary-files folder instead, and a one-line UserError says where
+    (vwt.results.write_files, the one writer). Returns where they went."""
+    return write_json(path, payload)
 
 
 def check_input_reducers(vision: nn.Module, reducers: list, image_size: int, device=None, dtype=None,

@@ -320,6 +320,24 @@ def record_name(record: dict) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
 
 
+def record_names(records: Sequence[dict]) -> list[str]:
+    """:func:`record_name` of each record, made unique among ``records`` so that no two images' figures
+    share a file: a name that images in different folders share gets the folder's name in front
+    (``dog_0001``, ``cat_0001``), and one that still repeats a short digest of its path behind. A name
+    no other image shares stays as it is."""
+    import hashlib
+    from collections import Counter
+
+    names = [record_name(r) for r in records]
+    seen = Counter(names)
+    names = [record_name({"name": f"{Path(r['path']).parent.name}_{n}"}) if seen[n] > 1 and r.get("path") else n
+             for r, n in zip(records, names)]
+    seen = Counter(names)
+    key = lambda r: str(r.get("path") or r.get("image_id") or r.get("index"))  # noqa: E731
+    return [f"{n}_{hashlib.sha256(key(r).encode()).hexdigest()[:8]}" if seen[n] > 1 else n
+            for r, n in zip(records, names)]
+
+
 def save_png(path: Path, array: np.ndarray) -> Path:
     """Write an RGB uint8 array as a PNG, pixel for pixel."""
     from PIL import Image

@@ -157,35 +157,23 @@ class Vocabulary:
 
     # ---------------------------------------------------------------------------------------------
     def save(self, directory) -> Path:
-        """Write ``vocab.pt`` (raw centres) and ``vocab.json`` into ``directory`` as a pair: both go to
-        temporary files first, then the sidecar and the tensor are renamed into place, and the sidecar
-        records the tensor's digest, so a crash at any point leaves either the old pair, or a pair that
-        :meth:`load` refuses, never a silent mismatch. Returns the .pt path."""
-        import os
-        import tempfile
+        """Write ``vocab.pt`` (raw centres) and ``vocab.json`` into ``directory`` as a pair through the
+        one writer (vwt.results.write_files): both go to temporary files first, then the sidecar and the
+        tensor are renamed into place, and the sidecar records the tensor's digest, so a crash at any
+        point leaves either the old pair, or a pair that :meth:`load` refuses, never a silent mismatch.
+        A full disk saves the pair in the temporary-files folder (one-line UserError). Returns the .pt
+        path written."""
+        from . import results
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         path = directory / "vocab.pt"
         words = self.words.clone()
         info = {"size": len(self), "dim": self.dim, "space": self.space, "patch_size": self.patch_size,
                 **self.meta, "words_sha256": _digest(words)}
-        temps = []
-        try:
-            for target, write in ((path.with_suffix(".json"), lambda f: f.write(
-                    json.dumps(info, indent=2, default=_jsonable).encode())), (path, lambda f: torch.save(words, f))):
-                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-                temps.append((tmp, target))
-                with os.fdopen(fd, "wb") as f:
-                    write(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-            for tmp, target in temps:
-                os.replace(tmp, target)
-        finally:
-            for tmp, _ in temps:
-                Path(tmp).unlink(missing_ok=True)
-        return path
+        written = results.write_files({
+            path.with_suffix(".json"): lambda f: f.write(json.dumps(info, indent=2, default=_jsonable).encode()),
+            path: lambda f: torch.save(words, f)})
+        return written[1]
 
     @classmethod
     def load(cls, path) -> "Vocabulary":

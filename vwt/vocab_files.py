@@ -152,6 +152,6 @@ def samples_vocabulary(size: int, vision: nn.Module, preprocess, images: Optiona
     vocab = Vocabulary.learn([images[i:i + 64] for i in range(0, len(images), 64)], size=size, space="pixel",
                              patch_size=patch, data="samples", image_size=px, mean=list(preprocess.mean),
                              std=list(preprocess.std))
-    vocab.save(path.parent)
+    path = vocab.save(path.parent)  # where it went (a full disk: the temporary-files folder)
     vocab.meta["learned_in_s"] = time.perf_counter() - started
     return vocab, path

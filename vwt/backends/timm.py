@@ -40,7 +40,7 @@ def tower(model: nn.Module) -> Tower:
         grid = tuple(patches.shape[1:3]) if patches.dim() == 4 else (
             pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size)
         x = model.patch_drop(model._pos_embed(patches))
-        return x, patches.reshape(patches.shape[0], -1, patches.shape[-1]), grid
+        return x, patches.flatten(1, -2), grid  # (B, N, C); flatten, not reshape(-1): a batch of 0 too
 
     return Tower(embed=embed, pre_norm=model.norm_pre, blocks=[_block(b) for b in model.blocks],
                  patch_size=patch_size, prefix=model.num_prefix_tokens, training=model.training)
