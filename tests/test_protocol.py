@@ -57,6 +57,8 @@ def says(attr: str, value, rules: P.Protocol) -> list:
         if rules is P.STANDARD and value == P.PAPER.caption_lengths:
             return ["the same"]
         return ["beams {}, min length {}, max length {}, or {}".format(*value)]
+    if attr == "caption_cleanup":
+        return [f"clean_up_tokenization_spaces={value}"] if value is not None else ["the tokenizer's own default"]
     if attr == "paper_measurement":
         return ["also runs the paper's"] if value else ["ours only"]
     if attr == "kmeans":

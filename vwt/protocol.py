@@ -32,6 +32,7 @@ class Protocol:
     whole_model_int8: bool         # --quant on Hugging Face CLIP/BLIP: the whole model (else the vision tower)
     caption_prompt: str            # BLIP's text prompt
     caption_lengths: tuple         # (beams, min length, max length, max length with a length penalty > 1)
+    caption_cleanup: Optional[bool]  # decode's clean_up_tokenization_spaces (None: the tokenizer's own default)
     paper_measurement: bool        # eff.py also runs the paper's own measurement on the paper's data
     kmeans: str                    # process.py's default --kmeans ("paper": scikit-learn's recipe; "fast")
     vocab_per_seed: bool           # process.py: one vocabulary per seed on the re-split data sets
@@ -55,14 +56,14 @@ PAPER = Protocol(
     name="paper", resplit=True, grouped_seeds=(1, 2, 3), other_seeds=(0,), metashift_generated=True,
     class_names="paper", data_preprocessing=True, coco_train_per_caption=True, coco_blip_references=True,
     len_seed=1, paper_tome=True, paper_tome_elsewhere=False, whole_model_int8=True, caption_prompt="",
-    caption_lengths=(3, 5, 20, 40), paper_measurement=True, kmeans="paper", vocab_per_seed=True,
+    caption_lengths=(3, 5, 20, 40), caption_cleanup=True, paper_measurement=True, kmeans="paper", vocab_per_seed=True,
     process_data_preprocessing=True, process_coco_per_caption=True, in_domain_vocab=True)
 
 STANDARD = Protocol(
     name="standard", resplit=False, grouped_seeds=(0, 1, 2), other_seeds=(0, 1, 2), metashift_generated=False,
     class_names="standard", data_preprocessing=False, coco_train_per_caption=False, coco_blip_references=False,
     len_seed=None, paper_tome=False, paper_tome_elsewhere=False, whole_model_int8=False,
-    caption_prompt="a picture of ", caption_lengths=(3, 5, 20, 40), paper_measurement=False, kmeans="fast",
+    caption_prompt="a picture of ", caption_lengths=(3, 5, 20, 40), caption_cleanup=None, paper_measurement=False, kmeans="fast",
     vocab_per_seed=False, process_data_preprocessing=False, process_coco_per_caption=False, in_domain_vocab=False)
 
 PROTOCOLS = {p.name: p for p in (PAPER, STANDARD)}
@@ -97,6 +98,7 @@ ROWS = {
     "int8 (`--quant`)": ("whole_model_int8",),
     "BLIP captions: text prompt": ("caption_prompt",),
     "BLIP captions: lengths": ("caption_lengths",),
+    "BLIP captions: decoding": ("caption_cleanup",),
     "`eff.py` measurement": ("paper_measurement",),
     "k-means in `process.py` (`--kmeans`)": ("kmeans",),
     "vocabularies per seed in `process.py`": ("vocab_per_seed",),
