@@ -59,6 +59,8 @@ def says(attr: str, value, rules: P.Protocol) -> list:
         return ["beams {}, min length {}, max length {}, or {}".format(*value)]
     if attr == "caption_cleanup":
         return [f"clean_up_tokenization_spaces={value}"] if value is not None else ["the tokenizer's own default"]
+    if attr == "paper_map":
+        return ["`get_mAP`", "counts AP 0"] if value else ["`average_precision_score`", "with a positive image"]
     if attr == "paper_measurement":
         return ["also runs the paper's"] if value else ["ours only"]
     if attr == "kmeans":

@@ -39,6 +39,7 @@ class Protocol:
     process_data_preprocessing: bool  # process.py: the data set's own transform, or the model's own
     process_coco_per_caption: bool    # process.py --data coco: one entry per caption, or each image once
     in_domain_vocab: bool          # --vocab SIZE reads the evaluated data set's vocabulary (else ImageNet's)
+    paper_map: bool                # OpenImages mAP: the paper's get_mAP (ties one by one, no positive = AP 0)
 
     def __str__(self) -> str:
         return self.name
@@ -57,14 +58,16 @@ PAPER = Protocol(
     class_names="paper", data_preprocessing=True, coco_train_per_caption=True, coco_blip_references=True,
     len_seed=1, paper_tome=True, paper_tome_elsewhere=False, whole_model_int8=True, caption_prompt="",
     caption_lengths=(3, 5, 20, 40), caption_cleanup=True, paper_measurement=True, kmeans="paper", vocab_per_seed=True,
-    process_data_preprocessing=True, process_coco_per_caption=True, in_domain_vocab=True)
+    process_data_preprocessing=True, process_coco_per_caption=True, in_domain_vocab=True,
+    paper_map=True)
 
 STANDARD = Protocol(
     name="standard", resplit=False, grouped_seeds=(0, 1, 2), other_seeds=(0, 1, 2), metashift_generated=False,
     class_names="standard", data_preprocessing=False, coco_train_per_caption=False, coco_blip_references=False,
     len_seed=None, paper_tome=False, paper_tome_elsewhere=False, whole_model_int8=False,
     caption_prompt="a picture of ", caption_lengths=(3, 5, 20, 40), caption_cleanup=None, paper_measurement=False, kmeans="fast",
-    vocab_per_seed=False, process_data_preprocessing=False, process_coco_per_caption=False, in_domain_vocab=False)
+    vocab_per_seed=False, process_data_preprocessing=False, process_coco_per_caption=False, in_domain_vocab=False,
+    paper_map=False)
 
 PROTOCOLS = {p.name: p for p in (PAPER, STANDARD)}
 DEFAULT = PAPER
@@ -105,6 +108,7 @@ ROWS = {
     "preprocessing in `process.py`": ("process_data_preprocessing",),
     "COCO's train data in `process.py`": ("process_coco_per_caption",),
     "default `--vocab` vocabulary of clip.py, blip.py, len.py, eff.py": ("in_domain_vocab",),
+    "OpenImages mAP": ("paper_map",),
 }
 
 

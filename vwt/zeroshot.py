@@ -184,8 +184,8 @@ def task_metrics(spec: RunSpec, loaded, ds, s: np.ndarray) -> dict:
         targets = np.zeros_like(s, dtype=bool)
         for i, r in enumerate(recs):
             targets[i, r["labels"]] = True
-        out["mAP"], ap = metrics.mean_average_precision(s, targets)
-        out["tags_with_positives"] = int(np.isfinite(ap).sum())
+        out["mAP"], _ = metrics.mean_average_precision(s, targets, paper=spec.protocol.paper_map)
+        out["tags_with_positives"] = int(targets.any(0).sum())
     else:
         if s.shape[1] != len(ds.classes):  # labels index the sorted synset folders: all of them must be there
             raise UserError(f"{loaded.name} has {s.shape[1]} classes but {spec.data} has {len(ds.classes)} synset "
