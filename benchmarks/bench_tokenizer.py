@@ -10,6 +10,7 @@ realistic share of patches matches and the merge path runs; real vocabularies ar
 1,000 words, <= 5% with 10,000.
 
     python benchmarks/bench_tokenizer.py [--batch 1 32] [--vocab 1000 10000] [--rounds 15] [--thresh 0.1]
+                                         [--float32-ties]
 """
 import argparse
 import sys
@@ -34,6 +35,8 @@ def main():
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per configuration (default 15)")
     p.add_argument("--thresh", type=float, default=0.1, help="cosine-distance threshold (default 0.1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--float32-ties", action="store_true",
+                   help="near ties as the float32 matmul picks them (InterImage(float32_ties=True), --protocol paper)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -46,12 +49,13 @@ def main():
     prep = Preprocess(224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     photos = torch.stack([prep(im) for _, im in sample_images()])
     pool = crop_patches(max(args.vocab) * 4, seed=1)  # crops of the same photographs, 16x16 pixel patches
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(photos)} sample photographs")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(photos)} sample photographs"
+          + ("; float32 ties" if args.float32_ties else ""))
     print("batch  words  forward_ms  tokenizer_ms  ratio   tokens/image (of 197)  search")
     for v in args.vocab:
         g = torch.Generator().manual_seed(v)
         words = pool[torch.randperm(len(pool), generator=g)[:v]]
-        reducer = vwt.InterImage(vwt.Vocabulary(words), thresh=args.thresh)
+        reducer = vwt.InterImage(vwt.Vocabulary(words), thresh=args.thresh, float32_ties=args.float32_ties)
         fast = v >= FAST_MIN_WORDS and args.thresh < 0.5
         search = "bound+refine" if fast else "exhaustive"
         for b in args.batch:

@@ -61,6 +61,8 @@ def says(attr: str, value, rules: P.Protocol) -> list:
         return [f"clean_up_tokenization_spaces={value}"] if value is not None else ["the tokenizer's own default"]
     if attr == "paper_map":
         return ["`get_mAP`", "counts AP 0"] if value else ["`average_precision_score`", "with a positive image"]
+    if attr == "float32_word_ties":
+        return ["rounded to float32"] if value else ["float64"]
     if attr == "paper_measurement":
         return ["also runs the paper's"] if value else ["ours only"]
     if attr == "kmeans":
