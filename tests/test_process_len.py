@@ -347,6 +347,14 @@ def test_vocab_path_reads_the_papers_folders_in_domain_by_default(tmp_path, monk
     celeba = method_args(["--data", "celeba", "--vocab", "10"])
     assert [cli.vocab_path(celeba, s) for s in (0, 1, 2)] == [T / "celeba" / "v10" / "vocab.pt"] * 2 + \
         [T / "celeba" / "v10-seed2" / "vocab.pt"]
+    # the paper's folder names too: tokenizers/cub/ for Waterbirds, after ours of the same kind
+    touch(T / "cub" / "v10" / "seed_2" / "vocab.pt")
+    touch(T / "cub" / "v10" / "seed_3" / "vocab.pt")
+    touch(T / "waterbirds" / "v10" / "seed_3" / "vocab.pt")
+    birds = method_args(["--vocab", "10"])
+    assert [cli.vocab_path(birds, s) for s in (2, 3)] == [T / "cub" / "v10" / "seed_2" / "vocab.pt",
+                                                          T / "waterbirds" / "v10" / "seed_3" / "vocab.pt"]
+    assert cli.vocab_path(birds, 1) == T / "waterbirds" / "v10" / "seed_1" / "vocab.pt"  # neither: ours, for the error
     # --vocab-path wins; '{seed}' picks one per seed
     assert cli.vocab_path(method_args(["--vocab-path", "x/s{seed}/vocab.pt"]), 2) == Path("x/s2/vocab.pt")
     with pytest.raises(cli.UserError, match="--imgnet .* contradicts --vocab-data celeba"):

@@ -705,7 +705,8 @@ class DataSet:
     accuracy), "tags" (multi-label mAP), "top1" (a classifier's top-1), "captions" or "images" (no
     labels); ``resplit``: the paper's seeds re-split it; ``paper_transform``: its loader's preprocessing
     (:class:`PaperPreprocess` mode); ``vocab``: the data set whose vocabulary is its in-domain one;
-    ``learnable``: process.py learns vocabularies on it; ``image_size``: its default input size."""
+    ``learnable``: process.py learns vocabularies on it; ``image_size``: its default input size;
+    ``paper_name``: the paper's name for it where that differs (its ``tokenizers/<name>/`` folders)."""
 
     name: str
     read: Callable
@@ -716,6 +717,7 @@ class DataSet:
     vocab: Optional[str] = None
     learnable: bool = False
     image_size: int = 224
+    paper_name: Optional[str] = None
 
     @property
     def in_domain(self) -> str:
@@ -750,7 +752,8 @@ def register(row: DataSet) -> DataSet:
 
 for _row in (
     DataSet("samples", _samples, LAYOUTS["samples"], "images", learnable=True),
-    DataSet("waterbirds", _confounder(waterbirds), LAYOUTS["waterbirds"], "groups", resplit=True, learnable=True),
+    DataSet("waterbirds", _confounder(waterbirds), LAYOUTS["waterbirds"], "groups", resplit=True, learnable=True,
+            paper_name="cub"),
     DataSet("celeba", _confounder(celeba), LAYOUTS["celeba"], "groups", resplit=True, paper_transform="celeba",
             learnable=True),
     DataSet("meta", lambda root, transform, split, seed, protocol: metashift(
