@@ -401,3 +401,19 @@ def test_method_name_says_whose_vocabulary():
     assert cli.method_name(method_args(["--vocab", "100"])) == "inter-v100-t0.1"  # in-domain
     assert cli.method_name(method_args(["--vocab", "100", "--imgnet"])) == "inter-v100-imgnet-t0.1"
     assert cli.method_name(method_args(["--vocab", "100", "--protocol", "standard"])) == "inter-v100-imgnet-t0.1"
+
+
+def test_paper_process_reads_imagenet_at_224_px_whatever_the_models_size(tmp_path):
+    """The paper's process.py reads ImageNet through its loader at 224 px, for CLIP and BLIP alike; the
+    tiny model takes 32 px images: its pixel words come from 224 px images under paper, 32 px under
+    standard."""
+    root = fixtures.write_imagenet(tmp_path / "data")
+    n = len(D.load("imgnet", root, None, split="train"))
+    for protocol, px in (("paper", 224), ("standard", tiny.IMAGE)):
+        vocab = learn(["--data", "imgnet", "--data-root", str(root), "--vocab", "5", "--batch", "4",
+                       "--protocol", protocol, "--kmeans", "paper", "--out", str(tmp_path / protocol)])[0]
+        assert vocab.meta["image_size"] == px and vocab.meta["patches_seen"] == n * (px // tiny.PATCH) ** 2
+    ds = D.load("imgnet", root, D.transform_for("imgnet", "paper", image_size=224), split="train")
+    assert ds[0][0].shape[-1] == 224
+    paper = vwt.Vocabulary.load(tmp_path / "paper" / "vocab.pt")
+    assert torch.equal(paper.words, sklearn_by_hand(patches_of(ds, 4), 5, 4))  # the loader's 224 px patches

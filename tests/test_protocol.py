@@ -63,6 +63,8 @@ def says(attr: str, value, rules: P.Protocol) -> list:
         return ["`get_mAP`", "counts AP 0"] if value else ["`average_precision_score`", "with a positive image"]
     if attr == "float32_word_ties":
         return ["rounded to float32"] if value else ["float64"]
+    if attr == "process_paper_size":
+        return ["224 px whatever the model's"] if value else ["the model's own size"]
     if attr == "paper_measurement":
         return ["also runs the paper's"] if value else ["ours only"]
     if attr == "kmeans":

@@ -706,7 +706,9 @@ class DataSet:
     labels); ``resplit``: the paper's seeds re-split it; ``paper_transform``: its loader's preprocessing
     (:class:`PaperPreprocess` mode); ``vocab``: the data set whose vocabulary is its in-domain one;
     ``learnable``: process.py learns vocabularies on it; ``image_size``: its default input size;
-    ``paper_name``: the paper's name for it where that differs (its ``tokenizers/<name>/`` folders)."""
+    ``paper_name``: the paper's name for it where that differs (its ``tokenizers/<name>/`` folders);
+    ``paper_process_size``: the size the paper's process.py reads it at whatever the model's (ImageNet:
+    its loader's 224 px, also for BLIP's 384 px model)."""
 
     name: str
     read: Callable
@@ -718,6 +720,7 @@ class DataSet:
     learnable: bool = False
     image_size: int = 224
     paper_name: Optional[str] = None
+    paper_process_size: Optional[int] = None
 
     @property
     def in_domain(self) -> str:
@@ -766,7 +769,7 @@ for _row in (
         paper_transform="square", learnable=True, image_size=384),
     DataSet("nocaps", _plain(nocaps), LAYOUTS["nocaps"], "captions", paper_transform="square", vocab="coco",
             image_size=384),
-    DataSet("imgnet", _plain(imagenet), LAYOUTS["imgnet"], "top1", learnable=True),
+    DataSet("imgnet", _plain(imagenet), LAYOUTS["imgnet"], "top1", learnable=True, paper_process_size=224),
 ):
     register(_row)
 

@@ -38,6 +38,7 @@ class Protocol:
     vocab_per_seed: bool           # process.py: one vocabulary per seed on the re-split data sets
     process_data_preprocessing: bool  # process.py: the data set's own transform, or the model's own
     process_coco_per_caption: bool    # process.py --data coco: one entry per caption, or each image once
+    process_paper_size: bool       # process.py --data imgnet: the paper's 224 px whatever the model's size
     in_domain_vocab: bool          # --vocab SIZE reads the evaluated data set's vocabulary (else ImageNet's)
     paper_map: bool                # OpenImages mAP: the paper's get_mAP (ties one by one, no positive = AP 0)
     float32_word_ties: bool        # InterImage, 4096+ words: near ties resolved on float32 cosines (else float64)
@@ -60,7 +61,7 @@ PAPER = Protocol(
     len_seed=1, paper_tome=True, paper_tome_elsewhere=False, whole_model_int8=True, caption_prompt="",
     caption_lengths=(3, 5, 20, 40), caption_cleanup=True, paper_measurement=True, kmeans="paper", vocab_per_seed=True,
     process_data_preprocessing=True, process_coco_per_caption=True, in_domain_vocab=True,
-    paper_map=True, float32_word_ties=True)
+    paper_map=True, float32_word_ties=True, process_paper_size=True)
 
 STANDARD = Protocol(
     name="standard", resplit=False, grouped_seeds=(0, 1, 2), other_seeds=(0, 1, 2), metashift_generated=False,
@@ -68,7 +69,7 @@ STANDARD = Protocol(
     len_seed=None, paper_tome=False, paper_tome_elsewhere=False, whole_model_int8=False,
     caption_prompt="a picture of ", caption_lengths=(3, 5, 20, 40), caption_cleanup=None, paper_measurement=False, kmeans="fast",
     vocab_per_seed=False, process_data_preprocessing=False, process_coco_per_caption=False, in_domain_vocab=False,
-    paper_map=False, float32_word_ties=False)
+    paper_map=False, float32_word_ties=False, process_paper_size=False)
 
 PROTOCOLS = {p.name: p for p in (PAPER, STANDARD)}
 DEFAULT = PAPER
@@ -108,6 +109,7 @@ ROWS = {
     "vocabularies per seed in `process.py`": ("vocab_per_seed",),
     "preprocessing in `process.py`": ("process_data_preprocessing",),
     "COCO's train data in `process.py`": ("process_coco_per_caption",),
+    "image size in `process.py --data imgnet`": ("process_paper_size",),
     "default `--vocab` vocabulary of clip.py, blip.py, len.py, eff.py": ("in_domain_vocab",),
     "OpenImages mAP": ("paper_map",),
     "nearest word in vocabularies of 4096 words or more (VWT inter-image)": ("float32_word_ties",),
