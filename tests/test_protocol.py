@@ -65,6 +65,8 @@ def says(attr: str, value, rules: P.Protocol) -> list:
         return ["rounded to float32"] if value else ["float64"]
     if attr == "process_paper_size":
         return ["224 px whatever the model's"] if value else ["the model's own size"]
+    if attr == "int8_float16_scores":
+        return ["in float16"] if value else ["in float32"]
     if attr == "paper_measurement":
         return ["also runs the paper's"] if value else ["ours only"]
     if attr == "kmeans":

@@ -30,6 +30,7 @@ class Protocol:
     paper_tome: bool               # --tome on Hugging Face CLIP/BLIP: the paper's ToMe (else official ToMe)
     paper_tome_elsewhere: bool     # --tome on open_clip and timm (the paper never ran them: official ToMe)
     whole_model_int8: bool         # --quant on Hugging Face CLIP/BLIP: the whole model (else the vision tower)
+    int8_float16_scores: bool      # clip.py --quant: scores computed in the int8 model's float16 (else float32)
     caption_prompt: str            # BLIP's text prompt
     caption_lengths: tuple         # (beams, min length, max length, max length with a length penalty > 1)
     caption_cleanup: Optional[bool]  # decode's clean_up_tokenization_spaces (None: the tokenizer's own default)
@@ -61,7 +62,8 @@ PAPER = Protocol(
     len_seed=1, paper_tome=True, paper_tome_elsewhere=False, whole_model_int8=True, caption_prompt="",
     caption_lengths=(3, 5, 20, 40), caption_cleanup=True, paper_measurement=True, kmeans="paper", vocab_per_seed=True,
     process_data_preprocessing=True, process_coco_per_caption=True, in_domain_vocab=True,
-    paper_map=True, float32_word_ties=True, process_paper_size=True)
+    paper_map=True, float32_word_ties=True, process_paper_size=True,
+    int8_float16_scores=True)
 
 STANDARD = Protocol(
     name="standard", resplit=False, grouped_seeds=(0, 1, 2), other_seeds=(0, 1, 2), metashift_generated=False,
@@ -69,7 +71,8 @@ STANDARD = Protocol(
     len_seed=None, paper_tome=False, paper_tome_elsewhere=False, whole_model_int8=False,
     caption_prompt="a picture of ", caption_lengths=(3, 5, 20, 40), caption_cleanup=None, paper_measurement=False, kmeans="fast",
     vocab_per_seed=False, process_data_preprocessing=False, process_coco_per_caption=False, in_domain_vocab=False,
-    paper_map=False, float32_word_ties=False, process_paper_size=False)
+    paper_map=False, float32_word_ties=False, process_paper_size=False,
+    int8_float16_scores=False)
 
 PROTOCOLS = {p.name: p for p in (PAPER, STANDARD)}
 DEFAULT = PAPER
@@ -101,6 +104,7 @@ ROWS = {
     "ToMe (`--tome R`) on Hugging Face CLIP and BLIP": ("paper_tome",),
     "ToMe on open_clip and timm": ("paper_tome_elsewhere",),
     "int8 (`--quant`)": ("whole_model_int8",),
+    "zero-shot scores with `--quant`": ("int8_float16_scores",),
     "BLIP captions: text prompt": ("caption_prompt",),
     "BLIP captions: lengths": ("caption_lengths",),
     "BLIP captions: decoding": ("caption_cleanup",),
