@@ -63,6 +63,9 @@ def test_process_on_samples_writes_the_default_folder(tmp_path, monkeypatch, cap
     assert info["patches_seen"] == 12 * tiny.NUM_PATCHES and info["data"] == "samples"
     assert info["kmeans"] == "paper" and info["protocol"] == "paper" and info["data_seed"] == 0
     assert info["mean"] == list(D.OPENAI_CLIP_MEAN) and "torch" in info["environment"]["versions"]
+    import sklearn  # the paper's recipe draws differently under scikit-learn 1.2.2 and 1.3+: recorded twice
+
+    assert info["sklearn"] == info["environment"]["versions"]["scikit-learn"] == sklearn.__version__
     assert info["inertia"] > 0 and info["inertia_patches"] == 12 * tiny.NUM_PATCHES
     # an existing vocabulary is kept (as the paper's --ovr False); --overwrite learns it again, the same
     def fail(*a, **k):
@@ -78,6 +81,17 @@ def test_process_on_samples_writes_the_default_folder(tmp_path, monkeypatch, cap
     fast = learn(["--data", "samples", "--vocab", "12", "--kmeans", "fast", "--space", "embed", "--out", "f"])[0]
     assert fast.meta["kmeans"] == "fast" and fast.meta["niter"] == NITER and fast.meta["kmeans_on"] == "cpu"
     assert vwt.Vocabulary.load(tmp_path / "f" / "clip").dim == tiny.WIDTH
+    fast_info = json.loads((tmp_path / "f" / "clip" / "vocab.json").read_text())
+    assert fast_info["environment"]["versions"]["scikit-learn"] == sklearn.__version__
+
+
+def test_the_papers_scikit_learn_is_an_optional_pin_outside_the_requirements():
+    """extras/paper-sklearn.txt pins what the paper ran (README: learning its files bit for bit); it
+    is no requirements*.txt, so CI's environment keeps the project's own."""
+    lines = [ln.strip() for ln in (REPO / "extras" / "paper-sklearn.txt").read_text().splitlines()]
+    pins = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert "scikit-learn==1.2.2" in pins and "numpy<2" in pins
+    assert "extras/paper-sklearn.txt" in (REPO / "README.md").read_text()
 
 
 def test_fast_kmeans_is_faiss_on_a_reservoir_sample_of_the_images(root, tmp_path):
