@@ -69,3 +69,44 @@ def test_coco_references_come_from_the_gt_file_when_present(tmp_path, tok, score
     (root / "coco" / "coco_karpathy_test_gt.json").write_text(json.dumps(gt))
     with pytest.raises(cli.UserError, match="image 74 has no reference in coco_karpathy_test_gt.json"):
         run(root, tmp_path, ["--data", "coco"], tok)
+
+
+def _apostrophe_tokenizer(directory):
+    """A BERT word-piece tokenizer built offline whose basic tokenizer splits "man's" into man ' s."""
+    from transformers import BertTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[SEP]", "[CLS]", "[MASK]", "[DEC]", "a", "man", "'", "s", "hand"]
+    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+    return BertTokenizer(str(directory / "vocab.txt"), bos_token="[DEC]")
+
+
+class _Generates:
+    """A stand-in BLIP whose beam search returns fixed ids (BOS, the caption, SEP)."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def generate(self, pixel_values, **kw):
+        return self.ids.expand(len(pixel_values), -1)
+
+
+@pytest.mark.parametrize("protocol, caption", [("paper", "a man's hand"), ("standard", None)])
+def test_captions_decode_as_the_protocol_says(tmp_path, protocol, caption):
+    import types
+
+    import torch
+
+    from vwt.captioning import Decoding, caption_batch
+    from vwt.spec import RunSpec
+
+    tok = _apostrophe_tokenizer(tmp_path / "tok")
+    pieces = tok.tokenize("a man's hand")
+    assert pieces == ["a", "man", "'", "s", "hand"]  # the split the PTB tokenizer then scores differently
+    ids = torch.tensor([[tok.bos_token_id, *tok.convert_tokens_to_ids(pieces), tok.sep_token_id]])
+    loaded = types.SimpleNamespace(tokenizer=tok, model=_Generates(ids), name="stand-in")
+    spec = RunSpec(protocol=protocol, options=Decoding(max_length=20, prompt=""))
+    got = caption_batch(spec, loaded, torch.zeros(2, 3, 4, 4), None)
+    # paper: the spaces joined as transformers 4.28.1's default decode did; standard: the tokenizer's default
+    expected = caption or ("a man's hand" if tok.clean_up_tokenization_spaces else "a man ' s hand")
+    assert got == [expected, expected]

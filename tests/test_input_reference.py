@@ -17,7 +17,8 @@ softmax attention, ``log(size)`` added to the logits when ``prop_attn``, the fin
 Outputs are compared whole: every real token in order, the pads of a padded batch (exactly zero) and
 the pooled or head output, within 1e-5 on weights at unit scale (``lively``). Every backend and
 pooling of tests/test_merge_reference.py: the class-token heads, and the average pools of timm and
-open_clip (the mean of the final tokens weighted by the patches each holds: pads hold none).
+open_clip (the mean of the final tokens weighted by the patches each holds: pads hold none; followed
+by ToMe, each real token once, as official ToMe pools).
 """
 import math
 
@@ -132,11 +133,12 @@ def selected(family, model, x, select, space="pixel"):
     return [select(embed(model, img), features_of(family, model, img, space)) for img in x]
 
 
-def reference(family, model, x, select, prop_attn, space="pixel", step=None):
+def reference(family, model, x, select, prop_attn, space="pixel", step=None, pool_by_size=True):
     """Per image, the outputs of ``family`` (as POOLS' finish names them) after ``select``
     (tokens, patch features) -> (tokens, sizes) on the embedded input; ``step(tokens, metric, sizes)``
     -> (tokens, sizes), when given, runs after every block's attention residual (an in-network reducer
-    after the input one)."""
+    after the input one). An average pool weighs each token by its size, or with ``pool_by_size`` off
+    counts each once (official ToMe)."""
     embed, pre_norm = EMBED[family.split("-")[0]]
     blocks, finish = POOLS[family][2:4]
     out = []
@@ -149,7 +151,7 @@ def reference(family, model, x, select, prop_attn, space="pixel", step=None):
             if step is not None:
                 t, size = step(t, k.mean(0), size)
             t = t + mlp(t)
-        out.append(finish(model, t, size))
+        out.append(finish(model, t, size if pool_by_size else torch.ones_like(size)))
     return out
 
 
@@ -313,7 +315,7 @@ def test_inter_then_tome_equals_the_reference_image_by_image(family):
     select = lambda t, p: inter_select(t, p, words, 0.4)                 # noqa: E731
     step = lambda t, metric, size: reference_merge(t, metric, size, 3, protected=1)  # noqa: E731
     with torch.no_grad():
-        refs = reference(family, model, x, select, True, step=step)
+        refs = reference(family, model, x, select, True, step=step, pool_by_size=False)  # ToMe's own pool
     ours, s = run_vwt(family, model, x, [vwt.InterImage(vwt.Vocabulary(words), thresh=0.4, prop_attn=True),
                                          vwt.ToMe(r=3)])
     assert s["execution"] == "padded"

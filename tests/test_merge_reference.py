@@ -9,9 +9,10 @@ carried from block to block (official ToMe); ``log(size)`` is added to the atten
 ``prop_attn``. Outputs are compared whole (every token in order and the pooled or head output) within
 1e-5 on weights at unit scale (``lively``), and so are the token counts after every block.
 
-Besides the class-token heads, the average pools of timm and open_clip: their pooled output is the
-mean of the final non-prefix tokens weighted by the patches each holds (README, ToMe: the unreduced
-model's average; pads and dropped patches hold none).
+Besides the class-token heads, the average pools of timm and open_clip: under ToMe their pooled output
+is the plain mean of the final non-prefix tokens (official ToMe leaves timm's pooling as it is); under
+LGTM the mean weighted by the patches each token holds (the unreduced model's average; pads and dropped
+patches hold none).
 """
 import pytest
 import torch
@@ -54,10 +55,11 @@ POOLS["open_clip-avg"] = (lambda depth: open_clip_visual(depth=depth, pool="avg"
                           open_clip_avg_finish, FAMILIES["open_clip"][4])
 
 
-def reference(family, model, x, make_step, prop_attn):
+def reference(family, model, x, make_step, prop_attn, pool_by_size=True):
     """Per image: the outputs of ``family`` (POOLS' finish names them) and the token count after
     every block. ``make_step()`` gives one image's step(block, tokens, metric, sizes) -> (tokens, sizes),
-    run after each block's attention residual."""
+    run after each block's attention residual. An average pool weighs each token by its size, or with
+    ``pool_by_size`` off counts each token once."""
     embed, blocks, finish = POOLS[family][1:4]
     outs, counts = [], []
     for img in x:
@@ -69,7 +71,7 @@ def reference(family, model, x, make_step, prop_attn):
             t, size = step(i, t, k.mean(0), size)
             t = t + mlp(t)
             seen.append(t.shape[0])
-        outs.append(finish(model, t, size))
+        outs.append(finish(model, t, size if pool_by_size else torch.ones_like(size)))
         counts.append(seen)
     return {name: torch.stack([o[name] for o in outs]) for name in outs[0]}, counts
 
@@ -103,7 +105,7 @@ def test_tome_equals_official_tome_on_every_backend(family, prop_attn, r, batch)
     model = lively(POOLS[family][0](depth=4))
     x = tiny.images(batch, seed=3)
     with torch.no_grad():
-        ref, ref_counts = reference(family, model, x, tome_steps(r), prop_attn)
+        ref, ref_counts = reference(family, model, x, tome_steps(r), prop_attn, pool_by_size=False)
     ours, counts = run_vwt(family, model, x, vwt.ToMe(r=r, prop_attn=prop_attn))
     schedule = official_schedule(1 + tiny.NUM_PATCHES, r, 1, 4)
     assert counts == ref_counts == [schedule] * batch
@@ -117,7 +119,7 @@ def test_tome_per_layer_schedule_equals_official_tome(family):
     model = lively(POOLS[family][0](depth=4))
     x = tiny.images(4, seed=3)
     with torch.no_grad():
-        ref, ref_counts = reference(family, model, x, tome_steps(r), True)
+        ref, ref_counts = reference(family, model, x, tome_steps(r), True, pool_by_size=False)
     ours, counts = run_vwt(family, model, x, vwt.ToMe(r=r))
     assert counts == ref_counts == [[17, 17, 13, 11, 6]] * 4
     assert_equal_outputs(ours, ref)

@@ -167,3 +167,44 @@ def test_summary_table_rows_per_model_and_method(tmp_path):
     assert rows[2]["method"] == "tome8" and rows[2]["waterbirds avg"] == "80.0000" and rows[2]["waterbirds avg std"] == "1.2500"
     assert rows[1]["openimages-common mAP"] == "60.0400" and rows[1]["openimages-common mAP std"] == ""
     assert md_path.read_text() == md
+
+
+def _papers_ap(scores, positive):
+    """The paper's AP written from its description: rank the images one by one, highest score first and,
+    among equal scores, the later image first; average the precision at each positive (over the
+    positives + 1e-8); no positive: 0."""
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], -i))
+    hits, total = 0, 0.0
+    for rank, i in enumerate(ranked, 1):
+        if positive[i]:
+            hits += 1
+            total += hits / rank
+    return total / (sum(map(bool, positive)) + 1e-8)
+
+
+def test_paper_map_counts_a_tag_without_positives_as_zero_and_ranks_ties_one_by_one():
+    # tag 0: a positive tied with an earlier negative ranks first (the paper: 1/1, then 2/4; scikit-learn:
+    # one threshold at 1/2); tag 1: every score tied, the one positive first image ranks last; tag 2: no
+    # positive. float16 scores, as the paper's int8 runs give them.
+    scores = np.array([[0.5, 0.3, 0.9], [0.5, 0.3, 0.1], [0.1, 0.3, 0.4], [0.4, 0.3, 0.4]], dtype=np.float16)
+    targets = np.array([[0, 1, 0], [1, 0, 0], [1, 0, 0], [0, 0, 0]])
+    m, ap = M.mean_average_precision(scores, targets, paper=True)
+    expected = [_papers_ap(scores[:, t].tolist(), targets[:, t].tolist()) for t in range(3)]
+    assert ap.tolist() == pytest.approx(expected, abs=1e-12) and m == pytest.approx(np.mean(expected), abs=1e-12)
+    assert ap.tolist() == pytest.approx([(1 + 2 / 4) / 2, 1 / 4, 0]) and m == pytest.approx(1 / 3)
+    # the default (scikit-learn's): tied scores one threshold, the tag without positives left out
+    m_std, ap_std = M.mean_average_precision(scores, targets)
+    assert ap_std[:2].tolist() == pytest.approx([1 / 2, 1 / 4]) and np.isnan(ap_std[2])
+    assert m_std == pytest.approx(3 / 8)
+
+
+def test_paper_ap_equals_the_scikit_learn_ap_without_ties():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.RandomState(1)
+    for _ in range(10):
+        n = rng.randint(2, 60)
+        y = rng.rand(n) < 0.3
+        y[rng.randint(n)] = True
+        s = rng.permutation(n).astype(float)
+        assert M.paper_average_precision(s, y) == pytest.approx(average_precision_score(y, s), rel=1e-7)

@@ -63,6 +63,9 @@ def test_process_on_samples_writes_the_default_folder(tmp_path, monkeypatch, cap
     assert info["patches_seen"] == 12 * tiny.NUM_PATCHES and info["data"] == "samples"
     assert info["kmeans"] == "paper" and info["protocol"] == "paper" and info["data_seed"] == 0
     assert info["mean"] == list(D.OPENAI_CLIP_MEAN) and "torch" in info["environment"]["versions"]
+    import sklearn  # the paper's recipe draws differently under scikit-learn 1.2.2 and 1.3+: recorded twice
+
+    assert info["sklearn"] == info["environment"]["versions"]["scikit-learn"] == sklearn.__version__
     assert info["inertia"] > 0 and info["inertia_patches"] == 12 * tiny.NUM_PATCHES
     # an existing vocabulary is kept (as the paper's --ovr False); --overwrite learns it again, the same
     def fail(*a, **k):
@@ -78,6 +81,17 @@ def test_process_on_samples_writes_the_default_folder(tmp_path, monkeypatch, cap
     fast = learn(["--data", "samples", "--vocab", "12", "--kmeans", "fast", "--space", "embed", "--out", "f"])[0]
     assert fast.meta["kmeans"] == "fast" and fast.meta["niter"] == NITER and fast.meta["kmeans_on"] == "cpu"
     assert vwt.Vocabulary.load(tmp_path / "f" / "clip").dim == tiny.WIDTH
+    fast_info = json.loads((tmp_path / "f" / "clip" / "vocab.json").read_text())
+    assert fast_info["environment"]["versions"]["scikit-learn"] == sklearn.__version__
+
+
+def test_the_papers_scikit_learn_is_an_optional_pin_outside_the_requirements():
+    """extras/paper-sklearn.txt pins what the paper ran (README: learning its files bit for bit); it
+    is no requirements*.txt, so CI's environment keeps the project's own."""
+    lines = [ln.strip() for ln in (REPO / "extras" / "paper-sklearn.txt").read_text().splitlines()]
+    pins = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert "scikit-learn==1.2.2" in pins and "numpy<2" in pins
+    assert "extras/paper-sklearn.txt" in (REPO / "README.md").read_text()
 
 
 def test_fast_kmeans_is_faiss_on_a_reservoir_sample_of_the_images(root, tmp_path):
@@ -347,6 +361,14 @@ def test_vocab_path_reads_the_papers_folders_in_domain_by_default(tmp_path, monk
     celeba = method_args(["--data", "celeba", "--vocab", "10"])
     assert [cli.vocab_path(celeba, s) for s in (0, 1, 2)] == [T / "celeba" / "v10" / "vocab.pt"] * 2 + \
         [T / "celeba" / "v10-seed2" / "vocab.pt"]
+    # the paper's folder names too: tokenizers/cub/ for Waterbirds, after ours of the same kind
+    touch(T / "cub" / "v10" / "seed_2" / "vocab.pt")
+    touch(T / "cub" / "v10" / "seed_3" / "vocab.pt")
+    touch(T / "waterbirds" / "v10" / "seed_3" / "vocab.pt")
+    birds = method_args(["--vocab", "10"])
+    assert [cli.vocab_path(birds, s) for s in (2, 3)] == [T / "cub" / "v10" / "seed_2" / "vocab.pt",
+                                                          T / "waterbirds" / "v10" / "seed_3" / "vocab.pt"]
+    assert cli.vocab_path(birds, 1) == T / "waterbirds" / "v10" / "seed_1" / "vocab.pt"  # neither: ours, for the error
     # --vocab-path wins; '{seed}' picks one per seed
     assert cli.vocab_path(method_args(["--vocab-path", "x/s{seed}/vocab.pt"]), 2) == Path("x/s2/vocab.pt")
     with pytest.raises(cli.UserError, match="--imgnet .* contradicts --vocab-data celeba"):
@@ -393,3 +415,19 @@ def test_method_name_says_whose_vocabulary():
     assert cli.method_name(method_args(["--vocab", "100"])) == "inter-v100-t0.1"  # in-domain
     assert cli.method_name(method_args(["--vocab", "100", "--imgnet"])) == "inter-v100-imgnet-t0.1"
     assert cli.method_name(method_args(["--vocab", "100", "--protocol", "standard"])) == "inter-v100-imgnet-t0.1"
+
+
+def test_paper_process_reads_imagenet_at_224_px_whatever_the_models_size(tmp_path):
+    """The paper's process.py reads ImageNet through its loader at 224 px, for CLIP and BLIP alike; the
+    tiny model takes 32 px images: its pixel words come from 224 px images under paper, 32 px under
+    standard."""
+    root = fixtures.write_imagenet(tmp_path / "data")
+    n = len(D.load("imgnet", root, None, split="train"))
+    for protocol, px in (("paper", 224), ("standard", tiny.IMAGE)):
+        vocab = learn(["--data", "imgnet", "--data-root", str(root), "--vocab", "5", "--batch", "4",
+                       "--protocol", protocol, "--kmeans", "paper", "--out", str(tmp_path / protocol)])[0]
+        assert vocab.meta["image_size"] == px and vocab.meta["patches_seen"] == n * (px // tiny.PATCH) ** 2
+    ds = D.load("imgnet", root, D.transform_for("imgnet", "paper", image_size=224), split="train")
+    assert ds[0][0].shape[-1] == 224
+    paper = vwt.Vocabulary.load(tmp_path / "paper" / "vocab.pt")
+    assert torch.equal(paper.words, sklearn_by_hand(patches_of(ds, 4), 5, 4))  # the loader's 224 px patches

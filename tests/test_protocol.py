@@ -57,6 +57,16 @@ def says(attr: str, value, rules: P.Protocol) -> list:
         if rules is P.STANDARD and value == P.PAPER.caption_lengths:
             return ["the same"]
         return ["beams {}, min length {}, max length {}, or {}".format(*value)]
+    if attr == "caption_cleanup":
+        return [f"clean_up_tokenization_spaces={value}"] if value is not None else ["the tokenizer's own default"]
+    if attr == "paper_map":
+        return ["`get_mAP`", "counts AP 0"] if value else ["`average_precision_score`", "with a positive image"]
+    if attr == "float32_word_ties":
+        return ["rounded to float32"] if value else ["float64"]
+    if attr == "process_paper_size":
+        return ["224 px whatever the model's"] if value else ["the model's own size"]
+    if attr == "int8_float16_scores":
+        return ["in float16"] if value else ["in float32"]
     if attr == "paper_measurement":
         return ["also runs the paper's"] if value else ["ours only"]
     if attr == "kmeans":

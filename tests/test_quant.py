@@ -335,3 +335,38 @@ def test_an_accelerate_that_leaves_float_weights_on_the_cpu_is_one_clear_line(bn
     with pytest.raises(RuntimeError, match="not int8") as e:
         quantize_whole_model(timm_vit())
     assert "\n" not in str(e.value)
+
+
+def test_paper_int8_zero_shot_scores_are_computed_in_float16(tmp_path, bnb, monkeypatch):
+    """The paper's clip.py with --quant: the int8 model's float16 text and image features, each
+    normalised in float16, multiplied in float16, then widened to float32 (its utils/enc.py)."""
+    import torch.nn.functional as F
+
+    import clip as clip_script
+    import fixtures
+    from vwt import cli, zeroshot
+
+    tok = fixtures.char_clip_tokenizer(tmp_path / "tok")
+    loaded = cli.Loaded(quantize_whole_model(hf_clip()), "hf_clip", "tiny", False, tok)
+    prompts, x = ["a photo of a bird", "a photo of a tree"], images(3)
+    with torch.no_grad():
+        enc = tok(prompts, padding=True, return_tensors="pt")
+        t16 = _features(loaded.model.get_text_features(**enc))
+        i16 = _features(loaded.model.get_image_features(pixel_values=x.half()))
+        assert t16.dtype == i16.dtype == torch.float16
+        expected = (F.normalize(i16, dim=-1) @ F.normalize(t16, dim=-1).T).float()
+        text = zeroshot.text_features(loaded, prompts, "cpu", model_dtype=True)
+        got = zeroshot.image_scores(loaded, x.half(), text)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    # clip.py: float16 scores under paper, float32 under standard
+    root = tmp_path / "data"
+    fixtures.write_waterbirds(root)
+    seen, real = [], zeroshot.image_scores
+    monkeypatch.setattr(zeroshot, "image_scores", lambda *a: seen.append(real(*a)) or seen[-1])
+    for protocol in ("paper", "standard"):
+        seen.clear()
+        clip_script.main(["--data", "waterbirds", "--data-root", str(root), "--out", str(tmp_path), "--workers", "0",
+                          "--device", "cpu", "--quant", "--protocol", protocol, "--seeds", "1"],
+                         cli.Loaded(hf_clip(), "hf_clip", "tiny", False, tok))
+        scores = torch.cat(seen)
+        assert torch.equal(scores, scores.half().float()) == (protocol == "paper"), protocol

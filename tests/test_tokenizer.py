@@ -354,3 +354,58 @@ def test_inter_image_takes_the_fast_search_for_large_vocabularies():
     # the fast search's matched words are the exactly nearest (the exhaustive one's may differ on near-ties)
     ref64 = (_unit(feats.double()) @ reducer.vocab.unit().double().T).max(-1).indices.flatten()
     assert torch.equal(word.flatten()[matched], ref64[matched])
+
+
+def _float32_tie(dim=D, filler=4096, seed=0, patches=100):
+    """Unit patches, the first of them with two words (index 0 and 1) within float32 rounding of each
+    other: word 1 nearer in float64, word 0 at least as near in the exhaustive float32 matmul, the
+    paper's search (a (patches, V) matmul, as its (B, N, D) x (D, V) one). Then ``filler`` random
+    words far from the first patch."""
+    g = torch.Generator().manual_seed(seed)
+    f = _unit(torch.randn(patches, dim, generator=g))
+    a = _unit(f[:1] + 0.02 * torch.randn(1, dim, generator=g))  # cos ~0.99: within thresh 0.1
+    far = -_unit(torch.randn(filler, dim, generator=g)).abs() * f[:1].sign()
+    for _ in range(1000):
+        b = _unit(a + 3e-7 * torch.randn(1, dim, generator=g))
+        vocab = vwt.Vocabulary(torch.cat([a, b, far]))
+        cos64 = f[:1].double() @ vocab.unit().double().T
+        cos32 = (f @ vocab.unit().T)[0]
+        if cos64[0, 1] > cos64[0, 0] and cos32[0] >= cos32[1]:
+            return f, vocab
+    raise AssertionError("no float32 tie found")
+
+
+def test_a_near_tie_goes_to_the_float32_matmuls_word_under_paper_and_to_the_nearer_word_under_standard():
+    f, vocab = _float32_tie()
+    cos64 = (f[:1].double() @ vocab.unit().double().T)[0]
+    assert 1 - cos64[:2].max() <= 0.1 and cos64[2:].max() < 0.5  # the two near words match, the rest far
+    papers = (f @ vocab.unit().T).max(1).indices  # the paper's exhaustive float32 matmul and argmax
+    assert papers[0] == 0 and int(cos64.argmax()) == 1
+    for float32_ties, expected in ((True, 0), (False, 1)):
+        word, _ = vocab.nearest(f, 0.1, float32_ties=float32_ties)  # 4098 words: the bound-and-refine search
+        assert word[0] == expected
+        # whole exact rows (a patch with more candidates than dense_row) decide the same
+        assert vocab.nearest(f, 0.1, float32_ties=float32_ties, dense_row=0)[0][0] == expected
+    # the method table builds InterImage with the protocol's rule
+    from vwt.methods import build_reducers
+
+    for protocol, expected in (("paper", 0), ("standard", 1)):
+        inter, = build_reducers(protocol=protocol, vocab=vocab)
+        assert inter.match(3.0 * f[None])[0][0, 0] == expected  # match normalises
+
+
+def test_float32_ties_pick_the_float32_matmuls_word_among_many_near_ties():
+    """On the search case's near-duplicate words (cosines ~1e-6 apart) the float32-tie search picks,
+    for every matched patch, the word of the exhaustive float32 matmul (the paper's search), whose
+    rounding picks other words than the float64-nearest for some of them."""
+    for seed in range(3):
+        words, f = _search_case(seed)
+        vocab = vwt.Vocabulary(words, space="embed")
+        cos32, papers = (f @ vocab.unit().T).max(1)
+        matched = 1 - cos32 <= 0.1
+        nearest64 = (f.double() @ vocab.unit().double().T).max(1).indices
+        for tuning in ({}, {"dense_row": 3}):
+            word, cos = vocab.nearest(f, 0.1, fast_min_words=1, float32_ties=True, **tuning)
+            assert torch.equal(word[matched], papers[matched])
+            assert torch.equal(vocab.nearest(f, 0.1, fast_min_words=1, **tuning)[0][matched], nearest64[matched])
+        assert (papers[matched] != nearest64[matched]).sum() > 5

@@ -130,8 +130,30 @@ def test_tome_equals_official_tome_on_timm(kind, protected, r):
     assert vwt.stats(model)["tokens_per_layer"].tolist() == [schedule] * 3
     assert schedule[-1] < schedule[-2] < schedule[1] < schedule[0]  # every block merged
     assert feats.shape == ref_feats.shape and (feats - ref_feats).abs().max().item() < TOL  # order included
-    if kind != "avg":  # timm's own head; with average pooling vwt weights the mean by size (README)
-        assert (logits - ref_logits).abs().max().item() < TOL
+    assert (logits - ref_logits).abs().max().item() < TOL  # timm's own head: average pooling unweighted too
+
+
+@pytest.mark.parametrize("r", [4, 8])
+def test_tome_pools_an_average_pooled_vit_as_official_tome_or_by_size_when_asked(r):
+    """timm's average pool (no class token) runs the final norm on the tokens (Identity with
+    global_pool="avg"), takes their mean, then fc_norm: official ToMe leaves it so, a plain mean of the
+    merged tokens. ``pool="size-weighted"`` weighs each token by the patches it holds instead."""
+    model = timm_model("avg")
+    model.reset_classifier(0)  # the pooled feature itself
+    assert isinstance(model.norm, torch.nn.Identity) and not isinstance(model.fc_norm, torch.nn.Identity)
+    x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    out = {}
+    with torch.no_grad():
+        for pool in ("unweighted", "size-weighted"):
+            vwt.patch(model, vwt.ToMe(r=r) if pool == "unweighted" else vwt.ToMe(r=r, pool=pool))
+            tokens, out[pool], size = model.forward_features(x), model(x), vwt.stats(model)["size"]
+            vwt.unpatch(model)
+    assert tokens.shape[1] < 36 and bool((size > 1).any())  # tokens merged, sizes differ
+    unweighted = model.fc_norm(tokens.mean(1))
+    weighted = model.fc_norm((tokens * size[..., None]).sum(1) / size.sum(1, keepdim=True))
+    assert (out["unweighted"] - unweighted).abs().max().item() < TOL
+    assert (out["size-weighted"] - weighted).abs().max().item() < TOL
+    assert (unweighted - weighted).abs().max().item() > 100 * TOL  # the two pools tell apart
 
 
 def test_the_reference_tells_the_partitions_apart():

@@ -281,7 +281,8 @@ def text_tokenizer(loaded):
 
 
 def caption_batch(spec: RunSpec, loaded, pixels: torch.Tensor, prompt_ids) -> list[str]:
-    """Beam-search captions of a batch, the prompt cut off as BLIP does."""
+    """Beam-search captions of a batch, the prompt cut off as BLIP does, decoded as the protocol says
+    (paper: spaces cleaned up, "a man's hand", as transformers 4.28.1 did by default)."""
     tok, opts = text_tokenizer(loaded), spec.options
     kw = dict(num_beams=opts.beams, max_length=opts.max_length, min_length=opts.min_length,
               length_penalty=opts.penalty, do_sample=False)
@@ -290,7 +291,9 @@ def caption_batch(spec: RunSpec, loaded, pixels: torch.Tensor, prompt_ids) -> li
             ids = loaded.model.generate(pixel_values=pixels, input_ids=prompt_ids.expand(len(pixels), -1).clone(), **kw)
         else:
             ids = loaded.model.generate(pixel_values=pixels, **kw)
-    texts = tok.batch_decode(ids, skip_special_tokens=True)
+    cleanup = spec.protocol.caption_cleanup  # None: the installed tokenizer's own default
+    texts = tok.batch_decode(ids, skip_special_tokens=True,
+                             **({} if cleanup is None else {"clean_up_tokenization_spaces": cleanup}))
     prompt = opts.prompt.strip().lower()
     out = []
     for t in texts:

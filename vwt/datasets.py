@@ -837,7 +837,10 @@ class DataSet:
     accuracy), "tags" (multi-label mAP), "top1" (a classifier's top-1), "captions" or "images" (no
     labels); ``resplit``: the paper's seeds re-split it; ``paper_transform``: its loader's preprocessing
     (:class:`PaperPreprocess` mode); ``vocab``: the data set whose vocabulary is its in-domain one;
-    ``learnable``: process.py learns vocabularies on it; ``image_size``: its default input size."""
+    ``learnable``: process.py learns vocabularies on it; ``image_size``: its default input size;
+    ``paper_name``: the paper's name for it where that differs (its ``tokenizers/<name>/`` folders);
+    ``paper_process_size``: the size the paper's process.py reads it at whatever the model's (ImageNet:
+    its loader's 224 px, also for BLIP's 384 px model)."""
 
     name: str
     read: Callable
@@ -848,6 +851,8 @@ class DataSet:
     vocab: Optional[str] = None
     learnable: bool = False
     image_size: int = 224
+    paper_name: Optional[str] = None
+    paper_process_size: Optional[int] = None
 
     @property
     def in_domain(self) -> str:
@@ -882,7 +887,8 @@ def register(row: DataSet) -> DataSet:
 
 for _row in (
     DataSet("samples", _samples, LAYOUTS["samples"], "images", learnable=True),
-    DataSet("waterbirds", _confounder(waterbirds), LAYOUTS["waterbirds"], "groups", resplit=True, learnable=True),
+    DataSet("waterbirds", _confounder(waterbirds), LAYOUTS["waterbirds"], "groups", resplit=True, learnable=True,
+            paper_name="cub"),
     DataSet("celeba", _confounder(celeba), LAYOUTS["celeba"], "groups", resplit=True, paper_transform="celeba",
             learnable=True),
     DataSet("meta", lambda root, transform, split, seed, protocol: metashift(
@@ -895,7 +901,7 @@ for _row in (
         paper_transform="square", learnable=True, image_size=384),
     DataSet("nocaps", _plain(nocaps), LAYOUTS["nocaps"], "captions", paper_transform="square", vocab="coco",
             image_size=384),
-    DataSet("imgnet", _plain(imagenet), LAYOUTS["imgnet"], "top1", learnable=True),
+    DataSet("imgnet", _plain(imagenet), LAYOUTS["imgnet"], "top1", learnable=True, paper_process_size=224),
 ):
     register(_row)
 

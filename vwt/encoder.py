@@ -35,6 +35,8 @@ class TokenState:
             can show what was merged.
     grid:   (rows, cols) of the input patch grid.
     prop_attn: add ``log(size)`` to the attention logits (proportional attention).
+    pool_by_size: an average pool weighs each token by its size (else each real token once: official
+            ToMe's, which sets it through ``vwt.ToMe(pool=...)``).
     """
 
     x: Tensor
@@ -43,6 +45,7 @@ class TokenState:
     grid: tuple[int, int]
     prefix: int = 1
     prop_attn: bool = False
+    pool_by_size: bool = True
     tokens_per_layer: list = field(default_factory=list)
     execution: str = "dense"  # how the blocks ran: dense (nothing padded), padded or packed
 
@@ -402,10 +405,13 @@ def zero_pads(state: TokenState, x: Tensor) -> Tensor:
 
 
 def pooled_mean(state: TokenState, x: Tensor) -> Tensor:
-    """Size-weighted mean over the non-prefix tokens of ``x``: the average pool of the unreduced model
-    when tokens are merged, padded or dropped."""
+    """The average pool over the non-prefix tokens of ``x``, pads left out: size-weighted (the average
+    pool of the unreduced model when tokens are merged, padded or dropped), or, where
+    ``state.pool_by_size`` is off, each real token once (timm's mean over the merged tokens, as
+    official ToMe leaves it)."""
     tokens = x[:, state.prefix:]
     if state.size is None:
         return tokens.mean(1)
-    w = state.size[:, state.prefix:].to(x.dtype).unsqueeze(-1)
+    w = state.size[:, state.prefix:]
+    w = (w if state.pool_by_size else (w > 0).float()).to(x.dtype).unsqueeze(-1)
     return (tokens * w).sum(1) / w.sum(1).clamp_min(1e-6)

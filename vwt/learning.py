@@ -116,7 +116,8 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> dict:
         loaded = models.load_model(spec.model, device, dtype, fallback_random=spec.options.space == "pixel",
                                    needs="vision")
     own = datasets.preprocess_for(loaded.model)
-    pre = datasets.transform_for(spec.data, image_size=own.size) if spec.protocol.process_data_preprocessing else own
+    pre = datasets.transform_for(spec.data, image_size=read_size(spec, own.size)) \
+        if spec.protocol.process_data_preprocessing else own
     blank = torch.zeros(1, 3, own.size, own.size, device=device, dtype=dtype)
     patch_size = tokenize(loaded.vision, None, blank)[1].patch_size
     plan = to_learn(spec, sets, loaded.family, pre)
@@ -229,6 +230,17 @@ def differences(there: dict, now: dict) -> list[str]:
 
     return [f"{k.replace('_', ' ')} {there[k]!r} there, {now[k]!r} now" for k in now
             if k in there and not same(there[k], now[k])]
+
+
+def read_size(spec: RunSpec, model_size: int) -> int:
+    """The size process.py reads images at with the data set's own preprocessing: the model's, or where
+    the protocol says so the paper's fixed one for pixel-space words (ImageNet: 224 px whatever the model;
+    embed-space words need the model's own size)."""
+    row = datasets.DATASETS.get(spec.data)
+    fixed = row.paper_process_size if row is not None else None
+    if fixed and spec.protocol.process_paper_size and spec.options.space == "pixel":
+        return fixed
+    return model_size
 
 
 def learn(spec: RunSpec, seed: int, data, split, loaded: Loaded, pre, patch_size: int, device, dtype) -> Vocabulary:

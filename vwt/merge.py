@@ -233,6 +233,7 @@ def _global_merge(state: TokenState, ctx: BlockContext, r: int, per_block: bool 
 # ToMe
 # --------------------------------------------------------------------------------------------------
 SIZES = ("cumulative", "per-block")
+POOLS = ("unweighted", "size-weighted")
 
 
 class ToMe(Reducer):
@@ -253,18 +254,29 @@ class ToMe(Reducer):
     BLIP: ``prop_attn=False``) sees only the previous merge's counts, and ``size`` in ``vwt.stats``
     counts the last merge only; a block merges nothing when an image has fewer than ``r`` tokens
     (class token included), and then keeps the sizes it was given.
+
+    ``pool``: how an average-pooled model (timm ``global_pool="avg"``, open_clip ``pool_type="avg"``)
+    pools the merged tokens. "unweighted" (default): their plain mean, as official ToMe on timm leaves
+    timm's own pooling; "size-weighted": each token weighed by the patches it holds, the unreduced
+    model's mean (official ToMe's MAE patch pools so). Class-token models are not affected.
     """
 
-    def __init__(self, r: Union[int, Sequence[int]] = 8, prop_attn: bool = True, sizes: str = "cumulative"):
+    def __init__(self, r: Union[int, Sequence[int]] = 8, prop_attn: bool = True, sizes: str = "cumulative",
+                 pool: str = "unweighted"):
         if sizes not in SIZES:
             raise ValueError(f"ToMe: sizes must be one of {SIZES}, got {sizes!r}")
+        if pool not in POOLS:
+            raise ValueError(f"ToMe: pool must be one of {POOLS}, got {pool!r}")
         self.r = _check_r(r, "ToMe")
         self.prop_attn = bool(prop_attn)
         self.sizes = sizes
+        self.pool = pool
 
     def after_attn(self, state: TokenState, ctx: BlockContext) -> TokenState:
         r = _per_layer(self.r, ctx.index, ctx.depth, "ToMe")
-        return _global_merge(state, ctx, r, per_block=self.sizes == "per-block")
+        state = _global_merge(state, ctx, r, per_block=self.sizes == "per-block")
+        state.pool_by_size = self.pool == "size-weighted"
+        return state
 
 
 # --------------------------------------------------------------------------------------------------

@@ -138,7 +138,8 @@ for _m in (
     Method("inter", "vocab", "--vocab/--vocab-path", "input", int, 1000, "inter-image",
            "VWT inter-image: vocabulary size, read from process.py's folders "
            "tokenizers/<vocab data>/v<SIZE>/[seed_<N>/]vocab.pt",
-           lambda v, s: InterImage(s.vocab, thresh=s.thresh, random=s.random, prop_attn=s.prop_attn),
+           lambda v, s: InterImage(s.vocab, thresh=s.thresh, random=s.random, prop_attn=s.prop_attn,
+                                   float32_ties=get_protocol(s.protocol).float32_word_ties),
            _inter_label, metavar="SIZE", extra=INTER_FLAGS, option="--vocab", source="the VWT paper's setting"),
     Method("tome", "tome", "--tome", "block", int, 13, "ToMe", "ToMe: merge R tokens per block", _tome,
            lambda v, s: f"tome{v}", metavar="R", source="the VWT paper's setting"),

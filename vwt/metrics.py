@@ -4,7 +4,7 @@
   group's, as reported for Waterbirds, CelebA and MetaShift.
 * ``average_precision`` / ``mean_average_precision``: the non-interpolated AP of scikit-learn's
   ``average_precision_score`` (tied scores form one threshold), averaged over the tags that have a
-  positive image (OpenImages common and rare).
+  positive image (OpenImages common and rare); ``paper_average_precision``: the paper's ``get_mAP``.
 * ``caption_scores``: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE where its Stanford CoreNLP jars are
   installed) with pycocoevalcap, after its PTB tokenization: the same numbers as its ``COCOEvalCap``.
 * ``summarise``: results files -> the paper-style table (Markdown and CSV), one row per model and method.
@@ -84,13 +84,28 @@ def average_precision(scores: Sequence[float], positive: Sequence[bool]) -> floa
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def mean_average_precision(scores, targets) -> tuple[float, np.ndarray]:
-    """Scores and 0/1 targets (images, tags) -> (mAP over the tags with a positive, per-tag AP with NaN
-    for tags without one)."""
+def paper_average_precision(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """AP as the paper's ``utils/metrics.py`` (``get_mAP``) computes it: the images ranked one by one
+    (no tie thresholds) by an ascending sort reversed, so among equal scores the later image ranks
+    first (a stable sort here: numpy's default quicksort keeps equal scores in index order below 17
+    items, and may permute larger tied runs); the precision at each positive, summed, over the number of
+    positives + 1e-8. A tag without a positive image scores 0."""
+    scores = np.asarray(scores).reshape(-1)  # as given: float16 scores tie where float32 ones would not
+    positive = np.asarray(positive, dtype=bool).reshape(-1)
+    y = positive[np.argsort(scores, kind="stable")[::-1]]
+    precision = np.cumsum(y)[y] / (np.flatnonzero(y) + 1)
+    return float(precision.sum() / (y.sum() + 1e-8))
+
+
+def mean_average_precision(scores, targets, paper: bool = False) -> tuple[float, np.ndarray]:
+    """Scores and 0/1 targets (images, tags) -> (mAP, per-tag AP). Default: scikit-learn's AP
+    (:func:`average_precision`) averaged over the tags with a positive, NaN for the others; ``paper``:
+    the paper's AP (:func:`paper_average_precision`) averaged over every tag, 0 for those without one."""
     scores, targets = np.asarray(scores), np.asarray(targets).astype(bool)
     if scores.shape != targets.shape or scores.ndim != 2:
         raise ValueError(f"scores and targets must both be (images, tags); got {scores.shape} and {targets.shape}")
-    ap = np.array([average_precision(scores[:, t], targets[:, t]) for t in range(scores.shape[1])])
+    ap_of = paper_average_precision if paper else average_precision
+    ap = np.array([ap_of(scores[:, t], targets[:, t]) for t in range(scores.shape[1])])
     return (float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")), ap
 
 

@@ -83,7 +83,8 @@ def environment(device: Optional[torch.device] = None) -> dict:
     import importlib.metadata as md
 
     versions = {}
-    for pkg in ("torch", "torchvision", "transformers", "timm", "open_clip_torch", "torchao", "bitsandbytes"):
+    for pkg in ("torch", "torchvision", "transformers", "timm", "open_clip_torch", "torchao", "bitsandbytes",
+                "scikit-learn", "faiss-cpu", "numpy"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -103,11 +103,15 @@ class InterImage(Reducer):
     in [0, 2]; drawn here in closed form (the minimum of V uniform draws and a uniform word index),
     which has the same distribution without materialising the (patches, V) draws.
     ``prop_attn=True`` adds log(size) to the attention logits (not used in the paper).
+    ``float32_ties=True`` (the paper's protocol) resolves near ties among a large vocabulary's words as
+    the exhaustive float32 matmul's argmax does (:func:`vwt.vocab.nearest_within`); off: the
+    float64-nearest word.
     """
 
     kind = "input"
 
-    def __init__(self, vocab, thresh: float = THRESH, random: bool = False, prop_attn: bool = False):
+    def __init__(self, vocab, thresh: float = THRESH, random: bool = False, prop_attn: bool = False,
+                 float32_ties: bool = False):
         if isinstance(vocab, Tensor):
             vocab = Vocabulary.from_tensor(vocab)
         if not isinstance(vocab, Vocabulary):
@@ -120,10 +124,11 @@ class InterImage(Reducer):
         self.thresh = thresh
         self.random = bool(random)
         self.prop_attn = bool(prop_attn)
+        self.float32_ties = bool(float32_ties)
 
     def __repr__(self) -> str:
         return (f"InterImage(vocab={self.vocab!r}, thresh={self.thresh:g}, random={self.random}, "
-                f"prop_attn={self.prop_attn})")
+                f"prop_attn={self.prop_attn}" + (", float32_ties=True)" if self.float32_ties else ")"))
 
     def features(self, ctx: InputContext) -> Tensor:
         """(B, N, D) what is matched against the words, checked against the vocabulary's shape."""
@@ -145,7 +150,7 @@ class InterImage(Reducer):
             dist = 2 * (1 - torch.rand(b, n, device=feats.device).pow(1.0 / v))
             return word, dist
         f = torch.nn.functional.normalize(feats.reshape(b * n, d).float(), dim=1)  # a zero patch: cos 0
-        word, cos = self.vocab.nearest(f, max_dist=self.thresh)
+        word, cos = self.vocab.nearest(f, max_dist=self.thresh, float32_ties=self.float32_ties)
         return word.view(b, n), (1 - cos).view(b, n)
 
     def reduce_input(self, state: TokenState, ctx: InputContext) -> TokenState:

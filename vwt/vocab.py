@@ -31,6 +31,10 @@ SKETCH_RANK = 95  # principal axes of the words in the bound (+ 1 residual colum
 # vectors in any summation order (c0's, and the exhaustive search's), with room: 1.5e-4 < 2e-4.
 SLACK = 2e-4
 DENSE_ROW = 1024  # a patch with more candidate words than this gets its whole exact row instead
+# float32_ties: words whose float64 cosines lie within this (per 768 dimensions) of a patch's best can
+# swap places in a float32 matmul (twice gamma_768 ~ 9.2e-5, as above), so their float32 cosines decide.
+TIE_WINDOW = 1e-4
+GEMM_MIN = 64  # a float32 matmul padded to this many rows and columns rounds each element as a large one
 PAIR_CHUNK = 2048  # candidate (patch, word) dot products per gather, to stay in cache
 CHUNK_FLOATS = 1 << 21  # bounds computed per row chunk: (rows, V) floats, kept near the cache size
 # The fast k-means (Vocabulary.learn, process.py --kmeans fast): FAISS on a reservoir sample.
@@ -127,7 +131,7 @@ class Vocabulary:
             self._unit[key] = (axes.to(device), bound.to(device), self.unit().double().to(device))
         return self._unit[key]
 
-    def nearest(self, unit_feats: Tensor, max_dist: Optional[float] = None, *,
+    def nearest(self, unit_feats: Tensor, max_dist: Optional[float] = None, *, float32_ties: bool = False,
                 fast_min_words: int = FAST_MIN_WORDS, sketch_rank: int = SKETCH_RANK,
                 dense_row: int = DENSE_ROW) -> tuple[Tensor, Tensor]:
         """Nearest word (cosine) of each L2-normalised row of ``unit_feats`` (n, D) float32, and the
@@ -138,11 +142,13 @@ class Vocabulary:
         search (:func:`nearest_within`, ``sketch_rank`` axes in the bound, whole exact rows for patches
         with more than ``dense_row`` candidates): the same word and cosine (to float32 rounding)
         wherever 1 - cos <= max_dist; a patch it reports beyond max_dist is beyond it, but its word is
-        a near one, not necessarily the nearest, and the cosine that word's exact one."""
+        a near one, not necessarily the nearest, and the cosine that word's exact one. ``float32_ties``:
+        near ties go to the float32 matmul's pick (see :func:`nearest_within`)."""
         if max_dist is None or max_dist >= 0.5 or len(self) < fast_min_words:
             cos, word = (unit_feats @ self.unit(unit_feats.device).T).max(1)
             return word, cos
-        return nearest_within(self, unit_feats, max_dist, sketch_rank=sketch_rank, dense_row=dense_row)
+        return nearest_within(self, unit_feats, max_dist, sketch_rank=sketch_rank, dense_row=dense_row,
+                              float32_ties=float32_ties)
 
     def check(self, feature_shape, patch_size: Optional[int] = None) -> None:
         """Refuse a model whose patch features (B, N, D) do not fit: the message says both shapes."""
@@ -508,7 +514,7 @@ def inertia(x: Tensor, centres: Tensor) -> float:
 # The bound-and-refine nearest-word search for large vocabularies
 # --------------------------------------------------------------------------------------------------
 def nearest_within(vocab: Vocabulary, unit_feats: Tensor, max_dist: float, sketch_rank: int = SKETCH_RANK,
-                   dense_row: int = DENSE_ROW) -> tuple[Tensor, Tensor]:
+                   dense_row: int = DENSE_ROW, float32_ties: bool = False) -> tuple[Tensor, Tensor]:
     """Nearest word and cosine of each L2-normalised row of ``unit_feats`` (n, D) float32, exact
     wherever 1 - cos <= ``max_dist`` (< 0.5), at a fraction of the exhaustive matmul's cost.
 
@@ -524,16 +530,30 @@ def nearest_within(vocab: Vocabulary, unit_feats: Tensor, max_dist: float, sketc
     The matched words are the exactly nearest ones for the float32 inputs. The exhaustive float32
     matmul agrees except between words whose cosines differ by less than its own rounding (~1e-6,
     seen among near-identical flat patches): there it may return either, this one the nearer.
+    ``float32_ties`` (the paper's protocol): where a patch's best candidates lie within ``TIE_WINDOW``
+    of each other in float64, their float32 cosines from a float32 matmul decide (the highest, the
+    lowest index among equals), as the exhaustive float32 matmul's argmax would on this device: a BLAS
+    matmul at least ``GEMM_MIN`` rows and columns rounds each element as the (n, V) one does.
     Vectorised over patches; row chunks only bound the memory of U.
     """
     fd = unit_feats.double()
     word, cos, pairs, dense = _bound(vocab, unit_feats, fd, max_dist, sketch_rank, dense_row)
     unit64 = vocab.sketch(sketch_rank, unit_feats.device)[2]
+    window = TIE_WINDOW * max(1.0, unit_feats.shape[1] / 768) if float32_ties else None
+    ties = []
     if pairs is not None:
-        word, cos = _refine_pairs(unit64, fd, pairs, word, cos)
+        word, cos, near = _refine_pairs(unit64, fd, pairs, word, cos, window)
+        ties.append(near)
     if dense is not None:
-        c, w = (fd.index_select(0, dense) @ unit64.T).max(1)
+        rows = fd.index_select(0, dense) @ unit64.T
+        c, w = rows.max(1)
         word[dense], cos[dense] = w, c.float()
+        if window is not None:
+            r, col = (rows >= c[:, None] - window).nonzero(as_tuple=True)
+            ties.append((dense[r], col))
+    ties = [t for t in ties if t is not None]
+    if ties:
+        word, cos = _float32_pick(vocab.unit(unit_feats.device), unit_feats, ties, word, cos)
     return word, cos
 
 
@@ -577,9 +597,11 @@ def _bound(vocab: Vocabulary, unit_feats: Tensor, fd: Tensor, max_dist: float, s
     return word, cos, pairs, (torch.cat(dense) if dense else None)
 
 
-def _refine_pairs(unit64: Tensor, fd: Tensor, pairs: tuple[Tensor, Tensor], word: Tensor, cos: Tensor):
+def _refine_pairs(unit64: Tensor, fd: Tensor, pairs: tuple[Tensor, Tensor], word: Tensor, cos: Tensor,
+                  window: Optional[float] = None):
     """Step 3 of :func:`nearest_within` for the candidate pairs: float64 cosines, the nearest candidate
-    per patch (ties to the lowest word index)."""
+    per patch (ties to the lowest word index). Also the (rows, words) pairs within ``window`` of their
+    patch's best (None without a window)."""
     rows, cols = pairs
     n, v, dev = word.shape[0], unit64.shape[0], word.device
     vals = torch.empty(rows.shape[0], dtype=torch.float64, device=dev)
@@ -590,7 +612,29 @@ def _refine_pairs(unit64: Tensor, fd: Tensor, pairs: tuple[Tensor, Tensor], word
     top = vals == best[rows]
     first = torch.full((n,), v, dtype=torch.long, device=dev).scatter_reduce_(0, rows[top], cols[top], "amin")
     has = first < v
-    return torch.where(has, first, word), torch.where(has, best.float(), cos)
+    near = None if window is None else (lambda m: (rows[m], cols[m]))(vals >= best[rows] - window)
+    return torch.where(has, first, word), torch.where(has, best.float(), cos), near
+
+
+def _float32_pick(unit: Tensor, unit_feats: Tensor, ties: list, word: Tensor, cos: Tensor):
+    """``float32_ties`` of :func:`nearest_within`: for each patch with two or more words in ``ties``
+    (lists of (rows, words) pairs), the word of the highest float32 matmul cosine among them, the lowest
+    index among equals, and that cosine."""
+    rows, cols = (torch.cat(t) for t in zip(*ties))
+    many = torch.bincount(rows, minlength=word.shape[0])[rows] > 1
+    rows, cols = rows[many], cols[many]
+    if rows.numel() == 0:
+        return word, cos
+    urows, ri = rows.unique(return_inverse=True)
+    ucols, ci = cols.unique(return_inverse=True)
+    a = unit_feats.new_zeros(max(len(urows), GEMM_MIN), unit.shape[1])
+    b = unit.new_zeros(max(len(ucols), GEMM_MIN), unit.shape[1])
+    a[:len(urows)], b[:len(ucols)] = unit_feats.index_select(0, urows), unit.index_select(0, ucols)
+    vals = (a @ b.T)[ri, ci]  # each element rounded as in the exhaustive (n, V) float32 matmul
+    best = torch.full_like(cos, -torch.inf).scatter_reduce_(0, rows, vals, "amax")
+    top = vals == best[rows]
+    first = torch.full_like(word, unit.shape[0]).scatter_reduce_(0, rows[top], cols[top], "amin")
+    return word.index_copy(0, urows, first[urows]), cos.index_copy(0, urows, best[urows])
 
 
 # --------------------------------------------------------------------------------------------------

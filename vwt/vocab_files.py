@@ -3,6 +3,7 @@ which file a run's flags name, loading one with one-line errors, and the samples
 first use."""
 from __future__ import annotations
 
+import itertools
 import string
 import sys
 import time
@@ -54,8 +55,17 @@ def vocab_data(spec: RunSpec) -> str:
 def vocab_candidates(data: str, size: int, seed: Optional[int] = None) -> list:
     """The vocab.pt files that may hold ``data``'s ``size``-word vocabulary for ``seed``, best first:
     the paper's ``v<SIZE>/seed_<N>/`` and ours ``v<SIZE>-seed<N>/`` for a seed other than 0, then the
-    seed-less ``v<SIZE>/`` (data sets learned once), then for no seed the lowest ``v<SIZE>/seed_<N>/``."""
-    base = tokenizer_dir(data, size)
+    seed-less ``v<SIZE>/`` (data sets learned once), then for no seed the lowest ``v<SIZE>/seed_<N>/``;
+    each in ``tokenizers/<data>/`` and then in the paper's folder for the data set where it names it
+    otherwise (``tokenizers/cub/`` for Waterbirds)."""
+    row = datasets.DATASETS.get(data)
+    names = [data] + ([row.paper_name] if row is not None and row.paper_name else [])
+    per_name = [_candidates_in(tokenizer_dir(name, size), seed) for name in names]
+    return [c for kind in itertools.zip_longest(*per_name) for c in kind if c is not None]
+
+
+def _candidates_in(base: Path, seed: Optional[int]) -> list:
+    """:func:`vocab_candidates` in one folder ``tokenizers/<name>/v<SIZE>``."""
     found = []
     if seed:
         found += [base / f"seed_{seed}" / "vocab.pt", base.with_name(f"{base.name}-seed{seed}") / "vocab.pt"]

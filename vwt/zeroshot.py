@@ -59,9 +59,11 @@ def _tensor(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def text_features(loaded, prompts: list[str], device) -> torch.Tensor:
+def text_features(loaded, prompts: list[str], device, model_dtype: bool = False) -> torch.Tensor:
     """(len(prompts), D) L2-normalised text embeddings, with the model's own tokenizer (``loaded``:
-    a ``vwt.models.Loaded``)."""
+    a ``vwt.models.Loaded``); float32, or with ``model_dtype`` in the dtype the model gives them (the
+    paper's int8 CLIP: float16, normalised in float16 as its ``utils/enc.py``), which
+    :func:`image_scores` then computes in."""
     tok = loaded.tokenizer
     if tok is None:
         raise UserError(f"{loaded.name}: no text tokenizer could be loaded for zero-shot prompts")
@@ -75,19 +77,20 @@ def text_features(loaded, prompts: list[str], device) -> torch.Tensor:
                 enc = getattr(tok, "tokenizer", tok)(chunk, padding=True, truncation=True, return_tensors="pt")
                 f = _tensor(loaded.model.get_text_features(input_ids=enc["input_ids"].to(device),
                                                            attention_mask=enc["attention_mask"].to(device)))
-            out.append(F.normalize(f.float(), dim=-1))
+            out.append(F.normalize(f if model_dtype else f.float(), dim=-1))
     return torch.cat(out)
 
 
 def image_scores(loaded, pixels: torch.Tensor, text) -> torch.Tensor:
-    """(B, classes): cosine similarity to every prompt, or a timm classifier's logits."""
+    """(B, classes) float32: cosine similarity to every prompt, computed in the text features' dtype
+    (float16 for the paper's int8, then widened, as its clip.py did), or a timm classifier's logits."""
     if loaded.family == "timm":
         return loaded.model(pixels).float()
     if loaded.family == "open_clip":
         f = loaded.model.encode_image(pixels)
     else:
         f = _tensor(loaded.model.get_image_features(pixel_values=pixels))
-    return F.normalize(f.float(), dim=-1) @ text.T
+    return (F.normalize(f.to(text.dtype), dim=-1) @ text.T).float()
 
 
 PROMPT_HINT = "write {} where the label goes, e.g. 'a photo of a {}' (a literal brace: {{ or }})"
@@ -222,8 +225,8 @@ def task_metrics(spec: RunSpec, loaded, ds, s: np.ndarray) -> dict:
         targets = np.zeros_like(s, dtype=bool)
         for i, r in enumerate(recs):
             targets[i, r["labels"]] = True
-        out["mAP"], ap = metrics.mean_average_precision(s, targets)
-        out["tags_with_positives"] = int(np.isfinite(ap).sum())
+        out["mAP"], _ = metrics.mean_average_precision(s, targets, paper=spec.protocol.paper_map)
+        out["tags_with_positives"] = int(targets.any(0).sum())
     else:
         if s.shape[1] != len(ds.classes):  # labels index the sorted synset folders: all of them must be there
             raise UserError(f"{loaded.name} has {s.shape[1]} classes but {spec.data} has {len(ds.classes)} synset "
@@ -344,7 +347,8 @@ def prepare(spec: RunSpec, loaded: Optional[Loaded], device, dtype) -> Prepared:
     if quant_first:
         quantize(loaded.model, spec.protocol, loaded.family)
     prompts = [spec.options.prompt.format(n) for n in names]
-    text = None if loaded.family == "timm" else text_features(loaded, prompts, device)
+    text = None if loaded.family == "timm" else text_features(
+        loaded, prompts, device, model_dtype=quant_first and spec.protocol.int8_float16_scores)
     if spec.method.quant and not quant_first:
         quantize(loaded.model, spec.protocol, loaded.family)
     return Prepared(loaded, reducers, transform, names, text, full)
