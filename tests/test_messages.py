@@ -149,3 +149,24 @@ def test_eff_says_why_the_weights_are_random_once(monkeypatch, tmp_path, capsys)
     out = capsys.readouterr().out
     assert out.count(cause) == 1, out
     assert "weights: random (the note at the start says why)" in out, out
+
+
+@pytest.mark.parametrize("how", [dict(random_weights=True), dict(fallback_random=True)])
+def test_open_clip_random_weights_are_said_once(how, caplog, capsys):
+    """open_clip logs on the root logger ("No pretrained weights loaded", "Failed to download"); vwt's
+    note says it, once."""
+    caplog.set_level(logging.WARNING)
+    models.load_model("open_clip:ViT-B-32/openai", cpu, needs="vision", **how)
+    assert not [r.getMessage() for r in caplog.records if "open_clip" in r.pathname]
+    assert capsys.readouterr().out.count("random weights") == (1 if how.get("fallback_random") else 0)
+
+
+def test_open_clip_leaves_the_root_logger_unconfigured(tmp_path):
+    """In a fresh interpreter: open_clip's logging.warning would give the root logger a handler bound to
+    the sys.stderr of that moment, for good (in a test, a captured stream that is closed later)."""
+    done = in_fresh_python(
+        "import logging, torch\nfrom vwt import models\n"
+        "models.load_model('open_clip:ViT-B-32', torch.device('cpu'), random_weights=True)\n"
+        "print('root handlers:', logging.getLogger().handlers)", tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "root handlers: []" in done.stdout and "No pretrained weights" not in done.stderr, done.stderr[-2000:]

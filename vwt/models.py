@@ -2,6 +2,8 @@
 with pretrained or random weights, and the one check of whether the model hub answers at all."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -198,8 +200,10 @@ def _load(name: str, random_weights: bool, vision_only: bool = False) -> Loaded:
             import open_clip
 
             arch, _, pre = name[len("open_clip:"):].partition("/")
-            model = open_clip.create_model(arch, pretrained=None if random_weights else (pre or None))
-            return Loaded(model, "open_clip", name, not random_weights and bool(pre), open_clip.get_tokenizer(arch))
+            with _open_clip_quiet():
+                model = open_clip.create_model(arch, pretrained=None if random_weights else (pre or None))
+                tokenizer = open_clip.get_tokenizer(arch)
+            return Loaded(model, "open_clip", name, not random_weights and bool(pre), tokenizer)
         if name.startswith("timm:"):
             import timm
 
@@ -213,6 +217,26 @@ def _load(name: str, random_weights: bool, vision_only: bool = False) -> Loaded:
         raise Unavailable(f"cannot load model {name!r}: {cause}. Models come from the Hugging Face hub (or its "
                           "local cache); pass a cached or local model, or --random-weights where the script offers it",
                           cause) from None
+
+
+@contextlib.contextmanager
+def _open_clip_quiet():
+    """Hold back what open_clip logs on the root logger while it builds a model ("No pretrained weights
+    loaded" for random weights, "Failed to download" before the note that quotes it): vwt says it once.
+    A NullHandler meanwhile keeps ``logging.warning`` from configuring the root logger for good (a
+    handler bound to whatever ``sys.stderr`` is at that moment)."""
+    root, hold = logging.getLogger(), logging.NullHandler()
+    root.addHandler(hold)
+    root.addFilter(_not_open_clip)
+    try:
+        yield
+    finally:
+        root.removeFilter(_not_open_clip)
+        root.removeHandler(hold)
+
+
+def _not_open_clip(record: logging.LogRecord) -> bool:
+    return f"{os.sep}open_clip{os.sep}" not in record.pathname
 
 
 class Unavailable(UserError):
@@ -397,8 +421,6 @@ def _from_pretrained(cls, name: str, config) -> tuple:
     by a filter: raising the level of transformers' modeling_utils logger instead makes transformers
     (5.x: ``if logger.level >= WARNING: verify_tp_plan(...)``) log every key of the model as "not
     sharded" through another logger."""
-    import logging
-
     report = logging.getLogger("transformers.modeling_utils")
     report.addFilter(_not_the_load_report)
     try:
