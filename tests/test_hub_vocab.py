@@ -105,3 +105,26 @@ def test_the_method_label_names_the_repository(cache):
     cli.add_protocol_arg(p)
     spec = cli.as_spec(p.parse_args(["--vocab-path", NAME]))
     assert methods.method_name(spec) == "inter-vinter-image-imgnet-1000-t0.1"
+
+
+def test_eff_measures_with_a_published_vocabulary_and_names_it(cache, tmp_path, monkeypatch):
+    import eff
+    from test_eff_script import FAST, no_rapl
+
+    no_rapl(monkeypatch, tmp_path)
+    hub_cache(cache, REPO_ID, torch.randn(12, 3 * tiny.PATCH ** 2, generator=torch.Generator().manual_seed(1)))
+    table = eff.main(["--methods", "base,inter", "--vocab-path", NAME, "--thresh", "1.0", "--batch", "1",
+                      "--metric", "time", "--out", str(tmp_path / "out")] + FAST, loaded=tiny.loaded())
+    assert list(table["config"]) == ["base", "inter-vinter-image-imgnet-1000-t1"]
+    assert table.loc[1, "tokens_mean"] < table.loc[0, "tokens_mean"]  # the published words merged patches
+
+
+def test_eff_refuses_an_uncached_published_vocabulary_before_loading_the_model(cache, tmp_path, monkeypatch):
+    import eff
+
+    def never(*a, **kw):
+        raise AssertionError("the model was loaded before the vocabulary was found missing")
+
+    monkeypatch.setattr("vwt.efficiency.load_model", never)
+    with pytest.raises(cli.UserError, match="is not in the Hugging Face cache"):
+        eff.main(["--methods", "base,inter", "--vocab-path", NAME, "--out", str(tmp_path)])

@@ -183,7 +183,10 @@ def check_numbers(spec: RunSpec) -> None:
 # Model, images, vocabulary
 # --------------------------------------------------------------------------------------------------
 def load(spec: RunSpec, device, dtype) -> tuple[Loaded, str]:
-    """The model (random weights where the pretrained ones cannot be had), and a sentence saying which."""
+    """The model (random weights where the pretrained ones cannot be had), and a sentence saying which.
+    A published vocabulary (--vocab-path hf:...) is fetched, or refused in one line, first."""
+    if spec.method.vocab_path is not None:
+        vocab_path(spec)
     random_weights = spec.options.random_weights
     loaded = load_model(spec.model or models.DEFAULT_CLIP, device, dtype, random_weights=random_weights,
                         fallback_random=True, vision_only=True, needs="vision")
