@@ -59,7 +59,7 @@ def test_missing_and_unreadable_vocabularies_are_user_errors(tmp_path):
 def test_first_line_of_an_exception():
     assert cli.first_line(ValueError("first\nsecond")) == "first"
     assert cli.first_line(OSError()) == "OSError"
-    assert cli.first_line(ValueError("x" * 500), 10) == "x" * 10
+    assert cli.first_line(ValueError("x" * 500), 10) == "x" * 10 + " ..."  # one word: cut, and marked
 
 
 def test_lgtm_takes_its_schedule_on_the_command_line(capsys):

@@ -34,7 +34,8 @@ from .runtime import check_input_reducers, environment, resolve_device, resolve_
 from .spec import RunSpec
 from .tokenizer import THRESH, InterImage
 from .vocab import Vocabulary
-from .vocab_files import missing_vocab_hint, read_vocabulary, samples_vocabulary, tokenizer_dir, vocab_data, vocab_path
+from .vocab_files import (HUB, missing_vocab_hint, read_vocabulary, samples_vocabulary, tokenizer_dir, vocab_data,
+                          vocab_label, vocab_path)
 
 
 def paper_settings() -> dict:
@@ -195,7 +196,10 @@ def check_numbers(spec: RunSpec) -> None:
 # Model, images, vocabulary
 # --------------------------------------------------------------------------------------------------
 def load(spec: RunSpec, device, dtype) -> tuple[Loaded, str]:
-    """The model (random weights where the pretrained ones cannot be had), and a sentence saying which."""
+    """The model (random weights where the pretrained ones cannot be had), and a sentence saying which.
+    A published vocabulary (--vocab-path hf:...) is fetched, or refused in one line, first."""
+    if spec.method.vocab_path is not None:
+        vocab_path(spec)
     random_weights = spec.options.random_weights
     loaded = load_model(spec.model or models.DEFAULT_CLIP, device, dtype, random_weights=random_weights,
                         fallback_random=True, vision_only=True, needs="vision")
@@ -278,7 +282,8 @@ def vocabulary(spec: RunSpec, s: dict, images: torch.Tensor, vision, preprocess,
     patch_size = flops.dims_of(vision).patch_size
     if spec.method.vocab_path is not None:
         path = vocab_path(spec, seed)  # '{seed}' in it picks the seed's
-        return _fitting(read_vocabulary(path), patch_size, path), path.parent.name or path.stem, path
+        name = vocab_label(spec.method.vocab_path) if str(spec.method.vocab_path).startswith(HUB) else None
+        return _fitting(read_vocabulary(path), patch_size, path), name or path.parent.name or path.stem, path
     data, name = spec.method.vocab_data or spec.data, f"v{s['vocab']}"
     if seed is not None:
         path, name, hint = _paper_vocabulary_file(spec, s, seed)
@@ -675,10 +680,17 @@ def _inputs(spec: RunSpec, s: dict, configs: list[Config], loaded: Loaded, devic
     return inputs
 
 
+def briefly(weights: str) -> str:
+    """The weights as the lines after the model's load name them: why they are random is said once, in
+    the load's note (the results JSON keeps it whole)."""
+    kind, said, _ = weights.partition(":")
+    return f"{kind} (the note at the start says why)" if said else weights
+
+
 def _announce(spec: RunSpec, loaded: Loaded, weights: str, device, inputs: Inputs, meter: energy.Meter) -> None:
     """The lines that say what is measured: model, weights, device, data, protocol, the energy meter and
     the paper's data side."""
-    print(f"model {loaded.name} ({loaded.family}), weights: {weights}; device {device}, {spec.dtype}; "
+    print(f"model {loaded.name} ({loaded.family}), weights: {briefly(weights)}; device {device}, {spec.dtype}; "
           f"data {spec.data} ({inputs.images.shape[0]} images); protocol {spec.protocol.name}")
     print(f"energy: {meter.note}")
     seeds, paper_data, vocabs = inputs.seeds, inputs.paper_data, inputs.vocabs
@@ -735,5 +747,5 @@ def report_of(spec: RunSpec, weights: str, meter: energy.Meter, verdicts: dict, 
     reason = bench.paper_power_reader(meter)[1]
     asked = spec.protocol.paper_measurement and spec.options.metric in ("watt", "all")
     return dict(energy_note=None if meter.measurable else meter.note, power_note=reason if asked and reason else None,
-                verdicts=[v["line"] for v in verdicts.values()], weights=weights, files=[str(p) for p in paths],
+                verdicts=[v["line"] for v in verdicts.values()], weights=briefly(weights), files=[str(p) for p in paths],
                 wall_seconds=wall)

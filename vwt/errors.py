@@ -7,7 +7,10 @@ class UserError(Exception):
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
-    """An exception's message cut to its first line (at most ``limit`` characters), or its type name
-    when it has none: what a one-line error quotes of the cause."""
+    """An exception's message cut to its first line (beyond ``limit`` characters, cut after a whole word,
+    marked " ..."), or its type name when it has none: what a one-line error quotes of the cause."""
     text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0]
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."

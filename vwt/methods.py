@@ -3,7 +3,6 @@ short label, the rule one input reducer plus one in-network reducer, its reducer
 and its int8."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 from torch import nn
@@ -15,7 +14,7 @@ from .method_table import (INTER_FLAGS, METHODS, PAPER_FAMILIES, Method, Setting
                            by_dest, given, register, rows)
 from .protocol import get as get_protocol
 from .tokenizer import THRESH
-from .vocab_files import missing_vocab_hint, read_vocabulary, vocab_data, vocab_path
+from .vocab_files import missing_vocab_hint, read_vocabulary, vocab_data, vocab_label, vocab_path
 
 
 def __getattr__(attr: str):  # the former constants, read from the table when asked
@@ -52,7 +51,7 @@ def method_name(spec) -> str:
         source = vocab_data(spec)
         vocab = f"v{recipe.vocab}" + ("" if source == (spec.data or source) else f"-{source}")
     elif recipe.vocab_path is not None:
-        vocab = Path(recipe.vocab_path).parent.name
+        vocab = vocab_label(recipe.vocab_path)
     values = {d: v for d, v in recipe.values().items() if d != "vocab"}
     return method_label(recipe.threshold, recipe.random, vocab, **values)
 

@@ -2,6 +2,8 @@
 with pretrained or random weights, and the one check of whether the model hub answers at all."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -178,7 +180,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
         if not fallback_random or random_weights:
             raise
         loaded = _load(name, True, vision_only)
-        loaded.note = f"pretrained weights unavailable ({first_line(e, 160)})"
+        loaded.note = f"pretrained weights unavailable ({getattr(e, 'cause', None) or first_line(e)})"
     tower = " (and a one-layer text tower)" if vision_only and loaded.family in HF else ""
     why = "" if random_weights else " (runtime and energy do not depend on weights)"
     if loaded.guessed:  # asked for or fallen back to: say the architecture is a guess
@@ -192,13 +194,16 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
 
 
 def _load(name: str, random_weights: bool, vision_only: bool = False) -> Loaded:
+    known(name)
     try:
         if name.startswith("open_clip:"):
             import open_clip
 
             arch, _, pre = name[len("open_clip:"):].partition("/")
-            model = open_clip.create_model(arch, pretrained=None if random_weights else (pre or None))
-            return Loaded(model, "open_clip", name, not random_weights and bool(pre), open_clip.get_tokenizer(arch))
+            with _open_clip_quiet():
+                model = open_clip.create_model(arch, pretrained=None if random_weights else (pre or None))
+                tokenizer = open_clip.get_tokenizer(arch)
+            return Loaded(model, "open_clip", name, not random_weights and bool(pre), tokenizer)
         if name.startswith("timm:"):
             import timm
 
@@ -207,10 +212,80 @@ def _load(name: str, random_weights: bool, vision_only: bool = False) -> Loaded:
         return _load_hf(name, random_weights, vision_only)
     except UserError:
         raise
-    except Exception as e:  # hub unreachable, unknown name, ...
-        raise UserError(f"cannot load model {name!r}: {first_line(e)}. Models come from the Hugging Face hub "
-                        "(or its local cache); pass a cached or local model, or --random-weights where "
-                        "the script offers it") from None
+    except Exception as e:  # hub unreachable, not cached, ...
+        cause = first_line(e).rstrip(".")
+        raise Unavailable(f"cannot load model {name!r}: {cause}. Models come from the Hugging Face hub (or its "
+                          "local cache); pass a cached or local model, or --random-weights where the script offers it",
+                          cause) from None
+
+
+@contextlib.contextmanager
+def _open_clip_quiet():
+    """Hold back what open_clip logs on the root logger while it builds a model ("No pretrained weights
+    loaded" for random weights, "Failed to download" before the note that quotes it): vwt says it once.
+    A NullHandler meanwhile keeps ``logging.warning`` from configuring the root logger for good (a
+    handler bound to whatever ``sys.stderr`` is at that moment)."""
+    root, hold = logging.getLogger(), logging.NullHandler()
+    root.addHandler(hold)
+    root.addFilter(_not_open_clip)
+    try:
+        yield
+    finally:
+        root.removeFilter(_not_open_clip)
+        root.removeHandler(hold)
+
+
+def _not_open_clip(record: logging.LogRecord) -> bool:
+    return f"{os.sep}open_clip{os.sep}" not in record.pathname
+
+
+class Unavailable(UserError):
+    """Pretrained weights that cannot be had (hub unreachable, not cached); ``cause``: the library's
+    own words, which a note quotes where random weights stand in."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
+
+
+def known(name: str) -> None:
+    """An :class:`UnsupportedModel` for a ``timm:`` or ``open_clip:`` name its library does not know (a
+    typo): random weights cannot build an unknown architecture. Hub names (``hf-hub:``) and files are
+    left to the library."""
+    import difflib
+
+    if name.startswith("timm:"):
+        import timm
+
+        arch = name[len("timm:"):]
+        if ":" in arch:
+            return
+        base, tag = timm.models.split_model_name_tag(arch)
+        if not timm.is_model(base):
+            close = difflib.get_close_matches(base, timm.list_models(), n=3)
+            raise UnsupportedModel(f"timm has no model {base!r}{_closest(close)}; timm.list_models() lists them")
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(base + ".*")]
+        if tag and tag not in tags:
+            raise UnsupportedModel(f"timm has no pretrained weights {tag!r} for {base}; its tags: "
+                                   f"{', '.join(tags) or 'none'} (timm:{base} alone: its default weights)")
+    if name.startswith("open_clip:"):
+        import open_clip
+
+        arch, _, pre = name[len("open_clip:"):].partition("/")
+        if ":" in arch:
+            return
+        if arch not in open_clip.list_models():
+            close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
+            raise UnsupportedModel(f"open_clip has no model {arch!r}{_closest(close)}; open_clip.list_models() "
+                                   "lists them")
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if pre and pre not in tags and not os.path.exists(pre):
+            raise UnsupportedModel(f"open_clip has no pretrained weights {pre!r} for {arch} and no file of that name; "
+                                   f"its tags: {', '.join(tags) or 'none'} (open_clip:{arch} alone: random weights)")
+
+
+def _closest(names: list) -> str:
+    return f" (closest: {', '.join(names)})" if names else ""
 
 
 def fill_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
@@ -241,6 +316,9 @@ def _hf_config(name: str):
     try:
         found, _ = PretrainedConfig.get_config_dict(name)
     except Exception as e:  # offline and not cached, no such repository or folder, no config.json
+        if _no_such_repository(e):
+            raise UnsupportedModel(f"{name} is neither a local folder nor a model on the Hugging Face hub (the hub "
+                                   "has no such repository); check the name, e.g. " + DEFAULT_CLIP) from None
         return None, None, e
     backend = family_for_config(found)
     if backend is None:
@@ -250,6 +328,17 @@ def _hf_config(name: str):
                                f"Hugging Face model types {hf_supported()}, 'open_clip:ARCH[/PRETRAINED]' and "
                                "'timm:NAME'")
     return _hf_class(backend).config_class.from_dict(found), backend, None
+
+
+def _no_such_repository(e: BaseException) -> bool:
+    """Whether the hub answered that the repository does not exist (huggingface_hub's
+    RepositoryNotFoundError, somewhere in the chain of causes; a gated repository is another matter)."""
+    while e is not None:
+        names = {c.__name__ for c in type(e).__mro__}
+        if "RepositoryNotFoundError" in names and "GatedRepoError" not in names:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _hf_class(backend):
@@ -266,9 +355,38 @@ def _guess(config) -> str:
             f"ViT width {v.hidden_size}, {v.num_hidden_layers} blocks, patch {v.patch_size}, {v.image_size} px")
 
 
+def _hf_models_without_torchao() -> None:
+    """Import transformers' model code, the first time, with its probe for torchao answering no.
+    transformers' quantizers import torchao wherever it is installed, only to load checkpoints that
+    torchao quantized (vwt loads none): that cost every start 1.5 to 2 s and two torch deprecation
+    warnings. ``vwt.quantize`` imports torchao itself when int8 is asked for; the transformers modules
+    imported here keep the answer no (a torchao-quantized checkpoint is then refused by transformers)."""
+    import sys
+
+    if "transformers.modeling_utils" in sys.modules:
+        return
+    from transformers import utils as hf_utils
+    from transformers.utils import import_utils
+
+    probe = getattr(import_utils, "is_torchao_available", None)
+    answered = [m for m in (import_utils, hf_utils) if probe is not None and getattr(m, "is_torchao_available", None) is probe]
+    for module in answered:
+        module.is_torchao_available = _no_torchao
+    try:
+        import transformers.modeling_utils  # noqa: F401
+    finally:
+        for module in answered:
+            module.is_torchao_available = probe
+
+
+def _no_torchao(*_, **__) -> bool:
+    return False
+
+
 def _load_hf(name: str, random_weights: bool, vision_only: bool = False) -> Loaded:
     """A Hugging Face checkpoint as the family its own config.json names, whatever its name or folder
     says; only where that cannot be read do random weights fall back to a guess from the name."""
+    _hf_models_without_torchao()
     config, backend, unread = _hf_config(name)
     guessed = ""
     if config is None:
@@ -299,15 +417,20 @@ def _load_hf(name: str, random_weights: bool, vision_only: bool = False) -> Load
 def _from_pretrained(cls, name: str, config) -> tuple:
     """(model, the names of the parameters the checkpoint lacked or held in another shape: transformers
     leaves both at random values). Its own report of them (a table of every key) is not printed:
-    :func:`check_weights` says it in one line, for the part a run uses."""
-    import logging
-
+    :func:`check_weights` says it in one line, for the part a run uses. The report alone is held back,
+    by a filter: raising the level of transformers' modeling_utils logger instead makes transformers
+    (5.x: ``if logger.level >= WARNING: verify_tp_plan(...)``) log every key of the model as "not
+    sharded" through another logger."""
     report = logging.getLogger("transformers.modeling_utils")
-    level = report.level
-    report.setLevel(logging.ERROR)
+    report.addFilter(_not_the_load_report)
     try:
         model, info = cls.from_pretrained(name, config=config, output_loading_info=True, ignore_mismatched_sizes=True)
     finally:
-        report.setLevel(level)
+        report.removeFilter(_not_the_load_report)
     mismatched = {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()}
     return model, tuple(sorted(set(info.get("missing_keys") or ()) | mismatched))
+
+
+def _not_the_load_report(record) -> bool:
+    """False for transformers' table of missing and mismatched keys (its "LOAD REPORT")."""
+    return "LOAD REPORT" not in str(record.msg)

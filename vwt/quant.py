@@ -148,11 +148,21 @@ def _runs_here(device: torch.device, who: str, instead: str) -> None:
                            f"({reason}); {gpu}" + (f", or {instead}" if instead else ""))
 
 
+def _enum_notice(record: logging.LogRecord) -> bool:
+    """False for torch's notice that registering an Enum as a pytree constant is deprecated, which
+    torchao's import sets off once per Enum: a note to torchao's authors, not to a user."""
+    return "is an Enum subclass and is now natively supported by torch.compile" not in str(record.msg)
+
+
 def _torchao(model: nn.Module, tower: nn.Module) -> nn.Module:
+    pytree = logging.getLogger("torch.utils._pytree")
+    pytree.addFilter(_enum_notice)
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8Tensor, quantize_
     except ImportError as e:
         raise RuntimeError(f"vwt.quantize: torchao is not importable ({e}); install torchao") from None
+    finally:
+        pytree.removeFilter(_enum_notice)
 
     def wanted(mod: nn.Module, fqn: str) -> bool:
         return _quantizable(mod) and not isinstance(mod.weight, Int8Tensor)

@@ -3,6 +3,7 @@ which file a run's flags name, loading one with one-line errors, and the samples
 first use."""
 from __future__ import annotations
 
+import functools
 import itertools
 import string
 import sys
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from . import datasets
-from .errors import UserError
+from .errors import UserError, first_line
 from .flops import dims_of
 from .spec import RunSpec
 from .results import writable_dir
@@ -94,10 +95,13 @@ def check_vocab_path(path) -> None:
 def vocab_path(spec: RunSpec, seed: Optional[int] = None) -> Optional[Path]:
     """The vocabulary file a run uses for ``seed`` (None: the data set's one, or its first seed's):
     --vocab-path ('{seed}' in it replaced by the seed, 0 for none; no other field, see
-    :func:`check_vocab_path`), or for --vocab SIZE the first existing of :func:`vocab_candidates` (the
-    first candidate when none exists, for the error)."""
+    :func:`check_vocab_path`; ``hf:OWNER/NAME`` the hub cache's file, :func:`hub_vocabulary`), or for
+    --vocab SIZE the first existing of :func:`vocab_candidates` (the first candidate when none exists,
+    for the error)."""
     if spec.method.vocab_path is not None:
         path = str(spec.method.vocab_path)
+        if path.startswith(HUB):
+            return hub_vocabulary(path)
         try:
             check_vocab_path(path)
         except ValueError as e:
@@ -107,6 +111,49 @@ def vocab_path(spec: RunSpec, seed: Optional[int] = None) -> Optional[Path]:
         return None
     candidates = vocab_candidates(vocab_data(spec), spec.method.vocab, seed)
     return next((c for c in candidates if c.exists()), candidates[0])
+
+
+HUB = "hf:"  # --vocab-path hf:OWNER/NAME: the vocab.pt of a model repository on the Hugging Face hub
+PUBLISHED = tuple(f"LeonidasY/inter-image-imgnet-{v}" for v in (100, 1000, 10000))  # the paper's, ImageNet-1K
+
+
+@functools.lru_cache(maxsize=None)
+def hub_vocabulary(name: str) -> Path:
+    """The local file of ``hf:OWNER/NAME``, the ``vocab.pt`` of that Hugging Face model repository (the
+    paper's are :data:`PUBLISHED`): downloaded by huggingface_hub into its cache on first use (asking
+    once, after :func:`vwt.models.hub_reachable`), read from the cache offline; a one-line UserError
+    that says how to get it where it cannot be had. Once per process."""
+    repo = name[len(HUB):].strip("/")
+    if "{seed}" in repo or repo.count("/") != 1 or not all(repo.split("/")):
+        raise UserError(f"--vocab-path {name}: a published vocabulary is named hf:OWNER/NAME, one per repository "
+                        f"('{{seed}}' does not apply), e.g. hf:{PUBLISHED[1]}")
+    from huggingface_hub import constants, hf_hub_download
+
+    from .models import hub_reachable
+
+    hub_reachable()
+    try:
+        return Path(hf_hub_download(repo, "vocab.pt"))
+    except Exception as e:  # offline and not cached, no such repository or file, a network fault
+        kinds = {c.__name__ for c in type(e).__mro__}
+        get = f"hf download {repo} vocab.pt"
+        if "LocalEntryNotFoundError" in kinds or "OfflineModeIsEnabled" in kinds:
+            why = (f"is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub is offline; run once "
+                   f"online, or: {get}")
+        elif "RepositoryNotFoundError" in kinds:
+            why = f"is not a repository on the Hugging Face hub (the paper's: {', '.join(PUBLISHED)})"
+        elif "EntryNotFoundError" in kinds:
+            why = "has no vocab.pt on the Hugging Face hub"
+        else:
+            why = f"cannot be downloaded ({first_line(e)}); try: {get}"
+        raise UserError(f"--vocab-path {name} {why}") from None
+
+
+def vocab_label(path) -> str:
+    """The short name of a --vocab-path vocabulary in method labels: its folder's name, the repository's
+    name for ``hf:OWNER/NAME``."""
+    text = str(path)
+    return text.rstrip("/").rsplit("/", 1)[-1] if text.startswith(HUB) else Path(text).parent.name
 
 
 def read_vocabulary(path: Path, missing_hint: str = ""):
