@@ -64,6 +64,19 @@ def _own_tqdm_locks() -> None:
             c.set_lock(threading.RLock())
 
 
+def _log_to_own_stderr() -> None:
+    """Point every logging handler that writes to a stream at this child's stderr: the parent's
+    handlers (transformers' own, set up by whichever test first logged) may hold a stream an earlier
+    test's capture has closed, which would print '--- Logging error ---' tracebacks into the child."""
+    import logging
+
+    for logger in [logging.getLogger()] + [l for l in logging.Logger.manager.loggerDict.values()
+                                           if isinstance(l, logging.Logger)]:
+        for h in logger.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setStream(sys.stderr)
+
+
 def _child(script: str, argv, cwd: Path, out, err) -> None:
     """In the forked child: run ``script`` as __main__ with ``argv``; never returns."""
     code = 1
@@ -75,6 +88,7 @@ def _child(script: str, argv, cwd: Path, out, err) -> None:
         os.dup2(err.fileno(), 2)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
+        _log_to_own_stderr()
         os.chdir(cwd)
         sys.argv = [str(REPO / script), *map(str, argv)]
         try:
