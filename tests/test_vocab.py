@@ -276,3 +276,60 @@ def test_learn_paper_holds_one_batch_at_a_time(monkeypatch):
 def test_learn_paper_refuses_a_first_batch_smaller_than_the_vocabulary():
     with pytest.raises(ValueError, match="first batch gives 16 patches, fewer than the 20 words"):
         vwt.Vocabulary.learn_paper([images(1), images(4)], size=20, patch_size=PATCH)
+
+
+def reassigning_batches(n=10, rows=300, dim=24, outliers=10, seed=0):
+    """float32 batches whose first holds far outliers that k-means++ makes centres and no later batch
+    comes near: their counts fall below 1% of the largest, so scikit-learn reassigns them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = [rng.standard_normal((rows, dim)).astype(np.float32) for _ in range(n)]
+    out[0][:outliers] += 100 * rng.standard_normal((outliers, dim)).astype(np.float32)
+    return out
+
+
+class CountingState:
+    """A NumPy RandomState whose ``choice`` calls (scikit-learn's random reassignments) are counted."""
+
+    @staticmethod
+    def make(seed):
+        import numpy as np
+
+        class State(np.random.RandomState):
+            reassigned = 0
+
+            def choice(self, *a, **k):
+                State.reassigned += k.get("replace", True) is False  # not k-means++'s first pick
+                return super().choice(*a, **k)
+
+        return State(seed)
+
+
+def test_compute_labels_false_keeps_the_centres_bit_identical():
+    """scikit-learn without its after-update diagnostic: the same centres after every batch, through
+    k-means++ seeding and random reassignments (the first batch and every 10 k patches)."""
+    import numpy as np
+    from sklearn.cluster import MiniBatchKMeans as SK
+
+    from vwt.vocab import paper_kmeans
+
+    assert paper_kmeans(20, 50).compute_labels is False
+    batches = reassigning_batches()
+    kms = [SK(n_clusters=20, n_init="auto", batch_size=50, compute_labels=c, random_state=CountingState.make(0))
+           for c in (True, False)]
+    for x in batches:
+        for km in kms:
+            km.partial_fit(x)
+        assert np.array_equal(kms[0].cluster_centers_, kms[1].cluster_centers_)
+        assert np.array_equal(kms[0]._counts, kms[1]._counts)
+    assert type(kms[1]._random_state).reassigned >= 2
+
+
+def test_learn_paper_measures_inertia_on_a_sample_and_says_so():
+    from vwt import vocab as vocab_mod
+
+    batches = [images(5, seed=s) for s in range(3)]
+    vocab = vwt.Vocabulary.learn_paper(batches, size=9, patch_size=PATCH, batch_size=5)
+    assert vocab.meta["inertia_patches"] == 3 * min(vocab_mod.INERTIA_SAMPLE, 5 * NUM_PATCHES)
+    assert "sample" in vocab.meta["inertia_on"] and vocab.meta["inertia"] > 0
