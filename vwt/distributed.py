@@ -184,6 +184,16 @@ def from_main(fn: Callable[[], Any]):
     return result
 
 
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over every process, on every process (in place; over the tensor's own device's
+    group). One process: ``t`` itself."""
+    if world() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
 def barrier() -> None:
     """Wait until every process gets here (over the CPU group, whatever the device)."""
     if world() > 1:
