@@ -80,10 +80,10 @@ def test_process_on_samples_writes_the_default_folder(tmp_path, monkeypatch, cap
     assert vwt.Vocabulary.load(tmp_path / "f" / "clip").dim == tiny.WIDTH
 
 
-def test_fast_kmeans_is_faiss_on_a_reservoir_sample_of_the_images(root, tmp_path):
-    """process.py --kmeans fast = the data read in the seed's random order, a reservoir sample of
+def test_fast_kmeans_is_faiss_on_a_bottom_k_sample_of_the_images(root, tmp_path):
+    """process.py --kmeans fast = the data read in the seed's random order, a bottom-k sample of
     --max-points-per-centroid patches per word (seeded), FAISS k-means on it (seeded), --niter iterations."""
-    from vwt.vocab import faiss_kmeans, reservoir_sample
+    from vwt.vocab import bottom_k_sample, faiss_kmeans
 
     argv = ["--data", "samples", "--vocab", "5", "--kmeans", "fast", "--batch", "3", "--seeds", "2",
             "--max-points-per-centroid", "7", "--niter", "4"]
@@ -91,8 +91,9 @@ def test_fast_kmeans_is_faiss_on_a_reservoir_sample_of_the_images(root, tmp_path
     ds = D.load("samples", root, D.transform_for("samples", "paper", image_size=tiny.IMAGE), seed=2, protocol="paper")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(2)).tolist()
     pixels = torch.stack([ds[i][0] for i in order])
-    blocks = (pixel_patches(pixels[s:s + 3], tiny.PATCH).reshape(-1, 3 * tiny.PATCH ** 2) for s in range(0, len(ds), 3))
-    sample, seen = reservoir_sample(blocks, 35, seed=2)
+    blocks = ((pixel_patches(pixels[s:s + 3], tiny.PATCH).reshape(-1, 3 * tiny.PATCH ** 2), s * tiny.NUM_PATCHES)
+              for s in range(0, len(ds), 3))
+    sample, _, seen = bottom_k_sample(blocks, 35, seed=2)
     words, run = faiss_kmeans(sample, 5, niter=4, seed=2)
     assert torch.equal(vocab.words, words) and vocab.meta["inertia"] == run["inertia"]
     info = json.loads((tmp_path / "a" / "seed_2" / "vocab.json").read_text())

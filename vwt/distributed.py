@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_SENT = [0]  # bytes this process has handed to collectives (all_sum, gather): process.py reports them
 
 
 def launched() -> bool:
@@ -146,7 +147,10 @@ def gather(obj) -> Optional[list]:
         return [obj]
     import torch.distributed as dist
 
+    import pickle
+
     out = [None] * world() if is_main() else None
+    _SENT[0] += 0 if is_main() else len(pickle.dumps(obj))
     dist.gather_object(obj, out, dst=0)
     return out
 
@@ -190,8 +194,14 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     if world() > 1:
         import torch.distributed as dist
 
+        _SENT[0] += t.numel() * t.element_size()
         dist.all_reduce(t)
     return t
+
+
+def sent_bytes() -> int:
+    """Bytes this process has passed to :func:`all_sum` and :func:`gather` so far (pickled for gather)."""
+    return _SENT[0]
 
 
 def barrier() -> None:

@@ -64,7 +64,8 @@ class MiniBatchKMeans:
         offset, n = part_offset(x.shape[0])
         if self.centres is None:
             if n < self.k:
-                raise ValueError(f"the first batch gives {n} rows, fewer than the {self.k} centres")
+                raise ValueError(f"the first batch gives {n} patches, fewer than the {self.k} words: k-means "
+                                 "initialises on the first batch; use bigger batches or fewer words")
             self._batch = min(self.batch_size, n)
             self._since = 0
             self.centres = self._seed(x, offset, n)
