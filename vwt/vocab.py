@@ -358,6 +358,8 @@ def _numbered(batches: Iterable, space: str, patch_size, embed, starts, progress
     starts = iter(starts) if starts is not None else None
     image = 0
     for batch in batches:
+        if batch is None:  # this process's part of the batch is empty (torchrun)
+            continue
         pixels = batch[0] if isinstance(batch, (tuple, list)) else batch
         n, first = pixels.shape[0], next(starts) if starts is not None else image
         rows, batch, pixels = batch_features(batch, space, patch_size, embed), None, None
