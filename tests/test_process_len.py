@@ -98,6 +98,7 @@ def test_fast_kmeans_is_faiss_on_a_bottom_k_sample_of_the_images(root, tmp_path)
     assert torch.equal(vocab.words, words) and vocab.meta["inertia"] == run["inertia"]
     info = json.loads((tmp_path / "a" / "seed_2" / "vocab.json").read_text())
     assert (info["kmeans"], info["niter"], info["max_points_per_centroid"], info["sample"]) == ("fast", 4, 7, 35)
+    assert info["sample_stored"] == "uint8"  # kept as the images' 8-bit values, the same words as float32
     assert info["patches_seen"] == seen == len(ds) * tiny.NUM_PATCHES and info["inertia_patches"] == 35
     assert torch.equal(learn(argv + ["--out", str(tmp_path / "b")])[2].words, words)  # reproducible
 
@@ -394,3 +395,21 @@ def test_method_name_says_whose_vocabulary():
     assert cli.method_name(method_args(["--vocab", "100"])) == "inter-v100-t0.1"  # in-domain
     assert cli.method_name(method_args(["--vocab", "100", "--imgnet"])) == "inter-v100-imgnet-t0.1"
     assert cli.method_name(method_args(["--vocab", "100", "--protocol", "standard"])) == "inter-v100-imgnet-t0.1"
+
+
+def test_fast_kmeans_reads_one_batch_ahead_per_worker(root, tmp_path, monkeypatch):
+    """The loader's workers prefetch one batch each (PyTorch's default is 2): memory holds about
+    workers + 1 batches besides the sample."""
+    import vwt.learning
+
+    made = []
+    real = torch.utils.data.DataLoader.__init__
+
+    def spy(self, *a, **k):
+        made.append(k)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", spy)
+    process_script.main(["--data", "samples", "--vocab", "5", "--kmeans", "fast", "--batch", "3", "--workers", "1",
+                         "--device", "cpu", "--out", str(tmp_path)], clip_loaded())
+    assert vwt.learning.PREFETCH == 1 and made and all(k.get("prefetch_factor") == 1 for k in made)

@@ -353,3 +353,20 @@ def test_learn_paper_measures_inertia_on_a_sample_and_says_so():
     vocab = vwt.Vocabulary.learn_paper(batches, size=9, patch_size=PATCH, batch_size=5)
     assert vocab.meta["inertia_patches"] == 3 * min(vocab_mod.INERTIA_SAMPLE, 5 * NUM_PATCHES)
     assert "sample" in vocab.meta["inertia_on"] and vocab.meta["inertia"] > 0
+
+
+def test_pixel_codec_keeps_8_bit_patches_exactly_in_a_quarter_of_the_memory():
+    """Patches of real preprocessing (resize on the 8-bit image, to_tensor, normalize) round-trip bit
+    for bit through uint8; rows that are not 8-bit pixels stay float32."""
+    from PIL import Image
+
+    from vwt import datasets
+    from vwt.vocab import PixelCodec
+
+    pre = datasets.Preprocess(size=32, mean=datasets.OPENAI_CLIP_MEAN, std=datasets.OPENAI_CLIP_STD)
+    image = Image.fromarray((torch.rand(50, 40, 3) * 255).to(torch.uint8).numpy())
+    rows = pixel_patches(pre(image)[None], PATCH).reshape(-1, D)
+    codec = PixelCodec(datasets.OPENAI_CLIP_MEAN, datasets.OPENAI_CLIP_STD, PATCH)
+    packed = codec.encode(rows)
+    assert packed.dtype == torch.uint8 and torch.equal(codec.decode(packed), rows)
+    assert codec.encode(rows + 1e-3).dtype == torch.float32

@@ -32,6 +32,9 @@ from .vocab import INIT, MAX_POINTS_PER_CENTROID, NITER, Vocabulary, patch_embed
 from .vocab_files import read_vocabulary, tokenizer_dir
 
 
+PREFETCH = 1  # batches each loader worker reads ahead: the k-means is slower than the reading anyway
+
+
 @dataclass(frozen=True)
 class Options:
     """process.py's own settings, named as its flags: ``vocab`` words to learn, in ``space`` (pixel:
@@ -237,7 +240,7 @@ def my_parts(data, batch: int, workers: int, device, dtype):
     ``device``, and the position of each non-empty part's first image in the read."""
     parts = distributed.parts(len(data), batch)
     mine = [p for p in parts if p]
-    loaded = datasets.batches(data, batch, workers, mine if distributed.world() > 1 else None)
+    loaded = datasets.batches(data, batch, workers, mine if distributed.world() > 1 else None, prefetch=PREFETCH)
 
     def pixels():  # streamed, one batch at a time (keeps no reference to a batch once it is handed on)
         it = iter(loaded)

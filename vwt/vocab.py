@@ -255,21 +255,25 @@ class Vocabulary:
         if size < 1 or niter < 1 or max_points_per_centroid < 1:
             raise ValueError(f"k-means needs size, niter and max_points_per_centroid of at least 1; got {size}, "
                              f"{niter}, {max_points_per_centroid}")
+        codec = PixelCodec(meta.get("mean", OPENAI_CLIP_MEAN), meta.get("std", OPENAI_CLIP_STD), patch_size) \
+            if space == "pixel" else None
         sample, keys, seen = bottom_k_sample(_numbered(batches, space, patch_size, embed, starts, progress),
-                                             size * max_points_per_centroid, seed)
+                                             size * max_points_per_centroid, seed, codec)
         if distributed.world() > 1:  # only the samples travel; the main process merges and fits
             parts = distributed.gather((sample, keys, seen))
             if not distributed.is_main():
                 return None
-            sample, keys = merge_samples([p[:2] for p in parts], size * max_points_per_centroid)
+            sample, keys = merge_samples([p[:2] for p in parts], size * max_points_per_centroid, codec)
             seen = sum(p[2] for p in parts)
+        stored = str(sample.dtype).replace("torch.", "")
+        sample = sample if codec is None else codec.decode(sample)
         if sample.shape[0] < size:
             raise ValueError(f"k-means with {size} centres needs at least {size} patches; got {sample.shape[0]}")
         centres, run = faiss_kmeans(sample.float(), size, niter=niter, seed=seed, gpu=gpu, init=init)
         info = {"kmeans": "fast", **meta}
         info.update(patches_seen=seen, sample=sample.shape[0], max_points_per_centroid=max_points_per_centroid,
                     niter=niter, seed=seed, inertia_patches=sample.shape[0], faiss=_faiss().__version__,
-                    sampling="bottom-k of a seeded hash of each patch's global index", **run)
+                    sampling="bottom-k of a seeded hash of each patch's global index", sample_stored=stored, **run)
         return cls(centres, space=space, patch_size=patch_size, **info)
 
     @classmethod
@@ -441,10 +445,39 @@ def patch_keys(index: Tensor, seed: int) -> Tensor:
     return ((h >> 1) << 32) | index
 
 
-def bottom_k_sample(blocks: Iterable[tuple[Tensor, int]], capacity: int, seed: int = 0) -> tuple[Tensor, Tensor, int]:
+class PixelCodec:
+    """Normalised pixel patches (channel-major rows of 3·P·P values, normalised by ``mean`` and ``std``
+    from 8-bit images, as ``to_tensor`` then ``normalize`` make them) kept as the 8-bit values they came
+    from: a quarter of float32's memory, decoded to the very same float32 values."""
+
+    def __init__(self, mean, std, patch_size: int):
+        per = patch_size * patch_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).repeat_interleave(per)
+        self.std = torch.tensor(std, dtype=torch.float32).repeat_interleave(per)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """uint8 rows where every value of ``x`` decodes back bit for bit, else ``x`` as it is."""
+        if x.dtype != torch.float32 or x.shape[-1] != self.mean.shape[0]:
+            return x
+        k = ((x * self.std + self.mean) * 255).round_()
+        if x.numel() and (float(k.min()) < 0 or float(k.max()) > 255):
+            return x
+        k = k.to(torch.uint8)
+        return k if torch.equal(self.decode(k), x) else x
+
+    def decode(self, rows: Tensor) -> Tensor:
+        """float32 rows: uint8 ones as ``to_tensor`` (/ 255) and ``normalize`` ((x - mean) / std) make them."""
+        if rows.dtype != torch.uint8:
+            return rows
+        return rows.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
+
+
+def bottom_k_sample(blocks: Iterable[tuple[Tensor, int]], capacity: int, seed: int = 0,
+                    codec: Optional[PixelCodec] = None) -> tuple[Tensor, Tensor, int]:
     """The ``capacity`` rows of a stream whose seeded hash keys (:func:`patch_keys` of each row's global
     index) are lowest: a uniformly random sample without replacement (all rows where there are fewer),
-    sorted by key, with its keys and the number of rows seen. ``blocks``: (rows (n, D), global index of
+    sorted by key, with its keys and the number of rows seen (uint8 where ``codec`` keeps every row
+    exactly, see :class:`PixelCodec`; decode with it). ``blocks``: (rows (n, D), global index of
     the first row). It depends only on which rows come, not on their order or on how they are split:
     the bottom-k of the union of samples is the bottom-k of the union of the streams (:func:`merge_samples`),
     so processes that each read a share of the images sample what one process samples. Memory: the
@@ -457,23 +490,27 @@ def bottom_k_sample(blocks: Iterable[tuple[Tensor, int]], capacity: int, seed: i
         if cut is not None:
             low = keys < cut
             keys, x = keys[low], x[low]
-        pending.append((x.cpu(), keys))
+        pending.append((x.cpu() if codec is None else codec.encode(x.cpu()), keys))
         x = None
         if sum(len(k) for _, k in pending) >= max(capacity // 4, 1):
-            kept = merge_samples(([kept] if kept else []) + pending, capacity)
+            kept = merge_samples(([kept] if kept else []) + pending, capacity, codec)
             pending = []
             cut = kept[1][-1] if len(kept[1]) == capacity else None
     if kept is None and not pending:
         raise ValueError("k-means got no data")
-    kept = merge_samples(([kept] if kept else []) + pending, capacity)
+    kept = merge_samples(([kept] if kept else []) + pending, capacity, codec)
     return kept[0], kept[1], seen
 
 
-def merge_samples(samples: list, capacity: int) -> tuple[Tensor, Tensor]:
-    """The lowest-keyed ``capacity`` rows of several (rows, keys) samples, sorted by key."""
+def merge_samples(samples: list, capacity: int, codec: Optional[PixelCodec] = None) -> tuple[Tensor, Tensor]:
+    """The lowest-keyed ``capacity`` rows of several (rows, keys) samples, sorted by key (uint8 while
+    every part is; else all decoded to float32 by ``codec``)."""
     keys = torch.cat([k for _, k in samples])
     order = torch.argsort(keys)[:capacity]
-    return torch.cat([r for r, _ in samples])[order], keys[order]
+    rows = [r for r, _ in samples]
+    if len({r.dtype for r in rows}) > 1:
+        rows = [codec.decode(r) for r in rows]
+    return torch.cat(rows)[order], keys[order]
 
 
 def _faiss():
