@@ -11,8 +11,8 @@ pass, on the data set's train split with its own preprocessing; Waterbirds, Cele
 seed 1-3 (each on that seed's re-split train data, into seed_<N>/), COCO and ImageNet once. Only one
 batch's patches are held at a time. --kmeans fast is FAISS k-means (faiss.Kmeans, AFK-MC2 seeding,
 --niter iterations, on the GPUs when FAISS has GPU support) on a seeded uniformly random sample of
---max-points-per-centroid patches per word, reservoir-sampled while the images stream (memory: the
-sample); the README compares the two. --protocol standard uses it by default, with the model's own
+--max-points-per-centroid patches per word, bottom-k sampled by a seeded hash of each patch's index while
+the images stream (memory: the sample, as 8-bit values); the README compares the two. --protocol standard uses it by default, with the model's own
 preprocessing and images (not captions) once.
 
 Writes ``vocab.pt`` (raw centres, the published format) and ``vocab.json`` (patch size, image size,

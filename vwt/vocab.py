@@ -33,7 +33,7 @@ SLACK = 2e-4
 DENSE_ROW = 1024  # a patch with more candidate words than this gets its whole exact row instead
 PAIR_CHUNK = 2048  # candidate (patch, word) dot products per gather, to stay in cache
 CHUNK_FLOATS = 1 << 21  # bounds computed per row chunk: (rows, V) floats, kept near the cache size
-# The fast k-means (Vocabulary.learn, process.py --kmeans fast): FAISS on a reservoir sample.
+# The fast k-means (Vocabulary.learn, process.py --kmeans fast): FAISS on a bottom-k sample.
 MAX_POINTS_PER_CENTROID = 256  # the sample: this many patches per word (FAISS's own default cap)
 NITER = 4  # Lloyd iterations: lower inertia than vwt's former k-means, 1.9x faster (benchmarks/bench_kmeans.py)
 INITS = ("afk-mc2", "random")  # first centres: FAISS's AFK-MC2 seeding, or k random rows (FAISS's default)
