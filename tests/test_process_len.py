@@ -413,3 +413,17 @@ def test_fast_kmeans_reads_one_batch_ahead_per_worker(root, tmp_path, monkeypatc
     process_script.main(["--data", "samples", "--vocab", "5", "--kmeans", "fast", "--batch", "3", "--workers", "1",
                          "--device", "cpu", "--out", str(tmp_path)], clip_loaded())
     assert vwt.learning.PREFETCH == 1 and made and all(k.get("prefetch_factor") == 1 for k in made)
+
+
+def test_paper_recipe_in_torch_matches_sklearn_and_says_which_ran(tmp_path):
+    """--engine torch: the paper recipe's words within float32 rounding of scikit-learn's, the sidecar
+    naming the engine and how inertia was measured (every patch at assignment; scikit-learn: a sample)."""
+    from vwt.kmeans import TOLERANCE
+
+    argv = ["--data", "samples", "--vocab", "5", "--batch", "4", "--kmeans", "paper"]
+    sk = learn(argv + ["--out", str(tmp_path / "sk")])[0]  # one CPU process: scikit-learn by default
+    ours = learn(argv + ["--engine", "torch", "--out", str(tmp_path / "torch")])[0]
+    assert (sk.meta["engine"], ours.meta["engine"]) == ("sklearn", "torch")
+    assert (ours.words - sk.words).abs().max() <= TOLERANCE * sk.words.abs().max()
+    assert "sample" in sk.meta["inertia_on"] and "every patch" in ours.meta["inertia_on"]
+    assert ours.meta["inertia_patches"] == ours.meta["patches_seen"] == sk.meta["patches_seen"]
