@@ -20,7 +20,7 @@ wall = read on ``--read-cores`` cores overlapped with the paper recipe's fit (lo
 recipe fits after reading), or read + fit in series.
 Peak memory, modelled: paper = (2 + workers) x one batch of float32 pixels (the batch, its patches,
 one prefetched batch per worker) + (V, D + 2) float64 sums + 64 MB distance block; fast = the sample
-as uint8 while reading (x 3.5 while merging) and, at the fit, uint8 + float32 copy for FAISS.
+as uint8 while reading (x 2.25 while merging) and, at the fit, uint8 + float32 copy for FAISS.
 
     python benchmarks/bench_process.py --quick        # a few minutes on a 2-core machine
     python benchmarks/bench_process.py                # larger batches, more repeats
@@ -168,7 +168,7 @@ def report(rates, r_ms, s_rate, f_rate, cores, workers, cuda):
             print(f"| {v:,} | paper | {engine} | {fit:.2f} | {max(fit, read_h / cores):.2f} | {fit + read_h:.2f} | {paper_mem:.1f} |")
         sample = v * MAX_POINTS_PER_CENTROID
         fit = NITER * sample * v * D * f_rate / 3600
-        fast_mem = max(3.5 * sample * D, sample * D * 5) / 2 ** 30 + workers * 32 * PER_IMAGE * D * 4 / 2 ** 30
+        fast_mem = max(2.25 * sample * D, sample * D * 5) / 2 ** 30 + workers * 32 * PER_IMAGE * D * 4 / 2 ** 30
         print(f"| {v:,} | fast | faiss | {fit:.2f} | {fit + read_h / cores:.2f} | {fit + read_h:.2f} | {fast_mem:.1f} |")
 
 
