@@ -23,7 +23,8 @@ one prefetched batch per worker) + (V, D + 2) float64 sums + 64 MB distance bloc
 as uint8 while reading (x 2.25 while merging) and, at the fit, uint8 + float32 copy for FAISS.
 
     python benchmarks/bench_process.py --quick        # a few minutes on a 2-core machine
-    python benchmarks/bench_process.py                # larger batches, more repeats
+    python benchmarks/bench_process.py                # larger batches
+    python benchmarks/bench_process.py --tolerance    # torch vs scikit-learn centres over 3 batches
 """
 import argparse
 import io
@@ -126,6 +127,28 @@ def faiss_rate(words: int) -> float:
     return (time.perf_counter() - t) / (NITER * x.shape[0] * words * D)
 
 
+def tolerance(batches: int = 3, dim: int = 16) -> None:
+    """The torch engine against scikit-learn over several batches from k-means++ seeding, at 100,
+    1,000 and 10,000 words (small ``dim`` to stay quick): the centres' largest relative difference
+    after each batch, scikit-learn's reassignments and whether the running counts agree."""
+    from sklearn.cluster import MiniBatchKMeans as SK
+
+    for v in WORDS:
+        rng = np.random.default_rng(v)
+        xs = [(rng.standard_normal((4 * v, dim)) + 3 * (rng.random((4 * v, 1)) < 0.1)).astype(np.float32)
+              for _ in range(batches)]
+        sk = SK(n_clusters=v, n_init="auto", batch_size=v // 4, compute_labels=False,
+                random_state=np.random.RandomState(0))
+        ours, gaps = kmeans.MiniBatchKMeans(v, v // 4, seed=0), []
+        for x in xs:
+            sk.partial_fit(x)
+            ours.partial_fit(torch.from_numpy(x))
+            gaps.append(float(np.abs(sk.cluster_centers_ - ours.centres.numpy()).max() / np.abs(sk.cluster_centers_).max()))
+        print(f"tolerance V={v} dim={dim}: after each of {batches} batches " + ", ".join(f"{g:.1e}" for g in gaps)
+              + f"; counts equal: {np.array_equal(sk._counts, ours.counts)}; torch reassigned {ours.reassigned} words"
+              + f" (limit {kmeans.TOLERANCE:.0e})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small batches, one repeat: a few minutes")
@@ -134,8 +157,12 @@ def main(argv=None):
     p.add_argument("--read-cores", type=int, default=2, help="cores that read while the fit runs (default 2)")
     p.add_argument("--workers", type=int, default=4, help="loader workers for the memory model (default 4)")
     p.add_argument("--seed-words", type=int, default=100)
+    p.add_argument("--tolerance", action="store_true",
+                   help="only measure the torch engine's centres against scikit-learn's over several batches")
     p.add_argument("--faiss-words", type=int, default=None, help="default 200; quick 100")
     a = p.parse_args(argv)
+    if a.tolerance:
+        return tolerance()
     rows = a.rows or (2048 if a.quick else 8192)
     cuda = torch.cuda.is_available()
     print(f"torch threads {torch.get_num_threads()}, CUDA: {torch.cuda.get_device_name() if cuda else 'none'}")

@@ -15,8 +15,11 @@ image meets the same batch, padding and kernels, and its record is the same):
   clip.py, blip.py, len.py and the token counts of ``--bucket``.
 - **parts of each batch** (:class:`BatchStream`): each batch of consecutive images is cut into
   ``world`` contiguous parts, each process loads (and embeds) its part, and rank 0 gets the batch
-  whole, in order, one at a time. process.py: its k-means runs on rank 0 and sees the very batches of
-  one process, in the same order, holding one batch at a time as one process does.
+  whole, in order, one at a time. process.py --engine sklearn: its k-means runs on rank 0 and sees
+  the very batches of one process, in the same order, holding one batch at a time as one process does.
+- **shared statistics** (:func:`parts`, :func:`all_sum`): process.py's other k-means read only their
+  parts; the paper recipe in torch all-reduces per-word sums and counts each step (vwt.kmeans), the
+  fast recipe gathers each process's bottom-k sample (vwt.vocab.bottom_k_sample).
 
 Records travel as pickled CPU objects over gloo (``cpu:gloo,cuda:nccl`` where CUDA is there, every
 process on ``cuda:LOCAL_RANK``, so ``--device cuda`` means the process's own GPU).
