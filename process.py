@@ -11,8 +11,8 @@ pass, on the data set's train split with its own preprocessing; Waterbirds, Cele
 seed 1-3 (each on that seed's re-split train data, into seed_<N>/), COCO and ImageNet once. Only one
 batch's patches are held at a time. --kmeans fast is FAISS k-means (faiss.Kmeans, AFK-MC2 seeding,
 --niter iterations, on the GPUs when FAISS has GPU support) on a seeded uniformly random sample of
---max-points-per-centroid patches per word, reservoir-sampled while the images stream (memory: the
-sample); the README compares the two. --protocol standard uses it by default, with the model's own
+--max-points-per-centroid patches per word, bottom-k sampled by a seeded hash of each patch's index while
+the images stream (memory: the sample, as 8-bit values); the README compares the two. --protocol standard uses it by default, with the model's own
 preprocessing and images (not captions) once.
 
 Writes ``vocab.pt`` (raw centres, the published format) and ``vocab.json`` (patch size, image size,
@@ -20,7 +20,10 @@ normalisation, space, data, seed, k-means, patches seen, inertia, configuration,
 existing vocabulary is kept unless --overwrite. Pixel-space words need no weights: without the model
 (offline, no cache) its architecture is built with random weights. clip.py, blip.py, len.py and eff.py
 read these folders with ``--vocab SIZE`` (in-domain by default, ``--imgnet``) or ``--vocab-path``.
-Under torchrun each process loads (and embeds) part of every batch; rank 0 fits: one process's words.
+Under torchrun each process reads only its part of every batch: for --kmeans paper (--engine torch) the
+processes share each step (one all-reduce of per-word sums and counts); for fast each samples its own
+patches by a seeded hash of their global index and only the samples travel; --engine sklearn sends the
+parts to rank 0, which fits. The words are one process's (paper: within float32 rounding; fast: identical).
 """
 from __future__ import annotations
 
@@ -45,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--kmeans", default=None, choices=("paper", "fast"),
                    help="paper: scikit-learn's MiniBatchKMeans as the paper ran it (default under --protocol paper); "
                         "fast: FAISS k-means on a seeded random sample of the patches (default under standard)")
+    p.add_argument("--engine", default=None, choices=("sklearn", "torch"),
+                   help="--kmeans paper: sklearn (bit-exact, the default on one CPU process) or torch (the same step "
+                        "on --device, equal within float32 rounding; the default on a GPU and under torchrun, "
+                        "where the processes share the fit)")
     p.add_argument("--seeds", default=None, type=cli.seed_int, nargs="+",
                    help="data seeds, one vocabulary each (default under paper: 1 2 3 for waterbirds, celeba, meta, "
                         "else 0; under standard 0). Seeds other than 0 re-split the data as the paper's code and, "

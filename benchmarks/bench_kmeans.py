@@ -7,7 +7,7 @@ photographs, shuffled. Contenders, each learning the same number of words from t
   paper      scikit-learn ``MiniBatchKMeans(V, batch_size=B, n_init="auto")`` seeded as the paper, one
              ``partial_fit`` per batch of B images (B·196 patches; the paper's B is 1024)
   faiss-I-nN the fast path as process.py runs it: the patches streamed in 32-image blocks through the
-             seeded reservoir sample (256 patches per word), then ``faiss.Kmeans`` with niter=N
+             seeded bottom-k sample (256 patches per word), then ``faiss.Kmeans`` with niter=N
              (--niter) from first centres I (--init: afk = AFK-MC2 seeding, the default; ran = random)
   ours       with --ours REV: ``MiniBatchKMeans`` of vwt/vocab.py at git revision REV (vwt's own k-means
              before FAISS replaced it), as its --kmeans fast ran: 32-image updates, then 2 Lloyd passes
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from vwt.datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess, sample_images  # noqa: E402
 from vwt.tokenizer import pixel_patches  # noqa: E402
-from vwt.vocab import INIT, INITS, MAX_POINTS_PER_CENTROID, NITER, faiss_kmeans, inertia, paper_kmeans, reservoir_sample  # noqa: E402
+from vwt.vocab import INIT, INITS, MAX_POINTS_PER_CENTROID, NITER, bottom_k_sample, faiss_kmeans, inertia, paper_kmeans  # noqa: E402
 
 PER_IMAGE = 196  # 16x16 patches of a 224 px image
 BLOCK = 32 * PER_IMAGE  # process.py --kmeans fast reads 32 images at a time
@@ -74,8 +74,8 @@ def run_paper(xn, words, images):
 
 def run_faiss(x, words, niter, init):
     t = time.perf_counter()
-    sample, _ = reservoir_sample((x[s:s + BLOCK] for s in range(0, len(x), BLOCK)),
-                                 words * MAX_POINTS_PER_CENTROID, seed=0)
+    sample = bottom_k_sample(((x[s:s + BLOCK], s) for s in range(0, len(x), BLOCK)),
+                             words * MAX_POINTS_PER_CENTROID, seed=0)[0]
     centres = faiss_kmeans(sample, words, niter=niter, seed=0, gpu=False, init=init)[0]
     return time.perf_counter() - t, centres
 

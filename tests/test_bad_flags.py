@@ -216,14 +216,15 @@ def test_a_huge_sample_cap_samples_every_patch(world, tmp_path):
     assert vocab.meta["max_points_per_centroid"] == 10 ** 15
 
 
-def test_the_reservoir_grows_to_what_it_holds():
-    from vwt.vocab import reservoir_sample
+def test_the_sample_holds_only_what_it_was_given():
+    """A capacity beyond every patch (--max-points-per-centroid 10**15) allocates nothing for it."""
+    from vwt.vocab import bottom_k_sample
 
-    blocks = [torch.arange(i, i + 10, dtype=torch.float32)[:, None].expand(10, 3) for i in range(0, 50, 10)]
-    sample, seen = reservoir_sample(iter(blocks), 10 ** 15, seed=0)  # would not fit any memory if allocated
-    assert seen == 50 and torch.equal(sample, torch.cat(blocks))
-    for cap in (1, 7, 10, 23, 50, 60):  # the same sample as a buffer of the whole capacity gave
-        a, _ = reservoir_sample(iter(blocks), cap, seed=4)
+    blocks = [(torch.arange(i, i + 10, dtype=torch.float32)[:, None].expand(10, 3), i) for i in range(0, 50, 10)]
+    sample, keys, seen = bottom_k_sample(iter(blocks), 10 ** 15, seed=0)  # would not fit any memory if allocated
+    assert seen == 50 and sorted(sample[:, 0].tolist()) == list(range(50)) and len(keys) == 50
+    for cap in (1, 7, 10, 23, 50, 60):
+        a, _, _ = bottom_k_sample(iter(blocks), cap, seed=4)
         assert a.shape == (min(cap, 50), 3) and len(set(a[:, 0].tolist())) == min(cap, 50)
 
 

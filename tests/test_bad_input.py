@@ -370,6 +370,8 @@ def _cases():
     add("imgnet-needs-timm", "clip.py", ["--model", "{clip}", "--data", "imgnet"], "timm classifier")
     add("len-no-tokenizer", "len.py", base["len.py"], "choose a tokenizer")
     add("process-vocab-0", "process.py", base["process.py"] + ["--vocab", "0"], "--vocab must be at least 1")
+    add("process-engine-fast", "process.py", base["process.py"] + ["--kmeans", "fast", "--engine", "torch"],
+        "--engine belongs to --kmeans paper")
     add("process-too-many-words", "process.py", ["--model", "{clip}", "--data", "samples", "--vocab", "100000",
                                                  "--overwrite"], "fewer than --vocab 100000")
     add("process-other-size-in-out", "process.py", ["--model", "{clip}", "--data", "samples", "--vocab", "7"],

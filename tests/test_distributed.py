@@ -4,6 +4,7 @@ file per configuration; a blip.py run killed mid-way and resumed loses and doubl
 one-process references run in this interpreter (one thread, as the torchrun processes). Each torchrun
 costs two fresh interpreters (about 15 s on the 2-core CPU)."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import torch
 import blip as blip_script
 import clip as clip_script
 import fixtures
+import tiny
 import len as len_script
 import process as process_script
 from fixtures import meteor_once, use_meteor  # noqa: F401 (fixtures)
@@ -125,9 +127,9 @@ def test_sharding_rules(monkeypatch):
 @pytest.mark.parametrize("space,kmeans", [("pixel", "paper"), ("embed", "fast")])
 def test_process_learns_the_same_vocabulary(world, tmp_path, space, kmeans):
     """The paper's scikit-learn recipe (its partial_fit order matters) over two seeds and batches of 3
-    of 4 images (a part left empty), and the fast k-means (FAISS on a reservoir sample) in embed space."""
+    of 4 images (a part left empty), and the fast k-means (FAISS on a bottom-k sample) in embed space."""
     argv = ["--data", "waterbirds", "--vocab", "8", "--batch", "3", "--seeds", "1", "2", "--space", space,
-            "--kmeans", kmeans, "--model", world["clip"]]
+            "--kmeans", kmeans, "--model", world["clip"]] + (["--engine", "sklearn"] if kmeans == "paper" else [])
     ref = one(process_script, argv + ["--out", tmp_path / "one"], world)
     torchrun("process.py", argv + ["--out", tmp_path / "two"], world)
     for seed, vocab in ref.items():
@@ -140,6 +142,31 @@ def test_process_learns_the_same_vocabulary(world, tmp_path, space, kmeans):
             assert meta["inertia"] == vocab.meta["inertia"]
         else:  # the same words from the same features (checked bit for bit); the recorded inertia, a float
             assert meta["inertia"] == pytest.approx(vocab.meta["inertia"], rel=1e-7)  # sum, may differ in its last bits
+
+
+@pytest.mark.parametrize("kmeans", ["paper", "fast"])
+def test_processes_share_the_fit_and_send_statistics_not_pixels(world, tmp_path, kmeans):
+    """Each process reads only its part of every batch of the 40 COCO test images. The paper recipe in
+    torch: every step one all-reduce of per-word sums and counts, the words one process's within
+    float32 rounding. The fast recipe: each process's own bottom-k sample travels, the words identical.
+    Rank 1 reads half the images and sends a small fraction of their pixels' bytes (counted as it
+    hands tensors and pickles to the collectives)."""
+    from vwt.kmeans import TOLERANCE
+
+    argv = ["--data", "coco", "--split", "test", "--protocol", "standard", "--vocab", "2", "--batch", "8",
+            "--kmeans", kmeans, "--model", world["clip"]]
+    argv += ["--engine", "torch"] if kmeans == "paper" else ["--max-points-per-centroid", "4"]
+    ref = one(process_script, argv + ["--out", tmp_path / "one"], world)[0]
+    out = torchrun("process.py", argv + ["--out", tmp_path / "two"], world).stdout
+    words = torch.load(tmp_path / "two" / "vocab.pt")
+    if kmeans == "paper":
+        assert (words - ref.words).abs().max() <= TOLERANCE * ref.words.abs().max()
+        assert json.loads((tmp_path / "two" / "vocab.json").read_text())["processes"] == 2
+    else:
+        assert torch.equal(words, ref.words)
+    sent, images = map(int, re.search(r"rank 1: sent (\d+) bytes for the k-means \((\d+) images read\)", out).groups())
+    pixels = images * 3 * tiny.IMAGE ** 2 * 4  # float32, as loaded
+    assert images == COCO_IMAGES // 2 and sent < pixels / 5, (sent, pixels)
 
 
 def test_clip_writes_the_same_results(world, vocab, tmp_path):

@@ -94,10 +94,10 @@ def test_the_papers_scikit_learn_is_an_optional_pin_outside_the_requirements():
     assert "extras/paper-sklearn.txt" in (REPO / "README.md").read_text()
 
 
-def test_fast_kmeans_is_faiss_on_a_reservoir_sample_of_the_images(root, tmp_path):
-    """process.py --kmeans fast = the data read in the seed's random order, a reservoir sample of
+def test_fast_kmeans_is_faiss_on_a_bottom_k_sample_of_the_images(root, tmp_path):
+    """process.py --kmeans fast = the data read in the seed's random order, a bottom-k sample of
     --max-points-per-centroid patches per word (seeded), FAISS k-means on it (seeded), --niter iterations."""
-    from vwt.vocab import faiss_kmeans, reservoir_sample
+    from vwt.vocab import bottom_k_sample, faiss_kmeans
 
     argv = ["--data", "samples", "--vocab", "5", "--kmeans", "fast", "--batch", "3", "--seeds", "2",
             "--max-points-per-centroid", "7", "--niter", "4"]
@@ -105,12 +105,14 @@ def test_fast_kmeans_is_faiss_on_a_reservoir_sample_of_the_images(root, tmp_path
     ds = D.load("samples", root, D.transform_for("samples", "paper", image_size=tiny.IMAGE), seed=2, protocol="paper")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(2)).tolist()
     pixels = torch.stack([ds[i][0] for i in order])
-    blocks = (pixel_patches(pixels[s:s + 3], tiny.PATCH).reshape(-1, 3 * tiny.PATCH ** 2) for s in range(0, len(ds), 3))
-    sample, seen = reservoir_sample(blocks, 35, seed=2)
+    blocks = ((pixel_patches(pixels[s:s + 3], tiny.PATCH).reshape(-1, 3 * tiny.PATCH ** 2), s * tiny.NUM_PATCHES)
+              for s in range(0, len(ds), 3))
+    sample, _, seen = bottom_k_sample(blocks, 35, seed=2)
     words, run = faiss_kmeans(sample, 5, niter=4, seed=2)
     assert torch.equal(vocab.words, words) and vocab.meta["inertia"] == run["inertia"]
     info = json.loads((tmp_path / "a" / "seed_2" / "vocab.json").read_text())
     assert (info["kmeans"], info["niter"], info["max_points_per_centroid"], info["sample"]) == ("fast", 4, 7, 35)
+    assert info["sample_stored"] == "uint8"  # kept as the images' 8-bit values, the same words as float32
     assert info["patches_seen"] == seen == len(ds) * tiny.NUM_PATCHES and info["inertia_patches"] == 35
     assert torch.equal(learn(argv + ["--out", str(tmp_path / "b")])[2].words, words)  # reproducible
 
@@ -431,3 +433,35 @@ def test_paper_process_reads_imagenet_at_224_px_whatever_the_models_size(tmp_pat
     assert ds[0][0].shape[-1] == 224
     paper = vwt.Vocabulary.load(tmp_path / "paper" / "vocab.pt")
     assert torch.equal(paper.words, sklearn_by_hand(patches_of(ds, 4), 5, 4))  # the loader's 224 px patches
+
+
+def test_fast_kmeans_reads_one_batch_ahead_per_worker(root, tmp_path, monkeypatch):
+    """The loader's workers prefetch one batch each (PyTorch's default is 2): memory holds about
+    workers + 1 batches besides the sample."""
+    import vwt.learning
+
+    made = []
+    real = torch.utils.data.DataLoader.__init__
+
+    def spy(self, *a, **k):
+        made.append(k)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", spy)
+    process_script.main(["--data", "samples", "--vocab", "5", "--kmeans", "fast", "--batch", "3", "--workers", "1",
+                         "--device", "cpu", "--out", str(tmp_path)], clip_loaded())
+    assert vwt.learning.PREFETCH == 1 and made and all(k.get("prefetch_factor") == 1 for k in made)
+
+
+def test_paper_recipe_in_torch_matches_sklearn_and_says_which_ran(tmp_path):
+    """--engine torch: the paper recipe's words within float32 rounding of scikit-learn's, the sidecar
+    naming the engine and how inertia was measured (every patch at assignment; scikit-learn: a sample)."""
+    from vwt.kmeans import TOLERANCE
+
+    argv = ["--data", "samples", "--vocab", "5", "--batch", "4", "--kmeans", "paper"]
+    sk = learn(argv + ["--out", str(tmp_path / "sk")])[0]  # one CPU process: scikit-learn by default
+    ours = learn(argv + ["--engine", "torch", "--out", str(tmp_path / "torch")])[0]
+    assert (sk.meta["engine"], ours.meta["engine"]) == ("sklearn", "torch")
+    assert (ours.words - sk.words).abs().max() <= TOLERANCE * sk.words.abs().max()
+    assert "sample" in sk.meta["inertia_on"] and "every patch" in ours.meta["inertia_on"]
+    assert ours.meta["inertia_patches"] == ours.meta["patches_seen"] == sk.meta["patches_seen"]

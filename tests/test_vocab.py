@@ -8,7 +8,8 @@ import torch
 import vwt
 from tiny import NUM_PATCHES, PATCH, images, timm_vit
 from vwt.tokenizer import pixel_patches
-from vwt.vocab import INIT, INITS, NITER, faiss_kmeans, inertia, patch_embedder, reservoir_sample
+from vwt.vocab import (INIT, INITS, NITER, bottom_k_sample, faiss_kmeans, inertia, merge_samples,
+                       patch_embedder)
 
 D = 3 * PATCH * PATCH
 
@@ -87,36 +88,55 @@ def _stream(x, sizes):
     return out
 
 
-def test_reservoir_sample_is_uniform_over_the_stream():
-    """Row r of the stream holds the value r. 48,000 rows in blocks of uneven sizes (one straddles the
-    moment the sample fills), 4,000 kept: each of 8 equal parts of the stream should give 500 of them.
-    A part's count is hypergeometric, std sqrt(4000 * 1/8 * 7/8 * 44000/47999) = 20.0; we allow 5 std
-    (100) per part and seed by seed, and the mean over 5 seeds within 3 std of the mean (27)."""
+def _numbered(blocks):
+    start = 0
+    for x in blocks:
+        yield x, start
+        start += x.shape[0]
+
+
+def test_bottom_k_sample_is_uniform_over_the_stream():
+    """Row r of the stream holds the value r. 48,000 rows in blocks of uneven sizes, 4,000 kept: each of
+    8 equal parts of the stream should give 500 of them. A part's count is hypergeometric, std
+    sqrt(4000 * 1/8 * 7/8 * 44000/47999) = 20.0; we allow 5 std (100) per part and seed by seed, and
+    the mean over 5 seeds within 3 std of the mean (27)."""
     n, cap, parts = 48_000, 4_000, 8
     x = torch.arange(n, dtype=torch.float32)[:, None]
     counts = []
     for seed in range(5):
-        sample, seen = reservoir_sample(_stream(x, [1000, 2500, 777, 64]), cap, seed=seed)
-        assert seen == n and sample.shape == (cap, 1)
+        sample, keys, seen = bottom_k_sample(_numbered(_stream(x, [1000, 2500, 777, 64])), cap, seed=seed)
+        assert seen == n and sample.shape == (cap, 1) and torch.equal(keys, keys.sort().values)
         rows = sample[:, 0].long()
         assert len(rows.unique()) == cap and bool(((rows >= 0) & (rows < n)).all())  # distinct rows of the stream
-        assert torch.equal(sample[:, 0], rows.float())
+        assert torch.equal(keys & 0xFFFFFFFF, rows)  # each key ends in its row's index
         counts.append(torch.bincount(rows // (n // parts), minlength=parts).float())
         assert (counts[-1] - cap / parts).abs().max() <= 100, counts[-1]
     assert (torch.stack(counts).mean(0) - cap / parts).abs().max() <= 27
     # the same seed gives the same sample; another seed another one
-    again = reservoir_sample(_stream(x, [1000, 2500, 777, 64]), cap, seed=4)[0]
+    again = bottom_k_sample(_numbered(_stream(x, [1000, 2500, 777, 64])), cap, seed=4)[0]
     assert torch.equal(again, sample)
-    assert not torch.equal(reservoir_sample(_stream(x, [1000]), cap, seed=5)[0], sample)
+    assert not torch.equal(bottom_k_sample(_numbered(_stream(x, [1000])), cap, seed=5)[0], sample)
 
 
-def test_reservoir_sample_keeps_a_short_stream_whole():
+def test_bottom_k_sample_does_not_depend_on_how_the_stream_is_split():
+    """Any blocking, any order of the blocks, or shares sampled apart and merged: the same sample."""
+    x = torch.randn(5000, 3)
+    ref = bottom_k_sample(_numbered(_stream(x, [5000])), 700, seed=1)
+    blocks = list(_numbered(_stream(x, [13, 400, 77])))
+    again = bottom_k_sample(blocks[::-1], 700, seed=1)
+    assert torch.equal(again[0], ref[0]) and torch.equal(again[1], ref[1]) and again[2] == ref[2]
+    shares = [bottom_k_sample(blocks[i::3], 700, seed=1) for i in range(3)]
+    merged = merge_samples([s[:2] for s in shares], 700)
+    assert torch.equal(merged[0], ref[0]) and torch.equal(merged[1], ref[1]) and sum(s[2] for s in shares) == 5000
+
+
+def test_bottom_k_sample_keeps_a_short_stream_whole():
     x = torch.randn(1000, 6)
     for cap in (1000, 5000):
-        sample, seen = reservoir_sample(_stream(x, [300, 1, 99]), cap, seed=0)
-        assert seen == 1000 and torch.equal(sample, x)
+        sample, keys, seen = bottom_k_sample(_numbered(_stream(x, [300, 1, 99])), cap, seed=0)
+        assert seen == 1000 and torch.equal(sample, x[keys & 0xFFFFFFFF]) and len(keys.unique()) == 1000
     with pytest.raises(ValueError, match="no data"):
-        reservoir_sample(iter([]), 10)
+        bottom_k_sample(iter([]), 10)
 
 
 def test_faiss_kmeans_is_seeded_euclidean_lloyd():
@@ -142,13 +162,13 @@ def test_faiss_kmeans_is_seeded_euclidean_lloyd():
 
 
 def test_learn_is_faiss_on_the_seeded_sample_and_records_it():
-    """Vocabulary.learn = reservoir_sample over the batches' patches + faiss_kmeans, both seeded alike;
+    """Vocabulary.learn = bottom_k_sample over the batches' patches + faiss_kmeans, both seeded alike;
     a sample of 4 patches per word from 3 x 4 images (192 patches)."""
     batches = [images(4, seed=s) for s in range(3)]
     a = vwt.Vocabulary.learn(batches, size=10, patch_size=PATCH, seed=1, max_points_per_centroid=4, data="random")
     b = vwt.Vocabulary.learn([(x, None) for x in batches], size=10, patch_size=PATCH, seed=1, max_points_per_centroid=4)
     assert torch.equal(a.words, b.words)
-    sample, _ = reservoir_sample((pixel_patches(x, PATCH).reshape(-1, D) for x in batches), 40, seed=1)
+    sample = bottom_k_sample(_numbered(pixel_patches(x, PATCH).reshape(-1, D) for x in batches), 40, seed=1)[0]
     words, run = faiss_kmeans(sample, 10, niter=NITER, seed=1)
     assert torch.equal(a.words, words) and a.meta["inertia"] == run["inertia"] and a.meta["init"] == INIT
     assert a.meta["patches_seen"] == 3 * 4 * NUM_PATCHES and a.meta["sample"] == a.meta["inertia_patches"] == 40
@@ -276,3 +296,77 @@ def test_learn_paper_holds_one_batch_at_a_time(monkeypatch):
 def test_learn_paper_refuses_a_first_batch_smaller_than_the_vocabulary():
     with pytest.raises(ValueError, match="first batch gives 16 patches, fewer than the 20 words"):
         vwt.Vocabulary.learn_paper([images(1), images(4)], size=20, patch_size=PATCH)
+
+
+def reassigning_batches(n=10, rows=300, dim=24, outliers=10, seed=0):
+    """float32 batches whose first holds far outliers that k-means++ makes centres and no later batch
+    comes near: their counts fall below 1% of the largest, so scikit-learn reassigns them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = [rng.standard_normal((rows, dim)).astype(np.float32) for _ in range(n)]
+    out[0][:outliers] += 100 * rng.standard_normal((outliers, dim)).astype(np.float32)
+    return out
+
+
+class CountingState:
+    """A NumPy RandomState whose ``choice`` calls (scikit-learn's random reassignments) are counted."""
+
+    @staticmethod
+    def make(seed):
+        import numpy as np
+
+        class State(np.random.RandomState):
+            reassigned = 0
+
+            def choice(self, *a, **k):
+                State.reassigned += k.get("replace", True) is False  # not k-means++'s first pick
+                return super().choice(*a, **k)
+
+        return State(seed)
+
+
+def test_compute_labels_false_keeps_the_centres_bit_identical():
+    """scikit-learn without its after-update diagnostic: the same centres after every batch, through
+    k-means++ seeding and random reassignments (the first batch and every 10 k patches)."""
+    import numpy as np
+    from sklearn.cluster import MiniBatchKMeans as SK
+
+    from vwt.vocab import paper_kmeans
+
+    assert paper_kmeans(20, 50).compute_labels is False
+    batches = reassigning_batches()
+    kms = [SK(n_clusters=20, n_init="auto", batch_size=50, compute_labels=c, random_state=CountingState.make(0))
+           for c in (True, False)]
+    for x in batches:
+        for km in kms:
+            km.partial_fit(x)
+        assert np.array_equal(kms[0].cluster_centers_, kms[1].cluster_centers_)
+        assert np.array_equal(kms[0]._counts, kms[1]._counts)
+    assert type(kms[1]._random_state).reassigned >= 2
+
+
+def test_learn_paper_measures_inertia_on_a_sample_and_says_so():
+    from vwt import vocab as vocab_mod
+
+    batches = [images(5, seed=s) for s in range(3)]
+    vocab = vwt.Vocabulary.learn_paper(batches, size=9, patch_size=PATCH, batch_size=5)
+    assert vocab.meta["inertia_patches"] == 3 * min(vocab_mod.INERTIA_SAMPLE, 5 * NUM_PATCHES)
+    assert "sample" in vocab.meta["inertia_on"] and vocab.meta["inertia"] > 0
+
+
+def test_pixel_codec_keeps_8_bit_patches_exactly_in_a_quarter_of_the_memory():
+    """Patches of real preprocessing (resize on the 8-bit image, to_tensor, normalize) round-trip bit
+    for bit through uint8; rows that are not 8-bit pixels stay float32."""
+    from PIL import Image
+
+    from vwt import datasets
+    from vwt.vocab import PixelCodec
+
+    pre = datasets.Preprocess(size=32, mean=datasets.OPENAI_CLIP_MEAN, std=datasets.OPENAI_CLIP_STD)
+    image = Image.fromarray((torch.rand(50, 40, 3) * 255).to(torch.uint8).numpy())
+    rows = pixel_patches(pre(image)[None], PATCH).reshape(-1, D)
+    codec = PixelCodec(datasets.OPENAI_CLIP_MEAN, datasets.OPENAI_CLIP_STD, PATCH)
+    packed = codec.encode(rows)
+    assert packed.dtype == torch.uint8 and torch.equal(codec.decode(packed), rows)
+    assert codec.encode(rows + 1e-3).dtype == torch.float32

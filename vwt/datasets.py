@@ -954,16 +954,18 @@ def load(name: str, root, transform: Optional[Callable], split: Optional[str] = 
     return ds
 
 
-def batches(dataset, batch: int, workers: int = 0, order=None):
+def batches(dataset, batch: int, workers: int = 0, order=None, prefetch: Optional[int] = None):
     """Iterate ``(pixels, records)`` batches in data-set order, or with ``order`` (a list of index
     batches, e.g. from ``vwt.buckets``) those batches in turn. A UserError raised in a worker process
-    (an unreadable image) comes back as the same one line, not the worker's traceback."""
+    (an unreadable image) comes back as the same one line, not the worker's traceback. ``prefetch``:
+    batches each worker loads ahead (None: PyTorch's 2); memory holds about workers x prefetch batches."""
+    extra = {"prefetch_factor": prefetch} if prefetch is not None and workers > 0 else {}
     if order is None:
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
-                                             collate_fn=collate)
+                                             collate_fn=collate, **extra)
     else:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[int(i) for i in idx] for idx in order],
-                                             num_workers=workers, collate_fn=collate)
+                                             num_workers=workers, collate_fn=collate, **extra)
     try:
         yield from loader
     except UserError as e:

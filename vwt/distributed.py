@@ -15,8 +15,11 @@ image meets the same batch, padding and kernels, and its record is the same):
   clip.py, blip.py, len.py and the token counts of ``--bucket``.
 - **parts of each batch** (:class:`BatchStream`): each batch of consecutive images is cut into
   ``world`` contiguous parts, each process loads (and embeds) its part, and rank 0 gets the batch
-  whole, in order, one at a time. process.py: its k-means runs on rank 0 and sees the very batches of
-  one process, in the same order, holding one batch at a time as one process does.
+  whole, in order, one at a time. process.py --engine sklearn: its k-means runs on rank 0 and sees
+  the very batches of one process, in the same order, holding one batch at a time as one process does.
+- **shared statistics** (:func:`parts`, :func:`all_sum`): process.py's other k-means read only their
+  parts; the paper recipe in torch all-reduces per-word sums and counts each step (vwt.kmeans), the
+  fast recipe gathers each process's bottom-k sample (vwt.vocab.bottom_k_sample).
 
 Records travel as pickled CPU objects over gloo (``cpu:gloo,cuda:nccl`` where CUDA is there, every
 process on ``cuda:LOCAL_RANK``, so ``--device cuda`` means the process's own GPU).
@@ -30,6 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_SENT = [0]  # bytes this process has handed to collectives (all_sum, gather): process.py reports them
 
 
 def launched() -> bool:
@@ -146,7 +150,10 @@ def gather(obj) -> Optional[list]:
         return [obj]
     import torch.distributed as dist
 
+    import pickle
+
     out = [None] * world() if is_main() else None
+    _SENT[0] += 0 if is_main() else len(pickle.dumps(obj))
     dist.gather_object(obj, out, dst=0)
     return out
 
@@ -182,6 +189,22 @@ def from_main(fn: Callable[[], Any]):
         raise
     broadcast((result, None))
     return result
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over every process, on every process (in place; over the tensor's own device's
+    group). One process: ``t`` itself."""
+    if world() > 1:
+        import torch.distributed as dist
+
+        _SENT[0] += t.numel() * t.element_size()
+        dist.all_reduce(t)
+    return t
+
+
+def sent_bytes() -> int:
+    """Bytes this process has passed to :func:`all_sum` and :func:`gather` so far (pickled for gather)."""
+    return _SENT[0]
 
 
 def barrier() -> None:

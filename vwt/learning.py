@@ -31,13 +31,17 @@ from .vocab import INIT, MAX_POINTS_PER_CENTROID, NITER, Vocabulary, patch_embed
 from .vocab_files import read_vocabulary, tokenizer_dir
 
 
+PREFETCH = 1  # batches each loader worker reads ahead: the k-means is slower than the reading anyway
+
+
 @dataclass(frozen=True)
 class Options:
     """process.py's own settings, named as its flags: ``vocab`` words to learn, in ``space`` (pixel:
     normalised pixel patches, the paper; embed: the model's patch projections), by ``kmeans`` ("paper"
     or "fast"; None: the protocol's) with the fast k-means' ``niter``, ``init`` and
     ``max_points_per_centroid`` (None: FAISS's defaults, see vwt.vocab), on at most ``max_images``
-    images; ``overwrite`` learns again where the vocabulary exists."""
+    images; ``overwrite`` learns again where the vocabulary exists; ``engine`` runs the paper recipe in
+    "sklearn" (bit-exact) or "torch" (on the device, shared under torchrun; None: :func:`kmeans_engine`)."""
 
     vocab: int = 1000
     space: str = "pixel"
@@ -47,6 +51,7 @@ class Options:
     max_points_per_centroid: Optional[int] = None
     max_images: Optional[int] = None
     overwrite: bool = False
+    engine: Optional[str] = None
 
 
 def settle(spec: RunSpec) -> RunSpec:
@@ -60,6 +65,8 @@ def settle(spec: RunSpec) -> RunSpec:
         if getattr(o, flag) is not None and not fast:
             raise UserError(f"--{flag.replace('_', '-')} belongs to --kmeans fast; the paper's recipe is one "
                             "scikit-learn pass")
+    if o.engine is not None and fast:
+        raise UserError("--engine belongs to --kmeans paper; --kmeans fast is FAISS")
     if fast:  # the paper's runs record neither
         o = dataclasses.replace(o, niter=NITER if o.niter is None else o.niter, init=o.init or INIT,
                                 max_points_per_centroid=MAX_POINTS_PER_CENTROID if o.max_points_per_centroid is None
@@ -244,11 +251,13 @@ def read_size(spec: RunSpec, model_size: int) -> int:
 
 
 def learn(spec: RunSpec, seed: int, data, split, loaded: Loaded, pre, patch_size: int, device, dtype) -> Vocabulary:
-    """One vocabulary: the paper's recipe in loader order, or FAISS on a seeded sample (read in a seeded order)."""
+    """One vocabulary: the paper's recipe in loader order, or FAISS on a seeded sample (read in a seeded
+    order). Under torchrun each process reads only its part of every batch (:func:`distributed.parts`)."""
     from tqdm import tqdm
 
     o, batch = spec.options, spec.batch
     paper = o.kmeans == "paper"
+    engine = kmeans_engine(o.engine, device) if paper else None
     data = torch.utils.data.Subset(data, read_order(spec, seed, len(data)))
     size = getattr(pre, "size", None) or data[0][0].shape[-1]
     per_image = (size // patch_size) ** 2
@@ -258,39 +267,72 @@ def learn(spec: RunSpec, seed: int, data, split, loaded: Loaded, pre, patch_size
         raise UserError(f"{what} ({first} images) give {first * per_image} patches, fewer than --vocab {o.vocab} "
                         "words" + ("; use a bigger --batch or fewer words" if what == "the first batch" else ""))
     embed = patch_embedder(loaded.vision) if o.space == "embed" else None
-
-    def pixels():  # streamed, one batch at a time (map keeps no reference to a batch once it is handed on)
-        return map(lambda b: b[0].to(device, dtype), datasets.batches(data, batch, spec.workers))
-
-    def part(x, embed=embed):  # torchrun: what a process sends of its part of a batch, pixels or embeddings
-        x = x.to(device, dtype)
-        return x if embed is None else embed(x)
-
-    if distributed.world() > 1:  # each batch loaded in parts across the processes, whole again on rank 0
-        stream = distributed.BatchStream(len(data), batch,
-                                         lambda order: datasets.batches(data, batch, spec.workers, order),
-                                         part, device)
-        if not distributed.is_main():
-            return stream.serve()
-        pixels, embed = stream.__iter__, (None if embed is None else (lambda e: e))  # embedded where loaded
-
     meta = dict(data=spec.data, split=split, data_seed=seed, protocol=spec.protocol.name, images=len(data),
                 image_size=size, mean=list(getattr(pre, "mean", datasets.OPENAI_CLIP_MEAN)),
                 std=list(getattr(pre, "std", datasets.OPENAI_CLIP_STD)), model=loaded.name,
                 pretrained=loaded.pretrained, config=results.config_of(spec),
                 environment=runtime.environment(device))
-    started = time.time()
-    with tqdm(total=-(-len(data) // batch), desc=f"k-means {spec.data} v{o.vocab} seed {seed}", unit="batch") as bar:
+    if paper and engine == "sklearn" and distributed.world() > 1:
+        return learn_on_main(spec, seed, data, loaded, patch_size, device, dtype, embed, meta)
+    started, sent = time.time(), distributed.sent_bytes()
+    pixels, starts = my_parts(data, batch, spec.workers, device, dtype)
+    with tqdm(total=-(-len(data) // batch), desc=f"k-means {spec.data} v{o.vocab} seed {seed}", unit="batch",
+              disable=not distributed.is_main()) as bar:
         if paper:
-            vocab = Vocabulary.learn_paper(pixels(), size=o.vocab, space=o.space, patch_size=patch_size,
-                                           embed=embed, batch_size=batch, seed=0, progress=bar, **meta)
+            vocab = Vocabulary.learn_paper(pixels, size=o.vocab, space=o.space, patch_size=patch_size, embed=embed,
+                                           batch_size=batch, seed=0, progress=bar, engine=engine, device=device, **meta)
         else:
             vocab = Vocabulary.learn(
-                pixels(), size=o.vocab, space=o.space, patch_size=patch_size, embed=embed, niter=o.niter,
-                max_points_per_centroid=o.max_points_per_centroid, seed=seed, init=o.init,
-                gpu=False if device.type == "cpu" else None, kmeans="fast", progress=bar, **meta)
-    if distributed.world() > 1:
-        stream.close()
+                pixels, size=o.vocab, space=o.space, patch_size=patch_size, embed=embed, niter=o.niter,
+                max_points_per_centroid=o.max_points_per_centroid, seed=seed, init=o.init, starts=starts,
+                gpu=False if device.type == "cpu" else None, progress=bar, **meta)
+    if not distributed.is_main():
+        print(f"{distributed.tag()}sent {distributed.sent_bytes() - sent} bytes for the k-means "
+              f"({sum(len(p) for p in distributed.parts(len(data), batch))} images read)", flush=True)
+        return vocab
+    vocab.meta["seconds"] = round(time.time() - started, 1)
+    return vocab
+
+
+def kmeans_engine(engine: Optional[str], device) -> str:
+    """The paper recipe's engine: the one asked for, else torch on a GPU or under torchrun (the
+    distance work on the device, the fit shared), scikit-learn (bit-exact, as fast) on one CPU process."""
+    return engine or ("torch" if device.type != "cpu" or distributed.world() > 1 else "sklearn")
+
+
+def my_parts(data, batch: int, workers: int, device, dtype):
+    """This process's part of every batch (the whole batch alone; None where its part is empty), on
+    ``device``, and the position of each non-empty part's first image in the read."""
+    parts = distributed.parts(len(data), batch)
+    mine = [p for p in parts if p]
+    loaded = datasets.batches(data, batch, workers, mine if distributed.world() > 1 else None, prefetch=PREFETCH)
+
+    def pixels():  # streamed, one batch at a time (keeps no reference to a batch once it is handed on)
+        it = iter(loaded)
+        for p in parts:
+            yield next(it)[0].to(device, dtype) if p else None
+
+    return pixels(), [p[0] for p in mine]
+
+
+def learn_on_main(spec: RunSpec, seed: int, data, loaded: Loaded, patch_size: int, device, dtype, embed, meta):
+    """The paper recipe in scikit-learn under torchrun: every process loads (and embeds) its part of each
+    batch, the main one fits the whole batches alone (the others return None)."""
+    o, batch = spec.options, spec.batch
+
+    def part(x, embed=embed):  # what a process sends of its part of a batch, pixels or embeddings
+        x = x.to(device, dtype)
+        return x if embed is None else embed(x)
+
+    stream = distributed.BatchStream(len(data), batch,
+                                     lambda order: datasets.batches(data, batch, spec.workers, order), part, device)
+    if not distributed.is_main():
+        return stream.serve()
+    started = time.time()
+    vocab = Vocabulary.learn_paper(stream, size=o.vocab, space=o.space, patch_size=patch_size,
+                                   embed=None if embed is None else (lambda e: e),  # embedded where loaded
+                                   batch_size=batch, seed=0, engine="sklearn", **meta)
+    stream.close()
     vocab.meta["seconds"] = round(time.time() - started, 1)
     return vocab
 

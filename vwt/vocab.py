@@ -37,11 +37,12 @@ TIE_WINDOW = 1e-4
 GEMM_MIN = 64  # a float32 matmul padded to this many rows and columns rounds each element as a large one
 PAIR_CHUNK = 2048  # candidate (patch, word) dot products per gather, to stay in cache
 CHUNK_FLOATS = 1 << 21  # bounds computed per row chunk: (rows, V) floats, kept near the cache size
-# The fast k-means (Vocabulary.learn, process.py --kmeans fast): FAISS on a reservoir sample.
+# The fast k-means (Vocabulary.learn, process.py --kmeans fast): FAISS on a bottom-k sample.
 MAX_POINTS_PER_CENTROID = 256  # the sample: this many patches per word (FAISS's own default cap)
 NITER = 4  # Lloyd iterations: lower inertia than vwt's former k-means, 1.9x faster (benchmarks/bench_kmeans.py)
 INITS = ("afk-mc2", "random")  # first centres: FAISS's AFK-MC2 seeding, or k random rows (FAISS's default)
 INIT = "afk-mc2"
+INERTIA_SAMPLE = 4096  # patches per batch on which the paper recipe's scikit-learn path measures inertia
 AFK_CHAIN = 10  # AFK-MC2's Markov chain per centre: 5x cheaper than FAISS's 50 at the same inertia (1000 words)
 
 
@@ -248,7 +249,8 @@ class Vocabulary:
     def learn(cls, batches: Iterable, size: int = 1000, space: str = "pixel", patch_size: Optional[int] = 16,
               embed: Optional[Callable[[Tensor], Tensor]] = None, niter: int = NITER,
               max_points_per_centroid: int = MAX_POINTS_PER_CENTROID, seed: int = 0, gpu: Optional[bool] = None,
-              init: str = INIT, progress: Optional[Callable] = None, **meta) -> "Vocabulary":
+              init: str = INIT, progress: Optional[Callable] = None, starts: Optional[Iterable[int]] = None,
+              **meta) -> Optional["Vocabulary"]:
         """Learn ``size`` words by FAISS k-means on a seeded, uniformly random sample of the patches
         (process.py --kmeans fast).
 
@@ -257,39 +259,49 @@ class Vocabulary:
         space:   "pixel" (patches of ``patch_size``) or "embed" (``embed(pixels) -> (B, N, C)``, e.g.
                  :func:`patch_embedder` of a model whose patch size is ``patch_size``).
         max_points_per_centroid: the sample holds at most ``size`` times this many patches
-                 (:func:`reservoir_sample`; 256 as FAISS's own default); niter, init: Lloyd iterations
+                 (:func:`bottom_k_sample`; 256 as FAISS's own default); niter, init: Lloyd iterations
                  and first centres (:func:`faiss_kmeans`); gpu: None uses the GPUs when FAISS has GPU
                  support and sees any.
+        starts:  the position of each batch's first image in the whole read (None: the batches are the
+                 whole read, in order). Under torchrun each process passes its share and its positions;
+                 only the samples travel, the main process fits and returns the words (the others None),
+                 the words of one process.
         progress: an object with ``update(1)`` (e.g. ``tqdm(total=batches)``), told after each batch.
         ``meta`` is saved in the sidecar.
         Euclidean k-means on the raw rows, as the paper's recipe (words are matched by cosine later).
         The recorded inertia is that of the sample at the last iteration's assignment (:func:`faiss_kmeans`).
         """
+        from . import distributed
+
         _check_space(space, embed)
         if size < 1 or niter < 1 or max_points_per_centroid < 1:
             raise ValueError(f"k-means needs size, niter and max_points_per_centroid of at least 1; got {size}, "
                              f"{niter}, {max_points_per_centroid}")
-        def feats():  # keeps no reference to a batch once its rows are handed on
-            for batch in batches:
-                rows, batch = batch_features(batch, space, patch_size, embed), None
-                yield rows
-                rows = None
-                if progress is not None:
-                    progress.update(1)
-
-        sample, seen = reservoir_sample(feats(), size * max_points_per_centroid, seed)
+        codec = PixelCodec(meta.get("mean", OPENAI_CLIP_MEAN), meta.get("std", OPENAI_CLIP_STD), patch_size) \
+            if space == "pixel" else None
+        sample, keys, seen = bottom_k_sample(_numbered(batches, space, patch_size, embed, starts, progress),
+                                             size * max_points_per_centroid, seed, codec)
+        if distributed.world() > 1:  # only the samples travel; the main process merges and fits
+            parts = distributed.gather((sample, keys, seen))
+            if not distributed.is_main():
+                return None
+            sample, keys = merge_samples([p[:2] for p in parts], size * max_points_per_centroid, codec)
+            seen = sum(p[2] for p in parts)
+        stored = str(sample.dtype).replace("torch.", "")
+        sample = sample if codec is None else codec.decode(sample)
         if sample.shape[0] < size:
             raise ValueError(f"k-means with {size} centres needs at least {size} patches; got {sample.shape[0]}")
-        centres, run = faiss_kmeans(sample, size, niter=niter, seed=seed, gpu=gpu, init=init)
+        centres, run = faiss_kmeans(sample.float(), size, niter=niter, seed=seed, gpu=gpu, init=init)
         info = {"kmeans": "fast", **meta}
         info.update(patches_seen=seen, sample=sample.shape[0], max_points_per_centroid=max_points_per_centroid,
-                    niter=niter, seed=seed, inertia_patches=sample.shape[0], faiss=_faiss().__version__, **run)
+                    niter=niter, seed=seed, inertia_patches=sample.shape[0], faiss=_faiss().__version__,
+                    sampling="bottom-k of a seeded hash of each patch's global index", sample_stored=stored, **run)
         return cls(centres, space=space, patch_size=patch_size, **info)
 
     @classmethod
     def learn_paper(cls, batches: Iterable, size: int = 1000, space: str = "pixel", patch_size: Optional[int] = 16,
                     embed: Optional[Callable[[Tensor], Tensor]] = None, batch_size: int = 1024, seed: int = 0,
-                    progress=None, **meta) -> "Vocabulary":
+                    progress=None, engine: str = "sklearn", device=None, **meta) -> "Vocabulary":
         """Learn ``size`` words with the VWT paper's recipe (its ``process.py`` + ``learn_words``):
         scikit-learn's ``MiniBatchKMeans(size, n_init="auto", batch_size=batch_size)`` with NumPy's
         generator seeded ``seed`` (the paper: ``set_seed(0)`` just before), one ``partial_fit`` per
@@ -298,12 +310,20 @@ class Vocabulary:
         batches: an iterable of normalised pixels (B, 3, H, W) or (pixels, anything) pairs, read once.
         Memory holds one batch's patches at a time: each batch is dropped before the next is read.
         progress: an object with ``update(1)`` (e.g. ``tqdm(total=batches)``), told after each batch
-        (it never holds one). The recorded inertia sums scikit-learn's ``inertia_`` of each batch
-        (measured after that batch's update).
+        (it never holds one). scikit-learn runs with ``compute_labels=False`` (:func:`paper_kmeans`):
+        the same centres, without a second assignment of every batch. The recorded inertia is that of
+        a seeded sample of at most ``INERTIA_SAMPLE`` patches of each batch, after that batch's update
+        (``inertia_patches`` counts them; the sidecar's ``inertia_on`` says so).
+        engine "torch": the same step in torch on ``device`` (:mod:`vwt.kmeans`; equal within float32
+        rounding; under torchrun each process passes its part of each batch, None for an empty one).
         """
         _check_space(space, embed)
+        if engine == "torch":
+            return cls._learn_paper_torch(batches, size, space, patch_size, embed, batch_size, seed, progress,
+                                          device, meta)
         km = paper_kmeans(size, batch_size, seed)
-        seen, total = 0, 0.0
+        seen, total, measured = 0, 0.0, 0
+        gen = torch.Generator().manual_seed(seed)
         for batch in batches:
             feats = batch_features(batch, space, patch_size, embed)
             batch = None  # noqa: F841  (drop the pixels before k-means runs)
@@ -312,8 +332,9 @@ class Vocabulary:
                 raise ValueError(f"the first batch gives {x.shape[0]} patches, fewer than the {size} words: "
                                  "scikit-learn initialises k-means on the first batch; use bigger batches or fewer words")
             km.partial_fit(x)
-            seen, total = seen + x.shape[0], total + float(km.inertia_)
-            x = None
+            rows = torch.randperm(x.shape[0], generator=gen)[:INERTIA_SAMPLE]
+            total += inertia(torch.from_numpy(x)[rows], torch.from_numpy(km.cluster_centers_))
+            seen, measured, x = seen + x.shape[0], measured + len(rows), None
             if progress is not None:
                 progress.update(1)
         if seen == 0:
@@ -322,19 +343,69 @@ class Vocabulary:
 
         info = dict(meta)
         info.update(patches_seen=seen, kmeans="paper", kmeans_seed=seed, kmeans_batch_size=batch_size,
-                    inertia=total, inertia_patches=seen, sklearn=sklearn.__version__)
+                    inertia=total, inertia_patches=measured, sklearn=sklearn.__version__, engine="sklearn",
+                    inertia_on=f"a seeded sample of at most {INERTIA_SAMPLE} patches per batch, after its update")
         return cls(torch.from_numpy(km.cluster_centers_), space=space, patch_size=patch_size, **info)
+
+
+    @classmethod
+    def _learn_paper_torch(cls, batches, size, space, patch_size, embed, batch_size, seed, progress, device,
+                           meta) -> "Vocabulary":
+        """:meth:`learn_paper` with engine "torch" (:class:`vwt.kmeans.MiniBatchKMeans`)."""
+        from . import distributed
+        from .kmeans import MiniBatchKMeans
+
+        km = MiniBatchKMeans(size, batch_size, seed, device=device)
+        seen, total, dim = 0, 0.0, None
+        for batch in batches:
+            if batch is None:  # this process's part of the batch is empty (torchrun)
+                x = torch.zeros(0, dim, device=km.device)
+            else:
+                x, batch = batch_features(batch, space, patch_size, embed), None
+                dim = x.shape[1]
+            total += km.partial_fit(x)
+            seen, x = seen + x.shape[0], None
+            if progress is not None:
+                progress.update(1)
+        seen = int(distributed.all_sum(torch.tensor([float(seen)], dtype=torch.float64))[0])
+        if seen == 0:
+            raise ValueError("k-means got no data")
+        info = dict(meta)
+        info.update(patches_seen=seen, kmeans="paper", kmeans_seed=seed, kmeans_batch_size=batch_size,
+                    inertia=total, inertia_patches=seen, engine="torch", kmeans_on=str(km.device),
+                    processes=distributed.world(), reassigned=km.reassigned,
+                    inertia_on="every patch, at its batch's assignment before the update")
+        return cls(km.centres.cpu(), space=space, patch_size=patch_size, **info)
+
+
+def _numbered(batches: Iterable, space: str, patch_size, embed, starts, progress):
+    """(rows, global index of the first row) of each batch: an image's patches are numbered from its
+    position in the whole read times the patches per image. Holds no batch once its rows are handed on."""
+    starts = iter(starts) if starts is not None else None
+    image = 0
+    for batch in batches:
+        if batch is None:  # this process's part of the batch is empty (torchrun)
+            continue
+        pixels = batch[0] if isinstance(batch, (tuple, list)) else batch
+        n, first = pixels.shape[0], next(starts) if starts is not None else image
+        rows, batch, pixels = batch_features(batch, space, patch_size, embed), None, None
+        yield rows, first * (rows.shape[0] // max(n, 1))
+        image, rows = first + n, None
+        if progress is not None:
+            progress.update(1)
 
 
 def paper_kmeans(size: int, batch_size: int = 1024, seed: int = 0):
     """scikit-learn's ``MiniBatchKMeans`` as the paper's ``learn_words`` builds it: ``n_clusters``,
-    ``n_init="auto"`` and ``batch_size`` set, everything else default. The paper leaves
+    ``n_init="auto"`` and ``batch_size`` set, everything else default but ``compute_labels=False``:
+    the default assigns every batch a second time after its update only to report ``inertia_``
+    (half of each step's time), and changes neither the centres nor the draws. The paper leaves
     ``random_state`` None after ``np.random.seed(0)``, which draws the same numbers as a fresh
     ``RandomState(0)``; the fresh one leaves NumPy's global generator alone."""
     import numpy as np
     from sklearn.cluster import MiniBatchKMeans as SKMiniBatchKMeans
 
-    return SKMiniBatchKMeans(n_clusters=size, n_init="auto", batch_size=batch_size,
+    return SKMiniBatchKMeans(n_clusters=size, n_init="auto", batch_size=batch_size, compute_labels=False,
                              random_state=np.random.RandomState(seed))
 
 
@@ -402,44 +473,94 @@ def _jsonable(o):
 
 
 # --------------------------------------------------------------------------------------------------
-# The fast path: a reservoir sample of the stream, FAISS k-means on it
+# The fast path: a seeded bottom-k sample of the stream, FAISS k-means on it
 # --------------------------------------------------------------------------------------------------
-def reservoir_sample(blocks: Iterable[Tensor], capacity: int, seed: int = 0) -> tuple[Tensor, int]:
-    """A uniformly random sample of ``capacity`` rows (all of them when there are fewer) from a stream of
-    (n, D) blocks, read once, and the number of rows seen: Algorithm R (Vitter 1985) vectorised per
-    block. Row i (0-based over the stream) takes slot i while the sample fills; after that it draws
-    j uniform in 0..i and replaces slot j when j < capacity (the later row wins a slot drawn twice in
-    a block, as one row at a time would), so every row ends in the sample with probability capacity / n.
-    Memory: the sample (float32, on the CPU) and one block; the sample grows (doubling) as rows come, so a
-    capacity beyond the stream's rows costs nothing. Seeded: the same stream gives the same sample."""
-    gen = torch.Generator().manual_seed(seed)
-    buf, seen = None, 0
-    for x in blocks:
-        x = x.detach().to("cpu", torch.float32).reshape(-1, x.shape[-1])
-        if buf is None:
-            buf = torch.empty(min(capacity, max(x.shape[0], 1)), x.shape[1])
-        elif x.shape[1] != buf.shape[1]:
-            raise ValueError(f"the stream's rows changed width from {buf.shape[1]} to {x.shape[1]}")
-        n = x.shape[0]
-        if min(capacity, seen + n) > buf.shape[0]:  # room for this block's rows: grow to at most capacity
-            grown = torch.empty(min(capacity, max(seen + n, 2 * buf.shape[0])), buf.shape[1])
-            grown[:seen] = buf[:seen]
-            buf = grown
-        fill = min(max(capacity - seen, 0), n)
-        buf[seen:seen + fill] = x[:fill]
-        if fill < n:
-            i = torch.arange(seen + fill, seen + n, dtype=torch.float64)
-            j = (torch.rand(n - fill, generator=gen, dtype=torch.float64) * (i + 1)).long()
-            take = j < capacity
-            slots, rows = j[take], take.nonzero()[:, 0] + fill
-            if len(slots):
-                uniq, inv = torch.unique(slots, return_inverse=True)
-                last = torch.full((len(uniq),), -1, dtype=torch.long).scatter_reduce_(0, inv, rows, "amax")
-                buf[uniq] = x[last]
-        seen, x = seen + n, None  # hold no block while the next one is made
-    if buf is None:
+def patch_keys(index: Tensor, seed: int) -> Tensor:
+    """int64 sort keys of global patch indices (< 2^32): a seeded 31-bit hash of the index (MurmurHash3's
+    finaliser) in the high bits, the index itself in the low 32 (so no two patches tie)."""
+    if index.numel() and int(index.max()) >= 1 << 32:
+        raise ValueError("the fast k-means numbers patches below 2^32; use --max-images to read fewer")
+    h = (index * 0x9E3779B1 + (seed * 0x85EBCA77 + 0x165667B1)) & 0xFFFFFFFF
+    for mult, shift in ((0x85EBCA6B, 16), (0xC2B2AE35, 13), (None, 16)):
+        h = h ^ (h >> shift)
+        h = (h * mult) & 0xFFFFFFFF if mult else h
+    return ((h >> 1) << 32) | index
+
+
+class PixelCodec:
+    """Normalised pixel patches (channel-major rows of 3·P·P values, normalised by ``mean`` and ``std``
+    from 8-bit images, as ``to_tensor`` then ``normalize`` make them) kept as the 8-bit values they came
+    from: a quarter of float32's memory, decoded to the very same float32 values."""
+
+    def __init__(self, mean, std, patch_size: int):
+        per = patch_size * patch_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).repeat_interleave(per)
+        self.std = torch.tensor(std, dtype=torch.float32).repeat_interleave(per)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """uint8 rows where every value of ``x`` decodes back bit for bit, else ``x`` as it is."""
+        if x.dtype != torch.float32 or x.shape[-1] != self.mean.shape[0]:
+            return x
+        k = ((x * self.std + self.mean) * 255).round_()
+        if x.numel() and (float(k.min()) < 0 or float(k.max()) > 255):
+            return x
+        k = k.to(torch.uint8)
+        return k if torch.equal(self.decode(k), x) else x
+
+    def decode(self, rows: Tensor) -> Tensor:
+        """float32 rows: uint8 ones as ``to_tensor`` (/ 255) and ``normalize`` ((x - mean) / std) make them."""
+        if rows.dtype != torch.uint8:
+            return rows
+        return rows.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
+
+
+def bottom_k_sample(blocks: Iterable[tuple[Tensor, int]], capacity: int, seed: int = 0,
+                    codec: Optional[PixelCodec] = None) -> tuple[Tensor, Tensor, int]:
+    """The ``capacity`` rows of a stream whose seeded hash keys (:func:`patch_keys` of each row's global
+    index) are lowest: a uniformly random sample without replacement (all rows where there are fewer),
+    sorted by key, with its keys and the number of rows seen (uint8 where ``codec`` keeps every row
+    exactly, see :class:`PixelCodec`; decode with it). ``blocks``: (rows (n, D), global index of
+    the first row). It depends only on which rows come, not on their order or on how they are split:
+    the bottom-k of the union of samples is the bottom-k of the union of the streams (:func:`merge_samples`),
+    so processes that each read a share of the images sample what one process samples. Memory: the
+    sample, rows pending a merge (at most a quarter of it) and one block, and while merging the merged
+    sample beside them (about 2.25 samples); rows keep their dtype."""
+    kept, pending, seen, cut = None, [], 0, None
+    for x, start in blocks:
+        x = x.detach().reshape(-1, x.shape[-1])
+        keys = patch_keys(torch.arange(start, start + x.shape[0]), seed)
+        seen += x.shape[0]
+        if cut is not None:
+            low = keys < cut
+            keys, x = keys[low], x[low]
+        pending.append((x.cpu() if codec is None else codec.encode(x.cpu()), keys))
+        x = None
+        if sum(len(k) for _, k in pending) >= max(capacity // 4, 1):
+            kept = merge_samples(([kept] if kept else []) + pending, capacity, codec)
+            pending = []
+            cut = kept[1][-1] if len(kept[1]) == capacity else None
+    if kept is None and not pending:
         raise ValueError("k-means got no data")
-    return (buf if buf.shape[0] == seen or seen >= capacity else buf[:seen].clone()), seen
+    kept = merge_samples(([kept] if kept else []) + pending, capacity, codec)
+    return kept[0], kept[1], seen
+
+
+def merge_samples(samples: list, capacity: int, codec: Optional[PixelCodec] = None) -> tuple[Tensor, Tensor]:
+    """The lowest-keyed ``capacity`` rows of several (rows, keys) samples, sorted by key (uint8 while
+    every part is; else all decoded to float32 by ``codec``). The rows are copied once, part by part,
+    into the result: memory holds the parts and the result, never a concatenation of the parts."""
+    keys = torch.cat([k for _, k in samples])
+    order = torch.argsort(keys)[:capacity]
+    rows = [r for r, _ in samples]
+    if len({r.dtype for r in rows}) > 1:
+        rows = [codec.decode(r) for r in rows]
+    out = torch.empty(len(order), rows[0].shape[1], dtype=rows[0].dtype)
+    start = 0
+    for r in rows:
+        pick = ((order >= start) & (order < start + len(r))).nonzero()[:, 0]
+        out[pick] = r[order[pick] - start]
+        start += len(r)
+    return out, keys[order]
 
 
 def _faiss():

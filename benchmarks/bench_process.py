@@ -1,0 +1,203 @@
+"""process.py's cost, reading apart from fitting, per recipe and vocabulary size, and a cost model
+extrapolated to ImageNet-1k's train split (1,281,167 images, 196 patches of 768 values at 224 px / 16).
+
+Measured on this machine (one process; torch and BLAS as configured):
+
+  read       ms per image: JPEG decode (the sample photographs saved at ~0.18 MP), the paper's
+             preprocessing to 224 px, patchify (vwt.datasets.Preprocess, vwt.tokenizer.pixel_patches)
+  step       seconds per partial_fit row x word for the paper recipe's step on ``--rows`` patches:
+             sklearn-labels (scikit-learn's default, compute_labels=True: the step before this change),
+             sklearn (compute_labels=False, process.py's default on a CPU), torch (vwt.kmeans on the CPU,
+             and on CUDA where there is one); the same centres checked (max difference printed)
+  seeding    k-means++ on init_size = 3 x max(1024, V) rows: float64 distance work 2 (2 + ln V) init_size D
+             per centre, its rate measured at ``--seed-words``
+  faiss      the fast recipe's fit: seconds per niter x sample x V x D (sample = 256 V), measured at
+             ``--faiss-words``
+
+Model (one row x word x value costs the same at any size, which the measurements at 100, 1,000 and
+10,000 words check): fit = steps x rows x V x step_rate + seeding; fast = FAISS + bottom-k bookkeeping;
+wall = read on ``--read-cores`` cores overlapped with the paper recipe's fit (loader workers; the fast
+recipe fits after reading), or read + fit in series.
+Peak memory, modelled: paper = (2 + workers) x one batch of float32 pixels (the batch, its patches,
+one prefetched batch per worker) + (V, D + 2) float64 sums + 64 MB distance block; fast = the sample
+as uint8 while reading (x 2.25 while merging) and, at the fit, uint8 + float32 copy for FAISS.
+
+    python benchmarks/bench_process.py --quick        # a few minutes on a 2-core machine
+    python benchmarks/bench_process.py                # larger batches
+    python benchmarks/bench_process.py --tolerance    # torch vs scikit-learn centres over 3 batches
+"""
+import argparse
+import io
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vwt import kmeans  # noqa: E402
+from vwt.datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PaperPreprocess, sample_images  # noqa: E402
+from vwt.tokenizer import pixel_patches  # noqa: E402
+from vwt.vocab import MAX_POINTS_PER_CENTROID, NITER, faiss_kmeans, paper_kmeans  # noqa: E402
+
+IMAGENET, PER_IMAGE, D, BATCH = 1_281_167, 196, 768, 1024
+WORDS = (100, 1000, 10_000)
+
+
+def read_ms(n: int) -> float:
+    """ms per image to decode a ~0.18 MP JPEG, preprocess it to 224 px and patchify it."""
+    from PIL import Image
+
+    pre = PaperPreprocess(224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    jpegs = []
+    for _, im in sample_images():
+        buf = io.BytesIO()
+        im.convert("RGB").resize((500, 360)).save(buf, "JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    pixel_patches(pre(Image.open(io.BytesIO(jpegs[0])).convert("RGB"))[None], 16)  # warm
+    t = time.perf_counter()
+    for i in range(n):
+        x = pre(Image.open(io.BytesIO(jpegs[i % len(jpegs)])).convert("RGB"))
+        pixel_patches(x[None], 16)
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def patches(rows: int, seed: int) -> np.ndarray:
+    """Pixel-like float32 patches: random photograph crops would cost more to make than to fit."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(64, D, generator=g)
+    x = base[torch.randint(0, 64, (rows,), generator=g)] + 0.5 * torch.randn(rows, D, generator=g)
+    return x.numpy()
+
+
+def step_rates(words: int, rows: int, cuda: bool) -> dict:
+    """Seconds per row x word of one partial_fit step from the same first centres (seeding is timed
+    apart), per engine, and each engine's centres' largest difference from scikit-learn's, relative to
+    their size (the step includes the first random reassignment: every count is still 0)."""
+    start, x = patches(words, 0), patches(rows, 1)  # pixel-like rows, as many as asked
+    out, centres = {}, {}
+    for engine in ("sklearn-labels", "sklearn", "torch") + (("torch-cuda",) if cuda else ()):
+        if engine.startswith("sklearn"):
+            km = paper_kmeans(words, BATCH)
+            km.set_params(init=start.copy(), n_init=1, compute_labels=engine == "sklearn-labels")
+            t = time.perf_counter()
+            km.partial_fit(x)
+            out[engine] = (time.perf_counter() - t) / (rows * words)
+            centres[engine] = km.cluster_centers_
+            continue
+        dev = "cuda" if engine == "torch-cuda" else "cpu"
+        km = kmeans.MiniBatchKMeans(words, BATCH, seed=0, device=dev)
+        km.centres, km.counts = torch.from_numpy(start).to(dev), np.zeros(words, np.float32)
+        km._batch, km._since = min(BATCH, rows), 0
+        xd = torch.from_numpy(x).to(dev)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        km.partial_fit(xd)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        out[engine] = (time.perf_counter() - t) / (rows * words)
+        centres[engine] = km.centres.cpu().numpy()
+    ref = centres["sklearn"]
+    out["same"] = {e: float(np.abs(c - ref).max() / np.abs(ref).max()) for e, c in centres.items()}
+    return out
+
+
+def seeding_rate(words: int) -> float:
+    """Seconds per float64 multiply-add of k-means++ (vwt.kmeans.kmeans_plusplus on the CPU)."""
+    m = 3 * max(BATCH, words)
+    x = torch.from_numpy(patches(m, 2))
+    t = time.perf_counter()
+    kmeans.kmeans_plusplus(x, words, np.random.RandomState(0))
+    return (time.perf_counter() - t) / seeding_work(words)
+
+
+def seeding_work(words: int) -> float:
+    m = 3 * max(BATCH, words)
+    return words * (2 + math.log(words)) * m * D
+
+
+def faiss_rate(words: int) -> float:
+    """Seconds per niter x sample x word x value of FAISS k-means on a sample of 256 patches per word."""
+    x = torch.from_numpy(patches(words * MAX_POINTS_PER_CENTROID, 3))
+    t = time.perf_counter()
+    faiss_kmeans(x, words, niter=NITER, seed=0, gpu=False)
+    return (time.perf_counter() - t) / (NITER * x.shape[0] * words * D)
+
+
+def tolerance(batches: int = 3, dim: int = 16) -> None:
+    """The torch engine against scikit-learn over several batches from k-means++ seeding, at 100,
+    1,000 and 10,000 words (small ``dim`` to stay quick): the centres' largest relative difference
+    after each batch, scikit-learn's reassignments and whether the running counts agree."""
+    from sklearn.cluster import MiniBatchKMeans as SK
+
+    for v in WORDS:
+        rng = np.random.default_rng(v)
+        xs = [(rng.standard_normal((4 * v, dim)) + 3 * (rng.random((4 * v, 1)) < 0.1)).astype(np.float32)
+              for _ in range(batches)]
+        sk = SK(n_clusters=v, n_init="auto", batch_size=v // 4, compute_labels=False,
+                random_state=np.random.RandomState(0))
+        ours, gaps = kmeans.MiniBatchKMeans(v, v // 4, seed=0), []
+        for x in xs:
+            sk.partial_fit(x)
+            ours.partial_fit(torch.from_numpy(x))
+            gaps.append(float(np.abs(sk.cluster_centers_ - ours.centres.numpy()).max() / np.abs(sk.cluster_centers_).max()))
+        print(f"tolerance V={v} dim={dim}: after each of {batches} batches " + ", ".join(f"{g:.1e}" for g in gaps)
+              + f"; counts equal: {np.array_equal(sk._counts, ours.counts)}; torch reassigned {ours.reassigned} words"
+              + f" (limit {kmeans.TOLERANCE:.0e})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small batches, one repeat: a few minutes")
+    p.add_argument("--rows", type=int, default=None, help="patches per timed step (default 8192; --quick 2048)")
+    p.add_argument("--read-images", type=int, default=None, help="images timed for reading (default 200; quick 40)")
+    p.add_argument("--read-cores", type=int, default=2, help="cores that read while the fit runs (default 2)")
+    p.add_argument("--workers", type=int, default=4, help="loader workers for the memory model (default 4)")
+    p.add_argument("--seed-words", type=int, default=100)
+    p.add_argument("--tolerance", action="store_true",
+                   help="only measure the torch engine's centres against scikit-learn's over several batches")
+    p.add_argument("--faiss-words", type=int, default=None, help="default 200; quick 100")
+    a = p.parse_args(argv)
+    if a.tolerance:
+        return tolerance()
+    rows = a.rows or (2048 if a.quick else 8192)
+    cuda = torch.cuda.is_available()
+    print(f"torch threads {torch.get_num_threads()}, CUDA: {torch.cuda.get_device_name() if cuda else 'none'}")
+    r_ms = read_ms(a.read_images or (40 if a.quick else 200))
+    print(f"read: {r_ms:.2f} ms per image (decode, preprocess to 224 px, patchify; one core)")
+    rates = {}
+    for v in WORDS:
+        rates[v] = step_rates(v, max(rows, v), cuda)  # scikit-learn wants at least V rows
+        print(f"step V={v}: " + ", ".join(f"{e} {r * 1e9:.3f} ns/(row x word)" for e, r in rates[v].items() if e != "same")
+              + "; torch vs sklearn centres: " + ", ".join(f"{e} {d:.1e}" for e, d in rates[v]["same"].items()))
+    s_rate = seeding_rate(a.seed_words)
+    f_rate = faiss_rate(a.faiss_words or (100 if a.quick else 200))
+    print(f"seeding: {s_rate * 1e9:.3f} ns per float64 multiply-add; faiss: {f_rate * 1e9:.4f} ns per niter x row x word x value")
+    report(rates, r_ms, s_rate, f_rate, a.read_cores, a.workers, cuda)
+
+
+def report(rates, r_ms, s_rate, f_rate, cores, workers, cuda):
+    """The ImageNet-1k extrapolation, one row per vocabulary size and recipe."""
+    rows = IMAGENET * PER_IMAGE
+    read_h = IMAGENET * r_ms / 1e3 / 3600
+    batch_mb = BATCH * PER_IMAGE * D * 4 / 2 ** 20
+    print(f"\nImageNet-1k extrapolated: read {read_h:.2f} h on one core, {read_h / cores:.2f} h on {cores}")
+    print("| words | recipe | engine | fit (h) | wall, read overlapped (h) | wall, in series (h) | peak memory (GB, model) |")
+    print("|---|---|---|---|---|---|---|")
+    for v in WORDS:
+        seed_h = seeding_work(v) * s_rate / 3600
+        paper_mem = ((2 + workers) * batch_mb + v * (D + 2) * 8 / 2 ** 20 + 64) / 1024
+        for engine in ("sklearn-labels", "sklearn", "torch") + (("torch-cuda",) if cuda else ()):
+            fit = rows * v * rates[v][engine] / 3600 + seed_h
+            print(f"| {v:,} | paper | {engine} | {fit:.2f} | {max(fit, read_h / cores):.2f} | {fit + read_h:.2f} | {paper_mem:.1f} |")
+        sample = v * MAX_POINTS_PER_CENTROID
+        fit = NITER * sample * v * D * f_rate / 3600
+        fast_mem = max(2.25 * sample * D, sample * D * 5) / 2 ** 30 + workers * 32 * PER_IMAGE * D * 4 / 2 ** 30
+        print(f"| {v:,} | fast | faiss | {fit:.2f} | {fit + read_h / cores:.2f} | {fit + read_h:.2f} | {fast_mem:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
