@@ -39,7 +39,7 @@ def _block(layer) -> Block:
 def tower(vt: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
     emb = vt.embeddings
 
-    def embed(pixel_values: Tensor):
+    def embed(pixel_values: Tensor, interpolate_pos_encoding: bool = interpolate_pos_encoding):
         b, _, h, w = pixel_values.shape
         if not interpolate_pos_encoding and (h != emb.image_size or w != emb.image_size):
             raise ValueError(f"Input image size ({h}*{w}) doesn't match model ({emb.image_size}*{emb.image_size}).")
@@ -52,7 +52,7 @@ def tower(vt: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
         return x, patches, grid_of(pixel_values, emb.patch_size)
 
     return Tower(embed=embed, pre_norm=vt.pre_layrnorm, blocks=[_block(l) for l in vt.encoder.layers],
-                 patch_size=emb.patch_size)
+                 patch_size=emb.patch_size, embed_any=lambda pixel_values: embed(pixel_values, True))
 
 
 def patch(vt: nn.Module, info: Patch) -> None:
