@@ -119,3 +119,18 @@ def test_eff_measures_resize_alone_and_with_tome(tmp_path, monkeypatch):
     assert rows.loc["resize", "gflops_per_image"] < rows.loc["base", "gflops_per_image"]
     df = eff.main(["--resize", "16", "--batch", "1", "--out", "res2"] + FAST, loaded=tiny.loaded())
     assert list(df["method"]) == ["base", "resize"] and df.set_index("method").loc["resize", "tokens_in"] == 5
+
+
+def test_clip_and_match_run_resize(tmp_path):
+    import clip as clip_script
+    import fixtures
+    import match
+
+    root = fixtures.write_waterbirds(tmp_path / "data")
+    loaded = tiny.loaded(tokenizer=fixtures.char_clip_tokenizer(tmp_path / "tok"))
+    res = clip_script.main(["--data", "waterbirds", "--data-root", str(root), "--out", str(tmp_path / "out"),
+                            "--protocol", "standard", "--workers", "0", "--device", "cpu", "--resize", "24"], loaded)
+    assert res["method"] == "resize24" and res["metrics"]["tokens_first_block"]["mean"] == 10
+    out = match.run(match.parse_args(["--resize", "16", "--limit", "1", "--out", str(tmp_path), "--device", "cpu"]),
+                    loaded=tiny.loaded())
+    assert out["method"] == "resize16" and out["images"][0]["tokens_first_block"] == 5
