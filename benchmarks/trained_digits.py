@@ -177,11 +177,12 @@ def run(r: Recipe, cache: Path | None = CACHE, log=print) -> list[dict]:
     return out
 
 
-def markdown(rows: list[dict], r: Recipe, images: int, seconds: float) -> str:
+def markdown(rows: list[dict], r: Recipe, images: int, seconds: float, cached: bool) -> str:
     base = rows[0]["accuracy"]
     lines = [f"Small timm ViT trained here on scikit-learn's digits (not the paper's models): {r.image}x{r.image} "
              f"images, {r.patch}x{r.patch} patches ({(r.image // r.patch) ** 2} + class token), depth {r.depth}, "
-             f"width {r.dim}, {r.epochs} epochs, seed {r.seed}; {images} test images ({seconds:.0f} s).", "",
+             f"width {r.dim}, {r.epochs} epochs, seed {r.seed}; {images} test images ({seconds:.0f} s, "
+             f"{'weights from the cache' if cached else 'training included'}).", "",
              "| method | setting | accuracy | vs base | tokens (mean over blocks) | MFLOPs | FLOPs ratio |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
@@ -235,6 +236,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     started = time.time()
     r = Recipe(epochs=args.epochs, seed=args.seed)
+    cached = args.cache is not None and (Path(args.cache) / f"{r.key()}.pt").exists()
     rows = run(r, args.cache, log=lambda line: print(line, flush=True))
     seconds = time.time() - started
     import pandas as pd
@@ -243,7 +245,7 @@ def main() -> None:
     stem = args.out / "trained_digits"
     results.atomic_write_text(stem.with_suffix(".csv"), pd.DataFrame(rows).to_csv(index=False))
     images = len(digits(r.image)[3])
-    results.atomic_write_text(stem.with_suffix(".md"), markdown(rows, r, images, seconds))
+    results.atomic_write_text(stem.with_suffix(".md"), markdown(rows, r, images, seconds, cached))
     plot(rows, stem.with_suffix(".png"), f"digits, small ViT trained here (depth {r.depth}, width {r.dim}, "
          f"{(r.image // r.patch) ** 2} patches): accuracy vs FLOPs")
     print(f"wrote {stem}.csv, .md, .png in {seconds:.0f} s")
