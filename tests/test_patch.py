@@ -103,7 +103,7 @@ def test_unsupported_model_is_refused_with_the_supported_list(bad):
 
 
 @pytest.mark.parametrize("reducers, message", [
-    ((vwt.IntraImage(0.5), vwt.IntraImage(0.2)), "choose one input reducer: IntraImage or InterImage"),
+    ((vwt.IntraImage(0.5), vwt.IntraImage(0.2)), "choose one input reducer: IntraImage, InterImage or Resize"),
     ((vwt.ToMe(2), vwt.EViT(0.7)), "choose one in-network reducer: ToMe, EViT or LGTM; got ToMe and EViT"),
 ])
 def test_one_input_and_one_in_network_reducer_at_most(reducers, message):

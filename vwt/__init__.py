@@ -12,9 +12,10 @@ from .encoder import Reducer, TokenState
 from .merge import EViT, LGTM, ToMe
 from .patch import patch, stats, token_stats, token_summary, unpatch
 from .quant import quantize
+from .resize import Resize
 from .tokenizer import InterImage, IntraImage
 from .vocab import Vocabulary
 
-__all__ = ["patch", "unpatch", "stats", "token_stats", "token_summary", "IntraImage", "InterImage", "ToMe", "EViT", "LGTM",
+__all__ = ["patch", "unpatch", "stats", "token_stats", "token_summary", "IntraImage", "InterImage", "Resize", "ToMe", "EViT", "LGTM",
            "Vocabulary", "quantize", "Reducer", "TokenState", "buckets"]
 __version__ = "0.1.0"

@@ -33,6 +33,7 @@ from .patch import patch, stats, token_stats, unpatch
 from .runtime import check_input_reducers, environment, resolve_device, resolve_dtype
 from .spec import RunSpec
 from .tokenizer import THRESH, InterImage
+from .resize import side_for
 from .vocab import Vocabulary
 from .vocab_files import (HUB, missing_vocab_hint, read_vocabulary, samples_vocabulary, tokenizer_dir, vocab_data,
                           vocab_label, vocab_path)
@@ -369,6 +370,8 @@ def prepare(configs: list[Config], spec: RunSpec, s: dict, vision, vocab, vocab_
     for cfg in configs:
         names = [n for n in (cfg.input, cfg.block) if n]
         chosen = reducer_settings(names, s)
+        if cfg.input == "resize" and spec.method.resize is None:  # the default side, scaled to this model
+            chosen["resize"] = side_for(datasets.preprocess_for(vision).size, flops.dims_of(vision).patch_size)
         inter = dict(thresh=s["thresh"], random=spec.method.random)
         label = method_label(**chosen, **inter, vocab=vocab_name if cfg.input == "inter" else None, quant=cfg.quant)
         try:

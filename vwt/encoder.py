@@ -124,6 +124,11 @@ class Reducer:
     def after_attn(self, state: TokenState, ctx: "BlockContext") -> TokenState:
         return state
 
+    def resize_pixels(self, pixel_values: Tensor, tower: "Tower") -> Optional[Tensor]:
+        """An input reducer that changes the image size returns the new pixels here (the tower then
+        embeds them with interpolated position embeddings, ``Tower.embed_any``); None: unchanged."""
+        return None
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
@@ -222,6 +227,9 @@ class Tower:
     patch_size: int
     prefix: int = 1
     training: bool = False
+    embed_any: Optional[Callable[[Tensor], tuple[Tensor, Tensor, tuple[int, int]]]] = None  # any image size:
+    # the position embeddings interpolated as the family does (what ``vwt.Resize`` runs)
+    interpolation: str = "bicubic"  # how the family's preprocessing resizes images
 
 
 @dataclass(frozen=True)
@@ -256,6 +264,18 @@ def pixel_patches(pixel_values: Tensor, patch_size: int) -> Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c * p * p)
 
 
+def resample_pos_grid(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], antialias: bool = True) -> Tensor:
+    """(1, old_h * old_w, C) grid position embeddings -> (1, new_h * new_w, C): bicubic, corners not
+    aligned, in float32, as timm's ``resample_abs_pos_embed`` and open_clip's ``resize_pos_embed`` (both
+    antialiased by default; transformers' ``interpolate_pos_encoding`` is not)."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    c = pos.shape[-1]
+    grid = pos.float().reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=antialias)
+    return grid.permute(0, 2, 3, 1).reshape(1, -1, c).to(pos.dtype)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: Optional[float],
               dropout: float = 0.0) -> Tensor:
     """Multi-head attention through the fused kernel (``dropout`` on its weights, as the models'
@@ -268,7 +288,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: Op
 def embed_input(tower: Tower, pixel_values: Tensor, inputs: Sequence[Reducer] = ()) -> tuple[TokenState, InputContext]:
     """Embed ``pixel_values`` and apply the input reducers: the state before the pre-norm and the first
     block (what ``vwt.tokenizer.tokenize`` returns), and the context the reducers saw."""
-    x, patch_embeds, grid = tower.embed(pixel_values)
+    embed = tower.embed
+    for r in inputs:
+        resized = r.resize_pixels(pixel_values, tower)
+        if resized is not None:
+            pixel_values, embed = resized, tower.embed_any
+    x, patch_embeds, grid = embed(pixel_values)
     state = initial_state(x, grid, tower.prefix)
     ctx = InputContext(pixel_values=pixel_values, patch_size=tower.patch_size, patch_embeds=patch_embeds)
     for r in inputs:

@@ -104,7 +104,8 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
         print("note: len.py runs only the tokenizer, which pads nothing: --bucket changes nothing here")
     reducers = methods.reducers_for(spec)
     if not reducers:
-        raise UserError("choose a tokenizer: --vocab SIZE (or --vocab-path FILE) for inter-image, --top_k DROP for intra-image")
+        raise UserError("choose a tokenizer: --vocab SIZE (or --vocab-path FILE) for inter-image, --top_k DROP for "
+                        "intra-image, --resize SIZE for a smaller image")
     reducer = reducers[0]
     device, dtype = runtime.resolve_device(spec.device), runtime.resolve_dtype(spec.dtype)
     results.writable_dir(Path(spec.out) / "len")

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 from .errors import UserError
 from .merge import EViT, LGTM, ToMe
 from .protocol import get as get_protocol
+from .resize import REFERENCE, Resize
 from .tokenizer import THRESH, InterImage, IntraImage
 
 # --------------------------------------------------------------------------------------------------
@@ -141,6 +142,12 @@ for _m in (
            lambda v, s: InterImage(s.vocab, thresh=s.thresh, random=s.random, prop_attn=s.prop_attn,
                                    float32_ties=get_protocol(s.protocol).float32_word_ties),
            _inter_label, metavar="SIZE", extra=INTER_FLAGS, option="--vocab", source="the VWT paper's setting"),
+    Method("resize", "resize", "--resize", "input", int, REFERENCE[0], "resize",
+           "run the vision tower at SIZE x SIZE pixels (a multiple of the patch size): the image resized with "
+           "the model's interpolation, the position embeddings interpolated (the downsampling baseline)",
+           lambda v, s: Resize(v), lambda v, s: f"resize{v}", metavar="SIZE",
+           source="no paper's: the side whose FLOPs are nearest inter-image's on CLIP ViT-B/16 at 224 "
+                  "(vwt.resize.REFERENCE), scaled to another model's image size"),
     Method("tome", "tome", "--tome", "block", int, 13, "ToMe", "ToMe: merge R tokens per block", _tome,
            lambda v, s: f"tome{v}", metavar="R", source="the VWT paper's setting"),
     Method("evit", "evit", "--evit", "block", float, 0.7, "EViT", "EViT: keep rate at its layers",

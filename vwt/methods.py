@@ -63,10 +63,11 @@ def check_methods(**chosen) -> None:
     kinds = {m.dest: m for m in rows()}
     picked = [(kinds[k].flag if k in kinds else f"--{k}", "input" if k in kinds and kinds[k].kind == "input"
                else "block") for k, v in chosen.items() if v is not None and (k not in kinds or kinds[k].kind != "int8")]
-    inputs = " or ".join(f"{m.flag} ({m.title})" for m in rows("input"))
+    inputs = [f"{m.flag} ({m.title})" for m in rows("input")]
     blocks = [m.flag for m in rows("block")]
     try:
-        check_rule(picked, {"input": inputs, "block": ", ".join(blocks[:-1]) + " or " + blocks[-1]})
+        check_rule(picked, {"input": ", ".join(inputs[:-1]) + " or " + inputs[-1],
+                            "block": ", ".join(blocks[:-1]) + " or " + blocks[-1]})
     except ValueError as e:
         raise UserError(str(e)) from None
 

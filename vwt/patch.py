@@ -22,7 +22,7 @@ def _check_reducers(reducers) -> tuple:
         if not isinstance(r, Reducer):
             raise TypeError(f"vwt.patch takes reducers such as vwt.ToMe(r=8); got {type(r).__name__}")
     check_rule([(type(r).__name__, r.kind) for r in reducers],
-               {"input": "IntraImage or InterImage", "block": "ToMe, EViT or LGTM"})
+               {"input": "IntraImage, InterImage or Resize", "block": "ToMe, EViT or LGTM"})
     return tuple(reducers)
 
 

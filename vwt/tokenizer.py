@@ -214,7 +214,7 @@ def tokenize(vision: torch.nn.Module, reducer: Optional[Reducer], pixel_values: 
     ``tokens_per_layer`` holds one count per image (the tokens entering the first block), so
     ``vwt.token_stats`` reads it as it reads a patched forward's."""
     if reducer is not None and reducer.kind != "input":
-        raise ValueError(f"tokenize runs an input reducer (IntraImage, InterImage); got {type(reducer).__name__}")
+        raise ValueError(f"tokenize runs an input reducer (IntraImage, InterImage, Resize); got {type(reducer).__name__}")
     tower = family_of(vision, "vwt.tokenize").tower(vision)
     with torch.no_grad():
         state, ctx = embed_input(tower, pixel_values, [reducer] if reducer is not None else [])

@@ -40,7 +40,7 @@ def _block(layer) -> Block:
 def tower(vm: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
     emb = vm.embeddings
 
-    def embed(pixel_values: Tensor):
+    def embed(pixel_values: Tensor, interpolate_pos_encoding: bool = interpolate_pos_encoding):
         b, _, h, w = pixel_values.shape
         dtype = emb.patch_embedding.weight.dtype
         patches = emb.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
@@ -50,7 +50,8 @@ def tower(vm: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
         return x, patches, grid_of(pixel_values, emb.patch_size)
 
     return Tower(embed=embed, pre_norm=nn.Identity(), blocks=[_block(l) for l in vm.encoder.layers],
-                 patch_size=emb.patch_size, training=vm.training)
+                 patch_size=emb.patch_size, training=vm.training,
+                 embed_any=lambda pixel_values: embed(pixel_values, True))
 
 
 def _mask_pads(module, inputs, kwargs):

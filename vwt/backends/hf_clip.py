@@ -40,7 +40,7 @@ def _block(layer) -> Block:
 def tower(vt: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
     emb = vt.embeddings
 
-    def embed(pixel_values: Tensor):
+    def embed(pixel_values: Tensor, interpolate_pos_encoding: bool = interpolate_pos_encoding):
         b, _, h, w = pixel_values.shape
         if not interpolate_pos_encoding and (h != emb.image_size or w != emb.image_size):
             raise ValueError(f"Input image size ({h}*{w}) doesn't match model ({emb.image_size}*{emb.image_size}).")
@@ -53,7 +53,8 @@ def tower(vt: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
         return x, patches, grid_of(pixel_values, emb.patch_size)
 
     return Tower(embed=embed, pre_norm=vt.pre_layrnorm, blocks=[_block(l) for l in vt.encoder.layers],
-                 patch_size=emb.patch_size, training=vt.training)
+                 patch_size=emb.patch_size, training=vt.training,
+                 embed_any=lambda pixel_values: embed(pixel_values, True))
 
 
 def _forward(vt: nn.Module, info: Patch, pixel_values=None, interpolate_pos_encoding=False,

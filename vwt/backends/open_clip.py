@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..encoder import Block, Tower, TowerDims, pooled_mean, zero_pads
+from ..encoder import Block, Tower, TowerDims, pooled_mean, resample_pos_grid, zero_pads
 from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Backend, Patch, grid_of, refuse_patch_dropout, replace_forward,
                    run_tower, split_heads)
 
@@ -53,16 +53,23 @@ def _block(blk) -> Block:
 def tower(visual: nn.Module) -> Tower:
     patch_size = visual.conv1.kernel_size[0]
 
-    def embed(pixel_values: Tensor):
+    def embed(pixel_values: Tensor, interpolate: bool = False):
         refuse_patch_dropout(visual.patch_dropout, "open_clip")
         patches = visual.conv1(pixel_values.to(visual.conv1.weight.dtype))
+        grid = tuple(patches.shape[-2:])
         patches = patches.reshape(patches.shape[0], patches.shape[1], -1).permute(0, 2, 1)
         cls = visual.class_embedding.to(patches.dtype).view(1, 1, -1).expand(patches.shape[0], -1, -1)
-        x = torch.cat([cls, patches], dim=1) + visual.positional_embedding.to(patches.dtype)
+        pos = visual.positional_embedding
+        if interpolate:  # as open_clip's resize_pos_embed: bicubic, antialiased
+            pos = torch.cat([pos[:1], resample_pos_grid(pos[None, 1:], tuple(visual.grid_size), grid)[0]])
+        x = torch.cat([cls, patches], dim=1) + pos.to(patches.dtype)
         return x, patches, grid_of(pixel_values, patch_size)
 
+    cfg = getattr(visual, "preprocess_cfg", None) or {}
     return Tower(embed=embed, pre_norm=visual.ln_pre, blocks=[_block(b) for b in visual.transformer.resblocks],
-                 patch_size=patch_size, training=visual.training)
+                 patch_size=patch_size, training=visual.training,
+                 embed_any=lambda pixel_values: embed(pixel_values, True),
+                 interpolation=cfg.get("interpolation") or "bicubic")
 
 
 def _forward(visual: nn.Module, info: Patch, x: Tensor):

@@ -2,9 +2,10 @@
 tokens are merged or padded). ``forward`` and ``forward_features`` are patched."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from ..encoder import Block, Tower, TowerDims, pooled_mean, zero_pads
+from ..encoder import Block, Tower, TowerDims, pooled_mean, resample_pos_grid, zero_pads
 from .base import Backend, Patch, refuse_patch_dropout, replace_forward, run_tower
 
 
@@ -42,8 +43,11 @@ def tower(model: nn.Module) -> Tower:
         x = model.patch_drop(model._pos_embed(patches))
         return x, patches.flatten(1, -2), grid  # (B, N, C); flatten, not reshape(-1): a batch of 0 too
 
+    interpolation = (getattr(model, "pretrained_cfg", None) or {}).get("interpolation") or "bicubic"
     return Tower(embed=embed, pre_norm=model.norm_pre, blocks=[_block(b) for b in model.blocks],
-                 patch_size=patch_size, prefix=model.num_prefix_tokens, training=model.training)
+                 patch_size=patch_size, prefix=model.num_prefix_tokens, training=model.training,
+                 embed_any=embed if model.dynamic_img_size else (lambda pixel_values: embed_any(model, pixel_values)),
+                 interpolation=interpolation)
 
 
 def _features(model: nn.Module, info: Patch, x: Tensor, attn_mask, is_causal):
@@ -72,6 +76,26 @@ def _forward(model: nn.Module, info: Patch, x: Tensor, attn_mask=None, is_causal
         return zero_pads(state, h)
     pooled = model.head_drop(model.fc_norm(pooled))
     return model.head(pooled)
+
+
+def embed_any(model: nn.Module, pixel_values: Tensor):
+    """The embedding at any image size (a multiple of the patch size), as timm's ``_pos_embed`` with
+    ``dynamic_img_size``: the patch projection, then the grid position embeddings resampled as timm's
+    ``resample_abs_pos_embed`` (bicubic, antialiased), prefix tokens as the model adds them."""
+    refuse_patch_dropout(model.patch_drop, "timm")
+    pe = model.patch_embed
+    patches = pe.norm(pe.proj(pixel_values).flatten(2).transpose(1, 2))
+    grid = (pixel_values.shape[-2] // pe.patch_size[0], pixel_values.shape[-1] // pe.patch_size[1])
+    prefix = [t.expand(patches.shape[0], -1, -1) for t in (model.cls_token, model.reg_token) if t is not None]
+    if model.pos_embed is None:
+        return torch.cat(prefix + [patches], 1), patches, grid
+    own = 0 if model.no_embed_class else model.num_prefix_tokens  # prefix positions the pos_embed holds
+    pos = torch.cat([model.pos_embed[:, :own], resample_pos_grid(model.pos_embed[:, own:], pe.grid_size, grid)], 1)
+    if model.no_embed_class:
+        x = torch.cat(prefix + [patches + pos], 1)
+    else:
+        x = torch.cat(prefix + [patches], 1) + pos
+    return model.patch_drop(model.pos_drop(x)), patches, grid
 
 
 def patch(model: nn.Module, info: Patch) -> None:
