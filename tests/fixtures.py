@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -311,25 +312,39 @@ def word_bert_tokenizer(directory):
     return BertTokenizer(str(directory / "vocab.txt"), bos_token="[DEC]")
 
 
-def save_tiny_models(d: Path) -> tuple[Path, Path]:
-    """Tiny CLIP and BLIP saved in local folders with their processors, as --model takes them."""
+def save_tiny_clip(d: Path, name: str = "tiny-clip", patch_size: Optional[int] = None) -> Path:
+    """A tiny CLIP saved in ``d/name`` with its processor (``patch_size``: another than tiny's), as
+    --model takes it."""
     import torch
-    from transformers import BlipImageProcessor, BlipProcessor, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     import tiny
 
-    tok = char_clip_tokenizer(d / "clip-tokenizer")
+    tok = char_clip_tokenizer(d / f"{name}-tokenizer")
     cfg = tiny.hf_clip_config()
+    if patch_size is not None:
+        cfg.vision_config.patch_size = patch_size
     cfg.text_config.eos_token_id = tok.eos_token_id
     torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(d / "tiny-clip")
+    CLIPModel(cfg).save_pretrained(d / name)
     size = {"height": tiny.IMAGE, "width": tiny.IMAGE}
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": tiny.IMAGE}, crop_size=size),
-                  tokenizer=tok).save_pretrained(d / "tiny-clip")
+                  tokenizer=tok).save_pretrained(d / name)
+    return d / name
+
+
+def save_tiny_models(d: Path) -> tuple[Path, Path]:
+    """Tiny CLIP and BLIP saved in local folders with their processors, as --model takes them."""
+    from transformers import BlipImageProcessor, BlipProcessor
+
+    import tiny
+
+    clip = save_tiny_clip(d)
+    size = {"height": tiny.IMAGE, "width": tiny.IMAGE}
     tiny.hf_blip().save_pretrained(d / "tiny-blip")
     BlipProcessor(image_processor=BlipImageProcessor(size=size),
                   tokenizer=word_bert_tokenizer(d / "blip-tokenizer")).save_pretrained(d / "tiny-blip")
-    return d / "tiny-clip", d / "tiny-blip"
+    return clip, d / "tiny-blip"
 
 
 def fresh_clone(dest: Path, results: bool = False, git: bool = False) -> Path:

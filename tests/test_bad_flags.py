@@ -35,18 +35,7 @@ SCRIPTS = ("clip.py", "blip.py", "len.py", "match.py", "word.py", "eff.py", "pro
 
 def _patch16_clip(folder: Path) -> Path:
     """A tiny CLIP as fixtures.save_tiny_models saves one, with 16-pixel patches (a 2x2 grid)."""
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    cfg = tiny.hf_clip_config()
-    cfg.vision_config.patch_size = 16
-    tok = fixtures.char_clip_tokenizer(folder / "tok")
-    cfg.text_config.eos_token_id = tok.eos_token_id
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(folder / "clip-p16")
-    size = {"height": tiny.IMAGE, "width": tiny.IMAGE}
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": tiny.IMAGE}, crop_size=size),
-                  tokenizer=tok).save_pretrained(folder / "clip-p16")
-    return folder / "clip-p16"
+    return fixtures.save_tiny_clip(folder, "clip-p16", patch_size=16)
 
 
 @pytest.fixture(scope="module")
