@@ -74,7 +74,7 @@ def _log_to_own_stderr() -> None:
                                            if isinstance(l, logging.Logger)]:
         for h in logger.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.setStream(sys.stderr)
+                h.stream = sys.stderr  # not setStream: it flushes the old stream, which may be closed
 
 
 def _child(script: str, argv, cwd: Path, out, err) -> None:
