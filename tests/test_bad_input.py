@@ -81,17 +81,17 @@ def _child(script: str, argv, cwd: Path, out, err) -> None:
     """In the forked child: run ``script`` as __main__ with ``argv``; never returns."""
     code = 1
     try:
-        _own_tqdm_locks()
-        torch.set_num_threads(1)  # as the parent: tiny models, a shared 2-core machine
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
-        _log_to_own_stderr()
-        os.chdir(cwd)
-        sys.argv = [str(REPO / script), *map(str, argv)]
-        try:
+        try:  # anything that fails from here on is printed into the run's stderr, never lost
+            _own_tqdm_locks()
+            torch.set_num_threads(1)  # as the parent: tiny models, a shared 2-core machine
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            _log_to_own_stderr()
+            os.chdir(cwd)
+            sys.argv = [str(REPO / script), *map(str, argv)]
             runpy.run_path(str(REPO / script), run_name="__main__")
             code = 0
         except SystemExit as e:
