@@ -417,8 +417,9 @@ def _load_hf(name: str, random_weights: bool, vision_only: bool = False) -> Load
 def _from_pretrained(cls, name: str, config) -> tuple:
     """(model, the names of the parameters the checkpoint lacked or held in another shape: transformers
     leaves both at random values). Its own report of them (a table of every key) is not printed:
-    :func:`check_weights` says it in one line, for the part a run uses. The report alone is held back,
-    by a filter: raising the level of transformers' modeling_utils logger instead makes transformers
+    :func:`check_weights` says it in one line, for the part a run uses. The report and transformers'
+    other warnings about the checkpoint's keys (e.g. "This checkpoint seem corrupted. The tied weights
+    mapping ...", for the same missing keys) are held back, by a filter: raising the level of transformers' modeling_utils logger instead makes transformers
     (5.x: ``if logger.level >= WARNING: verify_tp_plan(...)``) log every key of the model as "not
     sharded" through another logger."""
     report = logging.getLogger("transformers.modeling_utils")
@@ -432,5 +433,6 @@ def _from_pretrained(cls, name: str, config) -> tuple:
 
 
 def _not_the_load_report(record) -> bool:
-    """False for transformers' table of missing and mismatched keys (its "LOAD REPORT")."""
-    return "LOAD REPORT" not in str(record.msg)
+    """False for what transformers' loader warns while it loads (its "LOAD REPORT" table of missing and
+    mismatched keys, its notes on tied weights those keys lack); its errors pass."""
+    return record.levelno > logging.WARNING
