@@ -48,7 +48,8 @@ def test_a_compiled_patched_model_gives_the_eager_outputs(family, method):
 
 def test_first_calls_counts_graphs_breaks_and_recompiles():
     """A function with a graph break compiles two graphs on its first call; a new shape under static
-    shapes compiles again (a recompile), and the note says both; a dynamic one does not recompile."""
+    shapes compiles again (a recompile), and the note says both; a dynamic one does not recompile;
+    more shapes than torch's recompile limit are counted as limit hits (torch then runs eagerly)."""
     def broken(x):
         y = x.sin()
         torch._dynamo.graph_break()
@@ -62,4 +63,10 @@ def test_first_calls_counts_graphs_breaks_and_recompiles():
     torch._dynamo.reset()
     dynamic = compiling.compiled(lambda x: x.sin() * 2, dynamic=True)
     report = compiling.first_calls(dynamic, [torch.ones(2), torch.ones(3), torch.ones(5)], passes=1)
-    assert (report.graphs, report.graph_breaks, report.recompiles, report.note) == (1, 0, 0, "")
+    assert (report.graphs, report.graph_breaks, report.recompiles, report.limit_hits, report.note) == (1, 0, 0, 0, "")
+    torch._dynamo.reset()  # a recompile per shape beyond torch's limit: counted, and said, never silent
+    static = compiling.compiled(lambda x: x.cos() + 1, dynamic=False)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # every shape its own compilation
+        report = compiling.first_calls(static, [torch.ones(n) for n in range(1, compiling.recompile_limit() + 3)],
+                                       passes=1)
+    assert report.limit_hits >= 1 and "recompile limit" in report.note

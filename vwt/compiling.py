@@ -10,12 +10,14 @@ patched tower runs the same block loop) neither count against nor reuse each oth
 :func:`first_calls` runs a compiled callable's first calls and says what they cost and did: seconds
 (the compilation, kept out of any timing), graphs compiled by the first call, graph breaks, and
 recompilations after it (a recompile per shape shows up there). Nothing falls back silently: a
-compilation that fails is an error the caller records, and a region that reached torch's recompile
-limit (after which torch runs it eagerly) is said in :attr:`CompileReport.note`.
+compilation that fails is an error the caller records, and each time torch hits its recompile limit
+(after which it runs that code eagerly; ToMe's merge, resumed after a graph break, recompiles per
+block) is counted and said in :attr:`CompileReport.note`.
 """
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -58,6 +60,7 @@ class CompileReport:
     graph_breaks: int = 0
     recompiles: int = 0  # graphs compiled after the first call
     reasons: list = field(default_factory=list)  # the graph breaks' reasons, first line of each
+    limit_hits: int = 0  # times torch hit its recompile limit: that code then runs eagerly
 
     @property
     def note(self) -> str:
@@ -68,25 +71,43 @@ class CompileReport:
                          + (f" ({self.reasons[0]})" if self.reasons else ""))
         if self.recompiles:
             parts.append(f"{self.recompiles} recompilation{'s' * (self.recompiles != 1)} after the first call")
-            if self.recompiles >= recompile_limit():
-                parts.append(f"as many as torch's recompile limit ({recompile_limit()} per function): later "
-                             "shapes may run eagerly")
+
+        if self.limit_hits:
+            parts.append(f"hit torch's recompile limit ({recompile_limit()} per function) {self.limit_hits} "
+                         "time(s): that code runs eagerly from then on")
         return "compiled: " + "; ".join(parts) if parts else ""
+
+
+class _LimitHits(logging.Handler):
+    """Counts torch._dynamo's warnings that a function hit the recompile limit (it then runs eagerly)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "hit config." in str(record.msg)
 
 
 def first_calls(call: Callable[[Any], Any], batches: Sequence, passes: int = 2) -> CompileReport:
     """Run ``call`` on every batch ``passes`` times (the first call compiles; later shapes may
-    recompile; the second pass shows whether any shape compiles again), counting graphs, graph breaks
-    and recompilations, and the seconds it all took. Exceptions (a failed compilation) propagate."""
-    graphs0, breaks0, reasons0 = _counters()
-    start = time.perf_counter()
-    call(batches[0])
-    graphs1, _, _ = _counters()
-    for _ in range(passes):
-        for x in batches:
-            call(x)
-    seconds = time.perf_counter() - start
+    recompile; the second pass shows whether any shape compiles again), counting graphs, graph breaks,
+    recompilations and hits of torch's recompile limit, and the seconds it all took. Exceptions (a
+    failed compilation) propagate."""
+    hits, logger = _LimitHits(), logging.getLogger("torch._dynamo.convert_frame")
+    logger.addHandler(hits)
+    try:
+        graphs0, breaks0, reasons0 = _counters()
+        start = time.perf_counter()
+        call(batches[0])
+        graphs1, _, _ = _counters()
+        for _ in range(passes):
+            for x in batches:
+                call(x)
+        seconds = time.perf_counter() - start
+    finally:
+        logger.removeHandler(hits)
     graphs2, breaks2, reasons2 = _counters()
     new = [k for k, v in reasons2.items() if v > reasons0.get(k, 0)]
     return CompileReport(seconds, graphs1 - graphs0, breaks2 - breaks0, graphs2 - graphs1,
-                         [str(k).strip().splitlines()[0] for k in new])
+                         [str(k).strip().splitlines()[0] for k in new], hits.count)

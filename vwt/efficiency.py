@@ -69,9 +69,11 @@ COLUMNS = ["model", "weights", "device", "dtype", "data", "protocol", "method", 
            "busy", "time_ms_paper", "power_w_paper", "note"]
 # --compile's columns (only in a run with --compile): whether the row is the compiled variant, the
 # seconds of its first calls (the compilation, kept out of the timing), the graphs its first call
-# compiled, its graph breaks and recompilations, and its speed-up to the eager base (speedup_* of a
+# compiled, its graph breaks and recompilations (after the first call), the times torch hit its
+# recompile limit (that code then ran eagerly), and its speed-up to the eager base (speedup_* of a
 # compiled row is to the compiled base)
-COMPILE_COLUMNS = ["compiled", "compile_s", "graphs", "graph_breaks", "recompiles", "speedup_vs_eager_base"]
+COMPILE_COLUMNS = ["compiled", "compile_s", "graphs", "graph_breaks", "recompiles", "recompile_limit_hits",
+                   "speedup_vs_eager_base"]
 COMPILED = "+compile"  # a compiled variant's method name: the configuration's, then this
 
 
@@ -509,7 +511,7 @@ def compiled_method(p: Prepared, inputs: list) -> tuple[Optional[bench.Method], 
         return None, dict(compiled=True, note=f"did not compile: {type(e).__name__}: {first_line(e, 200)}")
     return bench.Method(p.name + COMPILED, call, inputs=inputs), dict(
         compiled=True, compile_s=report.seconds, graphs=report.graphs, graph_breaks=report.graph_breaks,
-        recompiles=report.recompiles, note=report.note)
+        recompiles=report.recompiles, recompile_limit_hits=report.limit_hits, note=report.note)
 
 
 def compiled_variants(preps: list[Prepared], eager: list[bench.Method], rows: dict) -> list[bench.Method]:

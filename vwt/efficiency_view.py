@@ -21,7 +21,7 @@ HEADERS = {
     "energy_j_per_image": "J/image", "energy_ratio_median": "energy/image (x base, median)",
     "power_w_mean": "power W (mean)", "time_ms_paper": "paper's ms/batch", "power_w_paper": "paper's W after a batch",
     "speedup_vs_eager_base": "speed-up (x eager base)", "compile_s": "compile s (untimed)",
-    "graph_breaks": "graph breaks", "recompiles": "recompiles",
+    "graph_breaks": "graph breaks", "recompiles": "recompiles", "recompile_limit_hits": "recompile limit hits",
 }
 ENERGY = ("energy_j_per_image", "energy_ratio_median", "power_w_mean")
 WHAT_MEASURES = ("an NVIDIA GPU (NVML energy counter) or a CPU with readable RAPL counters "
@@ -82,7 +82,9 @@ def compile_line(df) -> Optional[str]:
     return (f"torch.compile, default mode, dynamic shapes with an input reducer: first calls (compiling) took "
             f"{done['compile_s'].sum():.0f} s in all, not timed; a +compile row's speed-up is to the compiled base, "
             f"speed-up (x eager base) to the eager one; graph breaks: {listed('graph_breaks')}; recompiles after "
-            f"the first call: {listed('recompiles')}" + (f"; did not compile: {', '.join(failed)}" if failed else ""))
+            f"the first call: {listed('recompiles')}; recompile limit hit (code run eagerly): "
+            f"{listed('recompile_limit_hits') if 'recompile_limit_hits' in done else 'not counted'}"
+            + (f"; did not compile: {', '.join(failed)}" if failed else ""))
 
 
 def claim_line(df) -> str:
