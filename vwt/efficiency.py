@@ -613,7 +613,8 @@ def measure(preps: list[Prepared], run: Run, common: dict) -> tuple[list[dict], 
     out = []
     for suffix in ("", COMPILED):  # the eager configurations, then (--compile) their compiled variants
         for p in preps:
-            out += [_row(p, suffix, b, by_batch[b], common, run) for b in batch_sizes(spec) if p.name + suffix in by_batch[b]]
+            out += [_row(p, suffix, b, by_batch[b], common, run) for b in batch_sizes(spec)
+                    if p.name + suffix in by_batch[b]]
     return out, verdicts
 
 
