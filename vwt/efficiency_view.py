@@ -20,9 +20,11 @@ HEADERS = {
     "speedup_median": "speed-up (x base, median)", "speedup_iqr": "speed-up IQR (x base)",
     "energy_j_per_image": "J/image", "energy_ratio_median": "energy/image (x base, median)",
     "power_w_mean": "power W (mean)", "time_ms_paper": "paper's ms/batch", "power_w_paper": "paper's W after a batch",
-    "speedup_vs_eager_base": "speed-up (x eager base)", "compile_s": "compile s (untimed)",
-    "graph_breaks": "graph breaks", "recompiles": "recompiles", "recompile_limit_hits": "recompile limit hits",
 }
+# a run with --compile shows these too (vwt.efficiency.COMPILE_COLUMNS)
+COMPILE_HEADERS = {"speedup_vs_eager_base": "speed-up (x eager base)", "compile_s": "compile s (untimed)",
+                   "graph_breaks": "graph breaks", "recompiles": "recompiles",
+                   "recompile_limit_hits": "recompile limit hits"}
 ENERGY = ("energy_j_per_image", "energy_ratio_median", "power_w_mean")
 WHAT_MEASURES = ("an NVIDIA GPU (NVML energy counter) or a CPU with readable RAPL counters "
                  "(/sys/class/powercap) would measure energy")
@@ -39,16 +41,17 @@ def _flag(values) -> bool:
 def printable(df):
     """The shown columns with unit headers, without those empty in every row; and the CSV names of the
     columns left out."""
-    shown = [c for c in HEADERS if c in df.columns]
+    headers = {**HEADERS, **COMPILE_HEADERS}
+    shown = [c for c in headers if c in df.columns]
     empty = [c for c in shown if df[c].isna().all()]
-    return df[[c for c in shown if c not in empty]].rename(columns=HEADERS), empty
+    return df[[c for c in shown if c not in empty]].rename(columns=headers), empty
 
 
 def missing_line(empty: list, energy_note: Optional[str] = None) -> Optional[str]:
     """One line: which columns this run left empty, why, and what would measure them (None: none)."""
     if not empty:
         return None
-    names = ", ".join(HEADERS[c] for c in empty)
+    names = ", ".join({**HEADERS, **COMPILE_HEADERS}[c] for c in empty)
     if any(c in ENERGY for c in empty):
         why = energy_note or energy.NOT_MEASURABLE
         if "--metric time" in why:
