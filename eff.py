@@ -117,6 +117,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "which skews ratios to base; on a GPU, torch's default). Recorded in the results")
     g.add_argument("--interval", type=float, default=0.05,
                    help="power sampling interval in seconds for the instant-power trace (default 0.05)")
+    g.add_argument("--compile", action="store_true",
+                   help="also measure every configuration, base included, under torch.compile (default mode; "
+                        "dynamic shapes where an input reducer varies the token count), interleaved with the eager "
+                        "ones: a compiled row's speed-up is to the compiled base, with its speed-up to the eager "
+                        "base, its compile seconds (kept out of the timing), graph breaks and recompilations")
     g.add_argument("--random-weights", action="store_true",
                    help="random weights without trying the hub (runtime and energy do not depend on weights)")
     cli.add_method_args(p, measured=True)
@@ -162,6 +167,7 @@ def show(df) -> None:
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(shown.to_string(index=False))
     for line in (efficiency_view.missing_line(empty, report["energy_note"]), report["power_note"], *report["verdicts"],
+                 efficiency_view.compile_line(df),
                  f"weights: {report['weights']}",
                  f"wrote {', '.join(report['files'])} in {report['wall_seconds']:.0f} s",
                  efficiency_view.claim_line(df)):

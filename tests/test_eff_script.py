@@ -833,3 +833,29 @@ def test_the_printed_table_has_units_no_empty_column_and_closes_on_the_paper_cla
     assert energy.NOT_MEASURABLE not in missing and "NVML" in missing and view.HEADERS["power_w_paper"] in missing
     ratio = table.loc[table["method"] == "intra", "energy_ratio_median"].item()
     assert lines[-1].endswith(f"energy per image at batch 1 against base: intra {100 * (ratio - 1):+.0f}%")
+
+
+@pytest.mark.slow
+def test_compile_measures_eager_and_compiled_in_the_same_rounds(tmp_path, monkeypatch, capsys):
+    """eff.py --compile: every configuration, base included, eager and compiled in the same rounds;
+    compiled rows' speed-ups are to the compiled base, with the speed-up to the eager base beside them
+    (so tome's compiled-to-eager-base ratio over its compiled-to-compiled-base one is the compiled
+    base's own); the same tokens; compile seconds, graphs, breaks and recompiles recorded; the one
+    line on compiling printed; --compile in the recorded configuration."""
+    monkeypatch.chdir(tmp_path)
+    no_rapl(monkeypatch, tmp_path)
+    df = eff.main(["--methods", "base,tome", "--batch", "2", "--out", "res", "--compile", "--protocol", "standard"]
+                  + FAST + ["--rounds", "1"], loaded=tiny_loaded())
+    out = capsys.readouterr().out
+    assert list(df["method"]) == ["base", "tome", "base+compile", "tome+compile"]
+    assert list(df["compiled"]) == [False, False, True, True]
+    eager, done = df.iloc[:2], df.iloc[2:]
+    assert list(done["tokens_mean"]) == list(eager["tokens_mean"])
+    assert (done["compile_s"] > 0).all() and (done["graphs"] >= 1).all()
+    assert done[["graph_breaks", "recompiles"]].notna().all().all() and eager["compile_s"].isna().all()
+    base, tome = done.iloc[0], done.iloc[1]
+    assert base["speedup_median"] == 1 and base["speedup_vs_eager_base"] > 0
+    assert tome["speedup_vs_eager_base"] / tome["speedup_median"] == pytest.approx(base["speedup_vs_eager_base"])
+    assert "torch.compile, default mode" in out and "not timed" in out
+    [js] = written(tmp_path / "res", ".json")
+    assert json.loads(js.read_text())["args"]["compile"] is True

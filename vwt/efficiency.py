@@ -12,6 +12,7 @@ options=Measurement(methods="base,tome", rounds=3)))`` returns the table eff.py 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -23,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import bench, datasets, efficiency_view, energy, flops, methods, models, results
+from . import bench, compiling, datasets, efficiency_view, energy, flops, methods, models, results
 from .backends import family_of
 from .batching import buckets, bucketing, input_reducer
 from .errors import UserError, first_line
@@ -68,6 +69,14 @@ COLUMNS = ["model", "weights", "device", "dtype", "data", "protocol", "method", 
            "speedup_q75", "power_w_mean", "energy_j_per_image", "energy_ratio_median", "energy_ratio_iqr",
            "energy_ratio_q25", "energy_ratio_q75", "energy_source", "energy_window_s",
            "busy", "time_ms_paper", "power_w_paper", "note"]
+# --compile's columns (only in a run with --compile): whether the row is the compiled variant, the
+# seconds of its first calls (the compilation, kept out of the timing), the graphs its first call
+# compiled, its graph breaks and recompilations (after the first call), the times torch hit its
+# recompile limit (that code then ran eagerly), and its speed-up to the eager base (speedup_* of a
+# compiled row is to the compiled base)
+COMPILE_COLUMNS = ["compiled", "compile_s", "graphs", "graph_breaks", "recompiles", "recompile_limit_hits",
+                   "speedup_vs_eager_base"]
+COMPILED = "+compile"  # a compiled variant's method name: the configuration's, then this
 
 
 # eff.py's two sizes of run, by flag name (README "The main job"). FULL (--full) is the paper-sized
@@ -85,7 +94,8 @@ QUICK = dict(limit=4, rounds=3, warmup=0, warmup_seconds=0.0, paper_warmup=1)
 class Measurement:
     """eff.py's own settings, named as its flags (``RunSpec.options``): what to measure (``metric``,
     the ``methods`` language), how long (rounds, turns, warm-up), on how many torch threads, the power
-    sampling interval, and whether to skip the hub for random weights. Defaults: ``eff.py --full``'s
+    sampling interval, whether to skip the hub for random weights, and whether to measure every
+    configuration compiled too (``compile``: vwt.compiling, beside the eager one). Defaults: ``eff.py --full``'s
     (:data:`FULL`); eff.py's quick default is :data:`QUICK`."""
 
     metric: str = "all"
@@ -99,6 +109,7 @@ class Measurement:
     threads: Optional[int] = None
     interval: float = 0.05
     random_weights: bool = False
+    compile: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,8 +461,9 @@ class Run:
 
 
 def measure_batch_size(preps: list[Prepared], b: int, run: Run) -> tuple[dict, bench.Summary]:
-    """Token pass, then interleaved rounds of every runnable configuration at batch ``b``: a row per
-    configuration and the rounds' summary (figures and busy flag)."""
+    """Token pass, then interleaved rounds of every runnable configuration at batch ``b`` (with
+    --compile, its compiled variant too): a row per configuration and variant and the rounds'
+    summary (figures and busy flag)."""
     from tqdm import tqdm
 
     o, by_dtype, rows, methods = run.spec.options, {}, {}, []
@@ -468,6 +480,8 @@ def measure_batch_size(preps: list[Prepared], b: int, run: Run) -> tuple[dict, b
                             dtype=str(dtype).replace("torch.", ""), bucket=bucket)
         inputs = bucketed(by_dtype[dtype], first_block) if bucket else by_dtype[dtype]
         methods.append(bench.Method(p.name, p.call, p.enter, p.leave, inputs=inputs))
+    if o.compile:
+        methods += compiled_variants([p for p in preps if not p.skip], methods, rows)
     meter = run.meter if o.metric != "time" and run.meter.measurable else None
     bar = tqdm(total=o.rounds, desc=f"rounds, batch {b}", leave=False)
     # every turn runs the whole pool: an input reducer's cost depends on the image (inter-image keeps
@@ -478,10 +492,68 @@ def measure_batch_size(preps: list[Prepared], b: int, run: Run) -> tuple[dict, b
                              warmup_seconds=o.warmup_seconds, meter=meter,
                              stopwatch=energy.Stopwatch(run.device), progress=lambda r: bar.update())
     bar.close()
-    summary = bench.summarise(turns, base="base")
+    summary = summarise_rounds(turns)
     for name, f in summary.figures.items():
         rows[name].update(f, busy=summary.busy)
     return rows, summary
+
+
+def compiled_method(p: Prepared, inputs: list) -> tuple[Optional[bench.Method], dict]:
+    """The configuration under torch.compile (vwt.compiling), and its row's compile fields. Its tower
+    is a shallow copy of the measured one (the same weights) patched once with the configuration's
+    reducers, so the compiled code never sees the patching that every eager turn does. Its first
+    calls, on every batch, compile it: timed apart (``compile_s``), with its graphs, graph breaks and
+    recompilations counted. A compilation that fails gives no method and a note saying so."""
+    tower = copy.copy(p.tower)
+    if p.reducers:
+        patch(tower, *p.reducers)
+    fn = compiling.compiled(tower, dynamic=input_reducer(p.reducers) is not None)
+
+    def call(x) -> None:
+        with torch.inference_mode():
+            fn(x)
+
+    try:
+        report = compiling.first_calls(call, inputs)
+    except Exception as e:  # the compiler's own errors: said in the results, never run eagerly instead
+        return None, dict(compiled=True, note=f"did not compile: {type(e).__name__}: {first_line(e, 200)}")
+    return bench.Method(p.name + COMPILED, call, inputs=inputs), dict(
+        compiled=True, compile_s=report.seconds, graphs=report.graphs, graph_breaks=report.graph_breaks,
+        recompiles=report.recompiles, recompile_limit_hits=report.limit_hits, note=report.note)
+
+
+def compiled_variants(preps: list[Prepared], eager: list[bench.Method], rows: dict) -> list[bench.Method]:
+    """--compile: the compiled variant of every runnable configuration (``eager``: their methods, in
+    the same order, base first), on the same batches; each row takes the eager row's tokens and FLOPs.
+    Without a compiled base no compiled variant is timed (no base to compare with): the rows say so."""
+    out = []
+    for p, m in zip(preps, eager):
+        rows[p.name]["compiled"] = False
+        method, fields = compiled_method(p, m.inputs)
+        same = {k: rows[p.name][k] for k in ("tokens_in", "tokens_mean", "gflops_per_image", "flops_ratio", "dtype",
+                                             "bucket")}
+        rows[p.name + COMPILED] = dict(same, **fields)
+        if method is not None and (out or p.name == "base"):
+            out.append(method)
+        elif method is not None:
+            rows[p.name + COMPILED]["note"] = "not timed: the base did not compile, so there is no compiled base"
+    return out
+
+
+def summarise_rounds(turns: dict) -> bench.Summary:
+    """The rounds' figures: eager configurations against the eager base, compiled variants against
+    the compiled base, and each compiled variant's speed-up to the eager base (the compiled base's:
+    what compiling alone gives); the busy flag from both."""
+    eager = {k: v for k, v in turns.items() if not k.endswith(COMPILED)}
+    summary = bench.summarise(eager, base="base")
+    done = {k: v for k, v in turns.items() if k.endswith(COMPILED)}
+    if not done:
+        return summary
+    other = bench.summarise(done, base="base" + COMPILED)
+    for name, ts in done.items():
+        other.figures[name]["speedup_vs_eager_base"] = bench.quartiles(bench.speedups(ts, turns["base"]))[1]
+    return bench.Summary({**summary.figures, **other.figures}, summary.reasons + other.reasons, summary.rounds,
+                         summary.judged)
 
 
 def paper_fields(p: Prepared, b: int, run: Run) -> dict:
@@ -547,24 +619,31 @@ def measure(preps: list[Prepared], run: Run, common: dict) -> tuple[list[dict], 
                     rows[p.name].update(paper_fields(p, b, run))
         by_batch[b] = rows
     out = []
-    for p in preps:
-        for b in batch_sizes(spec):
-            row = dict(common, method=p.name, config=p.label, batch=b, note="")
-            row.update(by_batch[b][p.name])
-            notes = [row["note"]] if row["note"] else []
-            if not p.skip and spec.options.metric != "time" and not run.meter.measurable:
-                notes.insert(0, run.meter.note)
-            row["note"] = "; ".join(notes)
-            out.append(row)
+    for suffix in ("", COMPILED):  # the eager configurations, then (--compile) their compiled variants
+        for p in preps:
+            out += [_row(p, suffix, b, by_batch[b], common, run) for b in batch_sizes(spec)
+                    if p.name + suffix in by_batch[b]]
     return out, verdicts
+
+
+def _row(p: Prepared, suffix: str, b: int, rows: dict, common: dict, run: Run) -> dict:
+    """One row of the table: configuration ``p`` (compiled where ``suffix`` says) at batch ``b``."""
+    row = dict(common, method=p.name + suffix, config=p.label + (", torch.compile" if suffix else ""), batch=b, note="")
+    row.update(rows[p.name + suffix])
+    notes = [row["note"]] if row["note"] else []
+    if not p.skip and run.spec.options.metric != "time" and not run.meter.measurable:
+        notes.insert(0, run.meter.note)
+    row["note"] = "; ".join(notes)
+    return row
 
 
 def table(rows: list[dict]):
     """The results as a DataFrame: the standard columns, then any per-group columns of the paper."""
     import pandas as pd
 
-    extra = sorted({k for r in rows for k in r if k not in COLUMNS})
-    return pd.DataFrame(rows).reindex(columns=COLUMNS + extra)
+    present = [c for c in COMPILE_COLUMNS if any(c in r for r in rows)]
+    extra = sorted({k for r in rows for k in r if k not in COLUMNS and k not in COMPILE_COLUMNS})
+    return pd.DataFrame(rows).reindex(columns=COLUMNS + present + extra)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,10 @@ HEADERS = {
     "energy_j_per_image": "J/image", "energy_ratio_median": "energy/image (x base, median)",
     "power_w_mean": "power W (mean)", "time_ms_paper": "paper's ms/batch", "power_w_paper": "paper's W after a batch",
 }
+# a run with --compile shows these too (vwt.efficiency.COMPILE_COLUMNS)
+COMPILE_HEADERS = {"speedup_vs_eager_base": "speed-up (x eager base)", "compile_s": "compile s (untimed)",
+                   "graph_breaks": "graph breaks", "recompiles": "recompiles",
+                   "recompile_limit_hits": "recompile limit hits"}
 ENERGY = ("energy_j_per_image", "energy_ratio_median", "power_w_mean")
 WHAT_MEASURES = ("an NVIDIA GPU (NVML energy counter) or a CPU with readable RAPL counters "
                  "(/sys/class/powercap) would measure energy")
@@ -37,16 +41,17 @@ def _flag(values) -> bool:
 def printable(df):
     """The shown columns with unit headers, without those empty in every row; and the CSV names of the
     columns left out."""
-    shown = [c for c in HEADERS if c in df.columns]
+    headers = {**HEADERS, **COMPILE_HEADERS}
+    shown = [c for c in headers if c in df.columns]
     empty = [c for c in shown if df[c].isna().all()]
-    return df[[c for c in shown if c not in empty]].rename(columns=HEADERS), empty
+    return df[[c for c in shown if c not in empty]].rename(columns=headers), empty
 
 
 def missing_line(empty: list, energy_note: Optional[str] = None) -> Optional[str]:
     """One line: which columns this run left empty, why, and what would measure them (None: none)."""
     if not empty:
         return None
-    names = ", ".join(HEADERS[c] for c in empty)
+    names = ", ".join({**HEADERS, **COMPILE_HEADERS}[c] for c in empty)
     if any(c in ENERGY for c in empty):
         why = energy_note or energy.NOT_MEASURABLE
         if "--metric time" in why:
@@ -58,9 +63,37 @@ def missing_line(empty: list, energy_note: Optional[str] = None) -> Optional[str
     return f"not shown ({names}): not measured in this run (--protocol standard or --metric); empty (NaN) in the CSV"
 
 
+def _compiled(df):
+    """Which rows are --compile's compiled variants (all False in a run without it)."""
+    if "compiled" not in df.columns:
+        return df["method"].astype(bool) & False
+    return df["compiled"].map(lambda v: _flag([v]))
+
+
+def compile_line(df) -> Optional[str]:
+    """--compile: one line on compiling (None without it): the mode, the first calls' seconds (not
+    timed), what each compiled row's ratios are to, and every configuration that broke its graph,
+    recompiled or did not compile."""
+    done = df[_compiled(df)]
+    if done.empty:
+        return None
+    def listed(column: str) -> str:
+        worst = done[done[column].fillna(0) > 0].groupby("method", sort=False)[column].max()
+        return ", ".join(f"{m.removesuffix('+compile')} {int(v)}" for m, v in worst.items()) or "none"
+    failed = sorted({m.removesuffix("+compile") for m, n in zip(done["method"], done["note"].fillna(""))
+                     if str(n).startswith(("did not compile", "not timed"))})
+    return (f"torch.compile, default mode, dynamic shapes with an input reducer: first calls (compiling) took "
+            f"{done['compile_s'].sum():.0f} s in all, not timed; a +compile row's speed-up is to the compiled base, "
+            f"speed-up (x eager base) to the eager one; graph breaks: {listed('graph_breaks')}; recompiles after "
+            f"the first call: {listed('recompiles')}; recompile limit hit (code run eagerly): "
+            f"{listed('recompile_limit_hits') if 'recompile_limit_hits' in done else 'not counted'}"
+            + (f"; did not compile: {', '.join(failed)}" if failed else ""))
+
+
 def claim_line(df) -> str:
     """The closing line: the paper's claim, and what this run says of it at batch 1 (energy per image
     relative to base where measured; where not, that it is not measurable here, and latency instead)."""
+    df = df[~_compiled(df)]  # the claim is the eager models'
     one = df[(df["batch"] == 1) & (df["method"] != "base")]
     if one.empty:
         return f"{PAPER_CLAIM}; this run has no batch 1"

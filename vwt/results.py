@@ -32,6 +32,10 @@ NOT_CONFIG = ("out", "workers", "restart", "summary", "progress", "bucket")
 # by naming that folder (``--out results``, README "The main job").
 DEFAULT_OUT = Path("runs")
 
+# Switches recorded (and hashed) only when on: a run without one keeps the name it had before the
+# switch existed (eff.py --compile)
+ONLY_WHEN_ON = ("compile",)
+
 
 def slug(text: str) -> str:
     """``text`` made safe as part of a file name: letters, digits, '.', '-'; anything else becomes '-'."""
@@ -51,10 +55,10 @@ def jsonable(value: Any) -> Any:
 
 def config_of(run: Any, drop: Iterable[str] = ()) -> dict:
     """The configuration a run records, as JSON data: a ``vwt.spec.RunSpec``'s :meth:`config` (every
-    setting by its command-line name), or a mapping."""
+    setting by its command-line name), or a mapping; a switch of ``ONLY_WHEN_ON`` only when on."""
     items = run if isinstance(run, Mapping) else run.config() if hasattr(run, "config") else vars(run)
     skip = set(drop)
-    return {k: jsonable(v) for k, v in items.items() if k not in skip}
+    return {k: jsonable(v) for k, v in items.items() if k not in skip and not (k in ONLY_WHEN_ON and v is False)}
 
 
 def config_hash(config: Mapping, ignore: Iterable[str] = NOT_CONFIG, length: int = 8) -> str:
