@@ -11,8 +11,8 @@ ToMe, EViT, LGTM, resize at three strengths each (inter-image: 1000, 100 and 10 
 intra-image): test accuracy, tokens and analytic FLOPs (vwt.flops), as a CSV, a markdown table and an
 accuracy-vs-FLOPs figure.
 
-    python benchmarks/trained_digits.py                    # trains once (a few minutes), then evaluates
-    python benchmarks/trained_digits.py --out runs/digits  # elsewhere than results/
+    python benchmarks/trained_digits.py                           # trains once (a few minutes), then evaluates: runs/
+    python benchmarks/trained_digits.py --threads 1 --out results  # the committed results/trained_digits.*
 """
 from __future__ import annotations
 
@@ -218,8 +218,8 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("results"), help="folder for trained_digits.{csv,md,png} "
-                   "(default results/, the committed ones)")
+    p.add_argument("--out", type=Path, default=cli.DEFAULT_OUT, help="folder for trained_digits.{csv,md,png} "
+                   f"(default {cli.DEFAULT_OUT}/, which git ignores; --out results refreshes the committed ones)")
     p.add_argument("--cache", type=Path, default=CACHE, help=f"trained weights (default {CACHE})")
     p.add_argument("--epochs", type=int, default=Recipe.epochs, help=f"training epochs (default {Recipe.epochs})")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
