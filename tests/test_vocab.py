@@ -148,7 +148,8 @@ def test_faiss_kmeans_is_seeded_euclidean_lloyd():
     for init in INITS:
         a, ra = faiss_kmeans(x, 12, niter=4, seed=3, init=init)
         b, rb = faiss_kmeans(x, 12, niter=4, seed=3, init=init)
-        assert torch.equal(a, b) and ra == rb == {"inertia": ra["inertia"], "kmeans_on": "cpu", "init": init}
+        assert torch.equal(a, b) and ra == rb == {"inertia": ra["inertia"], "kmeans_on": "cpu", "init": init,
+                                              "fit_from": "float32 rows"}
         assert not torch.equal(a, faiss_kmeans(x, 12, niter=4, seed=4, init=init)[0])
     ia = ra["inertia"]
     c, rc = faiss_kmeans(x, 12, niter=200, seed=3)
@@ -370,3 +371,126 @@ def test_pixel_codec_keeps_8_bit_patches_exactly_in_a_quarter_of_the_memory():
     packed = codec.encode(rows)
     assert packed.dtype == torch.uint8 and torch.equal(codec.decode(packed), rows)
     assert codec.encode(rows + 1e-3).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue #30 item 4: the fast recipe fits from its uint8 sample, and the sample is held once
+# --------------------------------------------------------------------------------------------------
+def _codes(n, dim, seed):
+    """uint8 rows around 16 centres, with exact duplicates (AFK-MC2 proposals it has chosen already)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256, (16, dim), generator=g)
+    x = (base[torch.randint(0, 16, (n,), generator=g)] + torch.randint(-30, 30, (n, dim), generator=g)).clamp(0, 255)
+    x[: n // 10] = x[0]
+    return x.to(torch.uint8)
+
+
+def test_faiss_fits_from_uint8_rows_to_the_float_rows_centres_bit_for_bit():
+    """faiss_kmeans on uint8 rows with their codec = faiss_kmeans on the decoded float32 rows: the same
+    centres bitwise and the same inertia, for both seedings; the codec's FAISS decoder is the codec's
+    decode bitwise. 32,808 rows: the last block of 32,768 would be 40 rows (FAISS would search them
+    without BLAS), so the decode block is widened."""
+    from vwt.backends.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from vwt.vocab import PixelCodec
+
+    codec = PixelCodec(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PATCH)
+    for n, k, seed in ((3000, 40, 1), (32808, 25, 2)):
+        codes = _codes(n, D, seed)
+        rows = codec.decode(codes)
+        assert torch.equal(torch.from_numpy(codec.faiss_codec().sa_decode(codes.numpy())), rows)
+        for init in INITS:
+            a, ra = faiss_kmeans(codes, k, seed=seed, init=init, codec=codec)
+            b, rb = faiss_kmeans(rows, k, seed=seed, init=init)
+            assert torch.equal(a, b) and ra["inertia"] == rb["inertia"] and ra["init"] == rb["init"] == init
+            assert (ra["fit_from"], rb["fit_from"]) == ("uint8 rows", "float32 rows")
+
+
+def test_afkmc2_replay_is_faiss_seeding():
+    """vwt.afkmc2 seeds exactly the centres FAISS's own AFK-MC2 seeding picks, from rows it asks for by
+    index: several sizes, seeds and chain lengths, with duplicate rows (proposals already chosen)."""
+    import faiss
+    import numpy as np
+
+    from vwt import afkmc2
+
+    assert afkmc2.matches_faiss()
+    for n, dim, k, seed, chain in ((500, 8, 60, 3, 10), (2000, 48, 200, 11, 50), (120, 4, 120, 0, 10)):
+        x = _codes(n, dim, seed).numpy().astype(np.float32) / 7
+        asked = []
+
+        def rows(i):
+            asked.append(len(i))
+            return x[i]
+
+        init = faiss.ClusteringInitialization(dim, k)
+        init.method, init.seed, init.afkmc2_chain_length = faiss.ClusteringInitMethod_AFK_MC2, seed, chain
+        theirs = np.empty((k, dim), np.float32)
+        init.init_centroids(n, faiss.swig_ptr(x), faiss.swig_ptr(theirs))
+        assert np.array_equal(afkmc2.seed_centres(n, rows, k, seed, chain), theirs)
+        assert max(asked) <= afkmc2.BLOCK  # never every row at once
+
+
+def test_learn_hands_faiss_the_uint8_sample_and_its_seeds(monkeypatch):
+    """Vocabulary.learn in pixel space: FAISS gets the uint8 sample (train_encoded, never train on a
+    float32 copy), with the AFK-MC2 centres already in place, so FAISS does not decode the sample
+    whole to seed; the words equal FAISS's float path on the decoded sample."""
+    import faiss
+
+    calls = []
+    encoded = faiss.Clustering.train_encoded
+
+    def spy(self, x, codec, index, weights=None):
+        calls.append((x.dtype.name, x.shape, self.centroids.size(), self.k * self.d))
+        return encoded(self, x, codec, index, weights)
+
+    from vwt.backends.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    monkeypatch.setattr(faiss.Clustering, "train_encoded", spy)
+    monkeypatch.setattr(faiss.Clustering, "train", lambda *a, **k: pytest.fail("FAISS got float32 rows"))
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None], torch.tensor(OPENAI_CLIP_STD)[:, None, None]
+    batches = [(images(4, seed=s) * 60 + 128).clamp(0, 255).to(torch.uint8).float().div_(255).sub_(mean).div_(std)
+               for s in range(3)]  # 8-bit pixels, as to_tensor and normalize make them
+    for init in INITS:
+        a = vwt.Vocabulary.learn(batches, size=10, patch_size=PATCH, seed=1, max_points_per_centroid=4, init=init)
+        assert calls[-1][:2] == ("uint8", (40, D)) and a.meta["fit_from"] == "uint8 rows"
+        assert calls[-1][2] == (calls[-1][3] if init == "afk-mc2" else 0)
+    monkeypatch.undo()
+    sample = bottom_k_sample(_numbered(pixel_patches(x, PATCH).reshape(-1, D) for x in batches), 40, seed=1)[0]
+    assert sample.dtype == torch.float32 and torch.equal(a.words, faiss_kmeans(sample, 10, seed=1, init=init)[0])
+
+
+def test_bottom_k_sample_holds_the_sample_once(monkeypatch):
+    """The sample is the brute-force bottom-k (rows of the lowest keys, sorted by key) with uint8 rows,
+    float rows and both mixed; while streaming, the buffer never exceeds the capacity and the rows
+    waiting for a merge an eighth of it plus one block (the former merge made a new array: 2.25 samples)."""
+    import numpy as np
+
+    from vwt import vocab
+    from vwt.backends.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    codec = vocab.PixelCodec(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PATCH)
+    rows = codec.decode(_codes(6000, D, 5))
+    rows[4000:4100] += 1e-3  # not 8-bit pixels: stay float32
+    held = []
+    merge = vocab._Sample._merge
+
+    def spy(self):
+        held.append((0 if self.rows is None else len(self.rows), self.waiting))
+        merge(self)
+
+    monkeypatch.setattr(vocab._Sample, "_merge", spy)
+    cases = ((800, codec, 3900), (800, codec, 6000), (800, None, 6000), (6000, codec, 6000), (7000, codec, 3000))
+    for cap, c, upto in cases:
+        blocks = [(rows[s:min(s + 97, upto)], s) for s in range(0, upto, 97)]
+        held.clear()
+        sample, keys, seen = bottom_k_sample(iter(blocks[::-1]), cap, seed=3, codec=c)
+        want = torch.argsort(vocab.patch_keys(torch.arange(upto), 3))[:cap]
+        assert seen == upto and torch.equal(keys, vocab.patch_keys(want, 3))
+        assert torch.equal(codec.decode(sample), rows[want])
+        assert sample.dtype == (torch.uint8 if c is not None and upto <= 4000 else torch.float32)
+        assert max(h for h, _ in held) <= cap and max(w for _, w in held) <= cap // 8 + 97
+    order = np.random.default_rng(0).permutation(1000)
+    a = np.random.default_rng(1).integers(0, 256, (1000, 7)).astype(np.uint8)
+    want, got = a[order], a.copy()
+    vocab._permute_rows(got, order)
+    assert np.array_equal(got, want)

@@ -288,10 +288,9 @@ class Vocabulary:
             sample, keys = merge_samples([p[:2] for p in parts], size * max_points_per_centroid, codec)
             seen = sum(p[2] for p in parts)
         stored = str(sample.dtype).replace("torch.", "")
-        sample = sample if codec is None else codec.decode(sample)
         if sample.shape[0] < size:
             raise ValueError(f"k-means with {size} centres needs at least {size} patches; got {sample.shape[0]}")
-        centres, run = faiss_kmeans(sample.float(), size, niter=niter, seed=seed, gpu=gpu, init=init)
+        centres, run = faiss_kmeans(sample, size, niter=niter, seed=seed, gpu=gpu, init=init, codec=codec)
         info = {"kmeans": "fast", **meta}
         info.update(patches_seen=seen, sample=sample.shape[0], max_points_per_centroid=max_points_per_centroid,
                     niter=niter, seed=seed, inertia_patches=sample.shape[0], faiss=_faiss().__version__,
@@ -513,6 +512,20 @@ class PixelCodec:
             return rows
         return rows.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
 
+    def faiss_codec(self):
+        """A FAISS index whose ``sa_decode`` is :meth:`decode`, bit for bit: a product quantizer with one
+        8-bit sub-quantizer per value whose table holds :meth:`decode` of the 256 codes (decoding copies
+        table entries, no arithmetic). FAISS fits from the uint8 rows through it (:func:`faiss_kmeans`)."""
+        import numpy as np
+
+        faiss = _faiss()
+        d = self.mean.shape[0]
+        table = self.decode(torch.arange(256, dtype=torch.uint8)[:, None].expand(256, d).contiguous())
+        pq = faiss.IndexPQ(d, d, 8)
+        faiss.copy_array_to_vector(np.ascontiguousarray(table.T.numpy()).ravel(), pq.pq.centroids)
+        pq.is_trained = True
+        return pq
+
 
 def bottom_k_sample(blocks: Iterable[tuple[Tensor, int]], capacity: int, seed: int = 0,
                     codec: Optional[PixelCodec] = None) -> tuple[Tensor, Tensor, int]:
@@ -523,44 +536,143 @@ def bottom_k_sample(blocks: Iterable[tuple[Tensor, int]], capacity: int, seed: i
     the first row). It depends only on which rows come, not on their order or on how they are split:
     the bottom-k of the union of samples is the bottom-k of the union of the streams (:func:`merge_samples`),
     so processes that each read a share of the images sample what one process samples. Memory: the
-    sample, rows pending a merge (at most a quarter of it) and one block, and while merging the merged
-    sample beside them (about 2.25 samples); rows keep their dtype."""
-    kept, pending, seen, cut = None, [], 0, None
+    sample, rows waiting for a merge (an eighth of it) and one block (:class:`_Sample`)."""
+    sample, seen = _Sample(capacity, codec), 0
     for x, start in blocks:
         x = x.detach().reshape(-1, x.shape[-1])
-        keys = patch_keys(torch.arange(start, start + x.shape[0]), seed)
         seen += x.shape[0]
-        if cut is not None:
-            low = keys < cut
-            keys, x = keys[low], x[low]
-        pending.append((x.cpu() if codec is None else codec.encode(x.cpu()), keys))
+        sample.add(x, patch_keys(torch.arange(start, start + x.shape[0]), seed))
         x = None
-        if sum(len(k) for _, k in pending) >= max(capacity // 4, 1):
-            kept = merge_samples(([kept] if kept else []) + pending, capacity, codec)
-            pending = []
-            cut = kept[1][-1] if len(kept[1]) == capacity else None
-    if kept is None and not pending:
-        raise ValueError("k-means got no data")
-    kept = merge_samples(([kept] if kept else []) + pending, capacity, codec)
-    return kept[0], kept[1], seen
+    rows, keys = sample.result()
+    return rows, keys, seen
 
 
 def merge_samples(samples: list, capacity: int, codec: Optional[PixelCodec] = None) -> tuple[Tensor, Tensor]:
     """The lowest-keyed ``capacity`` rows of several (rows, keys) samples, sorted by key (uint8 while
-    every part is; else all decoded to float32 by ``codec``). The rows are copied once, part by part,
-    into the result: memory holds the parts and the result, never a concatenation of the parts."""
-    keys = torch.cat([k for _, k in samples])
-    order = torch.argsort(keys)[:capacity]
-    rows = [r for r, _ in samples]
-    if len({r.dtype for r in rows}) > 1:
-        rows = [codec.decode(r) for r in rows]
-    out = torch.empty(len(order), rows[0].shape[1], dtype=rows[0].dtype)
-    start = 0
-    for r in rows:
-        pick = ((order >= start) & (order < start + len(r))).nonzero()[:, 0]
-        out[pick] = r[order[pick] - start]
-        start += len(r)
-    return out, keys[order]
+    every part is; else all decoded to float32 by ``codec``): the parts go through the same merge as
+    :func:`bottom_k_sample`'s blocks, so memory holds the parts and one sample."""
+    sample = _Sample(capacity, codec)
+    for rows, keys in samples:
+        sample.add(rows, keys)
+    return sample.result()
+
+
+class _Sample:
+    """The bottom-k state of :func:`bottom_k_sample` and :func:`merge_samples`: at most ``capacity`` rows
+    in one NumPy buffer (grown by half as rows come, never beyond ``capacity``) with their keys, in no
+    order, and rows waiting (at most an eighth of ``capacity``, once the buffer is full). A merge finds
+    the capacity-th lowest key and writes the waiting rows below it over the rows they evict, in place;
+    :meth:`result` sorts the rows by key in place. So memory holds the sample once, not the 2.25 copies
+    of a merge into a new array."""
+
+    def __init__(self, capacity: int, codec: Optional[PixelCodec] = None):
+        import numpy as np
+
+        self.capacity, self.codec = capacity, codec
+        self.rows, self.keys, self.count = None, np.empty(0, np.int64), 0
+        self.pending, self.waiting, self.cut = [], 0, None
+
+    def add(self, rows: Tensor, keys: Tensor) -> None:
+        """Offer rows with their keys; those at or above the lowest key a full sample evicts are dropped."""
+        if self.cut is not None:
+            low = keys < self.cut
+            keys, rows = keys[low], rows[low]
+        if len(keys) == 0:
+            return
+        self.pending.append((rows.cpu() if self.codec is None else self.codec.encode(rows.cpu()), keys))
+        self.waiting += len(keys)
+        if self.count + self.waiting <= self.capacity or self.waiting >= max(self.capacity // 8, 1):
+            self._merge()
+
+    def _merge(self) -> None:
+        import numpy as np
+
+        parts, self.pending, self.waiting = self._one_dtype(self.pending), [], 0
+        if not parts:
+            return
+        new = sum(len(k) for _, k in parts)
+        if self.count + new <= self.capacity:  # still filling: append
+            self._grow(self.count + new, parts[0][0])
+            free, cut = np.arange(self.count, self.count + new), None
+        else:
+            keys = np.concatenate([self.keys[:self.count]] + [k.numpy() for _, k in parts])
+            cut = int(np.partition(keys, self.capacity - 1)[self.capacity - 1])
+            keys = None
+            self._grow(self.capacity, parts[0][0])
+            free = np.concatenate([np.flatnonzero(self.keys[:self.count] > cut), np.arange(self.count, self.capacity)])
+            self.cut = cut
+        at = 0
+        for rows, keys in parts:
+            if cut is not None:
+                keep = keys <= cut
+                rows, keys = rows[keep], keys[keep]
+            slots = free[at:at + len(keys)]
+            self.rows[slots], self.keys[slots] = rows.numpy(), keys.numpy()
+            at += len(keys)
+        self.count = min(self.count + new, self.capacity)
+
+    def _one_dtype(self, parts: list) -> list:
+        """The waiting parts in the buffer's dtype: where uint8 and float32 rows meet, all decoded to float32."""
+        import numpy as np
+
+        dtypes = {r.dtype for r, _ in parts}
+        if self.rows is not None:
+            dtypes.add(torch.from_numpy(self.rows[:0]).dtype)
+        if len(dtypes) <= 1:
+            return parts
+        if self.rows is not None and self.rows.dtype.itemsize == 1:  # decoded a block at a time into a new buffer
+            old, self.rows = self.rows, np.empty(self.rows.shape, np.float32)
+            for s in range(0, len(old), 1 << 16):
+                self.rows[s:s + (1 << 16)] = self.codec.decode(torch.from_numpy(old[s:s + (1 << 16)])).numpy()
+        return [(self.codec.decode(r), k) for r, k in parts]
+
+    def _grow(self, n: int, like: Tensor) -> None:
+        """Room for ``n`` rows: the buffer grows by at least half (in place where the allocator can), at
+        most to ``capacity``; it is made with the width and dtype of ``like``."""
+        import numpy as np
+
+        if self.rows is not None and len(self.rows) >= n:
+            return
+        size = min(self.capacity, max(n, (len(self.rows) * 3) // 2 if self.rows is not None else n))
+        if self.rows is None:
+            self.rows = np.empty((size, like.shape[1]), like[:0].numpy().dtype)
+        else:
+            self.rows.resize((size, self.rows.shape[1]), refcheck=False)
+        self.keys.resize(size, refcheck=False)
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """The sample's rows and keys, sorted by key (the rows in place)."""
+        import numpy as np
+
+        self._merge()
+        if self.count == 0:
+            raise ValueError("k-means got no data")
+        order = np.argsort(self.keys[:self.count])
+        _permute_rows(self.rows, order)
+        keys = self.keys[:self.count][order]
+        if len(self.rows) > self.count:
+            self.rows.resize((self.count, self.rows.shape[1]), refcheck=False)
+        return torch.from_numpy(self.rows), torch.from_numpy(keys)
+
+
+def _permute_rows(a, order) -> None:
+    """``a[:len(order)] = a[order]`` in place, one row at a time along the permutation's cycles: no
+    second copy of the rows (a few seconds for millions of rows)."""
+    import numpy as np
+
+    width = a.shape[1] * a.itemsize
+    buf, order, done = memoryview(a.reshape(-1).view(np.uint8)), order.tolist(), bytearray(len(order))
+    for start, target in enumerate(order):
+        if done[start] or target == start:
+            continue
+        first, i = bytes(buf[start * width:(start + 1) * width]), start
+        while True:
+            j, done[i] = order[i], 1
+            if j == start:
+                buf[i * width:(i + 1) * width] = first
+                break
+            buf[i * width:(i + 1) * width] = buf[j * width:(j + 1) * width]
+            i = j
 
 
 def _faiss():
@@ -573,16 +685,20 @@ def _faiss():
 
 
 def faiss_kmeans(x: Tensor, k: int, niter: int = NITER, seed: int = 0, gpu: Optional[bool] = None,
-                 init: str = INIT) -> tuple[Tensor, dict]:
-    """FAISS k-means (``faiss.Kmeans``, Euclidean) over all the rows of ``x`` (n, D), n >= k: FAISS's
-    own subsampling is off, the caller samples. First centres (seeded with ``seed``): "afk-mc2"
-    (Bachem et al. 2016, an MCMC approximation of k-means++ seeding, chains of ``AFK_CHAIN``: lower
-    inertia after a few iterations, benchmarks/bench_kmeans.py; random where this FAISS lacks it) or "random" (k rows, FAISS's
-    default); then ``niter`` Lloyd iterations. ``gpu``: None uses every GPU FAISS sees when it was built
-    with GPU support, True insists on them, False stays on the CPU. Returns the (k, D) float32 centres
-    and {"inertia": the sum of squared distances of the rows to their centre at the last iteration's
-    assignment, before its update (free; an upper bound on the final one, which costs one more pass),
-    "kmeans_on": "cpu" or "N gpu", "init": the seeding used}."""
+                 init: str = INIT, codec: Optional[PixelCodec] = None) -> tuple[Tensor, dict]:
+    """FAISS k-means (``faiss.Clustering``, Euclidean, as ``faiss.Kmeans`` runs it) over all the rows of
+    ``x`` (n, D), n >= k: FAISS's own subsampling is off, the caller samples. ``x``: float rows, or uint8
+    rows with the ``codec`` that decodes them (:class:`PixelCodec`): FAISS then fits from the uint8 rows
+    (``Clustering.train_encoded``, decoding a block of rows at a time, :func:`_fit_codes`), with no float32
+    copy of the sample, and gives the centres of the decoded rows bit for bit. First centres (seeded
+    with ``seed``): "afk-mc2" (Bachem et al. 2016, an MCMC approximation of k-means++ seeding, chains of
+    ``AFK_CHAIN``: lower inertia after a few iterations, benchmarks/bench_kmeans.py; random where this
+    FAISS lacks it) or "random" (k rows, FAISS's default); then ``niter`` Lloyd iterations. ``gpu``:
+    None uses every GPU FAISS sees when it was built with GPU support, True insists on them, False
+    stays on the CPU. Returns the (k, D) float32 centres and {"inertia": the sum of squared distances
+    of the rows to their centre at the last iteration's assignment, before its update (free; an upper
+    bound on the final one, which costs one more pass), "kmeans_on": "cpu" or "N gpu", "init": the
+    seeding used, "fit_from": "uint8 rows" or "float32 rows"}."""
     import numpy as np
 
     faiss = _faiss()
@@ -594,14 +710,49 @@ def faiss_kmeans(x: Tensor, k: int, niter: int = NITER, seed: int = 0, gpu: Opti
                          "this one sees none (install faiss-gpu, or let it run on the CPU)")
     use = gpus if (gpu is None or gpu) and gpus else 0
     method = getattr(faiss, "ClusteringInitMethod_AFK_MC2", None) if init == "afk-mc2" else None
-    data = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-    km = faiss.Kmeans(data.shape[1], k, niter=niter, seed=seed, gpu=use or False, verbose=False,
-                      max_points_per_centroid=-(-data.shape[0] // k), min_points_per_centroid=1,
-                      **({"init_method": method, "afkmc2_chain_length": AFK_CHAIN} if method is not None else {}))
-    km.train(data)
-    centres = torch.from_numpy(np.array(km.centroids, dtype=np.float32).reshape(k, -1))
-    return centres, {"inertia": float(km.obj[-1]), "kmeans_on": f"{use} gpu" if use else "cpu",
-                     "init": "afk-mc2" if method is not None else "random"}
+    n, d = x.shape
+    cp = faiss.ClusteringParameters()
+    cp.niter, cp.seed, cp.verbose = niter, seed, False
+    cp.max_points_per_centroid, cp.min_points_per_centroid = -(-n // k), 1  # no subsampling: the caller sampled
+    if method is not None:
+        cp.init_method, cp.afkmc2_chain_length = method, AFK_CHAIN
+    clus, index = faiss.Clustering(d, k, cp), faiss.IndexFlatL2(d)
+    if use:
+        index = faiss.index_cpu_to_all_gpus(index, ngpu=use)
+    codes = x.dtype == torch.uint8 and codec is not None
+    if codes:
+        _fit_codes(faiss, clus, index, np.ascontiguousarray(x.detach().cpu().numpy()), codec, method is not None, seed)
+    else:
+        clus.train(np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy()), index)
+    centres = torch.from_numpy(faiss.vector_float_to_array(clus.centroids).astype(np.float32).reshape(k, d))
+    stats = clus.iteration_stats
+    return centres, {"inertia": float(stats.at(stats.size() - 1).obj), "kmeans_on": f"{use} gpu" if use else "cpu",
+                     "init": "afk-mc2" if method is not None else "random",
+                     "fit_from": "uint8 rows" if codes else "float32 rows"}
+
+
+def _fit_codes(faiss, clus, index, codes, codec: PixelCodec, afk: bool, seed: int) -> None:
+    """``clus.train_encoded`` on uint8 ``codes`` through ``codec.faiss_codec()``. FAISS decodes every
+    row at once for any seeding but random, so AFK-MC2 is seeded here instead, by its replay on rows
+    decoded a block at a time (:mod:`vwt.afkmc2`; FAISS's own where the replay would draw otherwise),
+    and handed to FAISS as its starting centres. Search blocks are decoded ``decode_block_size`` rows at
+    a time: a multiple of FAISS's query block, and never leaving a last block so short that FAISS
+    would search it without BLAS (other rounding than the float path's)."""
+    from . import afkmc2
+
+    n, d = codes.shape
+    bs, small = faiss.cvar.distance_compute_blas_query_bs, -(-faiss.cvar.distance_compute_blas_threshold // d)
+    block = max(bs, afkmc2.BLOCK // bs * bs)
+    while n > block and 0 < n % block < small:
+        block += bs
+    clus.decode_block_size = block
+    if afk and n > clus.k and afkmc2.matches_faiss():
+        def rows(i):
+            return codec.decode(torch.from_numpy(codes[i])).numpy()
+
+        centres = afkmc2.seed_centres(n, rows, clus.k, clus.seed + 1, clus.afkmc2_chain_length)
+        faiss.copy_array_to_vector(centres.ravel(), clus.centroids)
+    clus.train_encoded(codes, codec.faiss_codec(), index)
 
 
 # --------------------------------------------------------------------------------------------------
