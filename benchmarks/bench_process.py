@@ -19,12 +19,19 @@ Model (one row x word x value costs the same at any size, which the measurements
 wall = read on ``--read-cores`` cores overlapped with the paper recipe's fit (loader workers; the fast
 recipe fits after reading), or read + fit in series.
 Peak memory, modelled: paper = (2 + workers) x one batch of float32 pixels (the batch, its patches,
-one prefetched batch per worker) + (V, D + 2) float64 sums + 64 MB distance block; fast = the sample
-as uint8 while reading (x 2.25 while merging) and, at the fit, uint8 + float32 copy for FAISS.
+one prefetched batch per worker) + (V, D + 2) float64 sums + 64 MB distance block; fast (vwt.vocab's
+_Sample and faiss_kmeans) = reading: the uint8 sample + an eighth of it waiting for a merge, counted
+twice (freed, those small blocks stay in the allocator's heap; measured) + one
+prefetched batch of 32 images per worker + 6 such batches of float32 patches (the batch, its patches,
+the codec's temporaries); fitting: the uint8 sample, the heap its waiting rows left (an eighth), 32
+bytes per row (its key, FAISS's assignment and distance, AFK-MC2's proposal distribution) and 2
+blocks of 32,768 decoded rows. ``--memory``
+measures the peak (VmRSS, sampled) of each phase of Vocabulary.learn on synthetic 8-bit pixels.
 
     python benchmarks/bench_process.py --quick        # a few minutes on a 2-core machine
     python benchmarks/bench_process.py                # larger batches
     python benchmarks/bench_process.py --tolerance    # torch vs scikit-learn centres over 3 batches
+    python benchmarks/bench_process.py --memory 100 --points 25600 --images 19600   # the 10,000-word sample
 """
 import argparse
 import io
@@ -40,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vwt import kmeans  # noqa: E402
 from vwt.datasets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PaperPreprocess, sample_images  # noqa: E402
 from vwt.tokenizer import pixel_patches  # noqa: E402
-from vwt.vocab import MAX_POINTS_PER_CENTROID, NITER, faiss_kmeans, paper_kmeans  # noqa: E402
+from vwt.vocab import MAX_POINTS_PER_CENTROID, NITER, PixelCodec, faiss_kmeans, paper_kmeans  # noqa: E402
 
 IMAGENET, PER_IMAGE, D, BATCH = 1_281_167, 196, 768, 1024
 WORDS = (100, 1000, 10_000)
@@ -120,10 +127,12 @@ def seeding_work(words: int) -> float:
 
 
 def faiss_rate(words: int) -> float:
-    """Seconds per niter x sample x word x value of FAISS k-means on a sample of 256 patches per word."""
-    x = torch.from_numpy(patches(words * MAX_POINTS_PER_CENTROID, 3))
+    """Seconds per niter x sample x word x value of FAISS k-means on a sample of 256 patches per word,
+    fitted from uint8 rows as process.py --kmeans fast fits them (seeding included)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (words * MAX_POINTS_PER_CENTROID, D), generator=g, dtype=torch.uint8)
     t = time.perf_counter()
-    faiss_kmeans(x, words, niter=NITER, seed=0, gpu=False)
+    faiss_kmeans(x, words, niter=NITER, seed=0, gpu=False, codec=PixelCodec(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 16))
     return (time.perf_counter() - t) / (NITER * x.shape[0] * words * D)
 
 
@@ -160,9 +169,15 @@ def main(argv=None):
     p.add_argument("--tolerance", action="store_true",
                    help="only measure the torch engine's centres against scikit-learn's over several batches")
     p.add_argument("--faiss-words", type=int, default=None, help="default 200; quick 100")
+    p.add_argument("--memory", type=int, default=None, metavar="WORDS",
+                   help="only measure the fast recipe's peak memory, reading and fitting, at WORDS words")
+    p.add_argument("--points", type=int, default=MAX_POINTS_PER_CENTROID, help="--memory: sample points per word")
+    p.add_argument("--images", type=int, default=2000, help="--memory: synthetic 224 px images read")
     a = p.parse_args(argv)
     if a.tolerance:
         return tolerance()
+    if a.memory:
+        return memory(a.memory, a.points, a.images)
     rows = a.rows or (2048 if a.quick else 8192)
     cuda = torch.cuda.is_available()
     print(f"torch threads {torch.get_num_threads()}, CUDA: {torch.cuda.get_device_name() if cuda else 'none'}")
@@ -195,8 +210,60 @@ def report(rates, r_ms, s_rate, f_rate, cores, workers, cuda):
             print(f"| {v:,} | paper | {engine} | {fit:.2f} | {max(fit, read_h / cores):.2f} | {fit + read_h:.2f} | {paper_mem:.1f} |")
         sample = v * MAX_POINTS_PER_CENTROID
         fit = NITER * sample * v * D * f_rate / 3600
-        fast_mem = max(2.25 * sample * D, sample * D * 5) / 2 ** 30 + workers * 32 * PER_IMAGE * D * 4 / 2 ** 30
+        reading, fitting = fast_memory(sample, workers)
+        fast_mem = max(reading, fitting) / 2 ** 30
         print(f"| {v:,} | fast | faiss | {fit:.2f} | {fit + read_h / cores:.2f} | {fit + read_h:.2f} | {fast_mem:.1f} |")
+    print("\nfast recipe, modelled peak (GiB), reading / fitting: " + "; ".join(
+        f"{v:,} words {fast_memory(v * MAX_POINTS_PER_CENTROID, workers)[0] / 2 ** 30:.2f} / "
+        f"{fast_memory(v * MAX_POINTS_PER_CENTROID, workers)[1] / 2 ** 30:.2f}" for v in WORDS))
+
+
+def fast_memory(sample: int, workers: int) -> tuple[float, float]:
+    """Bytes the fast recipe holds at its peak while reading and while fitting (module docstring)."""
+    batch = 32 * PER_IMAGE * D * 4  # process.py --kmeans fast reads batches of 32 images
+    reading = sample * D * 10 / 8 + (workers + 6) * batch  # the waiting rows twice: glibc keeps their heap
+    fitting = sample * (D * 9 / 8 + 32) + 2 * 32768 * D * 4  # + the heap the waiting rows left
+    return reading, fitting
+
+
+def memory(words: int, points: int, images: int) -> None:
+    """Peak memory (VmRSS, sampled every 50 ms) of each phase of Vocabulary.learn (the fast recipe) on
+    ``images`` synthetic 8-bit images of 224 px in batches of 32, a sample of ``words`` x ``points``
+    patches; GiB above the memory after the imports."""
+    import threading
+
+    from vwt import vocab
+
+    def rss():
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 2 ** 20
+
+    phase, peaks, base = ["reading"], {}, rss()
+
+    def watch():
+        while True:
+            peaks[phase[0]] = max(peaks.get(phase[0], 0), rss() - base)
+            time.sleep(0.05)
+
+    def batches():
+        mean, std = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None], torch.tensor(OPENAI_CLIP_STD)[:, None, None]
+        g = torch.Generator().manual_seed(0)
+        for s in range(0, images, 32):
+            u = torch.randint(0, 256, (min(32, images - s), 3, 224, 224), generator=g, dtype=torch.uint8)
+            yield u.float().div_(255).sub_(mean).div_(std)  # as to_tensor and normalize make them
+
+    fit = vocab.faiss_kmeans
+    vocab.faiss_kmeans = lambda *a, **k: (phase.__setitem__(0, "fitting"), fit(*a, **k))[1]
+    threading.Thread(target=watch, daemon=True).start()
+    t = time.perf_counter()
+    v = vocab.Vocabulary.learn(batches(), size=words, patch_size=16, max_points_per_centroid=points, seed=0)
+    time.sleep(0.2)
+    vocab.faiss_kmeans = fit
+    sample, fit_from = v.meta["sample"], v.meta.get("fit_from", "a float32 copy (before issue #30 item 4)")
+    model = [m / 2 ** 30 for m in fast_memory(sample, 0)]
+    print(f"memory: {words} words x {points} points: sample {sample:,} rows ({v.meta['sample_stored']}, "
+          f"{sample * D / 2 ** 30:.2f} GiB), FAISS fit from {fit_from}, {time.perf_counter() - t:.0f} s; "
+          f"peak above the imports ({base:.2f} GiB): reading {peaks.get('reading', 0):.2f} GiB (model, no workers, "
+          f"{model[0]:.2f}), fitting {peaks.get('fitting', 0):.2f} GiB (model {model[1]:.2f})")
 
 
 if __name__ == "__main__":
