@@ -20,13 +20,13 @@ wall = read on ``--read-cores`` cores overlapped with the paper recipe's fit (lo
 recipe fits after reading), or read + fit in series.
 Peak memory, modelled: paper = (2 + workers) x one batch of float32 pixels (the batch, its patches,
 one prefetched batch per worker) + (V, D + 2) float64 sums + 64 MB distance block; fast (vwt.vocab's
-_Sample and faiss_kmeans) = reading: the uint8 sample + an eighth of it waiting for a merge, counted
-twice (freed, those small blocks stay in the allocator's heap; measured) + one
-prefetched batch of 32 images per worker + 6 such batches of float32 patches (the batch, its patches,
-the codec's temporaries); fitting: the uint8 sample, the heap its waiting rows left (an eighth), 32
-bytes per row (its key, FAISS's assignment and distance, AFK-MC2's proposal distribution) and 2
-blocks of 32,768 decoded rows. ``--memory``
-measures the peak (VmRSS, sampled) of each phase of Vocabulary.learn on synthetic 8-bit pixels.
+_Sample and faiss_kmeans) = reading: the uint8 sample + a quarter of it for the buffer of rows waiting
+for a merge (an eighth of the sample and one block, grown by half at a time) + one prefetched batch of
+32 images per worker + 6 such batches of float32 patches (the batch, its patches, the codec's
+temporaries); fitting: the uint8 sample, 32 bytes per row (its key, FAISS's assignment and distance,
+AFK-MC2's proposal distribution), 2 blocks of 32,768 decoded rows and the reading's 6 batches of
+temporaries (the allocator keeps them). ``--memory`` measures the peak (VmRSS, sampled every 50 ms)
+of each phase of Vocabulary.learn on synthetic 8-bit pixels.
 
     python benchmarks/bench_process.py --quick        # a few minutes on a 2-core machine
     python benchmarks/bench_process.py                # larger batches
@@ -221,8 +221,8 @@ def report(rates, r_ms, s_rate, f_rate, cores, workers, cuda):
 def fast_memory(sample: int, workers: int) -> tuple[float, float]:
     """Bytes the fast recipe holds at its peak while reading and while fitting (module docstring)."""
     batch = 32 * PER_IMAGE * D * 4  # process.py --kmeans fast reads batches of 32 images
-    reading = sample * D * 10 / 8 + (workers + 6) * batch  # the waiting rows twice: glibc keeps their heap
-    fitting = sample * (D * 9 / 8 + 32) + 2 * 32768 * D * 4  # + the heap the waiting rows left
+    reading = sample * D * 5 / 4 + (workers + 6) * batch
+    fitting = sample * (D + 32) + 2 * 32768 * D * 4 + 6 * batch
     return reading, fitting
 
 

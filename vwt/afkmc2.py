@@ -4,7 +4,7 @@ sample that FAISS's ``Clustering.train_encoded`` decodes for any seeding but ran
 
 The replay makes FAISS's random draws (``std::mt19937_64`` with libstdc++'s ``uniform_int_distribution``
 and ``generate_canonical``), its double-precision arithmetic and its distances (FAISS's own
-``fvec_L2sqr`` kernel, through ``faiss.pairwise_indexed_L2sqr``) in the same order, on rows decoded a
+``fvec_L2sqr`` kernel, through ``faiss.fvec_L2sqr_by_idx``) in the same order, on rows decoded a
 block at a time: the centres are FAISS's, bit for bit. :func:`matches_faiss` checks that on this FAISS
 build (a build with another C++ library draws otherwise) and the caller falls back where it does not.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 M64 = (1 << 64) - 1
 BLOCK = 32768  # rows decoded at a time for the pass over every row (FAISS's decode_block_size)
-PARALLEL_PAIRS = 1 << 14  # chain distances: FAISS's threads only above this many (row, centre) pairs
+PARALLEL_PAIRS = 1 << 16  # chain distances: FAISS's threads only above this many (row, centre) pairs
 
 
 class MT19937_64:
@@ -59,13 +59,15 @@ class MT19937_64:
         return prod >> 64
 
 
-def _l2(x: np.ndarray, ix: np.ndarray, y: np.ndarray, iy: np.ndarray) -> np.ndarray:
-    """FAISS's float32 squared distances ``|x[ix[j]] - y[iy[j]]|^2`` (its fvec_L2sqr, as init_afkmc2 calls it)."""
+def _l2(x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """FAISS's float32 squared distances ``|x[j] - y[ids[j, i]]|^2``, (nx, ny): its fvec_L2sqr, with the
+    arguments in the order init_afkmc2 passes them (the row, then the centre)."""
     import faiss
 
-    dis = np.empty(len(ix), np.float32)
-    faiss.pairwise_indexed_L2sqr(x.shape[1], len(ix), faiss.swig_ptr(x), faiss.swig_ptr(ix), faiss.swig_ptr(y),
-                                 faiss.swig_ptr(iy), faiss.swig_ptr(dis))
+    ids = np.ascontiguousarray(ids, np.int64)
+    dis = np.empty(ids.shape, np.float32)
+    faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(dis), faiss.swig_ptr(x), faiss.swig_ptr(y), faiss.swig_ptr(ids),
+                            x.shape[1], ids.shape[0], ids.shape[1])
     return dis
 
 
@@ -82,7 +84,7 @@ def seed_centres(n: int, rows: Callable[[np.ndarray], np.ndarray], k: int, seed:
     dist = np.empty(n, np.float64)
     for s in range(0, n, BLOCK):
         block = np.ascontiguousarray(rows(np.arange(s, min(s + BLOCK, n))), np.float32)
-        dist[s:s + len(block)] = _l2(block, np.arange(len(block)), c0, np.zeros(len(block), np.int64))
+        dist[s:s + len(block)] = _l2(block, c0, np.zeros((len(block), 1), np.int64))[:, 0]
     total = np.cumsum(dist)[-1]  # FAISS sums in order, in double
     q = (0.5 * dist / total if total > 0 else np.zeros(n)) + 0.5 / n
     dist = None
@@ -114,8 +116,8 @@ def _chain(rng: MT19937_64, cumsum: np.ndarray, q: np.ndarray, rows, centres: np
                     proposals.append((p, rng.canonical()))
             cand = np.array([current] + [p for p, _ in proposals], np.int64)
             faiss.omp_set_num_threads(threads if len(cand) * c >= PARALLEL_PAIRS else 1)
-            d = _l2(np.ascontiguousarray(rows(cand), np.float32), np.repeat(np.arange(len(cand)), c), centres,
-                    np.tile(np.arange(c), len(cand))).reshape(len(cand), c).min(1).astype(np.float64)
+            d = _l2(np.ascontiguousarray(rows(cand), np.float32), centres,
+                    np.broadcast_to(np.arange(c), (len(cand), c))).min(1).astype(np.float64)
             cur_d, cur_q = d[0], q[current]
             for (p, u), p_d in zip(proposals, d[1:]):
                 accept = 0.0 if cur_d <= 0 or q[p] <= 0 else min(1.0, (p_d * cur_q) / (cur_d * q[p]))

@@ -558,19 +558,20 @@ def merge_samples(samples: list, capacity: int, codec: Optional[PixelCodec] = No
 
 
 class _Sample:
-    """The bottom-k state of :func:`bottom_k_sample` and :func:`merge_samples`: at most ``capacity`` rows
-    in one NumPy buffer (grown by half as rows come, never beyond ``capacity``) with their keys, in no
-    order, and rows waiting (at most an eighth of ``capacity``, once the buffer is full). A merge finds
-    the capacity-th lowest key and writes the waiting rows below it over the rows they evict, in place;
-    :meth:`result` sorts the rows by key in place. So memory holds the sample once, not the 2.25 copies
-    of a merge into a new array."""
+    """The bottom-k state of :func:`bottom_k_sample` and :func:`merge_samples`, in two NumPy buffers
+    grown by half as rows come (in place: large buffers are mapped pages): the sample (at most
+    ``capacity`` rows, in no order, with their keys) and the rows waiting for a merge (at most an eighth
+    of ``capacity`` and one block, once the sample is full). A merge finds the capacity-th lowest key
+    and writes the waiting rows below it over the rows they evict, in place; :meth:`result` sorts the
+    sample by key in place. Memory holds the sample once, and no block outlives its copy into the
+    waiting buffer (so the allocator's heap does not keep an eighth of the sample in small blocks)."""
 
     def __init__(self, capacity: int, codec: Optional[PixelCodec] = None):
         import numpy as np
 
-        self.capacity, self.codec = capacity, codec
-        self.rows, self.keys, self.count = None, np.empty(0, np.int64), 0
-        self.pending, self.waiting, self.cut = [], 0, None
+        self.capacity, self.codec, self.count, self.waiting, self.cut = capacity, codec, 0, 0, None
+        self.rows = self.wait = None
+        self.keys, self.wait_keys = np.empty(0, np.int64), np.empty(0, np.int64)
 
     def add(self, rows: Tensor, keys: Tensor) -> None:
         """Offer rows with their keys; those at or above the lowest key a full sample evicts are dropped."""
@@ -579,72 +580,56 @@ class _Sample:
             keys, rows = keys[low], rows[low]
         if len(keys) == 0:
             return
-        self.pending.append((rows.cpu() if self.codec is None else self.codec.encode(rows.cpu()), keys))
-        self.waiting += len(keys)
+        rows = rows.cpu() if self.codec is None else self.codec.encode(rows.cpu())
+        if self.wait is not None and torch.from_numpy(self.wait[:0]).dtype != rows.dtype:
+            self._to_float()
+            rows = self.codec.decode(rows)
+        end = self.waiting + len(keys)
+        self.wait, self.wait_keys = _grown(self.wait, end, None, rows), _grown(self.wait_keys, end, None)
+        self.wait[self.waiting:end], self.wait_keys[self.waiting:end] = rows.numpy(), keys.numpy()
+        self.waiting = end
         if self.count + self.waiting <= self.capacity or self.waiting >= max(self.capacity // 8, 1):
             self._merge()
 
     def _merge(self) -> None:
         import numpy as np
 
-        parts, self.pending, self.waiting = self._one_dtype(self.pending), [], 0
-        if not parts:
+        new, self.waiting = self.waiting, 0
+        if new == 0:
             return
-        new = sum(len(k) for _, k in parts)
+        keys = self.wait_keys[:new]
         if self.count + new <= self.capacity:  # still filling: append
-            self._grow(self.count + new, parts[0][0])
-            free, cut = np.arange(self.count, self.count + new), None
+            free, keep, n = np.arange(self.count, self.count + new), np.arange(new), self.count + new
         else:
-            keys = np.concatenate([self.keys[:self.count]] + [k.numpy() for _, k in parts])
-            cut = int(np.partition(keys, self.capacity - 1)[self.capacity - 1])
-            keys = None
-            self._grow(self.capacity, parts[0][0])
+            everyone = np.concatenate([self.keys[:self.count], keys])
+            cut, everyone = int(np.partition(everyone, self.capacity - 1)[self.capacity - 1]), None
             free = np.concatenate([np.flatnonzero(self.keys[:self.count] > cut), np.arange(self.count, self.capacity)])
-            self.cut = cut
-        at = 0
-        for rows, keys in parts:
-            if cut is not None:
-                keep = keys <= cut
-                rows, keys = rows[keep], keys[keep]
-            slots = free[at:at + len(keys)]
-            self.rows[slots], self.keys[slots] = rows.numpy(), keys.numpy()
-            at += len(keys)
-        self.count = min(self.count + new, self.capacity)
+            keep, n, self.cut = np.flatnonzero(keys <= cut), self.capacity, cut
+        self.rows, self.keys = _grown(self.rows, n, self.capacity, self.wait), _grown(self.keys, n, self.capacity)
+        for s in range(0, len(keep), 1 << 14):  # a few MB at a time: no copy of the survivors
+            self.rows[free[s:s + (1 << 14)]] = self.wait[keep[s:s + (1 << 14)]]
+        self.keys[free] = keys[keep]
+        self.count = n
 
-    def _one_dtype(self, parts: list) -> list:
-        """The waiting parts in the buffer's dtype: where uint8 and float32 rows meet, all decoded to float32."""
+    def _to_float(self) -> None:
+        """Where uint8 and float32 rows meet: both buffers decoded to float32, a block at a time."""
         import numpy as np
 
-        dtypes = {r.dtype for r, _ in parts}
-        if self.rows is not None:
-            dtypes.add(torch.from_numpy(self.rows[:0]).dtype)
-        if len(dtypes) <= 1:
-            return parts
-        if self.rows is not None and self.rows.dtype.itemsize == 1:  # decoded a block at a time into a new buffer
-            old, self.rows = self.rows, np.empty(self.rows.shape, np.float32)
+        for name in ("rows", "wait"):
+            old = getattr(self, name)
+            if old is None or old.dtype != np.uint8:
+                continue
+            new = np.empty(old.shape, np.float32)
             for s in range(0, len(old), 1 << 16):
-                self.rows[s:s + (1 << 16)] = self.codec.decode(torch.from_numpy(old[s:s + (1 << 16)])).numpy()
-        return [(self.codec.decode(r), k) for r, k in parts]
-
-    def _grow(self, n: int, like: Tensor) -> None:
-        """Room for ``n`` rows: the buffer grows by at least half (in place where the allocator can), at
-        most to ``capacity``; it is made with the width and dtype of ``like``."""
-        import numpy as np
-
-        if self.rows is not None and len(self.rows) >= n:
-            return
-        size = min(self.capacity, max(n, (len(self.rows) * 3) // 2 if self.rows is not None else n))
-        if self.rows is None:
-            self.rows = np.empty((size, like.shape[1]), like[:0].numpy().dtype)
-        else:
-            self.rows.resize((size, self.rows.shape[1]), refcheck=False)
-        self.keys.resize(size, refcheck=False)
+                new[s:s + (1 << 16)] = self.codec.decode(torch.from_numpy(old[s:s + (1 << 16)])).numpy()
+            setattr(self, name, new)
 
     def result(self) -> tuple[Tensor, Tensor]:
         """The sample's rows and keys, sorted by key (the rows in place)."""
         import numpy as np
 
         self._merge()
+        self.wait = self.wait_keys = None
         if self.count == 0:
             raise ValueError("k-means got no data")
         order = np.argsort(self.keys[:self.count])
@@ -653,6 +638,22 @@ class _Sample:
         if len(self.rows) > self.count:
             self.rows.resize((self.count, self.rows.shape[1]), refcheck=False)
         return torch.from_numpy(self.rows), torch.from_numpy(keys)
+
+
+def _grown(a, n: int, most: Optional[int], like=None):
+    """``a`` (a NumPy buffer, or None: made like the rows ``like``, a tensor or an array) with room for
+    ``n`` rows: grown by at least half, to at most ``most`` (None: no limit), in place where it can."""
+    import numpy as np
+
+    if a is not None and len(a) >= n:
+        return a
+    size = max(n, len(a) * 3 // 2 if a is not None else n)
+    size = min(size, most) if most is not None else size
+    if a is None:
+        dtype = like[:0].numpy().dtype if isinstance(like, Tensor) else like.dtype
+        return np.empty((size, like.shape[1]), dtype) if like is not None else np.empty(size, np.int64)
+    a.resize((size,) + a.shape[1:], refcheck=False)
+    return a
 
 
 def _permute_rows(a, order) -> None:
