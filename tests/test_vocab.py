@@ -494,3 +494,18 @@ def test_bottom_k_sample_holds_the_sample_once(monkeypatch):
     want, got = a[order], a.copy()
     vocab._permute_rows(got, order)
     assert np.array_equal(got, want)
+
+
+def test_faiss_seeds_itself_where_the_replay_would_draw_otherwise(monkeypatch):
+    """A FAISS whose draws the replay does not reproduce (afkmc2.matches_faiss False) seeds from the
+    uint8 rows itself (decoding them whole, as FAISS does): still the float path's centres."""
+    from vwt import afkmc2
+    from vwt.backends.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from vwt.vocab import PixelCodec
+
+    codec = PixelCodec(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PATCH)
+    codes = _codes(2000, D, 9)
+    monkeypatch.setattr(afkmc2, "seed_centres", lambda *a, **k: pytest.fail("replayed on a FAISS that draws otherwise"))
+    monkeypatch.setattr(afkmc2, "matches_faiss", lambda: False)
+    a, ra = faiss_kmeans(codes, 30, seed=4, codec=codec)
+    assert torch.equal(a, faiss_kmeans(codec.decode(codes), 30, seed=4)[0]) and ra["init"] == "afk-mc2"
