@@ -165,6 +165,8 @@ def main(argv=None):
     p.add_argument("--read-images", type=int, default=None, help="images timed for reading (default 200; quick 40)")
     p.add_argument("--read-cores", type=int, default=2, help="cores that read while the fit runs (default 2)")
     p.add_argument("--workers", type=int, default=4, help="loader workers for the memory model (default 4)")
+    p.add_argument("--words", type=int, nargs="+", default=list(WORDS),
+                   help="vocabulary sizes measured and extrapolated (default 100 1000 10000)")
     p.add_argument("--seed-words", type=int, default=100)
     p.add_argument("--tolerance", action="store_true",
                    help="only measure the torch engine's centres against scikit-learn's over several batches")
@@ -184,7 +186,7 @@ def main(argv=None):
     r_ms = read_ms(a.read_images or (40 if a.quick else 200))
     print(f"read: {r_ms:.2f} ms per image (decode, preprocess to 224 px, patchify; one core)")
     rates = {}
-    for v in WORDS:
+    for v in a.words:
         rates[v] = step_rates(v, max(rows, v), cuda)  # scikit-learn wants at least V rows
         print(f"step V={v}: " + ", ".join(f"{e} {r * 1e9:.3f} ns/(row x word)" for e, r in rates[v].items() if e != "same")
               + "; torch vs sklearn centres: " + ", ".join(f"{e} {d:.1e}" for e, d in rates[v]["same"].items()))
@@ -202,7 +204,7 @@ def report(rates, r_ms, s_rate, f_rate, cores, workers, cuda):
     print(f"\nImageNet-1k extrapolated: read {read_h:.2f} h on one core, {read_h / cores:.2f} h on {cores}")
     print("| words | recipe | engine | fit (h) | wall, read overlapped (h) | wall, in series (h) | peak memory (GB, model) |")
     print("|---|---|---|---|---|---|---|")
-    for v in WORDS:
+    for v in rates:
         seed_h = seeding_work(v) * s_rate / 3600
         paper_mem = ((2 + workers) * batch_mb + v * (D + 2) * 8 / 2 ** 20 + 64) / 1024
         for engine in ("sklearn-labels", "sklearn", "torch") + (("torch-cuda",) if cuda else ()):
@@ -215,7 +217,7 @@ def report(rates, r_ms, s_rate, f_rate, cores, workers, cuda):
         print(f"| {v:,} | fast | faiss | {fit:.2f} | {fit + read_h / cores:.2f} | {fit + read_h:.2f} | {fast_mem:.1f} |")
     print("\nfast recipe, modelled peak (GiB), reading / fitting: " + "; ".join(
         f"{v:,} words {fast_memory(v * MAX_POINTS_PER_CENTROID, workers)[0] / 2 ** 30:.2f} / "
-        f"{fast_memory(v * MAX_POINTS_PER_CENTROID, workers)[1] / 2 ** 30:.2f}" for v in WORDS))
+        f"{fast_memory(v * MAX_POINTS_PER_CENTROID, workers)[1] / 2 ** 30:.2f}" for v in rates))
 
 
 def fast_memory(sample: int, workers: int) -> tuple[float, float]:

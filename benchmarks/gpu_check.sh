@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: everything this project can only measure on an NVIDIA GPU, in one go of about 8 minutes.
+# The GPU check: everything this project can only measure on an NVIDIA GPU, in one go of about 9 minutes (estimated).
 #
 #   bash benchmarks/gpu_check.sh              # on a CUDA machine: writes results/gpu/<gpu-name>/
 #   bash benchmarks/gpu_check.sh --dry-run    # the same steps on this CPU, tiny sizes (CI runs it)
@@ -16,6 +16,9 @@
 #   blip-*   blip.py on the tiny COCO fixture with inter-image + ToMe, float32 and float16 (captions
 #            only: the caption metrics need Java, which the GPU machine may lack)
 #   packed   inter-image packed against padded at batch 8, 32 and 128 (benchmarks/bench_packed.py)
+#   process  the vocabulary's k-means step on the GPU (vwt.kmeans, torch-cuda) beside scikit-learn at
+#            100, 1,000 and 10,000 words, and the ImageNet-1k fit extrapolated from it
+#            (benchmarks/bench_process.py --quick, issue #30)
 # Then env again (clocks and temperature after the work) and a summary: steps.tsv and summary.txt.
 #
 # Python: $PYTHON, else python3. Packages the machine lacks come from .gpu-site/ (made by
@@ -114,6 +117,7 @@ if [ "$dry" = 0 ]; then
     sizes=(--batch 1 8 32 --rounds 5 --seconds 1)
     tiny=()
     packed=(--batch 8 32 128 --rounds 5)
+    process=(--quick --rows 65536)
     few=()
     step tests 120 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$out/tests.xml"
 else
@@ -121,6 +125,7 @@ else
     sizes=(--batch 1 2 --rounds 1 --seconds 0.01 --limit 2 --warmup 0 --warmup-seconds 0 --paper-warmup 1)
     tiny=(--model "$fix/tiny-clip" --vocab 16 --tome 2 --lgtm 2)
     packed=(--batch 2 --rounds 1 --batches 1 --model "$fix/tiny-clip" --vocab 16)
+    process=(--quick --words 100 --rows 256 --read-images 2 --seed-words 4 --faiss-words 4)
     few=(--limit 2)
     step tests 120 "$PY" -m pytest -m cuda -q -p no:cacheprovider --co
 fi
@@ -136,6 +141,7 @@ for dtype in float32 float16; do
         --device "$dev" --dtype "$dtype" --tome 1 --workers 0 --no-score ${few[@]:+"${few[@]}"} --out "$out/blip-$dtype"
 done
 step packed 150 "$PY" benchmarks/bench_packed.py --device "$dev" "${packed[@]}" --out "$out/bench_packed.json"
+step process 180 "$PY" benchmarks/bench_process.py "${process[@]}"
 
 environment after
 {
@@ -154,5 +160,10 @@ cols = [c for c in ("config", "batch", "tokens_mean", "latency_ms_median", "spee
 print(df[cols].to_string(index=False))
 EOF
     done
+    if [ -f "$out/process.log" ]; then
+        echo
+        echo "process (benchmarks/bench_process.py: the k-means step per engine, ImageNet-1k extrapolated):"
+        grep -E '^(torch threads|read:|step V=|seeding:|ImageNet|\|)' "$out/process.log"
+    fi
 } | tee "$out/summary.txt"
 ! grep -qv $'\tok\t' <(tail -n +2 "$out/steps.tsv")

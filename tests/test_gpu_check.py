@@ -13,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = {"fixtures", "tests", "eff", "eff-int8", "clip-float32", "clip-float16", "blip-float32", "blip-float16",
-         "packed"}
+         "packed", "process"}
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and timeout")
@@ -44,6 +44,7 @@ def test_dry_run_passes_every_step(tmp_path):
     assert "when: before" in env and "when: after" in env and "torch" in env
     summary = (out / "summary.txt").read_text()
     assert "dry run on the CPU" in summary and "intra0.5" in summary
+    assert "step V=100: sklearn-labels" in summary and "| 100 | paper | torch |" in summary
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
