@@ -126,7 +126,7 @@ class Watch:
         new = [k for k, v in reasons2.items() if v > reasons0.get(k, 0)]
         r = self.report
         r.graphs, r.graph_breaks, r.recompiles = first - graphs0, breaks2 - breaks0, graphs2 - first
-        r.reasons, r.limit_hits = [str(k).strip().splitlines()[0] for k in new], self._hits.count
+        r.reasons, r.limit_hits = list(dict.fromkeys(str(k).strip().splitlines()[0] for k in new)), self._hits.count
 
 
 def first_calls(call: Callable[[Any], Any], batches: Sequence, passes: int = 2) -> CompileReport:
@@ -159,8 +159,10 @@ def compiled_module(module: torch.nn.Module, dynamic: bool) -> Iterator[Watch]:
         try:
             yield watch
         except TorchDynamoException as e:  # never run eagerly instead: the run asked for a compiled model
-            raise UserError(f"torch.compile could not compile the {type(module).__name__} ({type(e).__name__}: "
-                            f"{first_line(e, 200)}); run without --compile") from None
+            cause = getattr(e, "inner_exception", None)  # a compiler backend's own error, under its wrapper
+            said = f"{type(e).__name__}: " + (f"{type(cause).__name__}: " if cause is not None else "")
+            raise UserError(f"torch.compile could not compile the {type(module).__name__} ({said}"
+                            f"{first_line(cause if cause is not None else e, 200)}); run without --compile") from None
         finally:
             module._compiled_call_impl = before
 
