@@ -91,7 +91,8 @@ class TokenState:
     def record(self) -> None:
         """Append the real-token counts now (entering the first block, then after each block)."""
         counts = self.real_counts()[:, None]
-        self.tokens_per_layer = counts if self.tokens_per_layer is None else torch.cat([self.tokens_per_layer, counts], 1)
+        before = counts[:, :0] if self.tokens_per_layer is None else self.tokens_per_layer
+        self.tokens_per_layer = torch.cat([before, counts], 1)
 
     def layer_counts(self) -> Tensor:
         """(B, recorded) the real-token counts recorded so far: entering the first block, then after
@@ -111,7 +112,8 @@ def initial_state(x: Tensor, grid: tuple[int, int], prefix: int) -> TokenState:
     """State for freshly embedded tokens: all size 1, patch p held by token prefix + p."""
     num_patches = grid[0] * grid[1]
     labels = torch.arange(prefix, prefix + num_patches, device=x.device).expand(x.shape[0], -1)
-    return TokenState(x=x, size=None, labels=labels, grid=grid, prefix=prefix)
+    none = torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device)  # no count yet: never None, one compiled case
+    return TokenState(x=x, size=None, labels=labels, grid=grid, prefix=prefix, tokens_per_layer=none)
 
 
 # --------------------------------------------------------------------------------------------------
