@@ -189,3 +189,31 @@ def test_compiled_module_compiles_the_module_for_its_callers_and_a_failure_is_on
         with compiling.compiled_module(inner, dynamic=False):
             outer(torch.ones(2, 3))
     assert inner._compiled_call_impl is None
+
+
+@pytest.mark.slow  # about 30 s: the paper's ToMe on 12 blocks, with dynamo only (no code generation)
+def test_the_block_loop_compiles_whole_and_papers_tome_within_the_recompile_limit():
+    """dynamo's view of the block loop (torch.compile's eager backend: its graphs and breaks, without
+    inductor's minutes): the patched tower with no reducer is one graph with no break (a family
+    without layer scales used to make an nn.Identity per forward, which dynamo cannot wrap: a break
+    in every block), and the paper's ToMe on a 12-block tower never reaches torch's recompile limit
+    (the token counts were a list, whose length dynamo guards, so the code resumed after its
+    data-dependent break compiled again for every block until the limit, then ran eagerly)."""
+    from vwt import methods
+    from vwt.spec import Recipe, RunSpec
+
+    _, x = inter_case(3)
+    for depth, reducers in ((2, []), (12, methods.reducers_for(RunSpec(protocol="paper", method=Recipe(tome=1)),
+                                                               family="hf_clip"))):
+        model = vwt.patch(tiny.hf_clip_vision(depth=depth), *reducers)
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend="eager")
+        with torch.inference_mode():
+            eager = [model(pixel_values=b).last_hidden_state for b in (x[:2], x[2:])]
+            report = compiling.first_calls(lambda b: fn(pixel_values=b), [x[:2], x[2:]])
+            done = [fn(pixel_values=b).last_hidden_state for b in (x[:2], x[2:])]
+        for e, d in zip(eager, done):
+            torch.testing.assert_close(d, e, rtol=0, atol=1e-5)
+        if not reducers:
+            assert (report.graphs, report.graph_breaks) == (1, 0), report.reasons
+        assert report.limit_hits == 0, report.note
