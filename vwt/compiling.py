@@ -14,8 +14,9 @@ and blip.py ``--compile``: everything else, text encoding and BLIP's ``generate`
 (the compilation, kept out of any timing), graphs compiled by the first call, graph breaks, and
 recompilations after it (a recompile per shape shows up there). Nothing falls back silently: a
 compilation that fails is an error the caller records, and each time torch hits its recompile limit
-(after which it runs that code eagerly; ToMe's merge, resumed after a graph break, recompiles per
-block) is counted and said in :attr:`CompileReport.note`.
+(after which it runs that code eagerly: with static shapes, code resumed after a reducer's
+data-dependent graph break meets a new token count in every block) is counted and said in
+:attr:`CompileReport.note`.
 """
 from __future__ import annotations
 
