@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seed", type=cli.seed_int, default=0, help="seed (matters for the --random ablations; default 0)")
     g.add_argument("--restart", action="store_true", help="discard this configuration's earlier captions and start over")
     g.add_argument("--no-score", action="store_true", help="write the captions only; score them in a later run")
+    cli.add_compile_arg(g, "generate() (beam search) and the text decoder stay eager")
     cli.add_workers_and_summary(g, "blip", "caption")
     return p.parse_args(argv)
 

@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "vocabulary per seed")
     g.add_argument("--prompt", default="a photo of a {}", type=cli.prompt_template, help="zero-shot prompt, {} = label (default 'a photo of a {}')")
     g.add_argument("--labels", default=None, type=cli.label_list, help="comma-separated class names replacing the defaults (in class order)")
+    cli.add_compile_arg(g, "the prompts' text features stay eager (computed once)")
     cli.add_workers_and_summary(g, "clip", "evaluate")
     return p.parse_args(argv)
 

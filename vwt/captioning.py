@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import datasets, distributed, methods, metrics, results, runtime
-from .batching import batch_order
+from . import compiling, datasets, distributed, methods, metrics, results, runtime
+from .batching import batch_order, input_reducer
 from .errors import UserError, first_line
 from .methods import method_name
 from .models import DEFAULT_BLIP, Loaded, load_model
@@ -49,7 +49,8 @@ class Decoding:
     and hashes of its files, are the command line's): the beam search (``max_length`` and ``prompt``
     None: the protocol's, see :func:`caption_settings`), the seed of the random ablations, and what a
     run does (``restart``: caption this configuration over; ``no_score``: captions only; ``summary``:
-    gather the results files instead)."""
+    gather the results files instead); ``compile``: the patched vision model under torch.compile
+    (:func:`vwt.compiling.compiled_module`; ``generate`` and the text decoder stay eager)."""
 
     beams: int = 3
     max_length: Optional[int] = None
@@ -60,6 +61,7 @@ class Decoding:
     restart: bool = False
     no_score: bool = False
     summary: bool = False
+    compile: bool = False
 
 
 def caption_settings(spec: RunSpec) -> RunSpec:
@@ -448,6 +450,8 @@ def report(result: dict) -> str:
     for d, s in result["domains"].items():
         lines.append(f"  CIDEr {d}: {100 * s['CIDEr']:.2f}")
     lines.append("  " + describe_tokens(result["tokens_first_block"], result["tokens_mean"]))
+    if result.get("compile"):
+        lines.extend("  " + line for line in compiling.describe(result["compile"]))
     if result.get("note"):
         lines.append(f"  {result['note']}")
     return "\n".join(lines)
@@ -478,10 +482,11 @@ def load_captioner(spec: RunSpec, loaded: Optional[Loaded], device, dtype) -> Lo
 
 
 def caption_missing(spec: RunSpec, loaded: Loaded, ds, reducers: list, path: Path, config: dict, device,
-                    dtype) -> dict:
+                    dtype) -> tuple[dict, Optional[dict]]:
     """Caption the images of ``ds`` that the captions file ``path`` does not hold yet (all of them after
     --restart), the model patched with ``reducers``; returns {image_id: captions-file line} of every
-    captioned image (under torchrun: rank 0's reading; the other ranks get what they read first)."""
+    captioned image (under torchrun: rank 0's reading; the other ranks get what they read first) and,
+    with --compile, what the compiler did (None where nothing was captioned, so nothing compiled)."""
     distributed.from_main(lambda: adopt_old_header(path, config))
     if spec.options.restart:
         distributed.from_main(lambda: restart(path, config))  # torchrun: the captions file is rank 0's alone
@@ -495,7 +500,7 @@ def caption_missing(spec: RunSpec, loaded: Loaded, ds, reducers: list, path: Pat
                   f"{sorted(changed, key=str)[0]}): captioned again", file=sys.stderr)
         print(f"{len(ds) - len(todo)} of {len(ds)} images already captioned in {path}", file=sys.stderr)
     if not len(todo):
-        return done
+        return done, None
     if not loaded.pretrained:
         print("warning: captioning with random weights (test hook)", file=sys.stderr)
     text_tokenizer(loaded)
@@ -504,10 +509,23 @@ def caption_missing(spec: RunSpec, loaded: Loaded, ds, reducers: list, path: Pat
     runtime.seed_everything(spec.options.seed)
     patch(loaded.model, *reducers)
     try:
-        caption_images(spec, loaded, todo, path, config, device, dtype)
+        compiled = caption_compiled(spec, loaded, todo, reducers, path, config, device, dtype)
     finally:
         unpatch(loaded.model)
-    return read_captions(path, config) if distributed.is_main() else done
+    return read_captions(path, config) if distributed.is_main() else done, compiled
+
+
+def caption_compiled(spec: RunSpec, loaded: Loaded, todo, reducers: list, path: Path, config: dict, device,
+                     dtype) -> Optional[dict]:
+    """:func:`caption_images` on the patched model; with --compile its vision model compiled
+    (``dynamic`` where an input reducer varies the token count; ``generate`` stays eager) and what
+    the compiler did returned (vwt.compiling), else None."""
+    if not spec.options.compile:
+        return caption_images(spec, loaded, todo, path, config, device, dtype)
+    dynamic = input_reducer(reducers) is not None
+    with compiling.compiled_module(loaded.vision, dynamic) as watch:
+        caption_images(spec, loaded, todo, path, config, device, dtype)
+    return compiling.summary(watch.report, dynamic, "vision model")
 
 
 def data_label(spec: RunSpec) -> str:
@@ -557,13 +575,17 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
     path, config = captions_path(spec, loaded.name), captions_header(spec, loaded.name)
     with contextlib.ExitStack() as held:  # one run at a time appends to a captions file (rank 0 writes it)
         distributed.from_main(lambda: held.enter_context(results.exclusive(path)) and None)
-        done = caption_missing(spec, loaded, ds, reducers, path, config, device, dtype)
+        done, compiled = caption_missing(spec, loaded, ds, reducers, path, config, device, dtype)
     if not distributed.is_main():  # torchrun: the main process scores and writes
         return None
     if spec.options.no_score:
         print(f"captions: {path} (not scored: run again without --no-score)")
+        for line in compiling.describe(compiled) if compiled else []:
+            print(line)
         return None
     result = scored_result(spec, loaded, ds, done, path, device, started)
     result["note"] = runtime.nothing_merged_note(reducers, full, result["tokens_first_block"], result["tokens_mean"])
+    if spec.options.compile:  # None: every caption was there already, nothing compiled in this run
+        result["compile"] = compiled
     runtime.save_json(results_path(spec, loaded.name), result)
     return result

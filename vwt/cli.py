@@ -186,6 +186,16 @@ def add_workers_and_summary(g, task: str, verb: str) -> None:
                    help=f"do not {verb}: gather the results files under <out>/{task} into summary.md and summary.csv")
 
 
+def add_compile_arg(g, eager: str) -> None:
+    """``--compile`` of the evaluation scripts (clip.py, blip.py): the patched vision tower under
+    torch.compile (``vwt.compiling.compiled_module``); ``eager`` says what stays eager."""
+    g.add_argument("--compile", action="store_true",
+                   help="run the patched vision tower under torch.compile (default mode; dynamic shapes where an "
+                        f"input reducer varies the token count), compiled at the first batch of each pass over the data; {eager}. Same outputs "
+                        "as eager; the results record the first batch's seconds (the compilation), graph breaks, "
+                        "recompilations and recompile-limit hits, and a line says where it did not compile whole")
+
+
 # --------------------------------------------------------------------------------------------------
 # The seam: a command line becomes a RunSpec here, once
 # --------------------------------------------------------------------------------------------------

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 
 # --------------------------------------------------------------------------------------------------
@@ -46,7 +46,10 @@ class TokenState:
     prefix: int = 1
     prop_attn: bool = False
     pool_by_size: bool = True
-    tokens_per_layer: list = field(default_factory=list)
+    # (B, recorded) real-token counts so far (see :meth:`record`): a tensor that grows, not a list, so that
+    # torch.compile's code resumed after a graph break in a block (ToMe's) does not compile again for
+    # every block (a list's length is guarded; a tensor's width becomes a dynamic size)
+    tokens_per_layer: Optional[Tensor] = None
     execution: str = "dense"  # how the blocks ran: dense (nothing padded), padded or packed
 
     @property
@@ -86,12 +89,17 @@ class TokenState:
         return bias.to(dtype)[:, None, None, :]
 
     def record(self) -> None:
-        self.tokens_per_layer.append(self.real_counts())
+        """Append the real-token counts now (entering the first block, then after each block)."""
+        counts = self.real_counts()[:, None]
+        before = counts[:, :0] if self.tokens_per_layer is None else self.tokens_per_layer
+        self.tokens_per_layer = torch.cat([before, counts], 1)
 
     def layer_counts(self) -> Tensor:
         """(B, recorded) the real-token counts recorded so far: entering the first block, then after
         each block (what ``vwt.token_stats`` reads)."""
-        return torch.stack(self.tokens_per_layer, 1)
+        if self.tokens_per_layer is None:
+            raise ValueError("no token counts recorded yet")
+        return self.tokens_per_layer
 
     def relabel(self, new_index: Tensor) -> Tensor:
         """The labels after a reduction in which old token j becomes token ``new_index[:, j]`` (B, N_old)
@@ -104,7 +112,8 @@ def initial_state(x: Tensor, grid: tuple[int, int], prefix: int) -> TokenState:
     """State for freshly embedded tokens: all size 1, patch p held by token prefix + p."""
     num_patches = grid[0] * grid[1]
     labels = torch.arange(prefix, prefix + num_patches, device=x.device).expand(x.shape[0], -1)
-    return TokenState(x=x, size=None, labels=labels, grid=grid, prefix=prefix)
+    none = torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device)  # no count yet: never None, one compiled case
+    return TokenState(x=x, size=None, labels=labels, grid=grid, prefix=prefix, tokens_per_layer=none)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,6 +194,13 @@ class BlockContext:
 # --------------------------------------------------------------------------------------------------
 # The tower a backend exposes
 # --------------------------------------------------------------------------------------------------
+def identity(t: Tensor) -> Tensor:
+    """A step a family does not have (layer scale, pre-norm): a plain function rather than an
+    ``nn.Identity`` made per forward, which torch.compile cannot trace (no source: a graph break in
+    every block)."""
+    return t
+
+
 @dataclass
 class Block:
     """One pre-norm block, as callables over the model's own modules.
@@ -203,8 +219,8 @@ class Block:
     norm2: Callable[[Tensor], Tensor]
     mlp: Callable[[Tensor], Tensor]
     scale: Optional[float] = None
-    ls1: Callable[[Tensor], Tensor] = nn.Identity()
-    ls2: Callable[[Tensor], Tensor] = nn.Identity()
+    ls1: Callable[[Tensor], Tensor] = identity
+    ls2: Callable[[Tensor], Tensor] = identity
     drop1: Optional[Callable[[Tensor], Tensor]] = None
     drop2: Optional[Callable[[Tensor], Tensor]] = None
     attn_drop: float = 0.0

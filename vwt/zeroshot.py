@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import datasets, distributed, metrics, results
-from .batching import batch_order
+from . import compiling, datasets, distributed, metrics, results
+from .batching import batch_order, input_reducer
 from .errors import UserError
 from .methods import method_name, quantize, reducers_for
 from . import models
@@ -38,11 +38,13 @@ TASKS = ("groups", "tags", "top1")  # the data-set table's tasks clip.py evaluat
 @dataclass(frozen=True)
 class ZeroShot:
     """clip.py's own settings: the prompt template ({} = class name), class names replacing the data
-    set's (comma-separated), and --summary (gather results instead of evaluating)."""
+    set's (comma-separated), --summary (gather results instead of evaluating) and --compile (the
+    patched vision tower under torch.compile, :func:`vwt.compiling.compiled_module`; text stays eager)."""
 
     prompt: str = "a photo of a {}"
     labels: Optional[str] = None
     summary: bool = False
+    compile: bool = False
 
 
 def data_names() -> tuple:
@@ -254,7 +256,7 @@ def aggregate(runs: list[dict]) -> tuple[dict, dict]:
     for key in runs[0]:
         if key in ("groups", "group_loss"):
             agg[key] = {g: ms([r[key][g] for r in runs]) for g in runs[0][key]}
-        elif key in ("counts", "seed", "vocab_path", "predictions"):
+        elif key in ("counts", "seed", "vocab_path", "predictions", "compile"):
             continue
         else:
             agg[key] = ms([r[key] for r in runs])
@@ -291,6 +293,8 @@ def report(result: dict) -> str:
         cell = "n/a" if math.isnan(v["mean"]) else f"{100 * v['mean']:6.2f} ± {100 * v['std']:.2f}"
         lines.append(f"  {g:<22} {cell}")
     lines.append("  " + describe_tokens(m["tokens_first_block"]["mean"], m["tokens_mean"]["mean"]))
+    if result.get("compile"):
+        lines.extend("  " + line for line in compiling.describe(result["compile"]))
     if result.get("note"):
         lines.append(f"  {result['note']}")
     return "\n".join(lines)
@@ -354,6 +358,19 @@ def prepare(spec: RunSpec, loaded: Optional[Loaded], device, dtype) -> Prepared:
     return Prepared(loaded, reducers, transform, names, text, full)
 
 
+def evaluate_seed(spec: RunSpec, prep: Prepared, ds, seed: int, device, dtype) -> tuple[dict, np.ndarray, dict]:
+    """:func:`evaluate` of one seed's split on the patched model; with --compile its vision tower
+    compiled for the seed (``dynamic`` where an input reducer varies the token count), and the third
+    value ``{"compile": what the compiler did}`` (vwt.compiling); else ``{}``."""
+    desc = f"{spec.data} seed {seed}"
+    if not spec.options.compile:
+        return (*evaluate(spec, prep.loaded, ds, prep.text, device, dtype, desc), {})
+    dynamic = input_reducer(prep.reducers[seed]) is not None
+    with compiling.compiled_module(prep.loaded.vision, dynamic) as watch:
+        run, scores = evaluate(spec, prep.loaded, ds, prep.text, device, dtype, desc + " (compiled)")
+    return run, scores, {"compile": compiling.summary(watch.report, dynamic, "vision tower")}
+
+
 def run_seeds(spec: RunSpec, prep: Prepared, seeds: list, device, dtype) -> tuple[list, object]:
     """Score every seed's split with its reducers; each seed's predictions CSV is written as it ends.
     Returns (per-seed runs, the last seed's data set)."""
@@ -363,13 +380,13 @@ def run_seeds(spec: RunSpec, prep: Prepared, seeds: list, device, dtype) -> tupl
             ds = load_data(spec, seed, prep.transform)
             seed_everything(seed)
             patch(loaded.model, *prep.reducers[seed])
-            run, scores = evaluate(spec, loaded, ds, prep.text, device, dtype, desc=f"{spec.data} seed {seed}")
+            run, scores, compiled = evaluate_seed(spec, prep, ds, seed, device, dtype)
             preds = stem.parent / f"{stem.name}.seed{seed}.predictions.csv"
             if distributed.is_main():  # torchrun: every process has every score; the main one writes
                 write_predictions(preds, ds, scores)
             vocab = vocab_path(spec, seed=seed)
             runs.append({"seed": seed, "vocab_path": None if vocab is None else str(vocab),
-                         "images": len(ds), "predictions": str(preds), **run})
+                         "images": len(ds), "predictions": str(preds), **run, **compiled})
     finally:
         unpatch(loaded.model)
     return runs, ds
@@ -414,5 +431,7 @@ def run(spec: RunSpec, loaded: Optional[Loaded] = None) -> Optional[dict]:
     }
     result["note"] = nothing_merged_note(prep.reducers[seeds[0]], prep.full, agg["tokens_first_block"]["mean"],
                                          agg["tokens_mean"]["mean"])
+    if spec.options.compile:
+        result["compile"] = compiling.combined([r["compile"] for r in runs])
     save_json(results_path(spec, prep.loaded.name), result)
     return result

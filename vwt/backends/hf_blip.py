@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..encoder import Block, Tower, zero_pads
+from ..encoder import Block, Tower, identity, zero_pads
 from .base import Patch, grid_of, replace_forward, run_tower
 from .hf_clip import HFClip
 
@@ -49,7 +49,7 @@ def tower(vm: nn.Module, interpolate_pos_encoding: bool = False) -> Tower:
         x = x + pos[:, : x.size(1), :].to(dtype)
         return x, patches, grid_of(pixel_values, emb.patch_size)
 
-    return Tower(embed=embed, pre_norm=nn.Identity(), blocks=[_block(l) for l in vm.encoder.layers],
+    return Tower(embed=embed, pre_norm=identity, blocks=[_block(l) for l in vm.encoder.layers],
                  patch_size=emb.patch_size, training=vm.training,
                  embed_any=lambda pixel_values: embed(pixel_values, True))
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..encoder import Block, Tower, TowerDims, pooled_mean, resample_pos_grid, zero_pads
+from ..encoder import Block, Tower, TowerDims, identity, pooled_mean, resample_pos_grid, zero_pads
 from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Backend, Patch, grid_of, refuse_patch_dropout, replace_forward,
                    run_tower, split_heads)
 
@@ -33,7 +33,7 @@ def _block(blk) -> Block:
         if attn.logit_scale is not None or attn.head_scale is not None:
             raise ValueError("vwt.patch: open_clip attention with scaled cosine or head scaling is not supported")
         heads, ln_q, ln_k = attn.num_heads, attn.ln_q, attn.ln_k
-        ln_attn = getattr(blk, "ln_attn", nn.Identity())
+        ln_attn = getattr(blk, "ln_attn", identity)
         out_proj = lambda o: ln_attn(attn.out_drop(attn.out_proj(attn.ln_inner(o))))  # noqa: E731
         attn_drop = attn.attn_drop.p
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..encoder import Block, Tower, TowerDims, pooled_mean, resample_pos_grid, zero_pads
+from ..encoder import Block, Tower, TowerDims, identity, pooled_mean, resample_pos_grid, zero_pads
 from .base import Backend, Patch, refuse_patch_dropout, replace_forward, run_tower
 
 
@@ -18,7 +18,7 @@ def _block(blk) -> Block:
     attn = getattr(blk, "attn", None)
     if type(attn).__name__ != "Attention" or not hasattr(attn, "qkv") or getattr(attn, "gate", None) is not None:
         raise ValueError(f"vwt.patch: timm block {type(blk).__name__} with {type(attn).__name__} is not supported")
-    norm = getattr(attn, "norm", nn.Identity())
+    norm = getattr(attn, "norm", identity)
 
     def qkv(h):
         b, n, _ = h.shape
