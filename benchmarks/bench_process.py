@@ -98,6 +98,9 @@ def step_rates(words: int, rows: int, cuda: bool) -> dict:
         km = kmeans.MiniBatchKMeans(words, BATCH, seed=0, device=dev)
         km.centres, km.counts = torch.from_numpy(start).to(dev), np.zeros(words, np.float32)
         km._batch, km._since = min(BATCH, rows), 0
+        init_size = max(3 * km._batch, 3 * words) if 3 * km._batch < words else 3 * km._batch
+        if init_size < rows:  # scikit-learn draws its seeding rows on the first call even from given centres
+            km.random_state.randint(0, rows, init_size)
         xd = torch.from_numpy(x).to(dev)
         if dev == "cuda":
             torch.cuda.synchronize()
