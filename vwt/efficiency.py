@@ -85,7 +85,7 @@ COMPILED = "+compile"  # a compiled variant's method name: the configuration's, 
 # times the same methods at the same batch sizes in honest interleaved rounds (3: the fewest from which
 # the busy flag is judged) on the first 4 samples (their inter-image tokens average 112 against the
 # twelve's 115), with the pass that counts tokens as the warm-up and one warm-up call of the paper's
-# protocol: about two minutes on a 2-core CPU. Other settings of the two agree; a flag given wins.
+# protocol: about 2 min 20 s on a 2-core CPU. Other settings of the two agree; a flag given wins.
 FULL = dict(limit=None, rounds=7, warmup=2, warmup_seconds=3.0, paper_warmup=bench.PAPER_WARMUP)
 QUICK = dict(limit=4, rounds=3, warmup=0, warmup_seconds=0.0, paper_warmup=1)
 
