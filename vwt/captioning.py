@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import compiling, datasets, distributed, methods, metrics, results, runtime
-from .batching import batch_order, input_reducer
+from .batching import batch_order
 from .errors import UserError, first_line
 from .methods import method_name
 from .models import DEFAULT_BLIP, Loaded, load_model
@@ -522,10 +522,9 @@ def caption_compiled(spec: RunSpec, loaded: Loaded, todo, reducers: list, path: 
     the compiler did returned (vwt.compiling), else None."""
     if not spec.options.compile:
         return caption_images(spec, loaded, todo, path, config, device, dtype)
-    dynamic = input_reducer(reducers) is not None
-    with compiling.compiled_module(loaded.vision, dynamic) as watch:
+    with compiling.compiled_pass(loaded.vision, reducers, "vision model") as record:
         caption_images(spec, loaded, todo, path, config, device, dtype)
-    return compiling.summary(watch.report, dynamic, "vision model")
+    return record
 
 
 def data_label(spec: RunSpec) -> str:

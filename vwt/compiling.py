@@ -29,9 +29,17 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from .batching import input_reducer
 from .errors import UserError, first_line
 
 MODE = "default"
+
+
+def dynamic_for(reducers: Sequence) -> bool:
+    """Dynamic shapes for a model patched with ``reducers``: where an input reducer is among them
+    (intra- and inter-image keep a different number of tokens per image), so a new token count is not
+    a new compilation."""
+    return input_reducer(reducers) is not None
 
 
 def compiled(fn: Callable, dynamic: bool) -> Callable:
@@ -78,7 +86,6 @@ class CompileReport:
                          + (f" ({self.reasons[0]})" if self.reasons else ""))
         if self.recompiles:
             parts.append(f"{self.recompiles} recompilation{'s' * (self.recompiles != 1)} after the first call")
-
         if self.limit_hits:
             parts.append(f"hit torch's recompile limit ({recompile_limit()} per function) {self.limit_hits} "
                          "time(s): that code runs eagerly from then on")
@@ -166,6 +173,17 @@ def compiled_module(module: torch.nn.Module, dynamic: bool) -> Iterator[Watch]:
                             f"{first_line(cause if cause is not None else e, 200)}); run without --compile") from None
         finally:
             module._compiled_call_impl = before
+
+
+@contextmanager
+def compiled_pass(module: torch.nn.Module, reducers: Sequence, what: str) -> Iterator[dict]:
+    """One evaluation pass (clip.py's seed, blip.py's captioning) with ``module`` compiled in place
+    (:func:`compiled_module`, shapes by :func:`dynamic_for`); the dict it yields is filled on leaving
+    with the record of what the compiler did (:func:`summary`, ``what`` naming the module)."""
+    dynamic, record = dynamic_for(reducers), {}
+    with compiled_module(module, dynamic) as watch:
+        yield record
+    record.update(summary(watch.report, dynamic, what))
 
 
 def summary(report: CompileReport, dynamic: bool, what: str) -> dict:

@@ -507,7 +507,7 @@ def compiled_method(p: Prepared, inputs: list) -> tuple[Optional[bench.Method], 
     tower = copy.copy(p.tower)
     if p.reducers:
         patch(tower, *p.reducers)
-    fn = compiling.compiled(tower, dynamic=input_reducer(p.reducers) is not None)
+    fn = compiling.compiled(tower, dynamic=compiling.dynamic_for(p.reducers))
 
     def call(x) -> None:
         with torch.inference_mode():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import compiling, datasets, distributed, metrics, results
-from .batching import batch_order, input_reducer
+from .batching import batch_order
 from .errors import UserError
 from .methods import method_name, quantize, reducers_for
 from . import models
@@ -365,10 +365,9 @@ def evaluate_seed(spec: RunSpec, prep: Prepared, ds, seed: int, device, dtype) -
     desc = f"{spec.data} seed {seed}"
     if not spec.options.compile:
         return (*evaluate(spec, prep.loaded, ds, prep.text, device, dtype, desc), {})
-    dynamic = input_reducer(prep.reducers[seed]) is not None
-    with compiling.compiled_module(prep.loaded.vision, dynamic) as watch:
+    with compiling.compiled_pass(prep.loaded.vision, prep.reducers[seed], "vision tower") as record:
         run, scores = evaluate(spec, prep.loaded, ds, prep.text, device, dtype, desc + " (compiled)")
-    return run, scores, {"compile": compiling.summary(watch.report, dynamic, "vision tower")}
+    return run, scores, {"compile": record}
 
 
 def run_seeds(spec: RunSpec, prep: Prepared, seeds: list, device, dtype) -> tuple[list, object]:
