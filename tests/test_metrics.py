@@ -68,15 +68,20 @@ def test_average_precision_of_rankings_reasoned_by_hand():
     assert np.isnan(M.average_precision([1, 2], [0, 0]))
 
 
+def _labels_with_a_positive(rng, n: int) -> np.ndarray:
+    """n random labels (about 30% positive), at least one of them positive, drawn from ``rng``."""
+    y = rng.rand(n) < 0.3
+    y[rng.randint(n)] = True
+    return y
+
+
 def test_average_precision_equals_sklearn_with_ties():
     from sklearn.metrics import average_precision_score
 
     rng = np.random.RandomState(0)
     for _ in range(20):
-        n = rng.randint(2, 40)
-        y = rng.rand(n) < 0.3
-        y[rng.randint(n)] = True
-        s = rng.randint(0, 6, n).astype(float)  # many ties
+        y = _labels_with_a_positive(rng, rng.randint(2, 40))
+        s = rng.randint(0, 6, len(y)).astype(float)  # many ties
         assert M.average_precision(s, y) == pytest.approx(average_precision_score(y, s), abs=1e-12)
 
 
@@ -203,8 +208,6 @@ def test_paper_ap_equals_the_scikit_learn_ap_without_ties():
 
     rng = np.random.RandomState(1)
     for _ in range(10):
-        n = rng.randint(2, 60)
-        y = rng.rand(n) < 0.3
-        y[rng.randint(n)] = True
-        s = rng.permutation(n).astype(float)
+        y = _labels_with_a_positive(rng, rng.randint(2, 60))
+        s = rng.permutation(len(y)).astype(float)
         assert M.paper_average_precision(s, y) == pytest.approx(average_precision_score(y, s), rel=1e-7)
