@@ -36,6 +36,8 @@ of each phase of Vocabulary.learn on synthetic 8-bit pixels.
 import argparse
 import io
 import math
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -79,40 +81,53 @@ def patches(rows: int, seed: int) -> np.ndarray:
     return x.numpy()
 
 
-def step_rates(words: int, rows: int, cuda: bool) -> dict:
+ENGINES = ("sklearn-labels", "sklearn", "torch")
+
+
+def step_rates(words: int, rows: int, cuda: bool, rounds: int = 1) -> dict:
     """Seconds per row x word of one partial_fit step from the same first centres (seeding is timed
-    apart), per engine, and each engine's centres' largest difference from scikit-learn's, relative to
-    their size (the step includes the first random reassignment: every count is still 0)."""
+    apart), per engine: the median over ``rounds`` rounds, the engines in a shuffled order each round;
+    each engine's median per-round ratio of its time to the default step's ("ratio"); and each
+    engine's centres' largest difference from scikit-learn's, relative to their size ("same"; the step
+    includes the first random reassignment: every count is still 0)."""
     start, x = patches(words, 0), patches(rows, 1)  # pixel-like rows, as many as asked
-    out, centres = {}, {}
-    for engine in ("sklearn-labels", "sklearn", "torch") + (("torch-cuda",) if cuda else ()):
-        if engine.startswith("sklearn"):
-            km = paper_kmeans(words, BATCH)
-            km.set_params(init=start.copy(), n_init=1, compute_labels=engine == "sklearn-labels")
-            t = time.perf_counter()
-            km.partial_fit(x)
-            out[engine] = (time.perf_counter() - t) / (rows * words)
-            centres[engine] = km.cluster_centers_
-            continue
-        dev = "cuda" if engine == "torch-cuda" else "cpu"
-        km = kmeans.MiniBatchKMeans(words, BATCH, seed=0, device=dev)
-        km.centres, km.counts = torch.from_numpy(start).to(dev), np.zeros(words, np.float32)
-        km._batch, km._since = min(BATCH, rows), 0
-        init_size = max(3 * km._batch, 3 * words) if 3 * km._batch < words else 3 * km._batch
-        if init_size < rows:  # scikit-learn draws its seeding rows on the first call even from given centres
-            km.random_state.randint(0, rows, init_size)
-        xd = torch.from_numpy(x).to(dev)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        km.partial_fit(xd)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        out[engine] = (time.perf_counter() - t) / (rows * words)
-        centres[engine] = km.centres.cpu().numpy()
+    engines = ENGINES + (("torch-cuda",) if cuda else ())
+    times, centres, order = {e: [] for e in engines}, {}, random.Random(words)
+    for _ in range(rounds):
+        for engine in order.sample(engines, len(engines)):
+            seconds, centres[engine] = _step(engine, words, start, x)
+            times[engine].append(seconds)
+    out = {e: statistics.median(t) / (rows * words) for e, t in times.items()}
+    out["ratio"] = {e: statistics.median(a / b for a, b in zip(t, times["sklearn-labels"])) for e, t in times.items()}
     ref = centres["sklearn"]
     out["same"] = {e: float(np.abs(c - ref).max() / np.abs(ref).max()) for e, c in centres.items()}
     return out
+
+
+def _step(engine: str, words: int, start: np.ndarray, x: np.ndarray) -> tuple[float, np.ndarray]:
+    """Seconds of one step of ``engine`` on the rows ``x`` from the centres ``start``, and its centres."""
+    rows = len(x)
+    if engine.startswith("sklearn"):
+        km = paper_kmeans(words, BATCH)
+        km.set_params(init=start.copy(), n_init=1, compute_labels=engine == "sklearn-labels")
+        t = time.perf_counter()
+        km.partial_fit(x)
+        return time.perf_counter() - t, km.cluster_centers_
+    dev = "cuda" if engine == "torch-cuda" else "cpu"
+    km = kmeans.MiniBatchKMeans(words, BATCH, seed=0, device=dev)
+    km.centres, km.counts = torch.from_numpy(start).to(dev), np.zeros(words, np.float32)
+    km._batch, km._since = min(BATCH, rows), 0
+    init_size = 3 * words if 3 * km._batch < words else 3 * km._batch
+    if init_size < rows:  # scikit-learn draws its seeding rows on the first call even from given centres
+        km.random_state.randint(0, rows, init_size)
+    xd = torch.from_numpy(x).to(dev)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    km.partial_fit(xd)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, km.centres.cpu().numpy()
 
 
 def seeding_rate(words: int) -> float:
@@ -170,6 +185,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=4, help="loader workers for the memory model (default 4)")
     p.add_argument("--words", type=int, nargs="+", default=list(WORDS),
                    help="vocabulary sizes measured and extrapolated (default 100 1000 10000)")
+    p.add_argument("--step-rounds", type=int, default=1,
+                   help="rounds of the step timing, the engines shuffled in each (medians; default 1)")
     p.add_argument("--seed-words", type=int, default=100)
     p.add_argument("--tolerance", action="store_true",
                    help="only measure the torch engine's centres against scikit-learn's over several batches")
@@ -190,9 +207,11 @@ def main(argv=None):
     print(f"read: {r_ms:.2f} ms per image (decode, preprocess to 224 px, patchify; one core)")
     rates = {}
     for v in a.words:
-        rates[v] = step_rates(v, max(rows, v), cuda)  # scikit-learn wants at least V rows
-        print(f"step V={v}: " + ", ".join(f"{e} {r * 1e9:.3f} ns/(row x word)" for e, r in rates[v].items() if e != "same")
-              + "; torch vs sklearn centres: " + ", ".join(f"{e} {d:.1e}" for e, d in rates[v]["same"].items()))
+        rates[v] = step_rates(v, max(rows, v), cuda, a.step_rounds)  # scikit-learn wants at least V rows
+        r = rates[v]
+        print(f"step V={v}: " + ", ".join(f"{e} {r[e] * 1e9:.3f} ns/(row x word)" for e in r["ratio"])
+              + "; median per-round time / sklearn-labels': " + ", ".join(f"{e} {q:.3f}" for e, q in r["ratio"].items())
+              + "; torch vs sklearn centres: " + ", ".join(f"{e} {d:.1e}" for e, d in r["same"].items()))
     s_rate = seeding_rate(a.seed_words)
     f_rate = faiss_rate(a.faiss_words or (100 if a.quick else 200))
     print(f"seeding: {s_rate * 1e9:.3f} ns per float64 multiply-add; faiss: {f_rate * 1e9:.4f} ns per niter x row x word x value")
@@ -210,7 +229,7 @@ def report(rates, r_ms, s_rate, f_rate, cores, workers, cuda):
     for v in rates:
         seed_h = seeding_work(v) * s_rate / 3600
         paper_mem = ((2 + workers) * batch_mb + v * (D + 2) * 8 / 2 ** 20 + 64) / 1024
-        for engine in ("sklearn-labels", "sklearn", "torch") + (("torch-cuda",) if cuda else ()):
+        for engine in rates[v]["ratio"]:
             fit = rows * v * rates[v][engine] / 3600 + seed_h
             print(f"| {v:,} | paper | {engine} | {fit:.2f} | {max(fit, read_h / cores):.2f} | {fit + read_h:.2f} | {paper_mem:.1f} |")
         sample = v * MAX_POINTS_PER_CENTROID
