@@ -166,7 +166,8 @@ def show(df) -> None:
     shown, empty = efficiency_view.printable(df)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(shown.to_string(index=False))
-    for line in (efficiency_view.missing_line(empty, report["energy_note"]), report["power_note"], *report["verdicts"],
+    for line in (efficiency_view.missing_line(empty, report["energy_note"]), efficiency_view.paper_gap_line(df),
+                 report["power_note"], *report["verdicts"],
                  efficiency_view.compile_line(df),
                  f"weights: {report['weights']}",
                  f"wrote {', '.join(report['files'])} in {report['wall_seconds']:.0f} s",

@@ -841,6 +841,29 @@ def test_the_printed_table_has_units_no_empty_column_and_closes_on_the_paper_cla
     assert lines[-1].endswith(f"energy per image at batch 1 against base: intra {100 * (ratio - 1):+.0f}%")
 
 
+def test_the_paper_protocol_skips_a_batch_size_its_data_set_cannot_fill(tmp_path, monkeypatch, capsys):
+    """4 images fill no batch of 8: the paper's loader would time one batch of 4 under batch 8's name, so
+    its protocol runs at batch 1 only, and the rows and one printed line say why (the quick default)."""
+    from vwt import efficiency_view as view
+
+    no_rapl(monkeypatch, tmp_path)
+    calls = []
+    real = fx.bench.paper_runs
+    monkeypatch.setattr(fx.bench, "paper_runs", lambda call, loader, *a, **k: calls.append(
+        [len(x) for x, _ in loader()]) or real(call, loader, *a, **k))
+    table = eff.main(["--methods", "base,tome", "--batch", "1", "8", "--out", str(tmp_path)] + FAST,
+                     loaded=tiny_loaded())
+    lines = capsys.readouterr().out.splitlines()
+    assert calls == [[1, 1, 1, 1]] * 2  # base and ToMe at batch 1; nothing at batch 8
+    one, eight = table[table["batch"] == 1], table[table["batch"] == 8]
+    assert (one["time_ms_paper"] > 0).all() and eight["time_ms_paper"].isna().all()
+    assert (eight["latency_ms_median"] > 0).all()  # the rounds ran at batch 8 (4 images cycled)
+    assert eight["note"].str.contains("its data set (4 images) does not fill one batch", regex=False).all()
+    assert not one["note"].str.contains(view.PAPER_NOT_RUN, regex=False).any()
+    [line] = [l for l in lines if l.startswith("paper's ms/batch")]
+    assert line.startswith("paper's ms/batch: not measured at batch 8:") and "--limit 8" in line
+
+
 @pytest.mark.slow
 def test_compile_measures_eager_and_compiled_in_the_same_rounds(tmp_path, monkeypatch, capsys):
     """eff.py --compile: every configuration, base included, eager and compiled in the same rounds;

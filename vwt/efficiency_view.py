@@ -63,6 +63,21 @@ def missing_line(empty: list, energy_note: Optional[str] = None) -> Optional[str
     return f"not shown ({names}): not measured in this run (--protocol standard or --metric); empty (NaN) in the CSV"
 
 
+PAPER_NOT_RUN = "paper's protocol not run at batch"
+
+
+def paper_gap_line(df) -> Optional[str]:
+    """One line for the batch sizes at which the paper's protocol did not run while it ran at others
+    (its data set fills no batch of that size; vwt.efficiency.paper_fields_of), from the rows' notes."""
+    if "time_ms_paper" not in df or df["time_ms_paper"].isna().all():
+        return None  # the whole column is missing: missing_line says why
+    notes = [n for n in df["note"].fillna("") if PAPER_NOT_RUN in str(n)]
+    if not notes:
+        return None
+    note = notes[0][notes[0].index(PAPER_NOT_RUN):].split(";")[0]
+    return note.replace(PAPER_NOT_RUN, "paper's ms/batch: not measured at batch", 1)
+
+
 def _compiled(df):
     """Which rows are --compile's compiled variants (all False in a run without it)."""
     if "compiled" not in df.columns:
