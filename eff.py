@@ -33,7 +33,8 @@ method at the paper's setting (intra drop 0.5, inter vocabulary 1000 learned on 
 cached in tokenizers/samples/, threshold 0.1, ToMe r=13, EViT keep 0.7, LGTM its default, int8, and
 the baseline of a smaller image: resize to 176 px, FLOPs nearest inter-image's), batch 1 and 8, with pretrained weights where the hub answers and random weights otherwise (weights do not
 change runtime or energy; the output says which). By default it is the quick run (3 rounds on the first
-4 samples, the token pass as warm-up, 1 paper warm-up call: about 2.5 min on a 2-core CPU); --full is the
+4 samples, the token pass as warm-up, the paper's protocol with no warm-up call and at batch 1 only, since 4
+images fill no batch of 8: about 2 min on a 2-core CPU); --full is the
 paper-sized measurement (7 rounds on all 12, warm-ups of 3 s and the paper's 50 calls: about 16 min).
 It prints a table (units in every header, no column left empty, what this machine cannot measure and
 what would, and a closing line on the paper's claim: energy per image at batch 1) and writes
@@ -41,7 +42,7 @@ runs/eff__<data>__<model>__<methods>__<config hash>.{csv,json,png} (runs/ is ign
 shows every ratio to base with its IQR and the busy flag; the committed reference run in results/ is
 refreshed only by `python eff.py --full --out results`).
 
-    python eff.py                                                 # about 2.5 min
+    python eff.py                                                 # about 2 min
     python eff.py --full                                          # about 16 min
     python eff.py --methods base,inter,inter+tome,int8 --batch 1 8 32 --seconds 2
     python eff.py --vocab-path published/vocab.pt --tome 13      # base and inter+tome only
@@ -71,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--limit", type=int, default=None,
                    help=f"images to cycle through in the rounds, and the paper's protocol's images (default "
                         f"{efficiency.QUICK['limit']}; --full: all 12 samples, 64 of other data sets in the rounds "
-                        "and the whole split in the paper's protocol)")
+                        "and the whole split in the paper's protocol, which skips a batch size its images do not fill)")
     g.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     g.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=None,
                    help="give configurations with an input reducer batches of neighbours in token count (the same "
