@@ -182,6 +182,16 @@ def test_compiled_module_compiles_the_module_for_its_callers_and_a_failure_is_on
     def failing(gm, inputs):
         raise RuntimeError("no compiler here\nsecond line")
 
+    # a torch that runs the module without tracing it (torch 2.13 did so with _call_impl compiled directly)
+    monkeypatch.setattr(compiling, "compiled", lambda fn, dynamic: fn)
+    torch._dynamo.reset()  # no compiled code left from above
+    with pytest.raises(UserError, match=r"^torch.compile compiled nothing of the Linear \(torch .* ran it eagerly\); "
+                                        r"run without --compile$"):
+        with compiling.compiled_module(inner, dynamic=False):
+            outer(torch.ones(2, 3))
+    assert inner._compiled_call_impl is None
+    monkeypatch.setattr(compiling, "compiled", lambda fn, dynamic: torch.compile(fn, backend=backend, dynamic=dynamic))
+
     backend = failing
     torch._dynamo.reset()
     with pytest.raises(UserError, match=r"^torch.compile could not compile the Linear \(BackendCompilerFailed: RuntimeError: "

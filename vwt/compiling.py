@@ -59,6 +59,16 @@ def _counters() -> tuple[int, int, dict]:
     return counters["stats"]["unique_graphs"], sum(reasons.values()), reasons
 
 
+def traced(fn: Callable) -> bool:
+    """Whether torch._dynamo holds compiled code for the Python function ``fn`` (traced now or before;
+    True where this torch cannot say)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:
+        return True
+    return bool(_debug_get_cache_entry_list(fn.__code__))
+
+
 def recompile_limit() -> int:
     """torch's limit of compilations of one code object per region (then it runs eagerly)."""
     import torch._dynamo.config as config
@@ -161,11 +171,18 @@ def compiled_module(module: torch.nn.Module, dynamic: bool) -> Iterator[Watch]:
     recompilation; afterwards the module is as it was."""
     from torch._dynamo.exc import TorchDynamoException
 
-    before = module._compiled_call_impl
-    with Watch(compiled(module._call_impl, dynamic)) as watch:
+    before, impl = module._compiled_call_impl, module._call_impl
+
+    def call(*args, **kwargs):  # torch 2.13 traces no frame of _call_impl compiled itself (nor Module.compile)
+        return impl(*args, **kwargs)
+
+    with Watch(compiled(call, dynamic)) as watch:
         module._compiled_call_impl = watch
         try:
             yield watch
+            if watch.report.seconds and not traced(call):  # called, but never compiled: an eager run
+                raise UserError(f"torch.compile compiled nothing of the {type(module).__name__} (torch "
+                                f"{torch.__version__} ran it eagerly); run without --compile")
         except TorchDynamoException as e:  # never run eagerly instead: the run asked for a compiled model
             cause = getattr(e, "inner_exception", None)  # a compiler backend's own error, under its wrapper
             said = f"{type(e).__name__}: " + (f"{type(cause).__name__}: " if cause is not None else "")
