@@ -30,6 +30,7 @@ from vwt.spec import Recipe, RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--seconds", "0.001", "--min-iters", "2", "--warmup", "0", "--warmup-seconds", "0", "--rounds", "2", "--paper-warmup", "1",
+        "--paper-runs",
         "--limit", "4", "--device", "cpu"]
 WHOLE = [a for a in FAST if a not in ("--limit", "4")] + ["--full"]  # FAST's windows on every image (--full's pool)
 
@@ -582,7 +583,7 @@ def test_the_quick_default_differs_from_full_as_documented():
     assert all(defaults[k] == v for k, v in fx.FULL.items() if k != "limit") and RunSpec().limit is None
     assert spec_of(["--full", "--rounds", "5"]).options.rounds == 5 and spec_of(["--limit", "6"]).limit == 6
     assert "full" not in results.config_of(full) and "full" not in results.config_of(quick)
-    others = {k for k in results.config_of(quick) if results.config_of(quick)[k] != results.config_of(full)[k]}
+    others = {k for k in results.config_of(quick) if results.config_of(quick)[k] != results.config_of(full).get(k)}
     assert others == set(fx.QUICK)
     text = subprocess.run([sys.executable, "eff.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120).stdout
@@ -862,6 +863,27 @@ def test_the_paper_protocol_skips_a_batch_size_its_data_set_cannot_fill(tmp_path
     assert not one["note"].str.contains(view.PAPER_NOT_RUN, regex=False).any()
     [line] = [l for l in lines if l.startswith("paper's ms/batch")]
     assert line.startswith("paper's ms/batch: not measured at batch 8:") and "--limit 8" in line
+
+
+def test_the_quick_default_leaves_the_paper_runs_out_and_says_so(tmp_path, monkeypatch, capsys):
+    """The quick default runs the rounds only: the paper's own runs (its per-batch timing and power
+    outside the rounds) are --full's or --paper-runs', and the printed lines say so apart from energy."""
+    from vwt import efficiency_view as view
+
+    no_rapl(monkeypatch, tmp_path)
+    calls = []
+    monkeypatch.setattr(fx.bench, "paper_runs", lambda *a, **k: calls.append(1) or {})
+    quick = [a for a in FAST if a != "--paper-runs"]
+    table = eff.main(["--methods", "base,tome", "--batch", "1", "--out", str(tmp_path)] + quick, loaded=tiny_loaded())
+    lines = capsys.readouterr().out.splitlines()
+    assert calls == [] and table["time_ms_paper"].isna().all() and (table["latency_ms_median"] > 0).all()
+    [left_out] = [l for l in lines if l.startswith("not shown (") and view.PAPER_RUNS_LEFT_OUT in l]
+    assert view.HEADERS["time_ms_paper"] in left_out and view.HEADERS["power_w_paper"] in left_out
+    [energy_line] = [l for l in lines if l.startswith("not shown (") and l != left_out]
+    assert view.HEADERS["time_ms_paper"] not in energy_line and "RAPL" in energy_line
+    [csv] = written(tmp_path)
+    assert json.loads(csv.with_suffix(".json").read_text())["args"]["paper_runs"] is False
+    assert not any(l.startswith("power:") for l in lines)  # no NVML remark for a power run not run
 
 
 @pytest.mark.slow

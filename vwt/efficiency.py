@@ -84,12 +84,12 @@ COMPILED = "+compile"  # a compiled variant's method name: the configuration's, 
 # 50 calls; the committed reference run is one, and keeps its results name and hash. QUICK (the default)
 # times the same methods at the same batch sizes in honest interleaved rounds (3: the fewest from which
 # the busy flag is judged) on the first 4 samples (their inter-image tokens average 112 against the
-# twelve's 115), with the pass that counts tokens as the warm-up; the paper's protocol then runs with no
-# warm-up calls of its own (the rounds before it warmed every configuration) and only at batch 1 (4
-# images fill no batch of 8: paper_fields_of): about 2 min on a 2-core CPU. Other settings of the two
-# agree; a flag given wins.
-FULL = dict(limit=None, rounds=7, warmup=2, warmup_seconds=3.0, paper_warmup=bench.PAPER_WARMUP)
-QUICK = dict(limit=4, rounds=3, warmup=0, warmup_seconds=0.0, paper_warmup=0)
+# twelve's 115), with the pass that counts tokens as the warm-up, and leaves out the paper's own timing
+# and power runs (``paper_runs``: per-batch figures outside the rounds, which 4 images cannot give at
+# batch 8; with --paper-runs they take no warm-up calls of their own, the rounds having warmed every
+# configuration): about 2 min on a 2-core CPU. Other settings of the two agree; a flag given wins.
+FULL = dict(limit=None, rounds=7, warmup=2, warmup_seconds=3.0, paper_warmup=bench.PAPER_WARMUP, paper_runs=True)
+QUICK = dict(limit=4, rounds=3, warmup=0, warmup_seconds=0.0, paper_warmup=0, paper_runs=False)
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,7 @@ class Measurement:
     warmup: int = 2
     warmup_seconds: float = 3.0
     paper_warmup: int = bench.PAPER_WARMUP
+    paper_runs: bool = True  # --protocol paper: the paper's own timing and power runs too (paper_fields)
     threads: Optional[int] = None
     interval: float = 0.05
     random_weights: bool = False
@@ -611,6 +612,11 @@ def paper_fields_of(p: Prepared, b: int, run: Run, ds) -> dict:
     return out
 
 
+def paper_runs(spec: RunSpec) -> bool:
+    """Whether the run also times the paper's way (its protocol's measurement, and --paper-runs)."""
+    return spec.protocol.paper_measurement and spec.options.paper_runs
+
+
 def measure(preps: list[Prepared], run: Run, common: dict) -> tuple[list[dict], dict]:
     """Every configuration at every --batch: rows in (configuration, batch) order, and per batch size
     the rounds' one-line verdict and every reason they gave for calling the machine busy."""
@@ -618,7 +624,7 @@ def measure(preps: list[Prepared], run: Run, common: dict) -> tuple[list[dict], 
     for b in batch_sizes(spec):
         rows, summary = measure_batch_size(preps, b, run)
         verdicts[b] = dict(line=f"batch {b}: {summary.line()}", busy=summary.busy, reasons=summary.reasons)
-        if spec.protocol.paper_measurement:
+        if paper_runs(spec):
             for p in preps:
                 if not p.skip:
                     rows[p.name].update(paper_fields(p, b, run))
@@ -829,10 +835,13 @@ def _meta(config: dict, weights: str, s: dict, inputs: Inputs, measured: dict, w
 
 def report_of(spec: RunSpec, weights: str, meter: energy.Meter, verdicts: dict, paths: list, wall: float) -> dict:
     """What eff.py prints below the table, as plain data: why the energy columns are empty (None where
-    measured), why the paper's power figure is (None where it is read or not asked for), the rounds'
+    measured), why the paper's power figure is (None where it is read or not asked for), whether the
+    paper's own runs were left out (--no-paper-runs: the quick default; None where they ran), the rounds'
     verdict per batch size, the weights, the files written and the run's seconds."""
     reason = bench.paper_power_reader(meter)[1]
-    asked = spec.protocol.paper_measurement and spec.options.metric in ("watt", "all")
+    asked = paper_runs(spec) and spec.options.metric in ("watt", "all")
+    left_out = spec.protocol.paper_measurement and not spec.options.paper_runs
     return dict(energy_note=None if meter.measurable else meter.note, power_note=reason if asked and reason else None,
+                paper_runs_note=efficiency_view.PAPER_RUNS_LEFT_OUT if left_out else None,
                 verdicts=[v["line"] for v in verdicts.values()], weights=briefly(weights), files=[str(p) for p in paths],
                 wall_seconds=wall)

@@ -47,6 +47,10 @@ def printable(df):
     return df[[c for c in shown if c not in empty]].rename(columns=headers), empty
 
 
+PAPER_COLUMNS = ("time_ms_paper", "power_w_paper")
+PAPER_RUNS_LEFT_OUT = "the paper's own runs were left out (the quick default; --full or --paper-runs runs them)"
+
+
 def missing_line(empty: list, energy_note: Optional[str] = None) -> Optional[str]:
     """One line: which columns this run left empty, why, and what would measure them (None: none)."""
     if not empty:
@@ -64,6 +68,13 @@ def missing_line(empty: list, energy_note: Optional[str] = None) -> Optional[str
 
 
 PAPER_NOT_RUN = "paper's protocol not run at batch"
+
+
+def paper_runs_line(empty: list, note: Optional[str]) -> Optional[str]:
+    """One line for the paper's columns where its runs were left out (``note``: why; None: they ran)."""
+    if not note or not any(c in empty for c in PAPER_COLUMNS):
+        return None
+    return f"not shown ({', '.join(HEADERS[c] for c in PAPER_COLUMNS if c in empty)}): {note}; empty (NaN) in the CSV"
 
 
 def paper_gap_line(df) -> Optional[str]:

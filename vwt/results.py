@@ -35,6 +35,7 @@ DEFAULT_OUT = Path("runs")
 # Switches recorded (and hashed) only when on: a run without one keeps the name it had before the
 # switch existed (eff.py --compile)
 ONLY_WHEN_ON = ("compile",)
+ONLY_WHEN_OFF = ("paper_runs",)  # the committed reference run predates the switch, and keeps its name
 
 
 def slug(text: str) -> str:
@@ -55,10 +56,12 @@ def jsonable(value: Any) -> Any:
 
 def config_of(run: Any, drop: Iterable[str] = ()) -> dict:
     """The configuration a run records, as JSON data: a ``vwt.spec.RunSpec``'s :meth:`config` (every
-    setting by its command-line name), or a mapping; a switch of ``ONLY_WHEN_ON`` only when on."""
+    setting by its command-line name), or a mapping; a switch of ``ONLY_WHEN_ON`` only when on, of
+    ``ONLY_WHEN_OFF`` only when off."""
     items = run if isinstance(run, Mapping) else run.config() if hasattr(run, "config") else vars(run)
     skip = set(drop)
-    return {k: jsonable(v) for k, v in items.items() if k not in skip and not (k in ONLY_WHEN_ON and v is False)}
+    return {k: jsonable(v) for k, v in items.items()
+            if k not in skip and not (k in ONLY_WHEN_ON and v is False) and not (k in ONLY_WHEN_OFF and v is True)}
 
 
 def config_hash(config: Mapping, ignore: Iterable[str] = NOT_CONFIG, length: int = 8) -> str:
