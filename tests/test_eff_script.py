@@ -71,6 +71,7 @@ def test_default_methods_end_to_end(tmp_path, monkeypatch, capsys):
     assert csv.with_suffix(".png").stat().st_size > 0
     meta = json.loads(csv.with_suffix(".json").read_text())
     assert meta["weights"] == "random" and "torch" in meta["environment"]["versions"]
+    assert meta["environment"]["allocator"] == fx.bench.steady_allocator()  # glibc's, held steady
     assert meta["busy"] in (True, False) and list(meta["rounds_verdict"]) == ["1", "2"]
     assert (tmp_path / "tokenizers" / "samples" / "v8-p8-32px" / "vocab.pt").exists()
 

@@ -53,6 +53,32 @@ def measuring_threads(requested: Optional[int], device) -> int:
     return torch.get_num_threads()
 
 
+# glibc's malloc hands freed memory back to the system, and maps big blocks afresh, by thresholds that
+# it moves as the process runs; a configuration whose calls allocate big temporaries (torchao's int8
+# on a CPU) then takes thousands of page faults a call in one process (up to 40,000 and 30% slower
+# measured here) and none in the next, and its ratio to base changes from run to run. Fixed thresholds
+# keep freed memory in the process (benchmarks/bench_allocator.py).
+MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks up to 32 MiB come from the heap
+TRIM_THRESHOLD = 1 << 30  # give memory back to the system only above 1 GiB free at the heap's top
+STEADY_ALLOCATOR = "glibc malloc with fixed thresholds (mmap 32 MiB, trim 1 GiB)"
+
+
+def steady_allocator() -> str:
+    """Fix glibc's malloc thresholds (:data:`MMAP_THRESHOLD`, :data:`TRIM_THRESHOLD`) for the rest of the
+    process, so that no configuration's calls page-fault for memory freed by its previous call; returns
+    what the process allocates with, as the results record it. Elsewhere than glibc: nothing changes."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return "the system's malloc, as it is (not glibc)"
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    if mallopt(m_mmap_threshold, MMAP_THRESHOLD) == 1 and mallopt(m_trim_threshold, TRIM_THRESHOLD) == 1:
+        return STEADY_ALLOCATOR
+    return "glibc malloc, as it is (mallopt refused)"
+
+
 @contextmanager
 def torch_threads(n: int):
     """Run the block with ``n`` torch intra-op threads, then restore the previous count."""

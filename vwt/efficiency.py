@@ -806,13 +806,14 @@ def _say_measuring(spec: RunSpec, configs: int, threads: int, started: float, vo
 
 
 def _measure(preps: list[Prepared], measuring: Run, common: dict, threads: int) -> dict:
-    """Every configuration measured on ``threads`` torch threads (:func:`measure`): the table, the
-    rounds' verdicts, the meter's state after, and the environment measured in. The meter is closed."""
-    meter = measuring.meter
+    """Every configuration measured on ``threads`` torch threads (:func:`measure`), glibc's malloc held
+    steady (:func:`vwt.bench.steady_allocator`): the table, the rounds' verdicts, the meter's state
+    after, and the environment measured in (the allocator with it). The meter is closed."""
+    meter, allocator = measuring.meter, bench.steady_allocator()
     try:
         with bench.torch_threads(threads):
             rows, verdicts = measure(preps, measuring, common)
-            env = environment(measuring.device)  # torch_threads: the count measured with
+            env = dict(environment(measuring.device), allocator=allocator)  # torch_threads: the count measured with
     finally:
         info_end = meter.info()  # clocks and temperature after the runs
         meter.close()
