@@ -35,7 +35,7 @@ the baseline of a smaller image: resize to 176 px, FLOPs nearest inter-image's),
 change runtime or energy; the output says which). By default it is the quick run (3 rounds on the first
 4 samples, the token pass as warm-up, without the paper's own timing runs: about 2 min on a 2-core CPU);
 --full is the paper-sized measurement (7 rounds on all 12, warm-ups of 3 s, and the paper's runs with
-its 50 warm-up calls: about 16 min).
+its 50 warm-up calls: about 13 min).
 It prints a table (units in every header, no column left empty, what this machine cannot measure and
 what would, and a closing line on the paper's claim: energy per image at batch 1) and writes
 runs/eff__<data>__<model>__<methods>__<config hash>.{csv,json,png} (runs/ is ignored by git; the PNG
@@ -43,7 +43,7 @@ shows every ratio to base with its IQR and the busy flag; the committed referenc
 refreshed only by `python eff.py --full --out results`).
 
     python eff.py                                                 # about 2 min
-    python eff.py --full                                          # about 16 min
+    python eff.py --full                                          # about 13 min
     python eff.py --methods base,inter,inter+tome,int8 --batch 1 8 32 --seconds 2
     python eff.py --vocab-path published/vocab.pt --tome 13      # base and inter+tome only
     python eff.py --model timm:vit_base_patch16_224 --methods base,tome,evit --random-weights
@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--full", action="store_true",
                    help="the paper-sized measurement (the committed reference run's settings: "
                         + _preset(efficiency.FULL)
-                        + "; about 16 min on a 2-core CPU) instead of the quick default (" + _preset(efficiency.QUICK)
+                        + "; about 13 min on a 2-core CPU) instead of the quick default (" + _preset(efficiency.QUICK)
                         + "; about 2 min). A flag given beside it wins")
     g.add_argument("--rounds", type=int, default=None,
                    help=f"interleaved rounds per batch size (default {efficiency.QUICK['rounds']}; --full "
