@@ -114,7 +114,9 @@ environment before
 step fixtures 120 "$PY" benchmarks/gpu_fixtures.py "$fix"
 
 if [ "$dry" = 0 ]; then
-    sizes=(--batch 1 8 32 --rounds 5 --seconds 1)
+    # --full: all 12 samples, its warm-ups, and the paper's own runs (50 warm-up calls, one NVML reading
+    # after each batch; not at batch 32, which 12 images do not fill)
+    sizes=(--full --batch 1 8 32 --rounds 5 --seconds 1)
     tiny=()
     packed=(--batch 8 32 128 --rounds 5)
     process=(--quick --rows 65536)
@@ -122,7 +124,7 @@ if [ "$dry" = 0 ]; then
     step tests 120 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$out/tests.xml"
 else
     # a tiny CLIP (patch 8, 32 px: a 16-word vocabulary fits its samples' patches), one short round
-    sizes=(--batch 1 2 --rounds 1 --seconds 0.01 --limit 2 --warmup 0 --warmup-seconds 0 --paper-warmup 1)
+    sizes=(--batch 1 2 --rounds 1 --seconds 0.01 --limit 2 --warmup 0 --warmup-seconds 0 --paper-warmup 1 --paper-runs)
     tiny=(--model "$fix/tiny-clip" --vocab 16 --tome 2 --lgtm 2)
     packed=(--batch 2 --rounds 1 --batches 1 --model "$fix/tiny-clip" --vocab 16)
     process=(--quick --words 100 --rows 256 --read-images 2 --seed-words 4 --faiss-words 4)
