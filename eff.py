@@ -177,10 +177,8 @@ def show(df) -> None:
     shown, empty = efficiency_view.printable(df)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(shown.to_string(index=False))
-    left_out = report["paper_runs_note"]  # the paper's columns, then, are said apart
-    for line in (efficiency_view.missing_line([c for c in empty if not (left_out and c in efficiency_view.PAPER_COLUMNS)],
-                                              report["energy_note"]),
-                 efficiency_view.paper_runs_line(empty, left_out), efficiency_view.paper_gap_line(df),
+    for line in (*efficiency_view.unshown_lines(empty, report["energy_note"], report["paper_runs_note"]),
+                 efficiency_view.paper_gap_line(df),
                  report["power_note"], *report["verdicts"],
                  efficiency_view.compile_line(df),
                  f"weights: {report['weights']}",

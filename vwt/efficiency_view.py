@@ -70,11 +70,14 @@ def missing_line(empty: list, energy_note: Optional[str] = None) -> Optional[str
 PAPER_NOT_RUN = "paper's protocol not run at batch"
 
 
-def paper_runs_line(empty: list, note: Optional[str]) -> Optional[str]:
-    """One line for the paper's columns where its runs were left out (``note``: why; None: they ran)."""
-    if not note or not any(c in empty for c in PAPER_COLUMNS):
-        return None
-    return f"not shown ({', '.join(HEADERS[c] for c in PAPER_COLUMNS if c in empty)}): {note}; empty (NaN) in the CSV"
+def unshown_lines(empty: list, energy_note: Optional[str], paper_runs_note: Optional[str]) -> list:
+    """The lines on the columns this run left empty: :func:`missing_line`'s and, where the paper's own
+    runs were left out (``paper_runs_note``: why; None: they ran), one apart for the paper's columns."""
+    paper = [c for c in PAPER_COLUMNS if c in empty] if paper_runs_note else []
+    lines = [missing_line([c for c in empty if c not in paper], energy_note)]
+    if paper:
+        lines.append(f"not shown ({', '.join(HEADERS[c] for c in paper)}): {paper_runs_note}; empty (NaN) in the CSV")
+    return [line for line in lines if line]
 
 
 def paper_gap_line(df) -> Optional[str]:
